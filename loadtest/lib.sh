@@ -1,0 +1,150 @@
+# shellcheck shell=bash
+# Shared start-up for the loadtest scripts (sourced by smoke.sh and smoke-k6.sh, not run).
+#
+#   lt_ensure_corpus   sets CORPUS and MANIFEST, building the corpus with shared/bench/corpus.sh if needed
+#   lt_ensure_bin      sets IMGEDGE_BIN, running `cargo build --quiet` if it was empty
+#   lt_start           starts origin.py and imgedge on two free 127.0.0.1 ports, waits for both,
+#                      sets OPORT, PORT, ORIGIN, BASE, LT_TMP (logs) and an EXIT trap that stops
+#                      exactly those two processes
+#
+# Knobs: CORPUS, IMGEDGE_BIN, CARGO_TARGET_DIR, LT_WAIT_TRIES (x0.1 s, default 100),
+# LT_KEEP=1 keeps the log folder even on success (it is always kept on failure).
+
+LT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LT_ROOT=$(dirname "$LT_DIR")
+LT_ME=$(basename "$0")
+LT_ORIGIN_PID=
+LT_IMGEDGE_PID=
+LT_TMP=
+
+lt_log() { printf '%s: %s\n' "$LT_ME" "$*" >&2; }
+lt_die() { lt_log "$*"; exit 1; }
+
+lt_ensure_corpus() {
+  CORPUS=${CORPUS:-/tmp/imgproxy-corpus}
+  if [[ ! -f $CORPUS/MANIFEST.tsv ]]; then
+    local gen=$LT_ROOT/../shared/bench/corpus.sh
+    [[ -f $gen ]] || lt_die "no $CORPUS/MANIFEST.tsv and no corpus builder at $gen"
+    lt_log "building corpus in $CORPUS"
+    bash "$gen" "$CORPUS" || lt_die "corpus.sh failed"
+  fi
+  MANIFEST=$CORPUS/MANIFEST.tsv
+  [[ -s $MANIFEST ]] || lt_die "empty manifest: $MANIFEST"
+}
+
+lt_ensure_bin() {
+  IMGEDGE_BIN=${IMGEDGE_BIN:-}
+  if [[ -z $IMGEDGE_BIN ]]; then
+    (cd "$LT_ROOT" && cargo build --quiet) || lt_die "cargo build failed"
+    local tdir=${CARGO_TARGET_DIR:-target}
+    [[ $tdir == /* ]] || tdir=$LT_ROOT/$tdir
+    IMGEDGE_BIN=$tdir/debug/imgedge
+  fi
+  [[ -x $IMGEDGE_BIN ]] || lt_die "imgedge binary not found or not executable: $IMGEDGE_BIN"
+}
+
+# Prints two distinct free TCP ports on 127.0.0.1 (both held open while picked).
+lt_free_ports() {
+  python3 -c '
+import socket
+ss = [socket.socket() for _ in range(2)]
+for s in ss:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in ss))
+for s in ss:
+    s.close()'
+}
+
+lt_stop() { # pid
+  local pid=$1 i ppid
+  [[ -n $pid ]] || return 0
+  # Only a process that is still our own child: never a reused PID.
+  ppid=$(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ') || true
+  [[ $ppid == "$$" ]] || return 0
+  kill "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < 50; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  ((i < 50)) || kill -9 "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+lt_cleanup() {
+  local rc=$?
+  trap - EXIT
+  lt_stop "$LT_IMGEDGE_PID"
+  lt_stop "$LT_ORIGIN_PID"
+  if [[ -n $LT_TMP && -d $LT_TMP ]]; then
+    if [[ $rc -ne 0 || ${LT_KEEP:-0} == 1 ]]; then
+      lt_log "logs kept in $LT_TMP"
+    else
+      rm -rf "$LT_TMP"
+    fi
+  fi
+  exit "$rc"
+}
+
+lt_show_log() { # file [lines]
+  if [[ -s $1 ]]; then tail -n "${2:-200}" "$1" >&2; else echo "(empty)" >&2; fi
+}
+
+# Waits until URL answers 200, failing early if PID exits. Prints LOG on failure.
+lt_wait_http() { # name pid url log
+  local name=$1 pid=$2 url=$3 log=$4 tries=${LT_WAIT_TRIES:-100} i code
+  for ((i = 0; i < tries; i++)); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      local st=0
+      wait "$pid" 2>/dev/null || st=$?
+      lt_log "$name exited (status $st) before answering $url; its log ($log):"
+      lt_show_log "$log"
+      return 1
+    fi
+    code=$(curl -s -o /dev/null -w '%{http_code}' --connect-timeout 1 --max-time 2 "$url" 2>/dev/null || true)
+    [[ $code == 200 ]] && return 0
+    sleep 0.1
+  done
+  lt_log "$name did not answer 200 on $url after $tries tries; its log ($log):"
+  lt_show_log "$log"
+  return 1
+}
+
+lt_start() {
+  command -v python3 >/dev/null || lt_die "python3 is required"
+  command -v curl >/dev/null || lt_die "curl is required"
+  LT_TMP=$(mktemp -d "${TMPDIR:-/tmp}/imgedge-loadtest.XXXXXX")
+  trap lt_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  OPORT='' PORT=''
+  read -r OPORT PORT < <(lt_free_ports) || true
+  [[ -n $OPORT && -n $PORT ]] || lt_die "could not pick free ports"
+  ORIGIN=http://127.0.0.1:$OPORT
+  BASE=http://127.0.0.1:$PORT
+
+  python3 "$LT_DIR/origin.py" --corpus "$CORPUS" --port "$OPORT" >"$LT_TMP/origin.log" 2>&1 &
+  LT_ORIGIN_PID=$!
+  lt_wait_http origin "$LT_ORIGIN_PID" "$ORIGIN/__up" "$LT_TMP/origin.log" || exit 1
+
+  IMGEDGE_SERVER__LISTEN=127.0.0.1:$PORT \
+    IMGEDGE_UPSTREAM__ALLOWED_HOSTS='["127.0.0.1:'"$OPORT"'"]' \
+    IMGEDGE_SUPABASE__UPSTREAM=$ORIGIN \
+    IMGEDGE_CACHE__MEMORY_CAPACITY_BYTES=2147483648 \
+    IMGEDGE_LOG__LEVEL=warn \
+    "$IMGEDGE_BIN" >"$LT_TMP/imgedge.log" 2>&1 &
+  LT_IMGEDGE_PID=$!
+  lt_wait_http imgedge "$LT_IMGEDGE_PID" "$BASE/health" "$LT_TMP/imgedge.log" || exit 1
+
+  curl -sS -o /dev/null --max-time 5 "$ORIGIN/__reset" || lt_die "origin /__reset failed"
+  lt_log "origin $ORIGIN (pid $LT_ORIGIN_PID), imgedge $BASE (pid $LT_IMGEDGE_PID), logs in $LT_TMP"
+}
+
+# True while imgedge is still running; prints the tail of its log otherwise.
+lt_imgedge_alive() {
+  if kill -0 "$LT_IMGEDGE_PID" 2>/dev/null; then return 0; fi
+  local st=0
+  wait "$LT_IMGEDGE_PID" 2>/dev/null || st=$?
+  lt_log "imgedge (pid $LT_IMGEDGE_PID) is no longer running (status $st); last lines of its log:"
+  lt_show_log "$LT_TMP/imgedge.log" 50
+  return 1
+}

@@ -1,0 +1,66 @@
+//! [`ProxyBody`]: the one response body type the server sends — a whole buffer (errors, hits,
+//! health) or a streaming [`TeeBody`] (misses).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::fill::TeeBody;
+use crate::upstream::UpstreamError;
+
+/// A response body. An `Err` frame aborts the client connection (HTTP/1.1: the connection is
+/// closed before the announced length or the last chunk; HTTP/2: the stream is reset), so a
+/// failed body is never mistaken for a complete one.
+pub enum ProxyBody {
+    /// A body held whole; `None` once sent, or for an empty body.
+    Full(Option<Bytes>),
+    /// A body streaming from the origin.
+    Tee(Box<TeeBody>),
+}
+
+impl ProxyBody {
+    pub fn empty() -> Self {
+        ProxyBody::Full(None)
+    }
+
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        ProxyBody::Full((!bytes.is_empty()).then_some(bytes))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Tee(tee) => tee.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(bytes) => bytes.is_none(),
+            ProxyBody::Tee(tee) => tee.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            ProxyBody::Tee(tee) => match tee.remaining_bytes() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The cache: [`CacheKey`], the stored [`CachedObject`], and the memory tier (moka, weighted by
+//! bytes, expiring each entry when its freshness runs out). Also remembers, without their bodies,
+//! objects too large to store, so the next request for one streams without collecting.
+//!
+//! No HTTP decisions live here (see `freshness.rs`), and nothing here touches the network.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use moka::Expiry;
+use moka::future::Cache;
+
+use crate::freshness::Freshness;
+
+/// What identifies a stored response: the normalized absolute upstream URL, for now. Later
+/// variants (transforms, `Vary`) extend it; every lookup and insert goes through this type.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(Arc<str>);
+
+impl CacheKey {
+    /// The key of a GET for `url`, which must already be normalized (a parsed [`url::Url`]).
+    pub fn for_url(url: &url::Url) -> Self {
+        CacheKey(Arc::from(url.as_str()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A complete 200 response held in the memory tier.
+#[derive(Debug)]
+pub struct CachedObject {
+    /// The headers served on a hit: the forwarded end-to-end headers, `Content-Length` and
+    /// `X-Content-Type-Options`; never `Age` or `Cache-Status`, which are computed per hit.
+    pub headers: HeaderMap,
+    /// The whole body: one allocation of exactly its length, so the weigher's count is what is
+    /// held (a `Bytes` slice of a larger read buffer would pin memory nobody counts). Served by
+    /// cloning the handle, never the bytes.
+    pub body: Bytes,
+    /// When its response head arrived (`response_time`, RFC 9111 §4.2.3).
+    pub response_time: SystemTime,
+    /// Freshness lifetime and the age it had on arrival.
+    pub freshness: Freshness,
+}
+
+/// Bytes charged per entry on top of body and headers: the key, the struct, moka's node.
+pub const ENTRY_OVERHEAD_BYTES: u64 = 256;
+
+impl CachedObject {
+    /// The weight of this entry in the memory tier: body plus stored header bytes plus
+    /// [`ENTRY_OVERHEAD_BYTES`] and the key.
+    pub fn weight_bytes(&self, key: &CacheKey) -> u64 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        (self.body.len() + headers + key.as_str().len()) as u64 + ENTRY_OVERHEAD_BYTES
+    }
+
+    /// `current_age` (RFC 9111 §4.2.3) at `now`.
+    pub fn age(&self, now: SystemTime) -> Duration {
+        self.freshness.current_age(self.response_time, now)
+    }
+
+    /// Whether it is still fresh at `now` (RFC 9111 §4.2).
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        self.freshness.lifetime > self.age(now)
+    }
+}
+
+/// What is remembered of an object too large to store: enough to stream it again without
+/// starting to collect its body.
+#[derive(Debug, Clone)]
+pub struct TooLarge {
+    /// Its size when it was last seen, in bytes (at least this much without `Content-Length`).
+    pub length_bytes: u64,
+    pub content_type: Option<http::HeaderValue>,
+    pub etag: Option<http::HeaderValue>,
+    pub last_modified: Option<http::HeaderValue>,
+}
+
+/// How long a [`TooLarge`] marker is kept.
+const TOO_LARGE_TTL: Duration = Duration::from_secs(120);
+/// How many [`TooLarge`] markers are kept at most.
+const TOO_LARGE_ENTRIES: u64 = 100_000;
+
+/// Expires each object when its freshness runs out.
+struct FreshnessExpiry;
+
+impl Expiry<CacheKey, Arc<CachedObject>> for FreshnessExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<CachedObject>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        let elapsed = SystemTime::now()
+            .duration_since(value.response_time)
+            .unwrap_or_default();
+        Some(value.freshness.time_to_live().saturating_sub(elapsed))
+    }
+}
+
+/// The memory tier: a moka cache of [`CachedObject`]s weighted by bytes, plus the too-large
+/// markers. Cheap to clone (handles to shared state).
+#[derive(Clone)]
+pub struct MemoryTier {
+    objects: Cache<CacheKey, Arc<CachedObject>>,
+    too_large: Cache<CacheKey, TooLarge>,
+    capacity_bytes: u64,
+}
+
+impl MemoryTier {
+    /// A tier holding at most `capacity_bytes` of weighted entries; least recently used entries
+    /// are evicted first once it is full (moka's TinyLFU admission may also refuse a newcomer).
+    pub fn new(capacity_bytes: u64) -> Self {
+        let objects = Cache::builder()
+            .name("imgedge-memory")
+            .max_capacity(capacity_bytes)
+            .weigher(|k: &CacheKey, v: &Arc<CachedObject>| {
+                u32::try_from(v.weight_bytes(k)).unwrap_or(u32::MAX)
+            })
+            .expire_after(FreshnessExpiry)
+            .build();
+        let too_large = Cache::builder()
+            .max_capacity(TOO_LARGE_ENTRIES)
+            .time_to_live(TOO_LARGE_TTL)
+            .build();
+        MemoryTier {
+            objects,
+            too_large,
+            capacity_bytes,
+        }
+    }
+
+    /// The object stored under `key`, if it is still fresh at `now`.
+    pub async fn get(&self, key: &CacheKey, now: SystemTime) -> Option<Arc<CachedObject>> {
+        self.objects.get(key).await.filter(|o| o.is_fresh(now))
+    }
+
+    /// Stores a complete object, replacing any previous one, and forgets a too-large marker.
+    pub async fn insert(&self, key: CacheKey, object: CachedObject) {
+        self.too_large.invalidate(&key).await;
+        self.objects.insert(key, Arc::new(object)).await;
+    }
+
+    /// Remembers that the object under `key` is too large to store.
+    pub async fn mark_too_large(&self, key: CacheKey, marker: TooLarge) {
+        self.too_large.insert(key, marker).await;
+    }
+
+    /// The too-large marker for `key`, if one is remembered.
+    pub async fn too_large(&self, key: &CacheKey) -> Option<TooLarge> {
+        self.too_large.get(key).await
+    }
+
+    /// Entry count and weighted size in bytes, exact (pending maintenance is run first).
+    pub async fn usage(&self) -> MemoryUsage {
+        self.objects.run_pending_tasks().await;
+        MemoryUsage {
+            entries: self.objects.entry_count(),
+            bytes: self.objects.weighted_size(),
+            capacity_bytes: self.capacity_bytes,
+        }
+    }
+}
+
+/// A snapshot of the memory tier's size.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct MemoryUsage {
+    pub entries: u64,
+    /// Weighted size: body plus header bytes of every entry.
+    pub bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(body_len: usize, ttl_secs: u64) -> CachedObject {
+        CachedObject {
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![7u8; body_len]),
+            response_time: SystemTime::now(),
+            freshness: Freshness {
+                lifetime: Duration::from_secs(ttl_secs),
+                initial_age: Duration::ZERO,
+            },
+        }
+    }
+
+    fn key(s: &str) -> CacheKey {
+        CacheKey::for_url(&url::Url::parse(s).unwrap())
+    }
+
+    #[tokio::test]
+    async fn weighs_entries_by_bytes_and_evicts_past_capacity() {
+        let tier = MemoryTier::new(10_000);
+        tier.insert(key("http://h/a"), object(4_000, 60)).await;
+        let u = tier.usage().await;
+        assert_eq!(u.entries, 1);
+        assert_eq!(u.bytes, 4_000 + 256 + "http://h/a".len() as u64);
+        for i in 0..10 {
+            tier.insert(key(&format!("http://h/{i}")), object(4_000, 60))
+                .await;
+        }
+        let u = tier.usage().await;
+        assert!(u.bytes <= 10_000, "{u:?}");
+    }
+
+    #[tokio::test]
+    async fn stale_objects_are_not_returned() {
+        let tier = MemoryTier::new(1 << 20);
+        let k = key("http://h/a");
+        let mut o = object(10, 10);
+        o.response_time = SystemTime::now() - Duration::from_secs(11);
+        tier.insert(k.clone(), o).await;
+        assert!(tier.get(&k, SystemTime::now()).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn storing_an_object_forgets_its_too_large_marker() {
+        let tier = MemoryTier::new(1 << 20);
+        let k = key("http://h/a");
+        tier.mark_too_large(
+            k.clone(),
+            TooLarge {
+                length_bytes: 9,
+                content_type: None,
+                etag: None,
+                last_modified: None,
+            },
+        )
+        .await;
+        assert!(tier.too_large(&k).await.is_some());
+        tier.insert(k.clone(), object(10, 60)).await;
+        assert!(tier.too_large(&k).await.is_none());
+        assert!(tier.get(&k, SystemTime::now()).await.is_some());
+    }
+}

@@ -1,0 +1,498 @@
+//! Configuration: embedded defaults, an optional TOML file and `IMGEDGE_<SECTION>__<KEY>`
+//! environment variables, merged in that order and validated into typed values.
+//!
+//! Every bad field is reported at once ([`ConfigError`]), unknown keys included, so an operator
+//! fixes a file in one pass. Nothing here performs I/O beyond reading the file.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Value};
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use crate::target::HostPattern;
+
+/// The defaults, embedded so that the binary starts with no file at all.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// The prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "IMGEDGE_";
+
+/// The validated configuration of one imgedge process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub supabase: SupabaseConfig,
+    pub cache: CacheConfig,
+    pub log: LogConfig,
+}
+
+/// `[server]`: the listening side.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Socket address to accept connections on.
+    pub listen: SocketAddr,
+    /// Longest accepted `/image-proxy` target URL, in bytes after decoding.
+    pub max_url_bytes: usize,
+}
+
+/// `[upstream]`: how origins are fetched.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Hosts `/image-proxy` may fetch from; empty means any host.
+    pub allowed_hosts: Vec<HostPattern>,
+    /// Whether `/image-proxy` may connect to non-global (loopback, private, link-local) addresses.
+    pub allow_private_networks: bool,
+    /// Limit on establishing the connection (TCP and TLS).
+    pub connect_timeout: Duration,
+    /// Limit from sending the request to receiving the whole response head.
+    pub header_timeout: Duration,
+    /// Longest pause between two body reads before the fetch is aborted.
+    pub idle_timeout: Duration,
+    /// Largest object fetched at all, in bytes.
+    pub max_object_bytes: u64,
+    /// Redirects `/image-proxy` follows; every hop is checked like the first URL.
+    pub max_redirects: usize,
+    /// `User-Agent` sent to origins.
+    pub user_agent: String,
+}
+
+/// `[supabase]`: the Supabase Storage reverse-proxy route.
+#[derive(Debug, Clone)]
+pub struct SupabaseConfig {
+    /// Project URL without a trailing slash; `None` turns the route off.
+    pub upstream: Option<Url>,
+}
+
+/// `[cache]`: the memory tier.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Largest body teed into the memory tier, in bytes.
+    pub max_cacheable_bytes: u64,
+    /// Weighted capacity of the memory tier, in bytes of body plus stored headers.
+    pub memory_capacity_bytes: u64,
+    /// Freshness lifetime of responses that state none.
+    pub default_ttl: Duration,
+}
+
+/// `[log]`: tracing output.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive, e.g. `"info"`.
+    pub level: String,
+    /// Whether every completed request is logged at info level.
+    pub access: bool,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Every problem found while loading configuration, one per field.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Loads the defaults, merges `file` over them when given, then the process environment.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming every missing, malformed, out-of-range or unknown key.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment(file, Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    /// Loads the defaults with `toml` merged over them, ignoring the environment (for tests).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn from_toml(toml: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(toml)))
+    }
+
+    fn figment(file: Option<&Path>, env: Env) -> Figment {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment.merge(env)
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let mut f = Fields::new(&figment);
+        let config = Config {
+            server: ServerConfig {
+                listen: f
+                    .parse("server.listen", |s: String| {
+                        s.parse::<SocketAddr>()
+                            .map(Some)
+                            .map_err(|e| format!("{e} (expected IP:PORT)"))
+                    })
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+                max_url_bytes: f.range("server.max_url_bytes", 16, 1 << 20),
+            },
+            upstream: UpstreamConfig {
+                allowed_hosts: f.parse("upstream.allowed_hosts", parse_host_patterns),
+                allow_private_networks: f.get("upstream.allow_private_networks"),
+                connect_timeout: f.duration("upstream.connect_timeout"),
+                header_timeout: f.duration("upstream.header_timeout"),
+                idle_timeout: f.duration("upstream.idle_timeout"),
+                max_object_bytes: f.range("upstream.max_object_bytes", 1, u64::MAX),
+                max_redirects: f.range("upstream.max_redirects", 0, 20),
+                user_agent: f.parse("upstream.user_agent", |s: String| {
+                    http::HeaderValue::from_str(&s)
+                        .map(|_| s)
+                        .map_err(|_| "not a valid header value".to_owned())
+                }),
+            },
+            supabase: SupabaseConfig {
+                upstream: f.parse("supabase.upstream", parse_route_upstream),
+            },
+            cache: CacheConfig {
+                max_cacheable_bytes: f.range("cache.max_cacheable_bytes", 0, u64::from(u32::MAX)),
+                memory_capacity_bytes: f.get("cache.memory_capacity_bytes"),
+                default_ttl: f.duration("cache.default_ttl"),
+            },
+            log: LogConfig {
+                format: f.parse("log.format", |s: String| match s.as_str() {
+                    "text" => Ok(LogFormat::Text),
+                    "json" => Ok(LogFormat::Json),
+                    _ => Err("expected \"text\" or \"json\"".to_owned()),
+                }),
+                level: f.parse("log.level", |s: String| {
+                    tracing_subscriber::EnvFilter::try_new(&s)
+                        .map(|_| s)
+                        .map_err(|e| e.to_string())
+                }),
+                access: f.get("log.access"),
+            },
+        };
+        f.check_unknown_keys();
+        let mut problems = f.into_problems();
+        if problems.is_empty() {
+            problems = config.cross_checks();
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Rules that relate two fields; run only once every field parsed.
+    fn cross_checks(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let cache = &self.cache;
+        if cache.max_cacheable_bytes > cache.memory_capacity_bytes {
+            problems.push(format!(
+                "cache.max_cacheable_bytes ({}) exceeds cache.memory_capacity_bytes ({})",
+                cache.max_cacheable_bytes, cache.memory_capacity_bytes
+            ));
+        }
+        if cache.max_cacheable_bytes > self.upstream.max_object_bytes {
+            problems.push(format!(
+                "cache.max_cacheable_bytes ({}) exceeds upstream.max_object_bytes ({})",
+                cache.max_cacheable_bytes, self.upstream.max_object_bytes
+            ));
+        }
+        problems
+    }
+}
+
+/// Reads keys one at a time from a figment, recording every failure instead of stopping at the
+/// first, and remembering which keys were read so that the rest can be reported as unknown.
+struct Fields<'a> {
+    figment: &'a Figment,
+    read: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(figment: &'a Figment) -> Self {
+        Fields {
+            figment,
+            read: BTreeSet::new(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// Describes where the value of `key` came from, e.g. "in /etc/imgedge.toml".
+    fn source(&self, key: &str) -> String {
+        match self.figment.find_metadata(key) {
+            Some(meta) => match &meta.source {
+                Some(source) => format!(" (from {source})"),
+                None => format!(" (from {})", meta.name),
+            },
+            None => String::new(),
+        }
+    }
+
+    fn get<T: DeserializeOwned + Default>(&mut self, key: &str) -> T {
+        self.read.insert(key.to_owned());
+        match self.figment.extract_inner::<T>(key) {
+            Ok(value) => value,
+            Err(e) => {
+                let detail = e.to_string();
+                let detail = detail
+                    .split(" for key")
+                    .next()
+                    .unwrap_or(&detail)
+                    .to_owned();
+                self.problems
+                    .push(format!("{key}: {detail}{}", self.source(key)));
+                T::default()
+            }
+        }
+    }
+
+    fn parse<R: DeserializeOwned + Default, T: Default>(
+        &mut self,
+        key: &str,
+        parse: impl FnOnce(R) -> Result<T, String>,
+    ) -> T {
+        let before = self.problems.len();
+        let raw: R = self.get(key);
+        if self.problems.len() > before {
+            return T::default();
+        }
+        parse(raw).unwrap_or_else(|e| {
+            self.problems
+                .push(format!("{key}: {e}{}", self.source(key)));
+            T::default()
+        })
+    }
+
+    fn duration(&mut self, key: &str) -> Duration {
+        self.parse(key, |s: String| match humantime::parse_duration(&s) {
+            Ok(d) if d.is_zero() => Err("must be greater than zero".to_owned()),
+            Ok(d) => Ok(d),
+            Err(e) => Err(format!(
+                "{e} (expected a duration such as \"5s\" or \"250ms\")"
+            )),
+        })
+    }
+
+    fn range<T>(&mut self, key: &str, min: T, max: T) -> T
+    where
+        T: DeserializeOwned + Default + PartialOrd + fmt::Display + Copy,
+    {
+        self.parse(key, |v: T| {
+            if v < min || v > max {
+                Err(format!("{v} is out of range {min}..={max}"))
+            } else {
+                Ok(v)
+            }
+        })
+    }
+
+    /// Records every `section.key` present in the merged sources that no field read.
+    fn check_unknown_keys(&mut self) {
+        let Ok(root) = self.figment.extract::<Dict>() else {
+            return;
+        };
+        for (section, value) in &root {
+            match value {
+                Value::Dict(_, keys) => {
+                    for key in keys.keys() {
+                        let path = format!("{section}.{key}");
+                        if !self.read.contains(&path) {
+                            let source = self.source(&path);
+                            self.problems.push(format!("{path}: unknown key{source}"));
+                        }
+                    }
+                }
+                _ => {
+                    let source = self.source(section);
+                    self.problems
+                        .push(format!("{section}: unknown section{source}"));
+                }
+            }
+        }
+    }
+
+    fn into_problems(self) -> Vec<String> {
+        self.problems
+    }
+}
+
+/// Accepts a list of patterns, or one comma-separated string (handy in environment variables).
+#[derive(serde::Deserialize, Default)]
+#[serde(untagged)]
+enum StringList {
+    List(Vec<String>),
+    Csv(String),
+    #[default]
+    Empty,
+}
+
+fn parse_host_patterns(list: StringList) -> Result<Vec<HostPattern>, String> {
+    let entries: Vec<String> = match list {
+        StringList::List(v) => v,
+        StringList::Csv(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        StringList::Empty => Vec::new(),
+    };
+    let mut bad = Vec::new();
+    let mut patterns = Vec::new();
+    for entry in entries {
+        match entry.parse::<HostPattern>() {
+            Ok(p) => patterns.push(p),
+            Err(e) => bad.push(format!("{entry:?}: {e}")),
+        }
+    }
+    if bad.is_empty() {
+        Ok(patterns)
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
+/// Parses an operator-set route upstream: empty means off; otherwise an http(s) URL with no
+/// query, fragment or userinfo, stored without a trailing slash.
+fn parse_route_upstream(s: String) -> Result<Option<Url>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let url = Url::parse(s.trim_end_matches('/')).map_err(|e| format!("{s:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{s:?}: scheme must be http or https"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?}: must not have a query or fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{s:?}: must not contain credentials"));
+    }
+    Ok(Some(url))
+}
+
+#[cfg(test)]
+// figment::Jail's closure signature is figment's, not ours.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_match_the_documented_values() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.cache.max_cacheable_bytes, 5 * 1024 * 1024);
+        assert_eq!(c.upstream.max_object_bytes, 50 * 1024 * 1024);
+        assert!(!c.upstream.allow_private_networks);
+        assert!(c.upstream.allowed_hosts.is_empty());
+        assert!(c.supabase.upstream.is_none());
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let err = Config::from_toml(
+            r#"
+            [server]
+            listen = "nowhere"
+            max_url_bytes = 0
+            [upstream]
+            connect_timeout = "5 parsecs"
+            allowed_hosts = ["ok.example", "bad host"]
+            [cache]
+            default_ttl = 3
+            colour = "blue"
+            [log]
+            format = "xml"
+            [extra]
+            x = 1
+            "#,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for key in [
+            "server.listen",
+            "server.max_url_bytes",
+            "upstream.connect_timeout",
+            "upstream.allowed_hosts",
+            "cache.default_ttl",
+            "cache.colour: unknown key",
+            "log.format",
+            "extra.x: unknown key",
+        ] {
+            assert!(text.contains(key), "{key} missing from:\n{text}");
+        }
+        assert_eq!(err.problems.len(), 8, "{text}");
+    }
+
+    #[test]
+    fn environment_overrides_file_and_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("imgedge.toml", "[server]\nlisten = \"127.0.0.1:1\"\n")?;
+            jail.set_env("IMGEDGE_SERVER__LISTEN", "0.0.0.0:9000");
+            jail.set_env("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", "a.example, *.b.example");
+            jail.set_env("IMGEDGE_CACHE__DEFAULT_TTL", "90s");
+            let c = Config::load(Some(Path::new("imgedge.toml"))).unwrap();
+            assert_eq!(c.server.listen, "0.0.0.0:9000".parse().unwrap());
+            assert_eq!(c.upstream.allowed_hosts.len(), 2);
+            assert_eq!(c.cache.default_ttl, Duration::from_secs(90));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        figment::Jail::expect_with(|_| {
+            let err = Config::load(Some(Path::new("absent.toml"))).unwrap_err();
+            assert!(err.to_string().contains("absent.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn cross_field_rules_are_checked() {
+        let err = Config::from_toml("[cache]\nmemory_capacity_bytes = 1000\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("exceeds cache.memory_capacity_bytes")
+        );
+    }
+
+    #[test]
+    fn supabase_upstream_is_normalized() {
+        let c = Config::from_toml("[supabase]\nupstream = \"https://abc.supabase.co/\"\n").unwrap();
+        assert_eq!(
+            c.supabase.upstream.unwrap().as_str(),
+            "https://abc.supabase.co/"
+        );
+        assert!(Config::from_toml("[supabase]\nupstream = \"ftp://x\"\n").is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! [`ProxyError`]: every way a request can fail before its response head is sent, and the one
+//! mapping from each to an HTTP status and a stable error code.
+//!
+//! Failures after the head (a body that stalls, resets or ends short) cannot change the status;
+//! they abort the client connection instead (see `body.rs`).
+
+use http::StatusCode;
+
+use crate::target::TargetError;
+use crate::upstream::UpstreamError;
+
+/// A request that fails before any response byte is sent. Rendered as
+/// `{"error": "<code>", "message": "<text>"}` with [`ProxyError::status`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    BadUrl(String),
+    #[error("{0}")]
+    BadPath(String),
+    #[error("host {0} is not in upstream.allowed_hosts")]
+    HostNotAllowed(String),
+    #[error("{0} is a loopback, private, link-local or otherwise non-global address")]
+    PrivateAddress(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Upstream(String),
+    #[error("{0}")]
+    UpstreamTimeout(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(http::Method),
+}
+
+impl ProxyError {
+    /// The status and stable error code the client sees. The codes are part of the API:
+    /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
+    /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`.
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::BadUrl(_) => (StatusCode::BAD_REQUEST, "bad_url"),
+            ProxyError::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path"),
+            ProxyError::HostNotAllowed(_) => (StatusCode::FORBIDDEN, "host_not_allowed"),
+            ProxyError::PrivateAddress(_) => (StatusCode::FORBIDDEN, "private_address"),
+            ProxyError::TooLarge(_) => (StatusCode::BAD_GATEWAY, "too_large"),
+            ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error"),
+            ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            ProxyError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ProxyError::MethodNotAllowed(_) => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
+        }
+    }
+}
+
+impl From<TargetError> for ProxyError {
+    fn from(e: TargetError) -> Self {
+        match e {
+            TargetError::BadUrl(s) => ProxyError::BadUrl(s),
+            TargetError::HostNotAllowed(h) => ProxyError::HostNotAllowed(h),
+            TargetError::PrivateAddress(h) => ProxyError::PrivateAddress(h),
+        }
+    }
+}
+
+impl From<UpstreamError> for ProxyError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Refused(t) => t.into(),
+            UpstreamError::Timeout { .. } => ProxyError::UpstreamTimeout(e.to_string()),
+            UpstreamError::TooLarge { .. } => ProxyError::TooLarge(e.to_string()),
+            e => ProxyError::Upstream(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! A cache fill: the body of a miss, streamed from the origin to the client chunk by chunk while
+//! (when storable) each chunk is copied into one buffer that becomes a [`CachedObject`].
+//!
+//! The client's reads drive the origin reads (nothing is read ahead), so a slow client slows
+//! the fetch instead of growing memory. The object is inserted only once the last byte arrived
+//! and the length matched, and *before* that last byte is handed to the client, so a client that
+//! has read a whole body finds it stored. Any failure drops the buffer: a partial body is never
+//! stored, and the client's response fails instead of ending.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::HeaderMap;
+
+use crate::cache::{CacheKey, CachedObject, MemoryTier, TooLarge};
+use crate::freshness::Freshness;
+use crate::upstream::{UpstreamBody, UpstreamError};
+
+/// Where a complete body goes, and what it is stored with.
+pub struct FillTarget {
+    pub tier: MemoryTier,
+    pub key: CacheKey,
+    /// Response headers served on a hit (see [`CachedObject::headers`]).
+    pub headers: HeaderMap,
+    pub response_time: SystemTime,
+    pub freshness: Freshness,
+    /// Collection stops (and the object is remembered as too large) past this many bytes.
+    pub max_cacheable_bytes: u64,
+    /// What is remembered when the body turns out too large.
+    pub too_large: TooLarge,
+}
+
+/// Collects a body while it streams.
+struct Collector {
+    target: FillTarget,
+    /// Sized to `Content-Length` up front when one was announced, so the stored body is one
+    /// allocation of exactly its length.
+    buf: Vec<u8>,
+}
+
+type PendingInsert = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The body of a miss: the origin's chunks, passed on as they arrive, teed into the memory tier
+/// when a [`FillTarget`] is given.
+pub struct TeeBody {
+    upstream: UpstreamBody,
+    collector: Option<Collector>,
+    /// An insert under way, and what to yield once it is done (`None`: the end of the body).
+    inserting: Option<(PendingInsert, Option<Bytes>)>,
+    finished: bool,
+}
+
+impl TeeBody {
+    /// Streams `upstream` unchanged; with a `target`, collects it for the memory tier.
+    pub fn new(upstream: UpstreamBody, target: Option<FillTarget>) -> Self {
+        let collector = target.map(|target| {
+            let capacity = match upstream.expected_bytes() {
+                Some(n) => n,
+                None => target.max_cacheable_bytes.min(64 * 1024),
+            };
+            Collector {
+                target,
+                buf: Vec::with_capacity(capacity as usize),
+            }
+        });
+        TeeBody {
+            upstream,
+            collector,
+            inserting: None,
+            finished: false,
+        }
+    }
+
+    /// Bytes still to come when the length is known.
+    pub fn remaining_bytes(&self) -> Option<u64> {
+        self.upstream
+            .expected_bytes()
+            .map(|e| e.saturating_sub(self.upstream.received_bytes()))
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        self.finished
+            || (self.inserting.is_none()
+                && self.collector.is_none()
+                && self.upstream.is_end_stream())
+    }
+
+    /// Polls the next chunk for the client; see the module docs for the guarantees.
+    pub fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, UpstreamError>>> {
+        loop {
+            if let Some((insert, then)) = &mut self.inserting {
+                ready!(insert.as_mut().poll(cx));
+                let then = then.take();
+                self.inserting = None;
+                if then.is_none() {
+                    self.finished = true;
+                }
+                return Poll::Ready(then.map(Ok));
+            }
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            match ready!(self.upstream.poll_chunk(cx)) {
+                Some(Ok(chunk)) => {
+                    self.collect(&chunk);
+                    if self.upstream.is_complete() && self.collector.is_some() {
+                        self.start_insert(Some(chunk));
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(chunk)));
+                }
+                Some(Err(e)) => {
+                    if let Some(c) = self.collector.take() {
+                        tracing::info!(key = c.target.key.as_str(), error = %e, "not stored: upstream body failed");
+                    }
+                    self.finished = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None if self.collector.is_some() => {
+                    self.start_insert(None);
+                }
+                None => {
+                    self.finished = true;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+
+    /// Copies `chunk` into the collector, or gives up collecting once past the limit.
+    fn collect(&mut self, chunk: &Bytes) {
+        let Some(c) = &mut self.collector else { return };
+        let size = (c.buf.len() + chunk.len()) as u64;
+        if size <= c.target.max_cacheable_bytes {
+            c.buf.extend_from_slice(chunk);
+            return;
+        }
+        let c = self.collector.take().expect("checked above");
+        let FillTarget {
+            tier,
+            key,
+            mut too_large,
+            max_cacheable_bytes,
+            ..
+        } = c.target;
+        tracing::info!(
+            key = key.as_str(),
+            size_bytes_at_least = size,
+            max_cacheable_bytes,
+            "too large to store"
+        );
+        too_large.length_bytes = size;
+        tokio::spawn(async move { tier.mark_too_large(key, too_large).await });
+    }
+
+    /// Turns the collected bytes into an object and starts inserting it.
+    fn start_insert(&mut self, then: Option<Bytes>) {
+        let c = self
+            .collector
+            .take()
+            .expect("start_insert needs a collector");
+        let t = c.target;
+        // Exact allocation: a no-op when Content-Length sized the buffer, a shrink otherwise.
+        let body = Bytes::from(c.buf.into_boxed_slice());
+        tracing::info!(
+            key = t.key.as_str(),
+            size_bytes = body.len(),
+            ttl_secs = t.freshness.time_to_live().as_secs(),
+            "stored"
+        );
+        let mut headers = t.headers;
+        headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+        let object = CachedObject {
+            headers,
+            body,
+            response_time: t.response_time,
+            freshness: t.freshness,
+        };
+        let (tier, key) = (t.tier, t.key);
+        self.inserting = Some((
+            Box::pin(async move { tier.insert(key, object).await }),
+            then,
+        ));
+    }
+}

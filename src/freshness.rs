@@ -1,0 +1,315 @@
+//! RFC 9111 rules a shared cache applies to a response: may it be stored, how long is it fresh,
+//! how old is it. Pure functions of headers and explicit times; no I/O, no clock reads.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES};
+use http::{HeaderMap, StatusCode};
+
+/// The response `Cache-Control` directives a shared cache acts on (RFC 9111 §5.2.2).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ResponseDirectives {
+    pub no_store: bool,
+    pub private: bool,
+    pub no_cache: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    /// `max-age`, in seconds.
+    pub max_age: Option<u64>,
+    /// `s-maxage`, in seconds; overrides `max-age` for shared caches (§5.2.2.10).
+    pub s_maxage: Option<u64>,
+}
+
+impl ResponseDirectives {
+    /// Parses every `Cache-Control` field line of `headers`. Unknown directives are ignored and a
+    /// malformed delta-seconds is treated as 0 (stale), as §4.2.1 asks of invalid freshness.
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut d = ResponseDirectives::default();
+        for value in headers.get_all(CACHE_CONTROL) {
+            let Ok(value) = value.to_str() else { continue };
+            for directive in value.split(',') {
+                let (name, arg) = match directive.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (directive.trim(), None),
+                };
+                let seconds = || arg.map(|a| a.parse::<u64>().unwrap_or(0));
+                match name.to_ascii_lowercase().as_str() {
+                    "no-store" => d.no_store = true,
+                    // A qualified `private="field"` or `no-cache="field"` is treated as
+                    // unqualified: stricter, which §5.2.2.4 and §5.2.2.7 permit.
+                    "private" => d.private = true,
+                    "no-cache" => d.no_cache = true,
+                    "public" => d.public = true,
+                    "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+                    "max-age" => d.max_age = seconds().or(Some(0)),
+                    "s-maxage" => d.s_maxage = seconds().or(Some(0)),
+                    _ => {}
+                }
+            }
+        }
+        d
+    }
+}
+
+/// Why a response is not stored; the text is the `detail` of its `Cache-Status` (RFC 9211 §2.8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStorable {
+    /// `Cache-Control: no-store`.
+    NoStore,
+    /// `Cache-Control: private`: only a private cache may store it.
+    Private,
+    /// `Cache-Control: no-cache`: it would have to be revalidated on every use, which this cache
+    /// does not do yet, so it is not stored.
+    NoCache,
+    /// Not a 200: other statuses are forwarded, never stored.
+    Status,
+    /// Its freshness lifetime is zero or already used up by its age.
+    Stale,
+}
+
+impl NotStorable {
+    /// The `Cache-Status` `detail` token.
+    pub fn detail(self) -> &'static str {
+        match self {
+            NotStorable::NoStore => "no-store",
+            NotStorable::Private => "private",
+            NotStorable::NoCache => "no-cache",
+            NotStorable::Status => "uncacheable-status",
+            NotStorable::Stale => "stale",
+        }
+    }
+}
+
+/// The times a freshness decision depends on, for one response.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseTimes {
+    /// When the request was sent upstream (`request_time`, RFC 9111 §4.2.3).
+    pub request_time: SystemTime,
+    /// When the response head arrived (`response_time`, §4.2.3).
+    pub response_time: SystemTime,
+}
+
+/// How long a stored response stays fresh, and how old it already was when stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    /// Freshness lifetime (§4.2.1).
+    pub lifetime: Duration,
+    /// `corrected_initial_age` (§4.2.3) at `response_time`.
+    pub initial_age: Duration,
+}
+
+impl Freshness {
+    /// Time it stays fresh after `response_time`: lifetime minus initial age (zero when stale).
+    pub fn time_to_live(&self) -> Duration {
+        self.lifetime.saturating_sub(self.initial_age)
+    }
+
+    /// `current_age` (§4.2.3) at `now` of a response received at `response_time`.
+    pub fn current_age(&self, response_time: SystemTime, now: SystemTime) -> Duration {
+        self.initial_age + now.duration_since(response_time).unwrap_or_default()
+    }
+}
+
+/// Decides whether a response to a GET may be stored by a shared cache, and if so how fresh it
+/// is. Freshness comes from `s-maxage`, then `max-age`, then `Expires` minus `Date`, else
+/// `default_ttl` (RFC 9111 §4.2.1; `default_ttl` stands in for §4.2.2's heuristic).
+///
+/// # Errors
+/// The [`NotStorable`] reason, which becomes the `Cache-Status` detail.
+pub fn storable(
+    status: StatusCode,
+    headers: &HeaderMap,
+    times: ResponseTimes,
+    default_ttl: Duration,
+) -> Result<Freshness, NotStorable> {
+    let d = ResponseDirectives::parse(headers);
+    if d.no_store {
+        return Err(NotStorable::NoStore);
+    }
+    if d.private {
+        return Err(NotStorable::Private);
+    }
+    if d.no_cache {
+        return Err(NotStorable::NoCache);
+    }
+    if status != StatusCode::OK {
+        return Err(NotStorable::Status);
+    }
+    let freshness = Freshness {
+        lifetime: lifetime(&d, headers, times.response_time, default_ttl),
+        initial_age: initial_age(headers, times),
+    };
+    if freshness.time_to_live().is_zero() {
+        return Err(NotStorable::Stale);
+    }
+    Ok(freshness)
+}
+
+/// Freshness lifetime, RFC 9111 §4.2.1.
+fn lifetime(
+    d: &ResponseDirectives,
+    headers: &HeaderMap,
+    response_time: SystemTime,
+    default_ttl: Duration,
+) -> Duration {
+    if let Some(s) = d.s_maxage.or(d.max_age) {
+        return Duration::from_secs(s);
+    }
+    if let Some(expires) = headers.get(EXPIRES) {
+        // An invalid Expires, such as "0", means already expired (§5.3).
+        let Some(expires) = http_date(expires) else {
+            return Duration::ZERO;
+        };
+        let date = headers
+            .get(DATE)
+            .and_then(http_date)
+            .unwrap_or(response_time);
+        return expires.duration_since(date).unwrap_or_default();
+    }
+    default_ttl
+}
+
+/// `corrected_initial_age`, RFC 9111 §4.2.3.
+fn initial_age(headers: &HeaderMap, t: ResponseTimes) -> Duration {
+    let age_value = headers
+        .get(AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or_default();
+    let apparent_age = headers
+        .get(DATE)
+        .and_then(http_date)
+        .and_then(|date| t.response_time.duration_since(date).ok())
+        .unwrap_or_default();
+    let response_delay = t
+        .response_time
+        .duration_since(t.request_time)
+        .unwrap_or_default();
+    apparent_age.max(age_value + response_delay)
+}
+
+fn http_date(v: &http::HeaderValue) -> Option<SystemTime> {
+    httpdate::parse_http_date(v.to_str().ok()?).ok()
+}
+
+/// Weak comparison of a request's `If-None-Match` against an entity tag (RFC 9110 §13.1.2):
+/// `*` matches anything, otherwise any listed tag equal to `etag` with `W/` ignored on both.
+pub fn if_none_match_matches(if_none_match: &str, etag: &str) -> bool {
+    let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    let etag = weak(etag);
+    if_none_match
+        .split(',')
+        .any(|t| t.trim() == "*" || weak(t) == etag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    const T0: u64 = 1_700_000_000;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn times() -> ResponseTimes {
+        ResponseTimes {
+            request_time: at(T0),
+            response_time: at(T0),
+        }
+    }
+
+    fn decide(pairs: &[(&'static str, String)]) -> Result<Freshness, NotStorable> {
+        storable(
+            StatusCode::OK,
+            &headers(pairs),
+            times(),
+            Duration::from_secs(3600),
+        )
+    }
+
+    #[test]
+    fn s_maxage_beats_max_age_beats_expires_beats_default() {
+        let date = ("date", httpdate::fmt_http_date(at(T0)));
+        let expires = ("expires", httpdate::fmt_http_date(at(T0 + 50)));
+        let cc = |v: &str| ("cache-control", v.to_owned());
+        let life = |p: &[(&'static str, String)]| decide(p).unwrap().lifetime.as_secs();
+        assert_eq!(life(&[cc("max-age=20, s-maxage=10"), expires.clone()]), 10);
+        assert_eq!(life(&[cc("max-age=20"), expires.clone()]), 20);
+        assert_eq!(life(&[date.clone(), expires.clone()]), 50);
+        assert_eq!(life(&[]), 3600);
+        assert_eq!(
+            decide(&[("expires", "0".into())]).unwrap_err(),
+            NotStorable::Stale
+        );
+    }
+
+    #[test]
+    fn no_store_private_no_cache_and_statuses_are_not_stored() {
+        let cc = |v: &str| decide(&[("cache-control", v.to_owned())]);
+        assert_eq!(cc("public, no-store").unwrap_err(), NotStorable::NoStore);
+        assert_eq!(cc("private, max-age=60").unwrap_err(), NotStorable::Private);
+        assert_eq!(cc("no-cache").unwrap_err(), NotStorable::NoCache);
+        assert_eq!(cc("max-age=0").unwrap_err(), NotStorable::Stale);
+        assert_eq!(cc("max-age=bogus").unwrap_err(), NotStorable::Stale);
+        let not_found = storable(
+            StatusCode::NOT_FOUND,
+            &HeaderMap::new(),
+            times(),
+            Duration::from_secs(60),
+        );
+        assert_eq!(not_found.unwrap_err(), NotStorable::Status);
+    }
+
+    #[test]
+    fn age_is_corrected_per_rfc9111_4_2_3() {
+        // The origin says Age: 30 and the response took 2 s to arrive.
+        let t = ResponseTimes {
+            request_time: at(T0),
+            response_time: at(T0 + 2),
+        };
+        let h = headers(&[
+            ("cache-control", "max-age=100".into()),
+            ("age", "30".into()),
+        ]);
+        let f = storable(StatusCode::OK, &h, t, Duration::ZERO).unwrap();
+        assert_eq!(f.initial_age, Duration::from_secs(32));
+        assert_eq!(f.time_to_live(), Duration::from_secs(68));
+        assert_eq!(
+            f.current_age(at(T0 + 2), at(T0 + 12)),
+            Duration::from_secs(42)
+        );
+        // A Date 40 s in the past outweighs a smaller Age.
+        let h = headers(&[
+            ("cache-control", "max-age=100".into()),
+            ("date", httpdate::fmt_http_date(at(T0 - 38))),
+        ]);
+        let f = storable(StatusCode::OK, &h, t, Duration::ZERO).unwrap();
+        assert_eq!(f.initial_age, Duration::from_secs(40));
+        // An Age beyond the lifetime means stale already.
+        let h = headers(&[("cache-control", "max-age=10".into()), ("age", "11".into())]);
+        assert_eq!(
+            storable(StatusCode::OK, &h, times(), Duration::ZERO).unwrap_err(),
+            NotStorable::Stale
+        );
+    }
+
+    #[test]
+    fn if_none_match_uses_weak_comparison() {
+        assert!(if_none_match_matches("\"a\"", "\"a\""));
+        assert!(if_none_match_matches("W/\"a\"", "\"a\""));
+        assert!(if_none_match_matches("\"x\", \"a\"", "W/\"a\""));
+        assert!(if_none_match_matches("*", "\"a\""));
+        assert!(!if_none_match_matches("\"b\"", "\"a\""));
+    }
+}

@@ -1,0 +1,401 @@
+//! The HTTP face: routing, parsing client requests into [`ProxyRequest`]s, rendering
+//! [`ProxyError`]s as JSON, `/health` and `/metrics`, request ids, and the access log line that
+//! closes every request once its body has finished (or failed).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, IF_NONE_MATCH};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use percent_encoding::percent_decode_str;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
+use url::Url;
+
+use crate::body::ProxyBody;
+use crate::cache::{CacheKey, MemoryTier};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::metrics::{self, Metrics};
+use crate::proxy::{Proxy, ProxyRequest};
+use crate::rss::{ProcessRss, RssSource};
+use crate::target;
+use crate::upstream::{Guard, Upstream, UpstreamError};
+
+/// `X-Request-Id`: echoed when the client sent a sane one, generated otherwise.
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Prefix of Supabase Storage's public object route.
+pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
+
+/// The routes, as named in logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    ImageProxy,
+    Supabase,
+    Health,
+    Metrics,
+    Other,
+}
+
+impl Route {
+    fn of(path: &str) -> Route {
+        match path {
+            "/image-proxy" => Route::ImageProxy,
+            "/health" => Route::Health,
+            "/metrics" => Route::Metrics,
+            p if p.starts_with(SUPABASE_PUBLIC_PREFIX) => Route::Supabase,
+            _ => Route::Other,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Route::ImageProxy => "image-proxy",
+            Route::Supabase => "supabase",
+            Route::Health => "health",
+            Route::Metrics => "metrics",
+            Route::Other => "other",
+        }
+    }
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct App {
+    proxy: Proxy,
+    metrics: Arc<Metrics>,
+    config: Config,
+    rss: Option<ProcessRss>,
+    started: Instant,
+    /// Distinguishes this process's generated request ids from another's.
+    instance: u32,
+    next_request: AtomicU64,
+}
+
+impl App {
+    /// Builds the tier, the upstream clients and the metrics for `config`.
+    ///
+    /// # Errors
+    /// A message when the upstream clients cannot be built.
+    pub fn new(config: Config) -> Result<Self, String> {
+        let metrics = Arc::new(Metrics::default());
+        let tier = MemoryTier::new(config.cache.memory_capacity_bytes);
+        let upstream = Upstream::new(&config.upstream)?;
+        let proxy = Proxy::new(tier, upstream, metrics.clone(), config.cache.clone());
+        let instance = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ std::process::id())
+            .unwrap_or_default();
+        Ok(App {
+            proxy,
+            metrics,
+            config,
+            rss: ProcessRss::new(),
+            started: Instant::now(),
+            instance,
+            next_request: AtomicU64::new(0),
+        })
+    }
+
+    /// Answers one request. Never fails: errors become JSON responses.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<LoggedBody> {
+        let start = Instant::now();
+        let route = Route::of(req.uri().path());
+        let id = self.request_id(&req);
+        let span = tracing::info_span!(
+            "request",
+            id = %id.to_str().unwrap_or_default(),
+            route = route.name(),
+            method = %req.method(),
+            cache = Empty,
+            upstream_status = Empty,
+        );
+        let result = self.dispatch(route, &req).instrument(span.clone()).await;
+        let (mut response, error) = match result {
+            Ok(r) => (r, None),
+            Err(e) => {
+                let message = e.to_string();
+                (error_response(&e), Some(message))
+            }
+        };
+        response.headers_mut().insert(REQUEST_ID.clone(), id);
+        let status = response.status().as_u16();
+        self.metrics.request(route.name(), status);
+        response.map(|inner| LoggedBody {
+            inner,
+            span,
+            log: Some(AccessLog {
+                start,
+                status,
+                bytes: 0,
+                error,
+                enabled: self.config.log.access,
+                metrics: self.metrics.clone(),
+            }),
+        })
+    }
+
+    async fn dispatch<B>(
+        &self,
+        route: Route,
+        req: &Request<B>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        match route {
+            Route::ImageProxy => {
+                let head = get_or_head(req.method())?;
+                let url =
+                    target::parse_image_url(req.uri().query(), self.config.server.max_url_bytes)?;
+                self.proxy
+                    .handle(proxy_request(req, url, Guard::Guarded, head))
+                    .await
+            }
+            Route::Supabase => {
+                let head = get_or_head(req.method())?;
+                let url = self.supabase_url(req.uri())?;
+                self.proxy
+                    .handle(proxy_request(req, url, Guard::Trusted, head))
+                    .await
+            }
+            Route::Health => {
+                get_or_head(req.method())?;
+                Ok(self.health().await)
+            }
+            Route::Metrics => {
+                get_or_head(req.method())?;
+                Ok(self.metrics_text().await)
+            }
+            Route::Other => Err(ProxyError::NotFound(format!(
+                "no route for {}",
+                req.uri().path()
+            ))),
+        }
+    }
+
+    /// Maps `/storage/v1/object/public/{bucket}/{path...}?query` onto `[supabase] upstream`.
+    fn supabase_url(&self, uri: &Uri) -> Result<Url, ProxyError> {
+        let base = self.config.supabase.upstream.as_ref().ok_or_else(|| {
+            ProxyError::NotFound("the Supabase route is off: [supabase] upstream is not set".into())
+        })?;
+        let rest = &uri.path()[SUPABASE_PUBLIC_PREFIX.len()..];
+        match rest.split_once('/') {
+            Some((bucket, object)) if !bucket.is_empty() && !object.is_empty() => {}
+            _ => {
+                return Err(ProxyError::NotFound(
+                    "expected /storage/v1/object/public/{bucket}/{path}".into(),
+                ));
+            }
+        }
+        // Dot segments would be normalized away by URL parsing and could climb out of the
+        // public object route into the rest of the Storage API; refuse them outright.
+        for segment in rest.split('/') {
+            let decoded = percent_decode_str(segment).decode_utf8_lossy();
+            if decoded == "." || decoded == ".." || decoded.contains('\\') {
+                return Err(ProxyError::BadPath(format!(
+                    "path segment {segment:?} is not allowed"
+                )));
+            }
+        }
+        let path_and_query = uri.path_and_query().map_or("", |p| p.as_str());
+        let joined = format!("{}{path_and_query}", base.as_str().trim_end_matches('/'));
+        Url::parse(&joined).map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))
+    }
+
+    async fn health(&self) -> Response<ProxyBody> {
+        let memory = self.proxy.tier().usage().await;
+        let body = serde_json::json!({
+            "status": "ok",
+            "memory": { "rss_bytes": self.rss_bytes() },
+            "cache": { "memory": memory },
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        json_response(StatusCode::OK, &body)
+    }
+
+    async fn metrics_text(&self) -> Response<ProxyBody> {
+        let memory = self.proxy.tier().usage().await;
+        let tier = metrics::TierLabels { tier: "memory" };
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.metrics
+            .cache_bytes
+            .get_or_create(&tier)
+            .set(gauge(memory.bytes));
+        self.metrics
+            .cache_entries
+            .get_or_create(&tier)
+            .set(gauge(memory.entries));
+        self.metrics.rss_bytes.set(gauge(self.rss_bytes()));
+        let mut response = Response::new(ProxyBody::full(self.metrics.encode()));
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(metrics::CONTENT_TYPE),
+        );
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        self.rss.as_ref().and_then(|r| r.rss_bytes()).unwrap_or(0)
+    }
+
+    /// The client's `X-Request-Id` when it is 1–64 characters of `[A-Za-z0-9._-]`, else a new one.
+    fn request_id<B>(&self, req: &Request<B>) -> HeaderValue {
+        if let Some(v) = req.headers().get(&REQUEST_ID) {
+            let b = v.as_bytes();
+            if (1..=64).contains(&b.len())
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+            {
+                return v.clone();
+            }
+        }
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{:08x}{n:08x}", self.instance)).expect("hex is ASCII")
+    }
+}
+
+fn get_or_head(method: &Method) -> Result<bool, ProxyError> {
+    match *method {
+        Method::GET => Ok(false),
+        Method::HEAD => Ok(true),
+        ref m => Err(ProxyError::MethodNotAllowed(m.clone())),
+    }
+}
+
+fn proxy_request<B>(req: &Request<B>, url: Url, guard: Guard, head: bool) -> ProxyRequest {
+    ProxyRequest {
+        key: CacheKey::for_url(&url),
+        url,
+        guard,
+        head,
+        if_none_match: req.headers().get(IF_NONE_MATCH).cloned(),
+    }
+}
+
+/// `{"error": code, "message": text}` with the error's status; never cached downstream.
+fn error_response(e: &ProxyError) -> Response<ProxyBody> {
+    let (status, code) = e.status();
+    let body = serde_json::json!({ "error": code, "message": e.to_string() });
+    let mut response = json_response(status, &body);
+    if matches!(e, ProxyError::MethodNotAllowed(_)) {
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    response
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut response = Response::new(ProxyBody::full(text));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// What the access line reports once a response body is done.
+struct AccessLog {
+    start: Instant,
+    status: u16,
+    bytes: u64,
+    /// The error message of an error response.
+    error: Option<String>,
+    enabled: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl AccessLog {
+    /// `outcome`: `complete`, `aborted` (the body failed) or `client-gone` (dropped unfinished).
+    fn finish(self, span: &Span, outcome: &'static str) {
+        self.metrics.response_bytes.inc_by(self.bytes);
+        if self.enabled {
+            let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+            span.in_scope(|| {
+                tracing::info!(
+                    status = self.status,
+                    bytes = self.bytes,
+                    duration_ms = format_args!("{duration_ms:.2}"),
+                    outcome,
+                    error = self.error,
+                    "done"
+                )
+            });
+        }
+    }
+}
+
+/// A response body that counts what it sends and writes the access line when it ends, fails or
+/// is dropped. Polled inside the request's span, so lines logged while streaming (stored, too
+/// large) carry the request id.
+pub struct LoggedBody {
+    inner: ProxyBody,
+    /// The request's span, entered while the body is polled.
+    span: Span,
+    /// Taken when the access line is written, so it is written once.
+    log: Option<AccessLog>,
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = self.get_mut();
+        let _entered = this.span.enter();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(log), Some(data)) = (&mut this.log, frame.data_ref()) {
+                    log.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(error = %e, "response aborted after its head was sent");
+                if let Some(log) = this.log.take() {
+                    log.finish(&this.span, "aborted");
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(log) = this.log.take() {
+                    log.finish(&this.span, "complete");
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            // Bodies hyper never polls (HEAD, 304, empty) end here complete.
+            let outcome = if self.inner.is_end_stream() || log.status == 304 {
+                "complete"
+            } else {
+                "client-gone"
+            };
+            log.finish(&self.span, outcome);
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! imgedge: a streaming image proxy and CDN-style edge cache.
+//!
+//! `GET /image-proxy?url=...` and `GET /storage/v1/object/public/...` (a reverse proxy in front of
+//! Supabase Storage) are answered from a memory tier of recent, small, fresh responses, or
+//! streamed from the origin chunk by chunk while small storable bodies are teed into the tier.
+//!
+//! Modules, in reading order:
+//! - [`config`]: defaults + file + environment → a validated [`Config`].
+//! - [`http`]: routes, request parsing, error rendering, `/health`, `/metrics`, access log.
+//! - [`proxy`]: one request: cache key → memory tier → upstream → streamed response.
+//! - [`fill`]: the body of a miss, teed into the tier once complete.
+//! - [`cache`]: cache key, stored object, the moka memory tier.
+//! - [`freshness`]: RFC 9111 storability, freshness and age.
+//! - [`upstream`]: reqwest clients, the SSRF guard at connect time, timeouts, body limits.
+//! - [`target`]: the `url=` parameter, `allowed_hosts`, non-global addresses.
+//! - [`error`], [`body`], [`metrics`], [`rss`]: the error→status mapping, the response body, the
+//!   metrics registry, the process RSS.
+
+pub mod body;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod fill;
+pub mod freshness;
+pub mod http;
+pub mod metrics;
+pub mod proxy;
+pub mod rss;
+pub mod target;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// How long in-flight connections get to finish after shutdown is signalled.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request head (HTTP/1.1).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot start: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until `shutdown` completes, then
+/// stops accepting and gives open connections [`SHUTDOWN_GRACE`] to finish.
+///
+/// # Errors
+/// [`ServeError::Setup`] when the upstream clients cannot be built; accept errors are logged
+/// and retried, never returned.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let app = Arc::new(http::App::new(config).map_err(ServeError::Setup)?);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning or exiting.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(app.handle(req).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    tracing::info!("shutting down");
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the shutdown grace period");
+    }
+    Ok(())
+}

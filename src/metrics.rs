@@ -1,0 +1,155 @@
+//! Every metric imgedge exports, in one place, and its OpenMetrics text encoding for `/metrics`.
+//!
+//! Counters are bumped on the request path (atomic adds); gauges that describe state (cache size,
+//! RSS) are set when `/metrics` is scraped, not kept current on every request.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `image-proxy`, `supabase`, `health`, `metrics` or `other`.
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `memory`.
+    pub tier: &'static str,
+    /// `hit` or `miss`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `ok` (a response head arrived), `timeout`, `refused` (guard) or `error`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: &'static str,
+}
+
+/// The process's metrics. Shared behind an `Arc`; every field is internally atomic.
+pub struct Metrics {
+    registry: Registry,
+    /// `imgedge_requests_total{route,status}`: responses sent, by route and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `imgedge_cache_requests_total{tier,result}`: cache lookups.
+    pub cache_requests: Family<CacheLabels, Counter>,
+    /// `imgedge_upstream_requests_total{outcome}`: fetches sent to origins.
+    pub upstream_requests: Family<OutcomeLabels, Counter>,
+    /// `imgedge_upstream_duration_seconds`: time from sending a fetch to its response head.
+    pub upstream_duration: Histogram,
+    /// `imgedge_response_bytes_total`: body bytes sent to clients.
+    pub response_bytes: Counter,
+    /// `imgedge_cache_bytes{tier}`: weighted size of each tier, set at scrape.
+    pub cache_bytes: Family<TierLabels, Gauge>,
+    /// `imgedge_cache_entries{tier}`: entries in each tier, set at scrape.
+    pub cache_entries: Family<TierLabels, Gauge>,
+    /// `imgedge_memory_rss_bytes`: resident set size of the process, set at scrape.
+    pub rss_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            requests: Family::default(),
+            cache_requests: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            response_bytes: Counter::default(),
+            cache_bytes: Family::default(),
+            cache_entries: Family::default(),
+            rss_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        // The text encoder appends `_total` to counters.
+        registry.register(
+            "imgedge_requests",
+            "Responses sent, by route and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "imgedge_cache_requests",
+            "Cache lookups, by tier and result",
+            m.cache_requests.clone(),
+        );
+        registry.register(
+            "imgedge_upstream_requests",
+            "Fetches sent to origins, by outcome",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "imgedge_upstream_duration_seconds",
+            "Time from sending a fetch to receiving its response head",
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            "imgedge_response_bytes",
+            "Body bytes sent to clients",
+            m.response_bytes.clone(),
+        );
+        registry.register(
+            "imgedge_cache_bytes",
+            "Weighted bytes held by each cache tier",
+            m.cache_bytes.clone(),
+        );
+        registry.register(
+            "imgedge_cache_entries",
+            "Entries held by each cache tier",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "imgedge_memory_rss_bytes",
+            "Resident set size of the process",
+            m.rss_bytes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Counts one response.
+    pub fn request(&self, route: &'static str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+    }
+
+    /// Counts one cache lookup.
+    pub fn cache_lookup(&self, tier: &'static str, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.cache_requests
+            .get_or_create(&CacheLabels { tier, result })
+            .inc();
+    }
+
+    /// Counts one fetch and, when a head arrived, how long it took.
+    pub fn upstream(&self, outcome: &'static str, head_seconds: Option<f64>) {
+        self.upstream_requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        if let Some(s) = head_seconds {
+            self.upstream_duration.observe(s);
+        }
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,276 @@
+//! One proxied request: cache key → memory tier → upstream fetch → streamed response, teeing a
+//! storable body into the tier. Shared by every proxy route; the routes only differ in how they
+//! build a [`ProxyRequest`] (target URL, guard).
+//!
+//! Decides the `Cache-Status` (RFC 9211) and which headers pass. Does not parse client requests
+//! or render errors (`http.rs`), nor judge freshness (`freshness.rs`).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::header::{
+    AGE, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_ENCODING, CONTENT_LANGUAGE, CONTENT_LENGTH,
+    CONTENT_TYPE, ETAG, EXPIRES, HeaderName, LAST_MODIFIED, LOCATION, RETRY_AFTER,
+    X_CONTENT_TYPE_OPTIONS,
+};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use tracing::Span;
+use url::Url;
+
+use crate::body::ProxyBody;
+use crate::cache::{CacheKey, CachedObject, MemoryTier, TooLarge};
+use crate::config::CacheConfig;
+use crate::error::ProxyError;
+use crate::fill::{FillTarget, TeeBody};
+use crate::freshness::{self, if_none_match_matches};
+use crate::metrics::Metrics;
+use crate::upstream::{Guard, Upstream, UpstreamError, UpstreamHead, UpstreamResponse};
+
+/// `Cache-Status` (RFC 9211).
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Cache-Status values. The cache name is `imgedge`.
+pub mod status {
+    pub const HIT_MEMORY: &str = "imgedge; hit; detail=memory";
+    pub const MISS_STORED: &str = "imgedge; fwd=uri-miss; stored";
+    pub const MISS_TOO_LARGE: &str = "imgedge; fwd=uri-miss; detail=too-large";
+    pub const MISS_HEAD: &str = "imgedge; fwd=uri-miss; detail=method";
+}
+
+/// Origin response headers passed to clients; everything else (hop-by-hop, `Set-Cookie`,
+/// server internals) is dropped. `Age` is forwarded on a miss but never stored.
+const FORWARDED: [HeaderName; 11] = [
+    CONTENT_TYPE,
+    ETAG,
+    LAST_MODIFIED,
+    CACHE_CONTROL,
+    EXPIRES,
+    CONTENT_ENCODING,
+    CONTENT_LANGUAGE,
+    CONTENT_DISPOSITION,
+    LOCATION,
+    RETRY_AFTER,
+    AGE,
+];
+
+/// A request for a cacheable upstream object, as a route resolved it.
+#[derive(Debug)]
+pub struct ProxyRequest {
+    /// The absolute upstream URL to fetch on a miss.
+    pub url: Url,
+    pub key: CacheKey,
+    pub guard: Guard,
+    /// HEAD: answered from the tier on a hit, forwarded as HEAD (and not stored) on a miss.
+    pub head: bool,
+    /// The client's `If-None-Match`, answered with 304 on a matching hit.
+    pub if_none_match: Option<HeaderValue>,
+}
+
+/// The proxy core: the memory tier and the upstream clients.
+pub struct Proxy {
+    tier: MemoryTier,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
+    cache: CacheConfig,
+}
+
+impl Proxy {
+    pub fn new(
+        tier: MemoryTier,
+        upstream: Upstream,
+        metrics: Arc<Metrics>,
+        cache: CacheConfig,
+    ) -> Self {
+        Proxy {
+            tier,
+            upstream,
+            metrics,
+            cache,
+        }
+    }
+
+    pub fn tier(&self) -> &MemoryTier {
+        &self.tier
+    }
+
+    /// Answers `req` from the memory tier or the origin. The returned body streams; failures
+    /// after this returns abort the client connection.
+    ///
+    /// # Errors
+    /// A [`ProxyError`] for anything that fails before the response head.
+    pub async fn handle(&self, req: ProxyRequest) -> Result<Response<ProxyBody>, ProxyError> {
+        let now = SystemTime::now();
+        let cached = self.tier.get(&req.key, now).await;
+        self.metrics.cache_lookup("memory", cached.is_some());
+        if let Some(object) = cached {
+            Span::current().record("cache", status::HIT_MEMORY);
+            return Ok(hit_response(&object, &req, now));
+        }
+        let method = if req.head { Method::HEAD } else { Method::GET };
+        let fetched = self.upstream.fetch(method, &req.url, req.guard).await;
+        self.count_fetch(&fetched);
+        let upstream = fetched?;
+        Span::current().record("upstream_status", upstream.head.status.as_u16());
+        Ok(self.miss_response(req, upstream).await)
+    }
+
+    fn count_fetch(&self, fetched: &Result<UpstreamResponse, UpstreamError>) {
+        match fetched {
+            Ok(r) => {
+                let head = r
+                    .head
+                    .times
+                    .response_time
+                    .duration_since(r.head.times.request_time);
+                self.metrics
+                    .upstream("ok", head.ok().map(|d| d.as_secs_f64()));
+            }
+            Err(UpstreamError::Timeout { .. }) => self.metrics.upstream("timeout", None),
+            Err(UpstreamError::Refused(_)) => self.metrics.upstream("refused", None),
+            Err(_) => self.metrics.upstream("error", None),
+        }
+    }
+
+    /// Builds the streamed response for a miss and decides whether its body is teed.
+    async fn miss_response(
+        &self,
+        req: ProxyRequest,
+        upstream: UpstreamResponse,
+    ) -> Response<ProxyBody> {
+        let UpstreamResponse { head, body } = upstream;
+        let mut headers = forwarded_headers(&head.headers);
+        if let Some(length) = head.content_length {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        let (cache_status, target) = self.plan_fill(&req, &head, &headers).await;
+        Span::current().record("cache", cache_status.as_str());
+        headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_str(&cache_status).expect("cache status is ASCII"),
+        );
+        let mut response = Response::new(ProxyBody::Tee(Box::new(TeeBody::new(body, target))));
+        *response.status_mut() = head.status;
+        *response.headers_mut() = headers;
+        response
+    }
+
+    /// Decides the `Cache-Status` of a miss and, when the body is to be stored, where.
+    async fn plan_fill(
+        &self,
+        req: &ProxyRequest,
+        upstream: &UpstreamHead,
+        headers: &HeaderMap,
+    ) -> (String, Option<FillTarget>) {
+        if req.head {
+            return (status::MISS_HEAD.to_owned(), None);
+        }
+        let freshness = match freshness::storable(
+            upstream.status,
+            &upstream.headers,
+            upstream.times,
+            self.cache.default_ttl,
+        ) {
+            Ok(f) => f,
+            Err(reason) => {
+                return (
+                    format!("imgedge; fwd=uri-miss; detail={}", reason.detail()),
+                    None,
+                );
+            }
+        };
+        let too_large = TooLarge {
+            length_bytes: upstream.content_length.unwrap_or(0),
+            content_type: upstream.headers.get(CONTENT_TYPE).cloned(),
+            etag: upstream.headers.get(ETAG).cloned(),
+            last_modified: upstream.headers.get(LAST_MODIFIED).cloned(),
+        };
+        let max = self.cache.max_cacheable_bytes;
+        match upstream.content_length {
+            Some(length) if length > max => {
+                tracing::info!(
+                    key = req.key.as_str(),
+                    size_bytes = length,
+                    max_cacheable_bytes = max,
+                    "too large to store"
+                );
+                self.tier.mark_too_large(req.key.clone(), too_large).await;
+                return (status::MISS_TOO_LARGE.to_owned(), None);
+            }
+            None => {
+                if let Some(seen) = self.tier.too_large(&req.key).await {
+                    tracing::info!(
+                        key = req.key.as_str(),
+                        size_bytes = seen.length_bytes,
+                        "too large to store (remembered): streaming without collecting"
+                    );
+                    return (status::MISS_TOO_LARGE.to_owned(), None);
+                }
+            }
+            Some(_) => {}
+        }
+        let mut stored_headers = headers.clone();
+        stored_headers.remove(AGE);
+        let target = FillTarget {
+            tier: self.tier.clone(),
+            key: req.key.clone(),
+            headers: stored_headers,
+            response_time: upstream.times.response_time,
+            freshness,
+            max_cacheable_bytes: max,
+            too_large,
+        };
+        (status::MISS_STORED.to_owned(), Some(target))
+    }
+}
+
+/// The allowlisted end-to-end headers of an origin response.
+fn forwarded_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(FORWARDED.len() + 4);
+    for name in &FORWARDED {
+        for value in upstream.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+/// A response served from the tier: 304 when the client's `If-None-Match` matches the stored
+/// `ETag` (RFC 9110 §13.1.2), else 200 with the stored headers and body (a `Bytes` clone, not a
+/// copy). Both carry `Age` (RFC 9111 §5.1) and `Cache-Status`.
+fn hit_response(object: &CachedObject, req: &ProxyRequest, now: SystemTime) -> Response<ProxyBody> {
+    let age = HeaderValue::from(object.age(now).as_secs());
+    let hit = HeaderValue::from_static(status::HIT_MEMORY);
+    let not_modified = match (&req.if_none_match, object.headers.get(ETAG)) {
+        (Some(inm), Some(etag)) => match (inm.to_str(), etag.to_str()) {
+            (Ok(inm), Ok(etag)) => if_none_match_matches(inm, etag),
+            _ => false,
+        },
+        _ => false,
+    };
+    if not_modified {
+        // RFC 9110 §15.4.5: the headers a 200 would have carried that describe validation.
+        let mut response = Response::new(ProxyBody::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        let headers = response.headers_mut();
+        for name in [ETAG, CACHE_CONTROL, EXPIRES, LAST_MODIFIED] {
+            if let Some(v) = object.headers.get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        headers.insert(AGE, age);
+        headers.insert(CACHE_STATUS.clone(), hit);
+        return response;
+    }
+    let body = if req.head {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::full(object.body.clone())
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    *headers = object.headers.clone();
+    headers.insert(AGE, age);
+    headers.insert(CACHE_STATUS.clone(), hit);
+    response
+}
