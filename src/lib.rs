@@ -46,6 +46,11 @@ pub use config::Config;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request head (HTTP/1.1).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Per-connection bound on response bytes queued in user space for a client that reads slower
+/// than the origin sends: HTTP/1.1's write buffer and HTTP/2's per-stream send buffer. hyper's
+/// defaults (about 400 KiB each) multiplied by thousands of slow clients would be the memory
+/// growth this proxy exists to prevent; the kernel's socket buffers keep the pipe full.
+const CLIENT_SEND_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +77,12 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(CLIENT_SEND_BUFFER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_send_buf_size(CLIENT_SEND_BUFFER_BYTES);
     let graceful = GracefulShutdown::new();
     tracing::info!(addr = %listener.local_addr()?, "listening");
     tokio::pin!(shutdown);
