@@ -11,7 +11,8 @@
 //! - [`fill`]: the body of a miss, teed into the tier once complete.
 //! - [`cache`]: cache key, stored object, the moka memory tier.
 //! - [`freshness`]: RFC 9111 storability, freshness and age.
-//! - [`upstream`]: reqwest clients, the SSRF guard at connect time, timeouts, body limits.
+//! - [`upstream`]: hyper-util connection pools, the SSRF guard at connect time, timeouts, body
+//!   limits.
 //! - [`target`]: the `url=` parameter, `allowed_hosts`, non-global addresses.
 //! - [`error`], [`body`], [`metrics`], [`rss`]: the error→status mapping, the response body, the
 //!   metrics registry, the process RSS.
