@@ -1,5 +1,6 @@
 //! The `imgedge` binary: command line, configuration, logging, runtime, signals.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -50,7 +51,8 @@ fn init_logging(config: &Config) {
     let filter = EnvFilter::new(&config.log.level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal());
     match config.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder

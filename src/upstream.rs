@@ -442,9 +442,10 @@ impl UpstreamBody {
         self.expected_bytes
     }
 
-    /// Whether nothing more will come: finished, failed, or a bodyless response.
+    /// Whether nothing more will come: finished, failed, every announced byte received (hyper
+    /// stops polling a body once its `Content-Length` is written), or a bodyless response.
     pub fn is_end_stream(&self) -> bool {
-        self.done || self.expected_bytes == Some(0)
+        self.done || self.is_complete()
     }
 
     /// Whether every announced byte has arrived (always false without a `Content-Length`).

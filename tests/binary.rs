@@ -1,0 +1,266 @@
+//! The real `imgedge` binary as a subprocess: its command line, its logs, and its memory under
+//! slow clients (RSS read from /proc, not inside the test process).
+
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::*;
+use tokio::io::AsyncReadExt;
+
+/// A running binary, killed when dropped.
+struct Binary {
+    child: tokio::process::Child,
+    base: String,
+}
+
+impl Binary {
+    /// Starts the binary on a free loopback port with `env` and waits for /health.
+    async fn start(env: &[(&str, String)]) -> Binary {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge"));
+        command
+            .env("IMGEDGE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let started = Instant::now();
+        while client.get(format!("{base}/health")).send().await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "imgedge did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Binary { child, base }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap()
+    }
+
+    /// Stops the binary (SIGKILL) and returns what it wrote to stdout.
+    async fn stop(mut self) -> String {
+        let _ = self.child.kill().await;
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .await
+            .unwrap();
+        out
+    }
+}
+
+#[tokio::test]
+async fn invalid_configuration_exits_non_zero_naming_every_bad_field() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge"))
+        .arg("--check-config")
+        .env("IMGEDGE_SERVER__LISTEN", "nowhere")
+        .env("IMGEDGE_UPSTREAM__IDLE_TIMEOUT", "10 fortnights")
+        .env("IMGEDGE_CACHE__MEMORY_CAPACITY_BYTES", "lots")
+        .env("IMGEDGE_CACHE__COLOUR", "blue")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "server.listen",
+        "upstream.idle_timeout",
+        "cache.memory_capacity_bytes",
+        "cache.colour",
+    ] {
+        assert!(err.contains(key), "{key} not named in:\n{err}");
+    }
+    let ok = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge"))
+        .arg("--check-config")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let missing = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge"))
+        .args(["--check-config", "--config", "/nonexistent/imgedge.toml"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn logs_a_line_per_request_and_per_stored_or_too_large_object() {
+    let origin = TestOrigin::start().await;
+    origin.route("/small.jpg", Reply::ok(vec![1u8; 1000]));
+    origin.route("/large.jpg", Reply::ok(vec![2u8; 3000]));
+    let bin = Binary::start(&[
+        ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
+        ("IMGEDGE_CACHE__MAX_CACHEABLE_BYTES", "2000".into()),
+        ("IMGEDGE_LOG__FORMAT", "json".into()),
+    ])
+    .await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut ids = Vec::new();
+    for path in ["/small.jpg", "/small.jpg", "/large.jpg"] {
+        let r = client
+            .get(format!("{}/image-proxy?url={}", bin.base, origin.url(path)))
+            .send()
+            .await
+            .unwrap();
+        ids.push(header(&r, "x-request-id"));
+        r.bytes().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = bin.stop().await;
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |message: &str, id: &str| {
+        lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message && l["span"]["id"] == id)
+            .unwrap_or_else(|| panic!("no {message:?} line for request {id} in:\n{out}"))
+            .clone()
+    };
+    let stored = find("stored", &ids[0]);
+    assert_eq!(stored["fields"]["size_bytes"], 1000);
+    let too_large = find("too large to store", &ids[2]);
+    assert_eq!(too_large["fields"]["size_bytes"], 3000);
+    for (id, cache) in ids.iter().zip([
+        "imgedge; fwd=uri-miss; stored",
+        "imgedge; hit; detail=memory",
+        "imgedge; fwd=uri-miss; detail=too-large",
+    ]) {
+        let done = find("done", id);
+        assert_eq!(done["fields"]["status"], 200);
+        assert_eq!(done["fields"]["outcome"], "complete", "{done}");
+        assert_eq!(done["span"]["route"], "image-proxy");
+        assert_eq!(done["span"]["cache"], cache);
+        assert!(done["fields"]["duration_ms"].is_string());
+    }
+    assert_eq!(find("done", &ids[0])["span"]["upstream_status"], 200);
+    assert_eq!(find("done", &ids[2])["fields"]["bytes"], 3000);
+}
+
+const BODY_BYTES: usize = 64 << 20;
+const CLIENTS: usize = 32;
+/// Each client reads at most this fast, far slower than loopback delivers.
+const CLIENT_BYTES_PER_SECOND: f64 = 8.0 * 1024.0 * 1024.0;
+const MAX_GROWTH_BYTES: u64 = 16 << 20;
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_slow_clients_on_a_64_mib_body_grow_rss_by_less_than_16_mib() {
+    let origin = TestOrigin::start().await;
+    let body = Bytes::from(pattern(BODY_BYTES as u64));
+    origin.route("/huge.jpg", Reply::ok(body.clone()));
+    origin.route("/small.jpg", Reply::ok("warm-up"));
+
+    let bin = Binary::start(&[
+        ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
+        ("IMGEDGE_UPSTREAM__IDLE_TIMEOUT", "60s".into()),
+        (
+            "IMGEDGE_UPSTREAM__MAX_OBJECT_BYTES",
+            (2 * BODY_BYTES).to_string(),
+        ),
+        ("IMGEDGE_LOG__LEVEL", "warn".into()),
+    ])
+    .await;
+    let (pid, base) = (bin.pid(), bin.base.clone());
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let small = format!("{base}/image-proxy?url={}", origin.url("/small.jpg"));
+    client
+        .get(&small)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let baseline = rss_bytes(pid);
+
+    let url = format!("{base}/image-proxy?url={}", origin.url("/huge.jpg"));
+    let readers: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut r = client.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200, "{:?}", r.headers());
+                assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; detail=too-large");
+                let start = Instant::now();
+                let mut offset = 0usize;
+                while let Some(chunk) = r.chunk().await.unwrap() {
+                    assert_eq!(
+                        chunk,
+                        body.slice(offset..offset + chunk.len()),
+                        "at {offset}"
+                    );
+                    offset += chunk.len();
+                    let due = Duration::from_secs_f64(offset as f64 / CLIENT_BYTES_PER_SECOND);
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                offset
+            })
+        })
+        .collect();
+
+    let mut peak = baseline;
+    while !readers.iter().all(|r| r.is_finished()) {
+        peak = peak.max(rss_bytes(pid));
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "readers did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), BODY_BYTES);
+    }
+    bin.stop().await;
+    let growth = peak.saturating_sub(baseline);
+    eprintln!(
+        "rss baseline {} KiB, peak {} KiB, growth {} KiB over {CLIENTS} clients x {} MiB in {:.1}s",
+        baseline / 1024,
+        peak / 1024,
+        growth / 1024,
+        BODY_BYTES >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        growth < MAX_GROWTH_BYTES,
+        "RSS grew by {} KiB",
+        growth / 1024
+    );
+}
