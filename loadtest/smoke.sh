@@ -2,7 +2,7 @@
 # End-to-end smoke test: every corpus image through both imgedge routes, twice each, checked
 # byte-exact against the manifest, with the expected Cache-Status and origin hit counts.
 # Usage (from the repo root): bash loadtest/smoke.sh
-# Env: CORPUS (default /tmp/imgproxy-corpus), IMGEDGE_BIN (default: cargo build, target/debug/imgedge),
+# Env: CORPUS (default /tmp/imgproxy-corpus), EDGE_BIN (default: cargo build, target/debug/imgedge),
 # SMOKE_DEADLINE (seconds for all fetches, default 1200; each request is capped at 60 s).
 set -euo pipefail
 
