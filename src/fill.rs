@@ -159,12 +159,28 @@ impl TeeBody {
         tokio::spawn(async move { tier.mark_too_large(key, too_large).await });
     }
 
-    /// Turns the collected bytes into an object and starts inserting it.
+    /// Turns the collected bytes into an object and starts inserting it, unless they disagree
+    /// with what the origin announced and delivered (defence in depth: `UpstreamBody` already
+    /// fails such a body, but a partial body must never be stored whatever a reader gets wrong).
     fn start_insert(&mut self, then: Option<Bytes>) {
         let c = self
             .collector
             .take()
             .expect("start_insert needs a collector");
+        let collected = c.buf.len() as u64;
+        let received = self.upstream.received_bytes();
+        let expected = self.upstream.expected_bytes();
+        if collected != received || expected.is_some_and(|e| e != collected) {
+            tracing::error!(
+                key = c.target.key.as_str(),
+                collected_bytes = collected,
+                received_bytes = received,
+                expected_bytes = expected,
+                "not stored: collected length disagrees with the origin's"
+            );
+            self.inserting = Some((Box::pin(async {}), then));
+            return;
+        }
         let t = c.target;
         // Exact allocation: a no-op when Content-Length sized the buffer, a shrink otherwise.
         let body = Bytes::from(c.buf.into_boxed_slice());
