@@ -191,6 +191,13 @@ for ((i = 0; i < total; i++)); do
   done
 done
 passed=$((2 * total - failed))
+# A panic in imgedge (a task dying mid-response) fails the run even when every fetch happened to pass.
+panics=$(grep -c 'panicked' "$LT_TMP/imgedge.log" || true)
+if ((panics > 0)); then
+  echo "imgedge panicked $panics time(s):"
+  grep -m3 'panicked' "$LT_TMP/imgedge.log"
+  failed=$((failed + 1))
+fi
 
 if ((failed)); then
   echo "failures:"

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::collapse::SharedReader;
 use crate::fill::TeeBody;
 use crate::upstream::UpstreamError;
 
@@ -18,6 +19,8 @@ pub enum ProxyBody {
     Full(Option<Bytes>),
     /// A body streaming from the origin.
     Tee(Box<TeeBody>),
+    /// A reader of a shared fill (collapsed forwarding).
+    Shared(Box<SharedReader>),
 }
 
 impl ProxyBody {
@@ -42,6 +45,9 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Tee(tee) => tee.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data))),
+            ProxyBody::Shared(reader) => {
+                reader.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data)))
+            }
         }
     }
 
@@ -49,6 +55,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Tee(tee) => tee.is_end_stream(),
+            ProxyBody::Shared(reader) => reader.is_end_stream(),
         }
     }
 
@@ -61,6 +68,7 @@ impl Body for ProxyBody {
                 Some(n) => SizeHint::with_exact(n),
                 None => SizeHint::default(),
             },
+            ProxyBody::Shared(reader) => SizeHint::with_exact(reader.remaining_bytes()),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The cache: [`CacheKey`], the stored [`CachedObject`], and the memory tier (moka, weighted by
 //! bytes, expiring each entry when its freshness runs out). Also remembers, without their bodies,
-//! objects too large to store, so the next request for one streams without collecting.
+//! responses that were not stored (hit-for-pass), so the next request for one goes straight
+//! upstream.
 //!
 //! No HTTP decisions live here (see `freshness.rs`), and nothing here touches the network.
 
@@ -72,21 +73,33 @@ impl CachedObject {
     }
 }
 
-/// What is remembered of an object too large to store: enough to stream it again without
-/// starting to collect its body.
+/// Hit-for-pass: what is remembered of a response that was not stored, so that later requests
+/// for its key go straight upstream, without waiting on collapsed forwarding and, when it was too
+/// large, without collecting its body.
 #[derive(Debug, Clone)]
-pub struct TooLarge {
+pub struct PassMarker {
+    /// Why it was not stored: a `Cache-Status` detail such as `too-large` or `no-store`.
+    pub reason: &'static str,
     /// Its size when it was last seen, in bytes (at least this much without `Content-Length`).
-    pub length_bytes: u64,
+    pub length_bytes: Option<u64>,
     pub content_type: Option<http::HeaderValue>,
     pub etag: Option<http::HeaderValue>,
     pub last_modified: Option<http::HeaderValue>,
 }
 
-/// How long a [`TooLarge`] marker is kept.
-const TOO_LARGE_TTL: Duration = Duration::from_secs(120);
-/// How many [`TooLarge`] markers are kept at most.
-const TOO_LARGE_ENTRIES: u64 = 100_000;
+impl PassMarker {
+    /// The reason for objects over `max_cacheable_bytes`.
+    pub const TOO_LARGE: &'static str = "too-large";
+
+    pub fn is_too_large(&self) -> bool {
+        self.reason == Self::TOO_LARGE
+    }
+}
+
+/// How long a [`PassMarker`] is kept.
+const PASS_TTL: Duration = Duration::from_secs(120);
+/// How many [`PassMarker`]s are kept at most.
+const PASS_MARKERS: u64 = 100_000;
 
 /// Expires each object when its freshness runs out.
 struct FreshnessExpiry;
@@ -110,7 +123,7 @@ impl Expiry<CacheKey, Arc<CachedObject>> for FreshnessExpiry {
 #[derive(Clone)]
 pub struct MemoryTier {
     objects: Cache<CacheKey, Arc<CachedObject>>,
-    too_large: Cache<CacheKey, TooLarge>,
+    passes: Cache<CacheKey, PassMarker>,
     capacity_bytes: u64,
 }
 
@@ -126,13 +139,13 @@ impl MemoryTier {
             })
             .expire_after(FreshnessExpiry)
             .build();
-        let too_large = Cache::builder()
-            .max_capacity(TOO_LARGE_ENTRIES)
-            .time_to_live(TOO_LARGE_TTL)
+        let passes = Cache::builder()
+            .max_capacity(PASS_MARKERS)
+            .time_to_live(PASS_TTL)
             .build();
         MemoryTier {
             objects,
-            too_large,
+            passes,
             capacity_bytes,
         }
     }
@@ -142,20 +155,20 @@ impl MemoryTier {
         self.objects.get(key).await.filter(|o| o.is_fresh(now))
     }
 
-    /// Stores a complete object, replacing any previous one, and forgets a too-large marker.
+    /// Stores a complete object, replacing any previous one, and forgets a pass marker.
     pub async fn insert(&self, key: CacheKey, object: CachedObject) {
-        self.too_large.invalidate(&key).await;
+        self.passes.invalidate(&key).await;
         self.objects.insert(key, Arc::new(object)).await;
     }
 
-    /// Remembers that the object under `key` is too large to store.
-    pub async fn mark_too_large(&self, key: CacheKey, marker: TooLarge) {
-        self.too_large.insert(key, marker).await;
+    /// Remembers, for two minutes, that the response under `key` was not stored.
+    pub async fn mark_pass(&self, key: CacheKey, marker: PassMarker) {
+        self.passes.insert(key, marker).await;
     }
 
-    /// The too-large marker for `key`, if one is remembered.
-    pub async fn too_large(&self, key: &CacheKey) -> Option<TooLarge> {
-        self.too_large.get(key).await
+    /// The pass marker for `key`, if one is remembered.
+    pub async fn pass_marker(&self, key: &CacheKey) -> Option<PassMarker> {
+        self.passes.get(key).await
     }
 
     /// Entry count and weighted size in bytes, exact (pending maintenance is run first).
@@ -224,22 +237,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn storing_an_object_forgets_its_too_large_marker() {
+    async fn storing_an_object_forgets_its_pass_marker() {
         let tier = MemoryTier::new(1 << 20);
         let k = key("http://h/a");
-        tier.mark_too_large(
+        tier.mark_pass(
             k.clone(),
-            TooLarge {
-                length_bytes: 9,
+            PassMarker {
+                reason: PassMarker::TOO_LARGE,
+                length_bytes: Some(9),
                 content_type: None,
                 etag: None,
                 last_modified: None,
             },
         )
         .await;
-        assert!(tier.too_large(&k).await.is_some());
+        assert!(tier.pass_marker(&k).await.is_some());
         tier.insert(k.clone(), object(10, 60)).await;
-        assert!(tier.too_large(&k).await.is_none());
+        assert!(tier.pass_marker(&k).await.is_none());
         assert!(tier.get(&k, SystemTime::now()).await.is_some());
     }
 }

@@ -80,6 +80,9 @@ pub struct CacheConfig {
     pub memory_capacity_bytes: u64,
     /// Freshness lifetime of responses that state none.
     pub default_ttl: Duration,
+    /// How long a request waits for another request's fill of the same key to produce a response
+    /// head (collapsed forwarding) before fetching on its own.
+    pub lock_timeout: Duration,
 }
 
 /// `[log]`: tracing output.
@@ -179,6 +182,7 @@ impl Config {
                 max_cacheable_bytes: f.range("cache.max_cacheable_bytes", 0, u64::from(u32::MAX)),
                 memory_capacity_bytes: f.get("cache.memory_capacity_bytes"),
                 default_ttl: f.duration("cache.default_ttl"),
+                lock_timeout: f.duration("cache.lock_timeout"),
             },
             log: LogConfig {
                 format: f.parse("log.format", |s: String| match s.as_str() {

@@ -11,7 +11,7 @@ use crate::upstream::UpstreamError;
 
 /// A request that fails before any response byte is sent. Rendered as
 /// `{"error": "<code>", "message": "<text>"}` with [`ProxyError::status`].
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     #[error("{0}")]
     BadUrl(String),

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::HeaderMap;
 
-use crate::cache::{CacheKey, CachedObject, MemoryTier, TooLarge};
+use crate::cache::{CacheKey, CachedObject, MemoryTier, PassMarker};
 use crate::freshness::Freshness;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
@@ -30,7 +30,7 @@ pub struct FillTarget {
     /// Collection stops (and the object is remembered as too large) past this many bytes.
     pub max_cacheable_bytes: u64,
     /// What is remembered when the body turns out too large.
-    pub too_large: TooLarge,
+    pub too_large: PassMarker,
 }
 
 /// Collects a body while it streams.
@@ -155,8 +155,8 @@ impl TeeBody {
             max_cacheable_bytes,
             "too large to store"
         );
-        too_large.length_bytes = size;
-        tokio::spawn(async move { tier.mark_too_large(key, too_large).await });
+        too_large.length_bytes = Some(size);
+        tokio::spawn(async move { tier.mark_pass(key, too_large).await });
     }
 
     /// Turns the collected bytes into an object and starts inserting it, unless they disagree

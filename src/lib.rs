@@ -8,7 +8,8 @@
 //! - [`config`]: defaults + file + environment → a validated [`Config`].
 //! - [`http`]: routes, request parsing, error rendering, `/health`, `/metrics`, access log.
 //! - [`proxy`]: one request: cache key → memory tier → upstream → streamed response.
-//! - [`fill`]: the body of a miss, teed into the tier once complete.
+//! - [`collapse`]: collapsed forwarding: one fetch per key, shared while it fills.
+//! - [`fill`]: the body of an unshared miss, teed into the tier once complete.
 //! - [`cache`]: cache key, stored object, the moka memory tier.
 //! - [`freshness`]: RFC 9111 storability, freshness and age.
 //! - [`upstream`]: hyper-util connection pools, the SSRF guard at connect time, timeouts, body
@@ -19,6 +20,7 @@
 
 pub mod body;
 pub mod cache;
+pub mod collapse;
 pub mod config;
 pub mod error;
 pub mod fill;

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub upstream_requests: Family<OutcomeLabels, Counter>,
     /// `imgedge_upstream_duration_seconds`: time from sending a fetch to its response head.
     pub upstream_duration: Histogram,
+    /// `imgedge_collapsed_total`: requests that followed another request's fill.
+    pub collapsed: Counter,
     /// `imgedge_response_bytes_total`: body bytes sent to clients.
     pub response_bytes: Counter,
     /// `imgedge_cache_bytes{tier}`: weighted size of each tier, set at scrape.
@@ -68,6 +70,7 @@ impl Default for Metrics {
             cache_requests: Family::default(),
             upstream_requests: Family::default(),
             upstream_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            collapsed: Counter::default(),
             response_bytes: Counter::default(),
             cache_bytes: Family::default(),
             cache_entries: Family::default(),
@@ -94,6 +97,11 @@ impl Default for Metrics {
             "imgedge_upstream_duration_seconds",
             "Time from sending a fetch to receiving its response head",
             m.upstream_duration.clone(),
+        );
+        registry.register(
+            "imgedge_collapsed",
+            "Requests that followed another request's fill (collapsed forwarding)",
+            m.collapsed.clone(),
         );
         registry.register(
             "imgedge_response_bytes",

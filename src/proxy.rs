@@ -18,7 +18,8 @@ use tracing::Span;
 use url::Url;
 
 use crate::body::ProxyBody;
-use crate::cache::{CacheKey, CachedObject, MemoryTier, TooLarge};
+use crate::cache::{CacheKey, CachedObject, MemoryTier, PassMarker};
+use crate::collapse::{Collapser, Leader, Outcome, Role, SharedHead, SharedReader};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::fill::{FillTarget, TeeBody};
@@ -35,6 +36,8 @@ pub mod status {
     pub const MISS_STORED: &str = "imgedge; fwd=uri-miss; stored";
     pub const MISS_TOO_LARGE: &str = "imgedge; fwd=uri-miss; detail=too-large";
     pub const MISS_HEAD: &str = "imgedge; fwd=uri-miss; detail=method";
+    /// A follower of another request's fill (collapsed forwarding).
+    pub const MISS_COLLAPSED: &str = "imgedge; fwd=uri-miss; collapsed";
 }
 
 /// Origin response headers passed to clients; everything else (hop-by-hop, `Set-Cookie`,
@@ -66,9 +69,10 @@ pub struct ProxyRequest {
     pub if_none_match: Option<HeaderValue>,
 }
 
-/// The proxy core: the memory tier and the upstream clients.
+/// The proxy core: the memory tier, the in-flight fills and the upstream clients.
 pub struct Proxy {
     tier: MemoryTier,
+    collapser: Arc<Collapser>,
     upstream: Upstream,
     metrics: Arc<Metrics>,
     cache: CacheConfig,
@@ -83,6 +87,7 @@ impl Proxy {
     ) -> Self {
         Proxy {
             tier,
+            collapser: Arc::new(Collapser::default()),
             upstream,
             metrics,
             cache,
@@ -93,11 +98,12 @@ impl Proxy {
         &self.tier
     }
 
-    /// Answers `req` from the memory tier or the origin. The returned body streams; failures
-    /// after this returns abort the client connection.
+    /// Answers `req` from the memory tier, a fill in flight, or the origin. The returned body
+    /// streams; failures after this returns abort the client connection.
     ///
     /// # Errors
-    /// A [`ProxyError`] for anything that fails before the response head.
+    /// A [`ProxyError`] for anything that fails before the response head (for a follower, the
+    /// leader's error).
     pub async fn handle(&self, req: ProxyRequest) -> Result<Response<ProxyBody>, ProxyError> {
         let now = SystemTime::now();
         let cached = self.tier.get(&req.key, now).await;
@@ -106,12 +112,88 @@ impl Proxy {
             Span::current().record("cache", status::HIT_MEMORY);
             return Ok(hit_response(&object, &req, now));
         }
+        if req.head || self.tier.pass_marker(&req.key).await.is_some() {
+            return self.fetch(req, None).await;
+        }
+        match self.collapser.join(&req.key) {
+            Role::Leader(leader) => self.fetch(req, Some(leader)).await,
+            Role::Follower(fill) => match fill.wait_outcome(self.cache.lock_timeout).await {
+                Some(Outcome::Shared(head)) => {
+                    self.metrics.collapsed.inc();
+                    Span::current().record("cache", status::MISS_COLLAPSED);
+                    let mut response =
+                        Response::new(ProxyBody::Shared(Box::new(SharedReader::follow(fill))));
+                    *response.status_mut() = head.status;
+                    *response.headers_mut() = head.headers.clone();
+                    response.headers_mut().insert(
+                        CACHE_STATUS.clone(),
+                        HeaderValue::from_static(status::MISS_COLLAPSED),
+                    );
+                    Ok(response)
+                }
+                Some(Outcome::Failed(e)) => Err(e),
+                // Pass, or no head within lock_timeout: fetch on our own.
+                Some(Outcome::Pass | Outcome::Waiting) | None => self.fetch(req, None).await,
+            },
+        }
+    }
+
+    /// Fetches from the origin and builds the streamed response; as `leader`, shares the fill or
+    /// releases the followers.
+    async fn fetch(
+        &self,
+        req: ProxyRequest,
+        leader: Option<Leader>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let method = if req.head { Method::HEAD } else { Method::GET };
         let fetched = self.upstream.fetch(method, &req.url, req.guard).await;
         self.count_fetch(&fetched);
-        let upstream = fetched?;
-        Span::current().record("upstream_status", upstream.head.status.as_u16());
-        Ok(self.miss_response(req, upstream).await)
+        let upstream = match fetched {
+            Ok(u) => u,
+            Err(e) => {
+                let e = ProxyError::from(e);
+                if let Some(leader) = leader {
+                    leader.fail(e.clone());
+                }
+                return Err(e);
+            }
+        };
+        let UpstreamResponse { head, body } = upstream;
+        Span::current().record("upstream_status", head.status.as_u16());
+        let mut headers = forwarded_headers(&head.headers);
+        if let Some(length) = head.content_length {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        let (cache_status, store) = self.plan(&req, &head, &headers).await;
+        Span::current().record("cache", cache_status.as_str());
+        let served_headers = headers.clone();
+        headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_str(&cache_status).expect("cache status is ASCII"),
+        );
+        // A storable miss with a known length is shared with followers when this request leads
+        // (see collapse.rs); otherwise it streams to this client, teed when storable (fill.rs).
+        let body = match (store, leader) {
+            (Some(store), Some(leader)) if head.content_length.is_some() => {
+                let total = head.content_length.expect("shared fills have a length") as usize;
+                let shared = SharedHead {
+                    status: head.status,
+                    headers: served_headers,
+                };
+                ProxyBody::Shared(Box::new(leader.share(shared, body, total, store)))
+            }
+            (store, leader) => {
+                if let Some(leader) = leader {
+                    leader.pass();
+                }
+                ProxyBody::Tee(Box::new(TeeBody::new(body, store)))
+            }
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.headers_mut() = headers;
+        Ok(response)
     }
 
     fn count_fetch(&self, fetched: &Result<UpstreamResponse, UpstreamError>) {
@@ -131,32 +213,9 @@ impl Proxy {
         }
     }
 
-    /// Builds the streamed response for a miss and decides whether its body is teed.
-    async fn miss_response(
-        &self,
-        req: ProxyRequest,
-        upstream: UpstreamResponse,
-    ) -> Response<ProxyBody> {
-        let UpstreamResponse { head, body } = upstream;
-        let mut headers = forwarded_headers(&head.headers);
-        if let Some(length) = head.content_length {
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
-        }
-        headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-        let (cache_status, target) = self.plan_fill(&req, &head, &headers).await;
-        Span::current().record("cache", cache_status.as_str());
-        headers.insert(
-            CACHE_STATUS.clone(),
-            HeaderValue::from_str(&cache_status).expect("cache status is ASCII"),
-        );
-        let mut response = Response::new(ProxyBody::Tee(Box::new(TeeBody::new(body, target))));
-        *response.status_mut() = head.status;
-        *response.headers_mut() = headers;
-        response
-    }
-
-    /// Decides the `Cache-Status` of a miss and, when the body is to be stored, where.
-    async fn plan_fill(
+    /// Decides the `Cache-Status` of a miss and, when its body is to be stored, where; remembers
+    /// responses that will not be stored (hit-for-pass).
+    async fn plan(
         &self,
         req: &ProxyRequest,
         upstream: &UpstreamHead,
@@ -165,6 +224,13 @@ impl Proxy {
         if req.head {
             return (status::MISS_HEAD.to_owned(), None);
         }
+        let marker = |reason: &'static str, length_bytes: Option<u64>| PassMarker {
+            reason,
+            length_bytes,
+            content_type: upstream.headers.get(CONTENT_TYPE).cloned(),
+            etag: upstream.headers.get(ETAG).cloned(),
+            last_modified: upstream.headers.get(LAST_MODIFIED).cloned(),
+        };
         let freshness = match freshness::storable(
             upstream.status,
             &upstream.headers,
@@ -173,17 +239,17 @@ impl Proxy {
         ) {
             Ok(f) => f,
             Err(reason) => {
+                self.tier
+                    .mark_pass(
+                        req.key.clone(),
+                        marker(reason.detail(), upstream.content_length),
+                    )
+                    .await;
                 return (
                     format!("imgedge; fwd=uri-miss; detail={}", reason.detail()),
                     None,
                 );
             }
-        };
-        let too_large = TooLarge {
-            length_bytes: upstream.content_length.unwrap_or(0),
-            content_type: upstream.headers.get(CONTENT_TYPE).cloned(),
-            etag: upstream.headers.get(ETAG).cloned(),
-            last_modified: upstream.headers.get(LAST_MODIFIED).cloned(),
         };
         let max = self.cache.max_cacheable_bytes;
         match upstream.content_length {
@@ -194,11 +260,18 @@ impl Proxy {
                     max_cacheable_bytes = max,
                     "too large to store"
                 );
-                self.tier.mark_too_large(req.key.clone(), too_large).await;
+                self.tier
+                    .mark_pass(req.key.clone(), marker(PassMarker::TOO_LARGE, Some(length)))
+                    .await;
                 return (status::MISS_TOO_LARGE.to_owned(), None);
             }
             None => {
-                if let Some(seen) = self.tier.too_large(&req.key).await {
+                if let Some(seen) = self
+                    .tier
+                    .pass_marker(&req.key)
+                    .await
+                    .filter(|m| m.is_too_large())
+                {
                     tracing::info!(
                         key = req.key.as_str(),
                         size_bytes = seen.length_bytes,
@@ -211,16 +284,16 @@ impl Proxy {
         }
         let mut stored_headers = headers.clone();
         stored_headers.remove(AGE);
-        let target = FillTarget {
+        let fill = FillTarget {
             tier: self.tier.clone(),
             key: req.key.clone(),
             headers: stored_headers,
             response_time: upstream.times.response_time,
             freshness,
             max_cacheable_bytes: max,
-            too_large,
+            too_large: marker(PassMarker::TOO_LARGE, None),
         };
-        (status::MISS_STORED.to_owned(), Some(target))
+        (status::MISS_STORED.to_owned(), Some(fill))
     }
 }
 
