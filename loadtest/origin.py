@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Static test origin for imgedge load and smoke tests (Python 3.11 stdlib only).
 
-Usage: python3 loadtest/origin.py --corpus DIR --port PORT
+Usage: python3 loadtest/origin.py --corpus DIR --port PORT [--rate BYTES_PER_SECOND]
 
 Binds 127.0.0.1 only and serves, for GET and HEAD:
   /NAME                                     -> DIR/NAME
@@ -13,6 +13,9 @@ Anything missing, a directory, or a path that leaves DIR is a 404.
 File responses carry Content-Type (from DIR/MANIFEST.tsv if listed, else by
 extension), Content-Length, Cache-Control, Last-Modified and ETag, and the body
 is streamed in 64 KiB chunks. If-None-Match / If-Modified-Since get a 304.
+With --rate N (N > 0), every file body is paced to N bytes/s, per response: it
+is written in 16 KiB pieces, sleeping so that the cumulative average since the
+head was sent never exceeds N (the head itself is not delayed).
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import socketserver
 import stat
 import sys
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 CHUNK = 64 * 1024
+PACED_CHUNK = 16 * 1024  # piece size when --rate paces a body
 CACHE_CONTROL = "public, max-age=3600"
 STORAGE_PREFIX = "/storage/v1/object/public/"
 EXT_TYPES = {
@@ -46,8 +51,9 @@ class Origin(ThreadingHTTPServer):
     request_queue_size = 512
     allow_reuse_address = True
 
-    def __init__(self, addr, corpus: str):
+    def __init__(self, addr, corpus: str, rate: int = 0):
         self.corpus = os.path.realpath(corpus)
+        self.rate = rate  # body bytes per second per response; 0 = unlimited
         self.types = load_manifest(self.corpus)
         self.hits: Counter[str] = Counter()
         self.hits_lock = threading.Lock()
@@ -238,13 +244,22 @@ class Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 if head:
                     return
+                rate = self.server.rate
+                piece = PACED_CHUNK if rate > 0 else CHUNK
+                start = time.monotonic()
                 left = size
                 while left > 0:
-                    chunk = f.read(min(CHUNK, left))
+                    chunk = f.read(min(piece, left))
                     if not chunk:
                         break
                     self.wfile.write(chunk)
                     left -= len(chunk)
+                    if rate > 0 and left > 0:
+                        # Keep the cumulative average at or below `rate`.
+                        due = start + (size - left) / rate
+                        delay = due - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
                 if left:
                     # The file shrank under us: the framing is broken, so drop the connection.
                     self.close_connection = True
@@ -256,12 +271,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="Static test origin for imgedge (127.0.0.1 only).")
     ap.add_argument("--corpus", required=True, help="folder of files to serve (may hold MANIFEST.tsv)")
     ap.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1 (0 picks one)")
+    ap.add_argument("--rate", type=int, default=0, metavar="BYTES_PER_SECOND",
+                    help="pace every file body to this many bytes/s, per response (default 0 = unlimited)")
     args = ap.parse_args()
+    if args.rate < 0:
+        print("origin: --rate must be >= 0", file=sys.stderr)
+        return 2
     if not os.path.isdir(args.corpus):
         print(f"origin: no such folder: {args.corpus}", file=sys.stderr)
         return 2
-    srv = Origin(("127.0.0.1", args.port), args.corpus)
-    print(f"origin: serving {args.corpus} on 127.0.0.1:{srv.server_address[1]}", flush=True)
+    srv = Origin(("127.0.0.1", args.port), args.corpus, rate=args.rate)
+    paced = f", bodies paced to {args.rate} B/s each" if args.rate else ""
+    print(f"origin: serving {args.corpus} on 127.0.0.1:{srv.server_address[1]}{paced}", flush=True)
     try:
         srv.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -161,6 +161,12 @@ impl MemoryTier {
         self.objects.insert(key, Arc::new(object)).await;
     }
 
+    /// Forgets the object and any pass marker under `key` (RFC 9111 §4.4 invalidation).
+    pub async fn invalidate(&self, key: &CacheKey) {
+        self.objects.invalidate(key).await;
+        self.passes.invalidate(key).await;
+    }
+
     /// Remembers, for two minutes, that the response under `key` was not stored.
     pub async fn mark_pass(&self, key: CacheKey, marker: PassMarker) {
         self.passes.insert(key, marker).await;

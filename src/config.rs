@@ -30,8 +30,33 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub supabase: SupabaseConfig,
+    /// `[[routes]]`, plus the Supabase route when `[supabase] upstream` is set.
+    pub routes: Vec<RouteConfig>,
     pub cache: CacheConfig,
     pub log: LogConfig,
+}
+
+/// One reverse-proxy route: requests whose path starts with `prefix` go to `upstream` + the same
+/// path and query. Every method is forwarded; GET and HEAD are looked up and stored.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Path prefix, starting with `/`; the longest matching prefix wins.
+    pub prefix: String,
+    /// Origin URL (scheme, host, optional port and base path) without a trailing slash.
+    pub upstream: Url,
+    /// The name in logs and metrics: `supabase` for the Supabase route, else `route`.
+    pub name: &'static str,
+}
+
+/// The prefix of the Supabase Storage API, proxied when `[supabase] upstream` is set.
+pub const SUPABASE_PREFIX: &str = "/storage/v1/";
+
+/// `[[routes]]` entries as written.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: String,
+    upstream: String,
 }
 
 /// `[server]`: the listening side.
@@ -178,6 +203,7 @@ impl Config {
             supabase: SupabaseConfig {
                 upstream: f.parse("supabase.upstream", parse_route_upstream),
             },
+            routes: f.parse_optional("routes", parse_routes),
             cache: CacheConfig {
                 max_cacheable_bytes: f.range("cache.max_cacheable_bytes", 0, u64::from(u32::MAX)),
                 memory_capacity_bytes: f.get("cache.memory_capacity_bytes"),
@@ -199,6 +225,7 @@ impl Config {
             },
         };
         f.check_unknown_keys();
+        let mut config = config;
         let mut problems = f.into_problems();
         if problems.is_empty() {
             problems = config.cross_checks();
@@ -211,8 +238,20 @@ impl Config {
     }
 
     /// Rules that relate two fields; run only once every field parsed.
-    fn cross_checks(&self) -> Vec<String> {
+    fn cross_checks(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Some(upstream) = &self.supabase.upstream {
+            if self.routes.iter().any(|r| r.prefix == SUPABASE_PREFIX) {
+                problems.push(format!(
+                    "routes: prefix {SUPABASE_PREFIX:?} is taken by [supabase] upstream"
+                ));
+            }
+            self.routes.push(RouteConfig {
+                prefix: SUPABASE_PREFIX.to_owned(),
+                upstream: upstream.clone(),
+                name: "supabase",
+            });
+        }
         let cache = &self.cache;
         if cache.max_cacheable_bytes > cache.memory_capacity_bytes {
             problems.push(format!(
@@ -276,6 +315,19 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// Like [`Fields::parse`], for a key that may be absent (then `T::default()`).
+    fn parse_optional<R: DeserializeOwned + Default, T: Default>(
+        &mut self,
+        key: &str,
+        parse: impl FnOnce(R) -> Result<T, String>,
+    ) -> T {
+        if self.figment.find_value(key).is_err() {
+            self.read.insert(key.to_owned());
+            return T::default();
+        }
+        self.parse(key, parse)
+    }
+
     fn parse<R: DeserializeOwned + Default, T: Default>(
         &mut self,
         key: &str,
@@ -322,6 +374,9 @@ impl<'a> Fields<'a> {
             return;
         };
         for (section, value) in &root {
+            if self.read.contains(section.as_str()) {
+                continue;
+            }
             match value {
                 Value::Dict(_, keys) => {
                     for key in keys.keys() {
@@ -377,6 +432,36 @@ fn parse_host_patterns(list: StringList) -> Result<Vec<HostPattern>, String> {
     }
     if bad.is_empty() {
         Ok(patterns)
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
+/// Validates `[[routes]]`: each prefix starts with `/` and appears once; each upstream is an
+/// http(s) URL.
+fn parse_routes(raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, String> {
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut bad = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        if !r.prefix.starts_with('/') {
+            bad.push(format!("[{i}] prefix {:?} must start with /", r.prefix));
+        }
+        if !seen.insert(r.prefix.clone()) {
+            bad.push(format!("[{i}] prefix {:?} appears twice", r.prefix));
+        }
+        match parse_route_upstream(r.upstream.clone()) {
+            Ok(Some(upstream)) => routes.push(RouteConfig {
+                prefix: r.prefix,
+                upstream,
+                name: "route",
+            }),
+            Ok(None) => bad.push(format!("[{i}] upstream is empty")),
+            Err(e) => bad.push(format!("[{i}] upstream {e}")),
+        }
+    }
+    if bad.is_empty() {
+        Ok(routes)
     } else {
         Err(bad.join("; "))
     }
@@ -488,6 +573,35 @@ mod tests {
             err.to_string()
                 .contains("exceeds cache.memory_capacity_bytes")
         );
+    }
+
+    #[test]
+    fn routes_are_parsed_validated_and_joined_by_the_supabase_route() {
+        let c = Config::from_toml(
+            "[supabase]\nupstream = \"https://abc.supabase.co\"\n[[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9000/base/\"\n",
+        )
+        .unwrap();
+        let names: Vec<_> = c
+            .routes
+            .iter()
+            .map(|r| (r.prefix.as_str(), r.name))
+            .collect();
+        assert_eq!(names, [("/", "route"), ("/storage/v1/", "supabase")]);
+        assert_eq!(c.routes[0].upstream.as_str(), "http://127.0.0.1:9000/base");
+        let err = Config::from_toml(
+            "[[routes]]\nprefix = \"x\"\nupstream = \"ftp://h\"\n[[routes]]\nprefix = \"x\"\nupstream = \"http://h\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for problem in ["must start with /", "scheme", "appears twice"] {
+            assert!(err.contains(problem), "{problem}: {err}");
+        }
+        let err =
+            Config::from_toml("[[routes]]\nprefix = \"/\"\nupstream = \"http://h\"\nextra = 1\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("extra"), "{err}");
+        assert!(Config::from_toml("").unwrap().routes.is_empty());
     }
 
     #[test]

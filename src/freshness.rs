@@ -65,6 +65,13 @@ pub enum NotStorable {
     Status,
     /// Its freshness lifetime is zero or already used up by its age.
     Stale,
+    /// The request carried `Authorization` and the response did not allow sharing it with
+    /// `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5).
+    Authorization,
+    /// It carries `Set-Cookie` and the route passes it on: never shared.
+    SetCookie,
+    /// It carries `Vary` and the request forwarded client headers: variants are not stored yet.
+    Vary,
 }
 
 impl NotStorable {
@@ -76,6 +83,9 @@ impl NotStorable {
             NotStorable::NoCache => "no-cache",
             NotStorable::Status => "uncacheable-status",
             NotStorable::Stale => "stale",
+            NotStorable::Authorization => "authorization",
+            NotStorable::SetCookie => "set-cookie",
+            NotStorable::Vary => "vary",
         }
     }
 }
@@ -110,6 +120,17 @@ impl Freshness {
     }
 }
 
+/// What about the request a storage decision depends on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestFacts {
+    /// The request forwarded `Authorization` upstream.
+    pub authorized: bool,
+    /// The request forwarded client headers upstream, so the response may vary with them.
+    pub forwarded_client_headers: bool,
+    /// The response's `Set-Cookie` reaches the client (it is not stripped on the way).
+    pub set_cookie_passes: bool,
+}
+
 /// Decides whether a response to a GET may be stored by a shared cache, and if so how fresh it
 /// is. Freshness comes from `s-maxage`, then `max-age`, then `Expires` minus `Date`, else
 /// `default_ttl` (RFC 9111 §4.2.1; `default_ttl` stands in for §4.2.2's heuristic).
@@ -119,6 +140,7 @@ impl Freshness {
 pub fn storable(
     status: StatusCode,
     headers: &HeaderMap,
+    request: RequestFacts,
     times: ResponseTimes,
     default_ttl: Duration,
 ) -> Result<Freshness, NotStorable> {
@@ -128,6 +150,15 @@ pub fn storable(
     }
     if d.private {
         return Err(NotStorable::Private);
+    }
+    if request.authorized && !(d.public || d.s_maxage.is_some() || d.must_revalidate) {
+        return Err(NotStorable::Authorization);
+    }
+    if request.set_cookie_passes && headers.contains_key(http::header::SET_COOKIE) {
+        return Err(NotStorable::SetCookie);
+    }
+    if request.forwarded_client_headers && headers.contains_key(http::header::VARY) {
+        return Err(NotStorable::Vary);
     }
     if d.no_cache {
         return Err(NotStorable::NoCache);
@@ -233,6 +264,7 @@ mod tests {
         storable(
             StatusCode::OK,
             &headers(pairs),
+            RequestFacts::default(),
             times(),
             Duration::from_secs(3600),
         )
@@ -265,6 +297,7 @@ mod tests {
         let not_found = storable(
             StatusCode::NOT_FOUND,
             &HeaderMap::new(),
+            RequestFacts::default(),
             times(),
             Duration::from_secs(60),
         );
@@ -282,7 +315,14 @@ mod tests {
             ("cache-control", "max-age=100".into()),
             ("age", "30".into()),
         ]);
-        let f = storable(StatusCode::OK, &h, t, Duration::ZERO).unwrap();
+        let f = storable(
+            StatusCode::OK,
+            &h,
+            RequestFacts::default(),
+            t,
+            Duration::ZERO,
+        )
+        .unwrap();
         assert_eq!(f.initial_age, Duration::from_secs(32));
         assert_eq!(f.time_to_live(), Duration::from_secs(68));
         assert_eq!(
@@ -294,13 +334,77 @@ mod tests {
             ("cache-control", "max-age=100".into()),
             ("date", httpdate::fmt_http_date(at(T0 - 38))),
         ]);
-        let f = storable(StatusCode::OK, &h, t, Duration::ZERO).unwrap();
+        let f = storable(
+            StatusCode::OK,
+            &h,
+            RequestFacts::default(),
+            t,
+            Duration::ZERO,
+        )
+        .unwrap();
         assert_eq!(f.initial_age, Duration::from_secs(40));
         // An Age beyond the lifetime means stale already.
         let h = headers(&[("cache-control", "max-age=10".into()), ("age", "11".into())]);
         assert_eq!(
-            storable(StatusCode::OK, &h, times(), Duration::ZERO).unwrap_err(),
+            storable(
+                StatusCode::OK,
+                &h,
+                RequestFacts::default(),
+                times(),
+                Duration::ZERO
+            )
+            .unwrap_err(),
             NotStorable::Stale
+        );
+    }
+
+    #[test]
+    fn authorized_requests_are_shared_only_when_the_response_allows_it() {
+        let authorized = RequestFacts {
+            authorized: true,
+            forwarded_client_headers: true,
+            set_cookie_passes: true,
+        };
+        let decide = |cc: &str| {
+            let h = headers(&[("cache-control", cc.to_owned())]);
+            storable(
+                StatusCode::OK,
+                &h,
+                authorized,
+                times(),
+                Duration::from_secs(60),
+            )
+        };
+        assert_eq!(
+            decide("max-age=60").unwrap_err(),
+            NotStorable::Authorization
+        );
+        for cc in [
+            "public, max-age=60",
+            "s-maxage=60",
+            "max-age=60, must-revalidate",
+        ] {
+            assert!(decide(cc).is_ok(), "{cc}");
+        }
+        let h = headers(&[("set-cookie", "a=b".into()), ("vary", "accept".into())]);
+        let facts = RequestFacts {
+            authorized: false,
+            forwarded_client_headers: true,
+            set_cookie_passes: true,
+        };
+        assert_eq!(
+            storable(StatusCode::OK, &h, facts, times(), Duration::from_secs(60)).unwrap_err(),
+            NotStorable::SetCookie
+        );
+        assert!(
+            storable(
+                StatusCode::OK,
+                &h,
+                RequestFacts::default(),
+                times(),
+                Duration::from_secs(60)
+            )
+            .is_ok()
         );
     }
 

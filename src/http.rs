@@ -9,9 +9,10 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, IF_NONE_MATCH};
+use http::header::{ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, IF_NONE_MATCH};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use percent_encoding::percent_decode_str;
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
@@ -22,10 +23,10 @@ use crate::cache::{CacheKey, MemoryTier};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::{self, Metrics};
-use crate::proxy::{Proxy, ProxyRequest};
+use crate::proxy::{Forwarding, Proxy, ProxyRequest, end_to_end};
 use crate::rss::{ProcessRss, RssSource};
 use crate::target;
-use crate::upstream::{Guard, Upstream, UpstreamError};
+use crate::upstream::{BoxError, Guard, Upstream, UpstreamError};
 
 /// `X-Request-Id`: echoed when the client sent a sane one, generated otherwise.
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -33,33 +34,30 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Prefix of Supabase Storage's public object route.
 pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
 
-/// The routes, as named in logs and metrics.
+/// Supabase's `apikey` request header: a credential, like `Authorization`.
+static APIKEY: HeaderName = HeaderName::from_static("apikey");
+
+/// What a request is for. The built-in paths win over `[[routes]]` prefixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     ImageProxy,
-    Supabase,
     Health,
     Metrics,
+    /// `config.routes[index]`, named `name` in logs and metrics.
+    Proxied {
+        index: usize,
+        name: &'static str,
+    },
     Other,
 }
 
 impl Route {
-    fn of(path: &str) -> Route {
-        match path {
-            "/image-proxy" => Route::ImageProxy,
-            "/health" => Route::Health,
-            "/metrics" => Route::Metrics,
-            p if p.starts_with(SUPABASE_PUBLIC_PREFIX) => Route::Supabase,
-            _ => Route::Other,
-        }
-    }
-
     fn name(self) -> &'static str {
         match self {
             Route::ImageProxy => "image-proxy",
-            Route::Supabase => "supabase",
             Route::Health => "health",
             Route::Metrics => "metrics",
+            Route::Proxied { name, .. } => name,
             Route::Other => "other",
         }
     }
@@ -102,10 +100,35 @@ impl App {
         })
     }
 
+    /// Which route serves `path`: a built-in path, else the route with the longest matching
+    /// prefix.
+    fn route_of(&self, path: &str) -> Route {
+        match path {
+            "/image-proxy" => Route::ImageProxy,
+            "/health" => Route::Health,
+            "/metrics" => Route::Metrics,
+            _ => self
+                .config
+                .routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| path.starts_with(&r.prefix))
+                .max_by_key(|(_, r)| r.prefix.len())
+                .map_or(Route::Other, |(index, r)| Route::Proxied {
+                    index,
+                    name: r.name,
+                }),
+        }
+    }
+
     /// Answers one request. Never fails: errors become JSON responses.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<LoggedBody> {
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<LoggedBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let start = Instant::now();
-        let route = Route::of(req.uri().path());
+        let route = self.route_of(req.uri().path());
         let id = self.request_id(&req);
         let span = tracing::info_span!(
             "request",
@@ -115,7 +138,7 @@ impl App {
             cache = Empty,
             upstream_status = Empty,
         );
-        let result = self.dispatch(route, &req).instrument(span.clone()).await;
+        let result = self.dispatch(route, req).instrument(span.clone()).await;
         let (mut response, error) = match result {
             Ok(r) => (r, None),
             Err(e) => {
@@ -143,23 +166,54 @@ impl App {
     async fn dispatch<B>(
         &self,
         route: Route,
-        req: &Request<B>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+        req: Request<B>,
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         match route {
             Route::ImageProxy => {
                 let head = get_or_head(req.method())?;
                 let url =
                     target::parse_image_url(req.uri().query(), self.config.server.max_url_bytes)?;
                 self.proxy
-                    .handle(proxy_request(req, url, Guard::Guarded, head))
+                    .handle(proxy_request(
+                        &req,
+                        url,
+                        Guard::Guarded,
+                        head,
+                        Forwarding::Bare,
+                    ))
                     .await
             }
-            Route::Supabase => {
-                let head = get_or_head(req.method())?;
-                let url = self.supabase_url(req.uri())?;
-                self.proxy
-                    .handle(proxy_request(req, url, Guard::Trusted, head))
-                    .await
+            Route::Proxied { index, name } => {
+                let route = &self.config.routes[index];
+                let url = route_url(&route.upstream, req.uri())?;
+                // Public Supabase objects need no credentials, and supabase-js sends its key with
+                // every request: dropping them keeps public objects storable (RFC 9111 §3.5).
+                let public_object =
+                    name == "supabase" && req.uri().path().starts_with(SUPABASE_PUBLIC_PREFIX);
+                let credentials = [AUTHORIZATION, APIKEY.clone(), COOKIE];
+                let dropped: &[HeaderName] = if public_object { &credentials } else { &[] };
+                let headers = end_to_end(req.headers(), dropped);
+                match *req.method() {
+                    Method::GET | Method::HEAD => {
+                        let head = req.method() == Method::HEAD;
+                        let forwarding = Forwarding::Headers {
+                            headers,
+                            strip_set_cookie: public_object,
+                        };
+                        self.proxy
+                            .handle(proxy_request(&req, url, Guard::Trusted, head, forwarding))
+                            .await
+                    }
+                    _ => {
+                        let method = req.method().clone();
+                        let body = req.into_body().map_err(Into::into).boxed_unsync();
+                        self.proxy.forward(method, url, headers, body).await
+                    }
+                }
             }
             Route::Health => {
                 get_or_head(req.method())?;
@@ -174,35 +228,6 @@ impl App {
                 req.uri().path()
             ))),
         }
-    }
-
-    /// Maps `/storage/v1/object/public/{bucket}/{path...}?query` onto `[supabase] upstream`.
-    fn supabase_url(&self, uri: &Uri) -> Result<Url, ProxyError> {
-        let base = self.config.supabase.upstream.as_ref().ok_or_else(|| {
-            ProxyError::NotFound("the Supabase route is off: [supabase] upstream is not set".into())
-        })?;
-        let rest = &uri.path()[SUPABASE_PUBLIC_PREFIX.len()..];
-        match rest.split_once('/') {
-            Some((bucket, object)) if !bucket.is_empty() && !object.is_empty() => {}
-            _ => {
-                return Err(ProxyError::NotFound(
-                    "expected /storage/v1/object/public/{bucket}/{path}".into(),
-                ));
-            }
-        }
-        // Dot segments would be normalized away by URL parsing and could climb out of the
-        // public object route into the rest of the Storage API; refuse them outright.
-        for segment in rest.split('/') {
-            let decoded = percent_decode_str(segment).decode_utf8_lossy();
-            if decoded == "." || decoded == ".." || decoded.contains('\\') {
-                return Err(ProxyError::BadPath(format!(
-                    "path segment {segment:?} is not allowed"
-                )));
-            }
-        }
-        let path_and_query = uri.path_and_query().map_or("", |p| p.as_str());
-        let joined = format!("{}{path_and_query}", base.as_str().trim_end_matches('/'));
-        Url::parse(&joined).map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))
     }
 
     async fn health(&self) -> Response<ProxyBody> {
@@ -268,14 +293,43 @@ fn get_or_head(method: &Method) -> Result<bool, ProxyError> {
     }
 }
 
-fn proxy_request<B>(req: &Request<B>, url: Url, guard: Guard, head: bool) -> ProxyRequest {
+fn proxy_request<B>(
+    req: &Request<B>,
+    url: Url,
+    guard: Guard,
+    head: bool,
+    forwarding: Forwarding,
+) -> ProxyRequest {
     ProxyRequest {
         key: CacheKey::for_url(&url),
         url,
         guard,
         head,
         if_none_match: req.headers().get(IF_NONE_MATCH).cloned(),
+        forwarding,
     }
+}
+
+/// `upstream` + the request's path and query.
+///
+/// # Errors
+/// [`ProxyError::BadPath`] for `.`/`..` segments (raw or percent-encoded) and backslashes: URL
+/// parsing would resolve them, letting a path climb out of its route's prefix upstream.
+fn route_url(upstream: &Url, uri: &Uri) -> Result<Url, ProxyError> {
+    for segment in uri.path().split('/') {
+        let decoded = percent_decode_str(segment).decode_utf8_lossy();
+        if decoded == "." || decoded == ".." || decoded.contains('\\') {
+            return Err(ProxyError::BadPath(format!(
+                "path segment {segment:?} is not allowed"
+            )));
+        }
+    }
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let joined = format!(
+        "{}{path_and_query}",
+        upstream.as_str().trim_end_matches('/')
+    );
+    Url::parse(&joined).map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))
 }
 
 /// `{"error": code, "message": text}` with the error's status; never cached downstream.

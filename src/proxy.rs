@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::header::{
-    AGE, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_ENCODING, CONTENT_LANGUAGE, CONTENT_LENGTH,
-    CONTENT_TYPE, ETAG, EXPIRES, HeaderName, LAST_MODIFIED, LOCATION, RETRY_AFTER,
-    X_CONTENT_TYPE_OPTIONS,
+    AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_DISPOSITION, CONTENT_ENCODING,
+    CONTENT_LANGUAGE, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, ETAG, EXPIRES, HOST,
+    HeaderName, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE,
+    LAST_MODIFIED, LOCATION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, RANGE, RETRY_AFTER,
+    SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, X_CONTENT_TYPE_OPTIONS,
 };
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use tracing::Span;
@@ -23,9 +25,11 @@ use crate::collapse::{Collapser, Leader, Outcome, Role, SharedHead, SharedReader
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::fill::{FillTarget, TeeBody};
-use crate::freshness::{self, if_none_match_matches};
+use crate::freshness::{self, RequestFacts, if_none_match_matches};
 use crate::metrics::Metrics;
-use crate::upstream::{Guard, Upstream, UpstreamError, UpstreamHead, UpstreamResponse};
+use crate::upstream::{
+    Guard, RequestBody, Upstream, UpstreamError, UpstreamHead, UpstreamRequest, UpstreamResponse,
+};
 
 /// `Cache-Status` (RFC 9211).
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -38,6 +42,8 @@ pub mod status {
     pub const MISS_HEAD: &str = "imgedge; fwd=uri-miss; detail=method";
     /// A follower of another request's fill (collapsed forwarding).
     pub const MISS_COLLAPSED: &str = "imgedge; fwd=uri-miss; collapsed";
+    /// A method that is never looked up (POST, PUT, DELETE, ...), forwarded on a route.
+    pub const FORWARD_METHOD: &str = "imgedge; fwd=method";
 }
 
 /// Origin response headers passed to clients; everything else (hop-by-hop, `Set-Cookie`,
@@ -56,7 +62,110 @@ const FORWARDED: [HeaderName; 11] = [
     AGE,
 ];
 
-/// A request for a cacheable upstream object, as a route resolved it.
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and others a proxy must not pass on as they are.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// `headers` without hop-by-hop fields, those the `Connection` header names, `Host`,
+/// `Content-Length` (framing is the sender's business) and any of `also`.
+pub fn end_to_end(headers: &HeaderMap, also: &[HeaderName]) -> HeaderMap {
+    let named_by_connection: Vec<String> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let drop = HOP_BY_HOP.contains(name)
+            || name == HOST
+            || name == CONTENT_LENGTH
+            || also.contains(name)
+            || named_by_connection.iter().any(|n| n == name.as_str());
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// Which headers cross the proxy, each way.
+#[derive(Debug)]
+pub enum Forwarding {
+    /// `/image-proxy`: no client header goes upstream, so a stored response is valid for every
+    /// client; response headers are allowlisted ([`FORWARDED`]).
+    Bare,
+    /// A route: these request headers go upstream (end-to-end ones, already filtered), and every
+    /// end-to-end response header comes back, less `Set-Cookie` when `strip_set_cookie`.
+    Headers {
+        headers: HeaderMap,
+        strip_set_cookie: bool,
+    },
+}
+
+impl Forwarding {
+    fn upstream_headers(&self) -> HeaderMap {
+        match self {
+            Forwarding::Bare => HeaderMap::new(),
+            Forwarding::Headers { headers, .. } => headers.clone(),
+        }
+    }
+
+    fn response_headers(&self, upstream: &HeaderMap) -> HeaderMap {
+        match self {
+            Forwarding::Bare => allowlisted(upstream),
+            Forwarding::Headers {
+                strip_set_cookie: true,
+                ..
+            } => end_to_end(upstream, &[SET_COOKIE]),
+            Forwarding::Headers { .. } => end_to_end(upstream, &[]),
+        }
+    }
+
+    fn facts(&self) -> RequestFacts {
+        match self {
+            Forwarding::Bare => RequestFacts::default(),
+            Forwarding::Headers {
+                headers,
+                strip_set_cookie,
+            } => RequestFacts {
+                authorized: headers.contains_key(AUTHORIZATION),
+                forwarded_client_headers: true,
+                set_cookie_passes: !strip_set_cookie,
+            },
+        }
+    }
+
+    /// Whether the request asks for the plain object: no validator or range goes upstream, so
+    /// its response may be shared with followers and may decide hit-for-pass.
+    fn is_plain(&self) -> bool {
+        match self {
+            Forwarding::Bare => true,
+            Forwarding::Headers { headers, .. } => ![
+                IF_NONE_MATCH,
+                IF_MODIFIED_SINCE,
+                IF_MATCH,
+                IF_UNMODIFIED_SINCE,
+                IF_RANGE,
+                RANGE,
+            ]
+            .iter()
+            .any(|h| headers.contains_key(h)),
+        }
+    }
+}
+
+/// A GET or HEAD for a cacheable upstream object, as a route resolved it.
 #[derive(Debug)]
 pub struct ProxyRequest {
     /// The absolute upstream URL to fetch on a miss.
@@ -67,6 +176,7 @@ pub struct ProxyRequest {
     pub head: bool,
     /// The client's `If-None-Match`, answered with 304 on a matching hit.
     pub if_none_match: Option<HeaderValue>,
+    pub forwarding: Forwarding,
 }
 
 /// The proxy core: the memory tier, the in-flight fills and the upstream clients.
@@ -112,7 +222,8 @@ impl Proxy {
             Span::current().record("cache", status::HIT_MEMORY);
             return Ok(hit_response(&object, &req, now));
         }
-        if req.head || self.tier.pass_marker(&req.key).await.is_some() {
+        if req.head || !req.forwarding.is_plain() || self.tier.pass_marker(&req.key).await.is_some()
+        {
             return self.fetch(req, None).await;
         }
         match self.collapser.join(&req.key) {
@@ -146,7 +257,11 @@ impl Proxy {
         leader: Option<Leader>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let method = if req.head { Method::HEAD } else { Method::GET };
-        let fetched = self.upstream.fetch(method, &req.url, req.guard).await;
+        let request = UpstreamRequest {
+            headers: req.forwarding.upstream_headers(),
+            ..UpstreamRequest::bare(method, req.url.clone(), req.guard)
+        };
+        let fetched = self.upstream.fetch(request).await;
         self.count_fetch(&fetched);
         let upstream = match fetched {
             Ok(u) => u,
@@ -160,7 +275,7 @@ impl Proxy {
         };
         let UpstreamResponse { head, body } = upstream;
         Span::current().record("upstream_status", head.status.as_u16());
-        let mut headers = forwarded_headers(&head.headers);
+        let mut headers = req.forwarding.response_headers(&head.headers);
         if let Some(length) = head.content_length {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
         }
@@ -191,6 +306,59 @@ impl Proxy {
             }
         };
         let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.headers_mut() = headers;
+        Ok(response)
+    }
+
+    /// Forwards a request whose method is never looked up or stored (RFC 9111 §2: only GET and
+    /// HEAD are cached here), streaming its body upstream and the response back. A non-error
+    /// response invalidates the stored response for the URI and for a same-origin `Location` or
+    /// `Content-Location` (RFC 9111 §4.4).
+    ///
+    /// # Errors
+    /// A [`ProxyError`] for anything that fails before the response head.
+    pub async fn forward(
+        &self,
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+        body: RequestBody,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let request = UpstreamRequest {
+            method,
+            url: url.clone(),
+            headers,
+            body,
+            guard: Guard::Trusted,
+        };
+        let fetched = self.upstream.fetch(request).await;
+        self.count_fetch(&fetched);
+        let UpstreamResponse { head, body } = fetched?;
+        Span::current().record("upstream_status", head.status.as_u16());
+        Span::current().record("cache", status::FORWARD_METHOD);
+        if !head.status.is_client_error() && !head.status.is_server_error() {
+            self.tier.invalidate(&CacheKey::for_url(&url)).await;
+            for name in [LOCATION, CONTENT_LOCATION] {
+                let target = head
+                    .headers
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| url.join(v).ok());
+                if let Some(target) = target.filter(|t| t.origin() == url.origin()) {
+                    self.tier.invalidate(&CacheKey::for_url(&target)).await;
+                }
+            }
+        }
+        let mut headers = end_to_end(&head.headers, &[]);
+        if let Some(length) = head.content_length {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        headers.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_static(status::FORWARD_METHOD),
+        );
+        let mut response = Response::new(ProxyBody::Tee(Box::new(TeeBody::new(body, None))));
         *response.status_mut() = head.status;
         *response.headers_mut() = headers;
         Ok(response)
@@ -234,17 +402,24 @@ impl Proxy {
         let freshness = match freshness::storable(
             upstream.status,
             &upstream.headers,
+            req.forwarding.facts(),
             upstream.times,
             self.cache.default_ttl,
         ) {
             Ok(f) => f,
-            Err(reason) => {
+            Err(reason) if req.forwarding.is_plain() => {
                 self.tier
                     .mark_pass(
                         req.key.clone(),
                         marker(reason.detail(), upstream.content_length),
                     )
                     .await;
+                return (
+                    format!("imgedge; fwd=uri-miss; detail={}", reason.detail()),
+                    None,
+                );
+            }
+            Err(reason) => {
                 return (
                     format!("imgedge; fwd=uri-miss; detail={}", reason.detail()),
                     None,
@@ -298,7 +473,7 @@ impl Proxy {
 }
 
 /// The allowlisted end-to-end headers of an origin response.
-fn forwarded_headers(upstream: &HeaderMap) -> HeaderMap {
+fn allowlisted(upstream: &HeaderMap) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(FORWARDED.len() + 4);
     for name in &FORWARDED {
         for value in upstream.get_all(name) {

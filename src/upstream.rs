@@ -25,7 +25,8 @@ use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, LOCATION, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body::Body as _;
-use http_body_util::Empty;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -98,7 +99,41 @@ pub enum Guard {
     Trusted,
 }
 
-type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, Empty<Bytes>>;
+type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, RequestBody>;
+
+/// A request body sent upstream: empty for cache fills, the client's body streamed for other
+/// methods on routes.
+pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// An empty [`RequestBody`].
+pub fn empty_body() -> RequestBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// One request to an origin.
+pub struct UpstreamRequest {
+    pub method: Method,
+    pub url: Url,
+    /// End-to-end headers to send (already filtered of hop-by-hop ones and `Host`). The
+    /// configured `User-Agent` is added when there is none.
+    pub headers: HeaderMap,
+    /// Sent as is; a guarded fetch must have an empty body (redirects re-send it).
+    pub body: RequestBody,
+    pub guard: Guard,
+}
+
+impl UpstreamRequest {
+    /// A bodiless GET or HEAD without client headers, as `/image-proxy` sends.
+    pub fn bare(method: Method, url: Url, guard: Guard) -> Self {
+        UpstreamRequest {
+            method,
+            url,
+            headers: HeaderMap::new(),
+            body: empty_body(),
+            guard,
+        }
+    }
+}
 
 /// The origin-facing side: connection pools and limits. Shared behind an `Arc`.
 pub struct Upstream {
@@ -197,29 +232,27 @@ impl Upstream {
     /// target or hop is not allowed or resolves only to non-global addresses;
     /// [`UpstreamError::TooManyRedirects`]; [`UpstreamError::Request`] for anything else before
     /// the head.
-    pub async fn fetch(
-        &self,
-        method: Method,
-        url: &Url,
-        guard: Guard,
-    ) -> Result<UpstreamResponse, UpstreamError> {
-        let mut url = url.clone();
+    pub async fn fetch(&self, request: UpstreamRequest) -> Result<UpstreamResponse, UpstreamError> {
+        let UpstreamRequest {
+            method,
+            mut url,
+            headers,
+            body,
+            guard,
+        } = request;
         let mut hops = 0;
         let request_time = SystemTime::now();
+        if guard == Guard::Trusted {
+            let response = self
+                .send(&self.trusted, &method, &url, &headers, body)
+                .await?;
+            return self.receive(response, &method, request_time);
+        }
         loop {
-            let response = match guard {
-                Guard::Guarded => {
-                    self.check_target(&url)?;
-                    self.send(&self.guarded, &method, &url).await?
-                }
-                Guard::Trusted => {
-                    return self.receive(
-                        self.send(&self.trusted, &method, &url).await?,
-                        &method,
-                        request_time,
-                    );
-                }
-            };
+            self.check_target(&url)?;
+            let response = self
+                .send(&self.guarded, &method, &url, &headers, empty_body())
+                .await?;
             let Some(next) = redirect_target(&url, &response) else {
                 return self.receive(response, &method, request_time);
             };
@@ -236,13 +269,20 @@ impl Upstream {
         client: &HttpClient,
         method: &Method,
         url: &Url,
+        headers: &HeaderMap,
+        body: RequestBody,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method.clone())
             .uri(url.as_str())
-            .header(USER_AGENT, self.user_agent.clone())
-            .body(Empty::new())
+            .body(body)
             .map_err(|e| UpstreamError::Request(format!("cannot request {url}: {e}")))?;
+        *request.headers_mut() = headers.clone();
+        if !request.headers().contains_key(USER_AGENT) {
+            request
+                .headers_mut()
+                .insert(USER_AGENT, self.user_agent.clone());
+        }
         match tokio::time::timeout(self.header_timeout, client.request(request)).await {
             Err(_) => Err(UpstreamError::Timeout {
                 phase: "response head",
@@ -381,7 +421,8 @@ struct GuardedResolver {
     policy: Option<Arc<HostPolicy>>,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A boxed error, as bodies and resolvers report them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower_service::Service<Name> for GuardedResolver {
     type Response = std::vec::IntoIter<SocketAddr>;

@@ -121,6 +121,8 @@ struct OriginState {
     hits: HashMap<String, usize>,
     /// Request heads received per path, lower-cased header names.
     requests: HashMap<String, Vec<Vec<(String, String)>>>,
+    /// Method and body of each request per path.
+    bodies: HashMap<String, Vec<(String, Vec<u8>)>>,
 }
 
 /// A scriptable origin. Paths without a reply get 404.
@@ -181,6 +183,16 @@ impl TestOrigin {
             .unwrap_or_default()
     }
 
+    /// Method and body of the last request for `path`.
+    pub fn last_body(&self, path: &str) -> (String, Vec<u8>) {
+        let state = self.state.lock().unwrap();
+        state
+            .bodies
+            .get(path)
+            .and_then(|r| r.last().cloned())
+            .unwrap_or_default()
+    }
+
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
@@ -198,7 +210,8 @@ impl TestOrigin {
                 return;
             }
         }
-        let text = String::from_utf8_lossy(&head).to_string();
+        let head_end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let text = String::from_utf8_lossy(&head[..head_end]).to_string();
         let mut lines = text.split("\r\n");
         let mut first = lines.next().unwrap_or_default().split(' ');
         let method = first.next().unwrap_or_default().to_owned();
@@ -207,6 +220,19 @@ impl TestOrigin {
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
             .collect();
+        // A request body, when announced with Content-Length, follows the head.
+        let mut body = head[head_end..].to_vec();
+        let length = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        while body.len() < length {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+            }
+        }
         let reply = {
             let mut state = self.state.lock().unwrap();
             *state.hits.entry(path.clone()).or_default() += 1;
@@ -215,6 +241,11 @@ impl TestOrigin {
                 .entry(path.clone())
                 .or_default()
                 .push(headers);
+            state
+                .bodies
+                .entry(path.clone())
+                .or_default()
+                .push((method.clone(), body));
             state.replies.get(&path).cloned()
         };
         let reply = reply.unwrap_or_else(|| Reply::ok("no such path").status(404));

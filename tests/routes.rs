@@ -1,0 +1,325 @@
+//! `[[routes]]` reverse proxying through real sockets: every method forwarded with its body,
+//! headers passed both ways, only GET and HEAD cached, RFC 9111 storage rules for forwarded
+//! requests, invalidation, and the Supabase route's handling of credentials.
+
+mod support;
+
+use support::*;
+
+/// A proxy with `[[routes]] prefix = "/"` in front of `origin` (and the Supabase route, from
+/// the test config, at /storage/v1/).
+async fn route_proxy(origin: &TestOrigin) -> TestProxy {
+    let routes = format!(
+        "[[routes]]\nprefix = \"/\"\nupstream = \"http://{}\"\n",
+        origin.addr
+    );
+    TestProxy::for_origin(origin, &routes).await
+}
+
+#[tokio::test]
+async fn every_method_is_forwarded_with_its_body_and_only_get_is_stored() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/api/items?x=1",
+        Reply::ok("{\"ok\":true}")
+            .header("Content-Type", "application/json")
+            .header("Cache-Control", "max-age=60"),
+    );
+    let proxy = route_proxy(&origin).await;
+    let url = proxy.url("/api/items?x=1");
+
+    let r = proxy
+        .client
+        .post(&url)
+        .body("a request body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(cache_status(&r), "imgedge; fwd=method");
+    assert_eq!(r.text().await.unwrap(), "{\"ok\":true}");
+    assert_eq!(
+        origin.last_body("/api/items?x=1"),
+        ("POST".into(), b"a request body".to_vec())
+    );
+
+    let r = proxy
+        .client
+        .put(&url)
+        .body(vec![9u8; 200_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        origin.last_body("/api/items?x=1"),
+        ("PUT".into(), vec![9u8; 200_000])
+    );
+
+    for expected in [
+        "imgedge; fwd=uri-miss; stored",
+        "imgedge; hit; detail=memory",
+    ] {
+        let r = proxy.client.get(&url).send().await.unwrap();
+        assert_eq!(cache_status(&r), expected);
+        assert_eq!(r.text().await.unwrap(), "{\"ok\":true}");
+    }
+    assert_eq!(origin.hits("/api/items?x=1"), 3, "POST, PUT, one GET");
+}
+
+#[tokio::test]
+async fn end_to_end_headers_pass_both_ways_and_hop_by_hop_ones_do_not() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/h",
+        Reply::ok("x")
+            .header("Access-Control-Allow-Origin", "*")
+            .header("X-Custom", "kept")
+            .header("Connection", "X-Hop")
+            .header("X-Hop", "dropped")
+            .header("Keep-Alive", "timeout=5"),
+    );
+    let proxy = route_proxy(&origin).await;
+    let r = proxy
+        .client
+        .get(proxy.url("/h"))
+        .header("Accept", "image/webp")
+        .header("X-Client", "kept")
+        .header("Connection", "X-Secret")
+        .header("X-Secret", "dropped")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "access-control-allow-origin"), "*");
+    assert_eq!(header(&r, "x-custom"), "kept");
+    assert!(r.headers().get("x-hop").is_none());
+    assert!(r.headers().get("keep-alive").is_none());
+    let sent = origin.last_request("/h");
+    let get = |n: &str| sent.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    assert_eq!(get("accept").as_deref(), Some("image/webp"));
+    assert_eq!(get("x-client").as_deref(), Some("kept"));
+    assert_eq!(get("x-secret"), None);
+    assert_eq!(get("host"), Some(origin.addr.to_string()));
+}
+
+#[tokio::test]
+async fn a_successful_unsafe_method_invalidates_the_uri_and_its_location() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/doc",
+        Reply::ok("v1").header("Cache-Control", "max-age=600"),
+    );
+    origin.route(
+        "/other",
+        Reply::ok("o1").header("Cache-Control", "max-age=600"),
+    );
+    origin.route(
+        "/create",
+        Reply::ok("made").status(201).header("Location", "/other"),
+    );
+    let proxy = route_proxy(&origin).await;
+    for path in ["/doc", "/other", "/doc", "/other"] {
+        proxy.get(path).await.bytes().await.unwrap();
+    }
+    assert_eq!((origin.hits("/doc"), origin.hits("/other")), (1, 1));
+
+    proxy
+        .client
+        .delete(proxy.url("/doc"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    proxy
+        .client
+        .post(proxy.url("/create"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    for path in ["/doc", "/other"] {
+        let r = proxy.get(path).await;
+        assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored", "{path}");
+        r.bytes().await.unwrap();
+    }
+    assert_eq!((origin.hits("/doc"), origin.hits("/other")), (3, 2));
+}
+
+#[tokio::test]
+async fn authorized_vary_and_set_cookie_responses_follow_the_shared_cache_rules() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/auth",
+        Reply::ok("a").header("Cache-Control", "max-age=60"),
+    );
+    origin.route(
+        "/auth-public",
+        Reply::ok("p").header("Cache-Control", "public, max-age=60"),
+    );
+    origin.route(
+        "/vary",
+        Reply::ok("v")
+            .header("Cache-Control", "max-age=60")
+            .header("Vary", "Accept"),
+    );
+    origin.route(
+        "/cookie",
+        Reply::ok("c")
+            .header("Cache-Control", "max-age=60")
+            .header("Set-Cookie", "s=1"),
+    );
+    let proxy = route_proxy(&origin).await;
+    let get = |path: &'static str, auth: bool| {
+        let mut rb = proxy.client.get(proxy.url(path));
+        if auth {
+            rb = rb.header("Authorization", "Bearer token");
+        }
+        rb.send()
+    };
+    for (path, auth, first, second) in [
+        (
+            "/auth",
+            true,
+            "detail=authorization",
+            "detail=authorization",
+        ),
+        ("/auth-public", true, "stored", "hit"),
+        ("/vary", false, "detail=vary", "detail=vary"),
+        ("/cookie", false, "detail=set-cookie", "detail=set-cookie"),
+    ] {
+        let r = get(path, auth).await.unwrap();
+        assert!(
+            cache_status(&r).ends_with(first),
+            "{path}: {}",
+            cache_status(&r)
+        );
+        if path == "/cookie" {
+            assert_eq!(
+                header(&r, "set-cookie"),
+                "s=1",
+                "a route forwards Set-Cookie"
+            );
+        }
+        r.bytes().await.unwrap();
+        let r = get(path, auth).await.unwrap();
+        assert!(
+            cache_status(&r).contains(second),
+            "{path}: {}",
+            cache_status(&r)
+        );
+        r.bytes().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn conditional_requests_are_forwarded_and_do_not_mark_the_uri_as_pass() {
+    let origin = TestOrigin::start().await;
+    origin.route("/c", Reply::ok("").status(304).header("ETag", "\"e\""));
+    let proxy = route_proxy(&origin).await;
+    let r = proxy
+        .client
+        .get(proxy.url("/c"))
+        .header("If-None-Match", "\"e\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert_eq!(
+        origin
+            .last_request("/c")
+            .iter()
+            .find(|(k, _)| k == "if-none-match")
+            .unwrap()
+            .1,
+        "\"e\""
+    );
+    origin.route(
+        "/c",
+        Reply::ok("full").header("Cache-Control", "max-age=60"),
+    );
+    let r = proxy.get("/c").await;
+    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+}
+
+#[tokio::test]
+async fn the_supabase_public_route_drops_credentials_so_public_objects_stay_cacheable() {
+    let origin = TestOrigin::start().await;
+    let public = "/storage/v1/object/public/avatars/a.png";
+    let private = "/storage/v1/object/authenticated/avatars/a.png";
+    origin.route(
+        public,
+        Reply::ok("img")
+            .header("Cache-Control", "max-age=3600")
+            .header("Set-Cookie", "t=1"),
+    );
+    origin.route(
+        private,
+        Reply::ok("secret").header("Cache-Control", "max-age=3600"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    for expected in [
+        "imgedge; fwd=uri-miss; stored",
+        "imgedge; hit; detail=memory",
+    ] {
+        let r = proxy
+            .client
+            .get(proxy.url(public))
+            .header("Authorization", "Bearer anon")
+            .header("apikey", "anon")
+            .header("Cookie", "sb=1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cache_status(&r), expected);
+        assert!(r.headers().get("set-cookie").is_none());
+        assert_eq!(r.text().await.unwrap(), "img");
+    }
+    let sent = origin.last_request(public);
+    for name in ["authorization", "apikey", "cookie"] {
+        assert!(
+            sent.iter().all(|(k, _)| k != name),
+            "{name} forwarded for a public object"
+        );
+    }
+    // The rest of the Storage API gets the credentials, and authorized responses are not shared.
+    let r = proxy
+        .client
+        .get(proxy.url(private))
+        .header("Authorization", "Bearer user")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        cache_status(&r),
+        "imgedge; fwd=uri-miss; detail=authorization"
+    );
+    assert_eq!(r.text().await.unwrap(), "secret");
+    let sent = origin.last_request(private);
+    assert!(
+        sent.iter()
+            .any(|(k, v)| k == "authorization" && v == "Bearer user")
+    );
+}
+
+#[tokio::test]
+async fn built_in_paths_and_longer_prefixes_win() {
+    let origin = TestOrigin::start().await;
+    let other = TestOrigin::start().await;
+    origin.route("/a/b", Reply::ok("root route"));
+    other.route("/a/b", Reply::ok("longer prefix"));
+    let routes = format!(
+        "[[routes]]\nprefix = \"/\"\nupstream = \"http://{}\"\n[[routes]]\nprefix = \"/a/\"\nupstream = \"http://{}\"\n",
+        origin.addr, other.addr
+    );
+    let proxy = TestProxy::for_origin(&origin, &routes).await;
+    assert_eq!(
+        proxy.get("/a/b").await.text().await.unwrap(),
+        "longer prefix"
+    );
+    assert_eq!(proxy.get("/health").await.status(), 200);
+    assert_eq!(origin.hits("/health"), 0);
+}
