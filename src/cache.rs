@@ -31,9 +31,11 @@ impl CacheKey {
     }
 }
 
-/// A complete 200 response held in the memory tier.
+/// A complete response held in the memory tier.
 #[derive(Debug)]
 pub struct CachedObject {
+    /// Its status: 200, or another cacheable one (RFC 9111 §3).
+    pub status: http::StatusCode,
     /// The headers served on a hit: the forwarded end-to-end headers, `Content-Length` and
     /// `X-Content-Type-Options`; never `Age` or `Cache-Status`, which are computed per hit.
     pub headers: HeaderMap,
@@ -101,8 +103,10 @@ const PASS_TTL: Duration = Duration::from_secs(120);
 /// How many [`PassMarker`]s are kept at most.
 const PASS_MARKERS: u64 = 100_000;
 
-/// Expires each object when its freshness runs out.
-struct FreshnessExpiry;
+/// Expires each object `stale_retention` after its freshness runs out.
+struct FreshnessExpiry {
+    stale_retention: Duration,
+}
 
 impl Expiry<CacheKey, Arc<CachedObject>> for FreshnessExpiry {
     fn expire_after_create(
@@ -114,7 +118,7 @@ impl Expiry<CacheKey, Arc<CachedObject>> for FreshnessExpiry {
         let elapsed = SystemTime::now()
             .duration_since(value.response_time)
             .unwrap_or_default();
-        Some(value.freshness.time_to_live().saturating_sub(elapsed))
+        Some((value.freshness.time_to_live() + self.stale_retention).saturating_sub(elapsed))
     }
 }
 
@@ -130,14 +134,14 @@ pub struct MemoryTier {
 impl MemoryTier {
     /// A tier holding at most `capacity_bytes` of weighted entries; least recently used entries
     /// are evicted first once it is full (moka's TinyLFU admission may also refuse a newcomer).
-    pub fn new(capacity_bytes: u64) -> Self {
+    pub fn new(capacity_bytes: u64, stale_retention: Duration) -> Self {
         let objects = Cache::builder()
             .name("imgedge-memory")
             .max_capacity(capacity_bytes)
             .weigher(|k: &CacheKey, v: &Arc<CachedObject>| {
                 u32::try_from(v.weight_bytes(k)).unwrap_or(u32::MAX)
             })
-            .expire_after(FreshnessExpiry)
+            .expire_after(FreshnessExpiry { stale_retention })
             .build();
         let passes = Cache::builder()
             .max_capacity(PASS_MARKERS)
@@ -150,9 +154,10 @@ impl MemoryTier {
         }
     }
 
-    /// The object stored under `key`, if it is still fresh at `now`.
-    pub async fn get(&self, key: &CacheKey, now: SystemTime) -> Option<Arc<CachedObject>> {
-        self.objects.get(key).await.filter(|o| o.is_fresh(now))
+    /// The object stored under `key`, fresh or stale (within `stale_retention`): whether it
+    /// may serve a request is the caller's decision (`freshness::usability`).
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedObject>> {
+        self.objects.get(key).await
     }
 
     /// Stores a complete object, replacing any previous one, and forgets a pass marker.
@@ -203,12 +208,14 @@ mod tests {
 
     fn object(body_len: usize, ttl_secs: u64) -> CachedObject {
         CachedObject {
+            status: http::StatusCode::OK,
             headers: HeaderMap::new(),
             body: Bytes::from(vec![7u8; body_len]),
             response_time: SystemTime::now(),
             freshness: Freshness {
                 lifetime: Duration::from_secs(ttl_secs),
                 initial_age: Duration::ZERO,
+                must_revalidate: false,
             },
         }
     }
@@ -219,7 +226,7 @@ mod tests {
 
     #[tokio::test]
     async fn weighs_entries_by_bytes_and_evicts_past_capacity() {
-        let tier = MemoryTier::new(10_000);
+        let tier = MemoryTier::new(10_000, Duration::ZERO);
         tier.insert(key("http://h/a"), object(4_000, 60)).await;
         let u = tier.usage().await;
         assert_eq!(u.entries, 1);
@@ -233,18 +240,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stale_objects_are_not_returned() {
-        let tier = MemoryTier::new(1 << 20);
+    async fn stale_objects_are_kept_for_stale_retention_only() {
         let k = key("http://h/a");
-        let mut o = object(10, 10);
-        o.response_time = SystemTime::now() - Duration::from_secs(11);
-        tier.insert(k.clone(), o).await;
-        assert!(tier.get(&k, SystemTime::now()).await.is_none());
+        for (retention, kept) in [(Duration::ZERO, false), (Duration::from_secs(60), true)] {
+            let tier = MemoryTier::new(1 << 20, retention);
+            let mut o = object(10, 10);
+            o.response_time = SystemTime::now() - Duration::from_secs(11);
+            tier.insert(k.clone(), o).await;
+            let got = tier.get(&k).await;
+            assert_eq!(got.is_some(), kept, "retention {retention:?}");
+            if let Some(o) = got {
+                assert!(!o.is_fresh(SystemTime::now()));
+            }
+        }
     }
 
     #[tokio::test]
     async fn storing_an_object_forgets_its_pass_marker() {
-        let tier = MemoryTier::new(1 << 20);
+        let tier = MemoryTier::new(1 << 20, Duration::ZERO);
         let k = key("http://h/a");
         tier.mark_pass(
             k.clone(),
@@ -260,6 +273,6 @@ mod tests {
         assert!(tier.pass_marker(&k).await.is_some());
         tier.insert(k.clone(), object(10, 60)).await;
         assert!(tier.pass_marker(&k).await.is_none());
-        assert!(tier.get(&k, SystemTime::now()).await.is_some());
+        assert!(tier.get(&k).await.is_some());
     }
 }

@@ -311,6 +311,7 @@ async fn store_object(
         "stored"
     );
     let object = CachedObject {
+        status: store.status,
         headers,
         body,
         response_time: store.response_time,

@@ -108,6 +108,24 @@ pub struct CacheConfig {
     /// How long a request waits for another request's fill of the same key to produce a response
     /// head (collapsed forwarding) before fetching on its own.
     pub lock_timeout: Duration,
+    /// Cap on heuristic freshness (10% of the time since `Last-Modified`).
+    pub max_heuristic_ttl: Duration,
+    /// Freshness of 404, 405, 410, 414 and 501 responses that state none.
+    pub negative_ttl: Duration,
+    /// How long a stale response is kept past its freshness, to be served with `max-stale` or
+    /// revalidated.
+    pub stale_retention: Duration,
+}
+
+impl CacheConfig {
+    /// The fallbacks `freshness::storable` applies.
+    pub fn freshness_policy(&self) -> crate::freshness::FreshnessPolicy {
+        crate::freshness::FreshnessPolicy {
+            default_ttl: self.default_ttl,
+            max_heuristic_ttl: self.max_heuristic_ttl,
+            negative_ttl: self.negative_ttl,
+        }
+    }
 }
 
 /// `[log]`: tracing output.
@@ -209,6 +227,9 @@ impl Config {
                 memory_capacity_bytes: f.get("cache.memory_capacity_bytes"),
                 default_ttl: f.duration("cache.default_ttl"),
                 lock_timeout: f.duration("cache.lock_timeout"),
+                max_heuristic_ttl: f.duration("cache.max_heuristic_ttl"),
+                negative_ttl: f.duration("cache.negative_ttl"),
+                stale_retention: f.duration("cache.stale_retention"),
             },
             log: LogConfig {
                 format: f.parse("log.format", |s: String| match s.as_str() {

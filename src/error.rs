@@ -31,12 +31,14 @@ pub enum ProxyError {
     NotFound(String),
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(http::Method),
+    #[error("no stored response can serve this request and it asked for only-if-cached")]
+    NotCached,
 }
 
 impl ProxyError {
     /// The status and stable error code the client sees. The codes are part of the API:
     /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
-    /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`.
+    /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::BadUrl(_) => (StatusCode::BAD_REQUEST, "bad_url"),
@@ -47,6 +49,7 @@ impl ProxyError {
             ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error"),
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ProxyError::NotCached => (StatusCode::GATEWAY_TIMEOUT, "not_cached"),
             ProxyError::MethodNotAllowed(_) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }

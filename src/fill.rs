@@ -21,6 +21,8 @@ use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// Where a complete body goes, and what it is stored with.
 pub struct FillTarget {
+    /// The response's status, stored with it.
+    pub status: http::StatusCode,
     pub tier: MemoryTier,
     pub key: CacheKey,
     /// Response headers served on a hit (see [`CachedObject::headers`]).
@@ -193,6 +195,7 @@ impl TeeBody {
         let mut headers = t.headers;
         headers.insert(http::header::CONTENT_LENGTH, body.len().into());
         let object = CachedObject {
+            status: t.status,
             headers,
             body,
             response_time: t.response_time,

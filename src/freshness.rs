@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES};
+use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES, LAST_MODIFIED};
 use http::{HeaderMap, StatusCode};
 
 /// The response `Cache-Control` directives a shared cache acts on (RFC 9111 §5.2.2).
@@ -106,6 +106,8 @@ pub struct Freshness {
     pub lifetime: Duration,
     /// `corrected_initial_age` (§4.2.3) at `response_time`.
     pub initial_age: Duration,
+    /// `must-revalidate`, `proxy-revalidate` or `s-maxage`: never served stale (§4.2.4).
+    pub must_revalidate: bool,
 }
 
 impl Freshness {
@@ -131,9 +133,29 @@ pub struct RequestFacts {
     pub set_cookie_passes: bool,
 }
 
+/// The configured fallbacks for responses that state no freshness of their own.
+#[derive(Debug, Clone, Copy)]
+pub struct FreshnessPolicy {
+    /// Lifetime of heuristically cacheable responses without `Last-Modified`.
+    pub default_ttl: Duration,
+    /// Cap on the heuristic lifetime (10% of the time since `Last-Modified`).
+    pub max_heuristic_ttl: Duration,
+    /// Lifetime of 404, 405, 410, 414 and 501 responses (negative caching).
+    pub negative_ttl: Duration,
+}
+
+/// Statuses a cache may store without explicit freshness (RFC 9110 §15.1), other than the
+/// negatively cached ones.
+const HEURISTIC_STATUSES: [u16; 6] = [200, 203, 204, 300, 301, 308];
+/// Heuristically cacheable error statuses, given `negative_ttl` (RFC 9110 §15.1).
+const NEGATIVE_STATUSES: [u16; 5] = [404, 405, 410, 414, 501];
+
 /// Decides whether a response to a GET may be stored by a shared cache, and if so how fresh it
-/// is. Freshness comes from `s-maxage`, then `max-age`, then `Expires` minus `Date`, else
-/// `default_ttl` (RFC 9111 §4.2.1; `default_ttl` stands in for §4.2.2's heuristic).
+/// is (RFC 9111 §3): a final status other than 206 and 304, with explicit freshness or a
+/// heuristically cacheable status. Freshness comes from `s-maxage`, then `max-age`, then
+/// `Expires` minus `Date` (§4.2.1); otherwise, for 404/405/410/414/501, `negative_ttl`, and for
+/// the other heuristically cacheable statuses 10% of the time since `Last-Modified`, capped by
+/// `max_heuristic_ttl`, or `default_ttl` without `Last-Modified` (§4.2.2).
 ///
 /// # Errors
 /// The [`NotStorable`] reason, which becomes the `Cache-Status` detail.
@@ -142,7 +164,7 @@ pub fn storable(
     headers: &HeaderMap,
     request: RequestFacts,
     times: ResponseTimes,
-    default_ttl: Duration,
+    policy: FreshnessPolicy,
 ) -> Result<Freshness, NotStorable> {
     let d = ResponseDirectives::parse(headers);
     if d.no_store {
@@ -163,12 +185,20 @@ pub fn storable(
     if d.no_cache {
         return Err(NotStorable::NoCache);
     }
-    if status != StatusCode::OK {
+    let final_status = status.as_u16() >= 200
+        && status != StatusCode::PARTIAL_CONTENT
+        && status != StatusCode::NOT_MODIFIED;
+    if !final_status {
         return Err(NotStorable::Status);
     }
+    let lifetime = explicit_lifetime(&d, headers, times.response_time)
+        .or_else(|| heuristic_lifetime(status, headers, times.response_time, policy))
+        .ok_or(NotStorable::Status)?;
     let freshness = Freshness {
-        lifetime: lifetime(&d, headers, times.response_time, default_ttl),
+        lifetime,
         initial_age: initial_age(headers, times),
+        // s-maxage implies proxy-revalidate for a shared cache (§5.2.2.10).
+        must_revalidate: d.must_revalidate || d.s_maxage.is_some(),
     };
     if freshness.time_to_live().is_zero() {
         return Err(NotStorable::Stale);
@@ -176,28 +206,147 @@ pub fn storable(
     Ok(freshness)
 }
 
-/// Freshness lifetime, RFC 9111 §4.2.1.
-fn lifetime(
+/// Freshness lifetime the response states, RFC 9111 §4.2.1.
+fn explicit_lifetime(
     d: &ResponseDirectives,
     headers: &HeaderMap,
     response_time: SystemTime,
-    default_ttl: Duration,
-) -> Duration {
+) -> Option<Duration> {
     if let Some(s) = d.s_maxage.or(d.max_age) {
-        return Duration::from_secs(s);
+        return Some(Duration::from_secs(s));
     }
-    if let Some(expires) = headers.get(EXPIRES) {
-        // An invalid Expires, such as "0", means already expired (§5.3).
-        let Some(expires) = http_date(expires) else {
-            return Duration::ZERO;
-        };
-        let date = headers
-            .get(DATE)
-            .and_then(http_date)
-            .unwrap_or(response_time);
-        return expires.duration_since(date).unwrap_or_default();
+    let expires = headers.get(EXPIRES)?;
+    // An invalid Expires, such as "0", means already expired (§5.3).
+    let Some(expires) = http_date(expires) else {
+        return Some(Duration::ZERO);
+    };
+    let date = headers
+        .get(DATE)
+        .and_then(http_date)
+        .unwrap_or(response_time);
+    Some(expires.duration_since(date).unwrap_or_default())
+}
+
+/// Heuristic freshness lifetime, RFC 9111 §4.2.2, for statuses that allow one.
+fn heuristic_lifetime(
+    status: StatusCode,
+    headers: &HeaderMap,
+    response_time: SystemTime,
+    policy: FreshnessPolicy,
+) -> Option<Duration> {
+    let code = status.as_u16();
+    if NEGATIVE_STATUSES.contains(&code) {
+        return Some(policy.negative_ttl);
     }
-    default_ttl
+    if !HEURISTIC_STATUSES.contains(&code) {
+        return None;
+    }
+    let Some(last_modified) = headers.get(LAST_MODIFIED).and_then(http_date) else {
+        return Some(policy.default_ttl);
+    };
+    let date = headers
+        .get(DATE)
+        .and_then(http_date)
+        .unwrap_or(response_time);
+    let since = date.duration_since(last_modified).unwrap_or_default();
+    Some((since / 10).min(policy.max_heuristic_ttl))
+}
+
+/// The request `Cache-Control` directives a cache acts on (RFC 9111 §5.2.1), with `Pragma:
+/// no-cache` read as `no-cache` when there is no `Cache-Control` (§5.4).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RequestDirectives {
+    pub no_cache: bool,
+    pub no_store: bool,
+    pub only_if_cached: bool,
+    /// `max-age`: the client will not accept a response older than this, in seconds.
+    pub max_age: Option<u64>,
+    /// `max-stale`: `Some(None)` accepts any staleness, `Some(Some(s))` up to `s` seconds.
+    pub max_stale: Option<Option<u64>>,
+    /// `min-fresh`: the response must stay fresh at least this many more seconds.
+    pub min_fresh: Option<u64>,
+}
+
+impl RequestDirectives {
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut d = RequestDirectives::default();
+        let mut any = false;
+        for value in headers.get_all(CACHE_CONTROL) {
+            let Ok(value) = value.to_str() else { continue };
+            for directive in value.split(',') {
+                any = true;
+                let (name, arg) = match directive.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (directive.trim(), None),
+                };
+                // An unparsable number is ignored rather than read as 0 (§5.2.1).
+                let seconds = || arg.and_then(|a| a.parse::<u64>().ok());
+                match name.to_ascii_lowercase().as_str() {
+                    "no-cache" => d.no_cache = true,
+                    "no-store" => d.no_store = true,
+                    "only-if-cached" => d.only_if_cached = true,
+                    "max-age" => d.max_age = seconds(),
+                    "max-stale" => d.max_stale = Some(seconds()),
+                    "min-fresh" => d.min_fresh = seconds(),
+                    _ => {}
+                }
+            }
+        }
+        if !any
+            && headers.get_all(http::header::PRAGMA).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.to_ascii_lowercase().contains("no-cache"))
+            })
+        {
+            d.no_cache = true;
+        }
+        d
+    }
+}
+
+/// How a stored response may serve a request (RFC 9111 §4.2, §4.2.4, §5.2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usability {
+    /// Fresh enough for the request.
+    Fresh,
+    /// Stale, but the request's `max-stale` accepts it and nothing forbids serving it stale.
+    StaleAccepted,
+    /// Must be validated with the origin (or fetched anew) before use.
+    NeedsValidation,
+}
+
+/// Whether a stored response of `freshness`, `age` old, may serve a request with `request`
+/// directives.
+pub fn usability(freshness: &Freshness, age: Duration, request: &RequestDirectives) -> Usability {
+    if request.no_cache {
+        return Usability::NeedsValidation;
+    }
+    if request
+        .max_age
+        .is_some_and(|m| age > Duration::from_secs(m))
+    {
+        return Usability::NeedsValidation;
+    }
+    let fresh_for = freshness.lifetime.saturating_sub(age);
+    if let Some(min_fresh) = request.min_fresh
+        && fresh_for < Duration::from_secs(min_fresh)
+    {
+        return Usability::NeedsValidation;
+    }
+    if freshness.lifetime > age {
+        return Usability::Fresh;
+    }
+    let stale_for = age - freshness.lifetime;
+    match request.max_stale {
+        Some(limit) if !freshness.must_revalidate => {
+            if limit.is_none_or(|s| stale_for <= Duration::from_secs(s)) {
+                Usability::StaleAccepted
+            } else {
+                Usability::NeedsValidation
+            }
+        }
+        _ => Usability::NeedsValidation,
+    }
 }
 
 /// `corrected_initial_age`, RFC 9111 §4.2.3.
@@ -260,13 +409,21 @@ mod tests {
         }
     }
 
+    fn policy(default_secs: u64) -> FreshnessPolicy {
+        FreshnessPolicy {
+            default_ttl: Duration::from_secs(default_secs),
+            max_heuristic_ttl: Duration::from_secs(86_400),
+            negative_ttl: Duration::from_secs(60),
+        }
+    }
+
     fn decide(pairs: &[(&'static str, String)]) -> Result<Freshness, NotStorable> {
         storable(
             StatusCode::OK,
             &headers(pairs),
             RequestFacts::default(),
             times(),
-            Duration::from_secs(3600),
+            policy(3600),
         )
     }
 
@@ -299,9 +456,117 @@ mod tests {
             &HeaderMap::new(),
             RequestFacts::default(),
             times(),
-            Duration::from_secs(60),
+            policy(60),
         );
-        assert_eq!(not_found.unwrap_err(), NotStorable::Status);
+        assert_eq!(
+            not_found.unwrap().lifetime,
+            Duration::from_secs(60),
+            "negative caching"
+        );
+        for status in [206, 304, 302, 500] {
+            let r = storable(
+                StatusCode::from_u16(status).unwrap(),
+                &HeaderMap::new(),
+                RequestFacts::default(),
+                times(),
+                policy(60),
+            );
+            assert_eq!(r.unwrap_err(), NotStorable::Status, "{status}");
+        }
+        // Any final status with explicit freshness may be stored (RFC 9111 §3).
+        let h = headers(&[("cache-control", "max-age=30".into())]);
+        assert!(
+            storable(
+                StatusCode::FOUND,
+                &h,
+                RequestFacts::default(),
+                times(),
+                policy(60)
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn heuristic_freshness_is_a_tenth_of_the_last_modified_age_capped() {
+        let lm = |secs_ago: u64| {
+            headers(&[("last-modified", httpdate::fmt_http_date(at(T0 - secs_ago)))])
+        };
+        let life = |h: &HeaderMap| {
+            storable(
+                StatusCode::OK,
+                h,
+                RequestFacts::default(),
+                times(),
+                policy(3600),
+            )
+            .map(|f| f.lifetime.as_secs())
+        };
+        assert_eq!(life(&lm(10_000)), Ok(1000));
+        assert_eq!(
+            life(&lm(100 * 86_400)),
+            Ok(86_400),
+            "capped by max_heuristic_ttl"
+        );
+        assert_eq!(
+            life(&HeaderMap::new()),
+            Ok(3600),
+            "default_ttl without Last-Modified"
+        );
+    }
+
+    #[test]
+    fn request_directives_decide_whether_a_stored_response_may_serve() {
+        let f = |lifetime: u64, must_revalidate: bool| Freshness {
+            lifetime: Duration::from_secs(lifetime),
+            initial_age: Duration::ZERO,
+            must_revalidate,
+        };
+        let req =
+            |cc: &str| RequestDirectives::parse(&headers(&[("cache-control", cc.to_owned())]));
+        let age = Duration::from_secs;
+        use Usability::*;
+        assert_eq!(
+            usability(&f(100, false), age(10), &RequestDirectives::default()),
+            Fresh
+        );
+        assert_eq!(
+            usability(&f(100, false), age(10), &req("no-cache")),
+            NeedsValidation
+        );
+        assert_eq!(
+            usability(&f(100, false), age(10), &req("max-age=5")),
+            NeedsValidation
+        );
+        assert_eq!(
+            usability(&f(100, false), age(95), &req("min-fresh=10")),
+            NeedsValidation
+        );
+        assert_eq!(
+            usability(&f(100, false), age(110), &RequestDirectives::default()),
+            NeedsValidation
+        );
+        assert_eq!(
+            usability(&f(100, false), age(110), &req("max-stale")),
+            StaleAccepted
+        );
+        assert_eq!(
+            usability(&f(100, false), age(110), &req("max-stale=5")),
+            NeedsValidation
+        );
+        assert_eq!(
+            usability(&f(100, false), age(110), &req("max-stale=20")),
+            StaleAccepted
+        );
+        assert_eq!(
+            usability(&f(100, true), age(110), &req("max-stale")),
+            NeedsValidation,
+            "must-revalidate"
+        );
+        let pragma = RequestDirectives::parse(&headers(&[("pragma", "no-cache".into())]));
+        assert!(pragma.no_cache);
+        let d = req("only-if-cached, no-store, max-age=bogus");
+        assert!(d.only_if_cached && d.no_store && d.max_age.is_none());
     }
 
     #[test]
@@ -315,14 +580,7 @@ mod tests {
             ("cache-control", "max-age=100".into()),
             ("age", "30".into()),
         ]);
-        let f = storable(
-            StatusCode::OK,
-            &h,
-            RequestFacts::default(),
-            t,
-            Duration::ZERO,
-        )
-        .unwrap();
+        let f = storable(StatusCode::OK, &h, RequestFacts::default(), t, policy(0)).unwrap();
         assert_eq!(f.initial_age, Duration::from_secs(32));
         assert_eq!(f.time_to_live(), Duration::from_secs(68));
         assert_eq!(
@@ -334,14 +592,7 @@ mod tests {
             ("cache-control", "max-age=100".into()),
             ("date", httpdate::fmt_http_date(at(T0 - 38))),
         ]);
-        let f = storable(
-            StatusCode::OK,
-            &h,
-            RequestFacts::default(),
-            t,
-            Duration::ZERO,
-        )
-        .unwrap();
+        let f = storable(StatusCode::OK, &h, RequestFacts::default(), t, policy(0)).unwrap();
         assert_eq!(f.initial_age, Duration::from_secs(40));
         // An Age beyond the lifetime means stale already.
         let h = headers(&[("cache-control", "max-age=10".into()), ("age", "11".into())]);
@@ -351,7 +602,7 @@ mod tests {
                 &h,
                 RequestFacts::default(),
                 times(),
-                Duration::ZERO
+                policy(0)
             )
             .unwrap_err(),
             NotStorable::Stale
@@ -367,13 +618,7 @@ mod tests {
         };
         let decide = |cc: &str| {
             let h = headers(&[("cache-control", cc.to_owned())]);
-            storable(
-                StatusCode::OK,
-                &h,
-                authorized,
-                times(),
-                Duration::from_secs(60),
-            )
+            storable(StatusCode::OK, &h, authorized, times(), policy(60))
         };
         assert_eq!(
             decide("max-age=60").unwrap_err(),
@@ -393,7 +638,7 @@ mod tests {
             set_cookie_passes: true,
         };
         assert_eq!(
-            storable(StatusCode::OK, &h, facts, times(), Duration::from_secs(60)).unwrap_err(),
+            storable(StatusCode::OK, &h, facts, times(), policy(60)).unwrap_err(),
             NotStorable::SetCookie
         );
         assert!(
@@ -402,7 +647,7 @@ mod tests {
                 &h,
                 RequestFacts::default(),
                 times(),
-                Duration::from_secs(60)
+                policy(60)
             )
             .is_ok()
         );

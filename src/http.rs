@@ -22,6 +22,7 @@ use crate::body::ProxyBody;
 use crate::cache::{CacheKey, MemoryTier};
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::freshness::RequestDirectives;
 use crate::metrics::{self, Metrics};
 use crate::proxy::{Forwarding, Proxy, ProxyRequest, end_to_end};
 use crate::rss::{ProcessRss, RssSource};
@@ -82,7 +83,10 @@ impl App {
     /// A message when the upstream clients cannot be built.
     pub fn new(config: Config) -> Result<Self, String> {
         let metrics = Arc::new(Metrics::default());
-        let tier = MemoryTier::new(config.cache.memory_capacity_bytes);
+        let tier = MemoryTier::new(
+            config.cache.memory_capacity_bytes,
+            config.cache.stale_retention,
+        );
         let upstream = Upstream::new(&config.upstream)?;
         let proxy = Proxy::new(tier, upstream, metrics.clone(), config.cache.clone());
         let instance = SystemTime::now()
@@ -306,6 +310,7 @@ fn proxy_request<B>(
         guard,
         head,
         if_none_match: req.headers().get(IF_NONE_MATCH).cloned(),
+        directives: RequestDirectives::parse(req.headers()),
         forwarding,
     }
 }

@@ -25,7 +25,7 @@ use crate::collapse::{Collapser, Leader, Outcome, Role, SharedHead, SharedReader
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::fill::{FillTarget, TeeBody};
-use crate::freshness::{self, RequestFacts, if_none_match_matches};
+use crate::freshness::{self, RequestDirectives, RequestFacts, Usability, if_none_match_matches};
 use crate::metrics::Metrics;
 use crate::upstream::{
     Guard, RequestBody, Upstream, UpstreamError, UpstreamHead, UpstreamRequest, UpstreamResponse,
@@ -37,6 +37,8 @@ pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 /// Cache-Status values. The cache name is `imgedge`.
 pub mod status {
     pub const HIT_MEMORY: &str = "imgedge; hit; detail=memory";
+    /// A stale response served because the request's `max-stale` accepted it.
+    pub const HIT_STALE: &str = "imgedge; hit; detail=memory-stale";
     pub const MISS_STORED: &str = "imgedge; fwd=uri-miss; stored";
     pub const MISS_TOO_LARGE: &str = "imgedge; fwd=uri-miss; detail=too-large";
     pub const MISS_HEAD: &str = "imgedge; fwd=uri-miss; detail=method";
@@ -176,6 +178,8 @@ pub struct ProxyRequest {
     pub head: bool,
     /// The client's `If-None-Match`, answered with 304 on a matching hit.
     pub if_none_match: Option<HeaderValue>,
+    /// The client's `Cache-Control` (and `Pragma`) request directives.
+    pub directives: RequestDirectives,
     pub forwarding: Forwarding,
 }
 
@@ -216,11 +220,21 @@ impl Proxy {
     /// leader's error).
     pub async fn handle(&self, req: ProxyRequest) -> Result<Response<ProxyBody>, ProxyError> {
         let now = SystemTime::now();
-        let cached = self.tier.get(&req.key, now).await;
-        self.metrics.cache_lookup("memory", cached.is_some());
-        if let Some(object) = cached {
-            Span::current().record("cache", status::HIT_MEMORY);
-            return Ok(hit_response(&object, &req, now));
+        let cached = self.tier.get(&req.key).await;
+        let usable = cached.as_ref().and_then(|o| {
+            match freshness::usability(&o.freshness, o.age(now), &req.directives) {
+                Usability::Fresh => Some(status::HIT_MEMORY),
+                Usability::StaleAccepted => Some(status::HIT_STALE),
+                Usability::NeedsValidation => None,
+            }
+        });
+        self.metrics.cache_lookup("memory", usable.is_some());
+        if let (Some(object), Some(cache_status)) = (&cached, usable) {
+            Span::current().record("cache", cache_status);
+            return Ok(hit_response(object, &req, now, cache_status));
+        }
+        if req.directives.only_if_cached {
+            return Err(ProxyError::NotCached);
         }
         if req.head || !req.forwarding.is_plain() || self.tier.pass_marker(&req.key).await.is_some()
         {
@@ -404,7 +418,7 @@ impl Proxy {
             &upstream.headers,
             req.forwarding.facts(),
             upstream.times,
-            self.cache.default_ttl,
+            self.cache.freshness_policy(),
         ) {
             Ok(f) => f,
             Err(reason) if req.forwarding.is_plain() => {
@@ -459,7 +473,14 @@ impl Proxy {
         }
         let mut stored_headers = headers.clone();
         stored_headers.remove(AGE);
+        if req.directives.no_store {
+            return (
+                "imgedge; fwd=uri-miss; detail=request-no-store".to_owned(),
+                None,
+            );
+        }
         let fill = FillTarget {
+            status: upstream.status,
             tier: self.tier.clone(),
             key: req.key.clone(),
             headers: stored_headers,
@@ -486,9 +507,14 @@ fn allowlisted(upstream: &HeaderMap) -> HeaderMap {
 /// A response served from the tier: 304 when the client's `If-None-Match` matches the stored
 /// `ETag` (RFC 9110 §13.1.2), else 200 with the stored headers and body (a `Bytes` clone, not a
 /// copy). Both carry `Age` (RFC 9111 §5.1) and `Cache-Status`.
-fn hit_response(object: &CachedObject, req: &ProxyRequest, now: SystemTime) -> Response<ProxyBody> {
+fn hit_response(
+    object: &CachedObject,
+    req: &ProxyRequest,
+    now: SystemTime,
+    cache_status: &'static str,
+) -> Response<ProxyBody> {
     let age = HeaderValue::from(object.age(now).as_secs());
-    let hit = HeaderValue::from_static(status::HIT_MEMORY);
+    let hit = HeaderValue::from_static(cache_status);
     let not_modified = match (&req.if_none_match, object.headers.get(ETAG)) {
         (Some(inm), Some(etag)) => match (inm.to_str(), etag.to_str()) {
             (Ok(inm), Ok(etag)) => if_none_match_matches(inm, etag),
@@ -516,6 +542,7 @@ fn hit_response(object: &CachedObject, req: &ProxyRequest, now: SystemTime) -> R
         ProxyBody::full(object.body.clone())
     };
     let mut response = Response::new(body);
+    *response.status_mut() = object.status;
     let headers = response.headers_mut();
     *headers = object.headers.clone();
     headers.insert(AGE, age);

@@ -643,24 +643,38 @@ async fn a_connect_timeout_gets_504_upstream_timeout() {
 }
 
 #[tokio::test]
-async fn origin_errors_are_forwarded_with_their_body_and_not_stored() {
+async fn origin_errors_are_forwarded_with_their_body_and_only_404_and_410_are_stored() {
     let origin = TestOrigin::start().await;
-    origin.route(
-        "/missing.jpg",
-        Reply::ok("origin says no")
-            .status(404)
-            .header("Content-Type", "text/plain"),
-    );
-    origin.route(
-        "/broken.jpg",
-        Reply::ok("origin broke")
-            .status(500)
-            .header("Content-Type", "text/plain"),
-    );
+    let reply = |status: u16, body: &'static str| {
+        Reply::ok(body)
+            .status(status)
+            .header("Content-Type", "text/plain")
+    };
+    origin.route("/missing.jpg", reply(404, "origin says no"));
+    origin.route("/gone.jpg", reply(410, "gone for good"));
+    origin.route("/broken.jpg", reply(500, "origin broke"));
+    origin.route("/busy.jpg", reply(503, "try later"));
     let proxy = TestProxy::for_origin(&origin, "").await;
+    // Negative caching (RFC 9111 §4.2.2, [cache] negative_ttl): 404 and 410 are stored.
     for (path, status, body) in [
         ("/missing.jpg", 404, "origin says no"),
+        ("/gone.jpg", 410, "gone for good"),
+    ] {
+        for expected in [
+            "imgedge; fwd=uri-miss; stored",
+            "imgedge; hit; detail=memory",
+        ] {
+            let r = proxy.get_image(&origin.url(path)).await;
+            assert_eq!(r.status(), status);
+            assert_eq!(cache_status(&r), expected);
+            assert_eq!(r.text().await.unwrap(), body);
+        }
+        assert_eq!(origin.hits(path), 1);
+    }
+    // Statuses that are not heuristically cacheable, without explicit freshness, are not.
+    for (path, status, body) in [
         ("/broken.jpg", 500, "origin broke"),
+        ("/busy.jpg", 503, "try later"),
     ] {
         for _ in 0..2 {
             let r = proxy.get_image(&origin.url(path)).await;
