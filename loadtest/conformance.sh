@@ -264,21 +264,26 @@ fi
 
 # --- the run ----------------------------------------------------------------------------------
 RESULTS=$CONFORMANCE_DIR/results-$TARGET.json
+# cli.mjs: base URL from npm_config_base (no trailing slash: it appends /test/UUID etc.), every
+# test when the id is empty, else that one test with a dump of its exchanges; JSON results on
+# stdout. Run in the background and waited for, so that a signal stops it at once (via the trap).
+run_cli() { # id stdout stderr
+  (cd "$PKG" && exec timeout "$CONFORMANCE_TIMEOUT" env -u npm_config_id \
+    npm_config_base="$BASE" npm_package_config_id="$1" node --no-warnings cli.mjs) >"$2" 2>"$3" &
+  local pid=$!
+  PIDS+=("$pid")
+  wait "$pid"
+}
 if [[ -n ${CONFORMANCE_ID:-} ]]; then
   log "running test $CONFORMANCE_ID against $TARGET at $BASE"
-  (cd "$PKG" && timeout "$CONFORMANCE_TIMEOUT" env -u npm_config_id npm_config_base="$BASE" \
-    npm_package_config_id="$CONFORMANCE_ID" node --no-warnings cli.mjs) ||
-    die "the suite's client failed or timed out"
+  run_cli "$CONFORMANCE_ID" /dev/stdout /dev/stderr || die "the suite's client failed or timed out"
   echo "==== the suite server's view (what reached the origin, what it answered)"
   cat "$WORK/suite-server.log"
   exit 0
 fi
 log "running http-cache-tests@$SUITE_VERSION against $TARGET at $BASE (suite server $ORIGIN)"
 started=$(date +%s)
-# cli.mjs: base URL from npm_config_base (no trailing slash: it appends /test/UUID), all tests
-# when the id is empty; the JSON results go to stdout.
-if ! (cd "$PKG" && timeout "$CONFORMANCE_TIMEOUT" env -u npm_config_id npm_config_base="$BASE" \
-  npm_package_config_id= node --no-warnings cli.mjs) >"$WORK/results.json" 2>"$WORK/cli.log"; then
+if ! run_cli "" "$WORK/results.json" "$WORK/cli.log"; then
   cat "$WORK/cli.log" >&2
   die "the suite's client failed or did not finish within ${CONFORMANCE_TIMEOUT} s"
 fi

@@ -46,6 +46,10 @@ pub struct RouteConfig {
     pub upstream: Url,
     /// The name in logs and metrics: `supabase` for the Supabase route, else `route`.
     pub name: &'static str,
+    /// Freshness of heuristically cacheable responses with neither explicit freshness nor
+    /// `Last-Modified`. `None` (the default for `[[routes]]`): not stored, as RFC 9111 has it;
+    /// the Supabase route uses `[cache] default_ttl`.
+    pub default_ttl: Option<Duration>,
 }
 
 /// The prefix of the Supabase Storage API, proxied when `[supabase] upstream` is set.
@@ -57,6 +61,7 @@ pub const SUPABASE_PREFIX: &str = "/storage/v1/";
 struct RawRoute {
     prefix: String,
     upstream: String,
+    default_ttl: Option<String>,
 }
 
 /// `[server]`: the listening side.
@@ -118,10 +123,13 @@ pub struct CacheConfig {
 }
 
 impl CacheConfig {
-    /// The fallbacks `freshness::storable` applies.
-    pub fn freshness_policy(&self) -> crate::freshness::FreshnessPolicy {
+    /// The fallbacks `freshness::storable` applies, with a route's `default_ttl`.
+    pub fn freshness_policy(
+        &self,
+        default_ttl: Option<Duration>,
+    ) -> crate::freshness::FreshnessPolicy {
         crate::freshness::FreshnessPolicy {
-            default_ttl: self.default_ttl,
+            default_ttl,
             max_heuristic_ttl: self.max_heuristic_ttl,
             negative_ttl: self.negative_ttl,
         }
@@ -271,6 +279,7 @@ impl Config {
                 prefix: SUPABASE_PREFIX.to_owned(),
                 upstream: upstream.clone(),
                 name: "supabase",
+                default_ttl: Some(self.cache.default_ttl),
             });
         }
         let cache = &self.cache;
@@ -471,11 +480,20 @@ fn parse_routes(raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, String> {
         if !seen.insert(r.prefix.clone()) {
             bad.push(format!("[{i}] prefix {:?} appears twice", r.prefix));
         }
+        let default_ttl = match r.default_ttl.as_deref().map(humantime::parse_duration) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                bad.push(format!("[{i}] default_ttl: {e}"));
+                None
+            }
+        };
         match parse_route_upstream(r.upstream.clone()) {
             Ok(Some(upstream)) => routes.push(RouteConfig {
                 prefix: r.prefix,
                 upstream,
                 name: "route",
+                default_ttl,
             }),
             Ok(None) => bad.push(format!("[{i}] upstream is empty")),
             Err(e) => bad.push(format!("[{i}] upstream {e}")),

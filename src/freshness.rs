@@ -61,8 +61,10 @@ pub enum NotStorable {
     /// `Cache-Control: no-cache`: it would have to be revalidated on every use, which this cache
     /// does not do yet, so it is not stored.
     NoCache,
-    /// Not a 200: other statuses are forwarded, never stored.
+    /// A status that is not final, is 206 or 304, or needs explicit freshness it lacks.
     Status,
+    /// No explicit freshness, no `Last-Modified`, and no `default_ttl` for its route.
+    NoFreshness,
     /// Its freshness lifetime is zero or already used up by its age.
     Stale,
     /// The request carried `Authorization` and the response did not allow sharing it with
@@ -83,6 +85,7 @@ impl NotStorable {
             NotStorable::NoCache => "no-cache",
             NotStorable::Status => "uncacheable-status",
             NotStorable::Stale => "stale",
+            NotStorable::NoFreshness => "no-freshness",
             NotStorable::Authorization => "authorization",
             NotStorable::SetCookie => "set-cookie",
             NotStorable::Vary => "vary",
@@ -136,8 +139,9 @@ pub struct RequestFacts {
 /// The configured fallbacks for responses that state no freshness of their own.
 #[derive(Debug, Clone, Copy)]
 pub struct FreshnessPolicy {
-    /// Lifetime of heuristically cacheable responses without `Last-Modified`.
-    pub default_ttl: Duration,
+    /// Lifetime of heuristically cacheable responses without `Last-Modified`; `None`: such
+    /// responses are not stored.
+    pub default_ttl: Option<Duration>,
     /// Cap on the heuristic lifetime (10% of the time since `Last-Modified`).
     pub max_heuristic_ttl: Duration,
     /// Lifetime of 404, 405, 410, 414 and 501 responses (negative caching).
@@ -193,7 +197,11 @@ pub fn storable(
     }
     let lifetime = explicit_lifetime(&d, headers, times.response_time)
         .or_else(|| heuristic_lifetime(status, headers, times.response_time, policy))
-        .ok_or(NotStorable::Status)?;
+        .ok_or(if HEURISTIC_STATUSES.contains(&status.as_u16()) {
+            NotStorable::NoFreshness
+        } else {
+            NotStorable::Status
+        })?;
     let freshness = Freshness {
         lifetime,
         initial_age: initial_age(headers, times),
@@ -242,7 +250,7 @@ fn heuristic_lifetime(
         return None;
     }
     let Some(last_modified) = headers.get(LAST_MODIFIED).and_then(http_date) else {
-        return Some(policy.default_ttl);
+        return policy.default_ttl;
     };
     let date = headers
         .get(DATE)
@@ -411,7 +419,7 @@ mod tests {
 
     fn policy(default_secs: u64) -> FreshnessPolicy {
         FreshnessPolicy {
-            default_ttl: Duration::from_secs(default_secs),
+            default_ttl: Some(Duration::from_secs(default_secs)),
             max_heuristic_ttl: Duration::from_secs(86_400),
             negative_ttl: Duration::from_secs(60),
         }
@@ -513,6 +521,18 @@ mod tests {
             Ok(3600),
             "default_ttl without Last-Modified"
         );
+        let strict = FreshnessPolicy {
+            default_ttl: None,
+            ..policy(0)
+        };
+        let r = storable(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            RequestFacts::default(),
+            times(),
+            strict,
+        );
+        assert_eq!(r.unwrap_err(), NotStorable::NoFreshness);
     }
 
     #[test]

@@ -185,6 +185,7 @@ impl App {
                     .handle(proxy_request(
                         &req,
                         url,
+                        Some(self.config.cache.default_ttl),
                         Guard::Guarded,
                         head,
                         Forwarding::Bare,
@@ -209,7 +210,14 @@ impl App {
                             strip_set_cookie: public_object,
                         };
                         self.proxy
-                            .handle(proxy_request(&req, url, Guard::Trusted, head, forwarding))
+                            .handle(proxy_request(
+                                &req,
+                                url,
+                                route.default_ttl,
+                                Guard::Trusted,
+                                head,
+                                forwarding,
+                            ))
                             .await
                     }
                     _ => {
@@ -300,6 +308,7 @@ fn get_or_head(method: &Method) -> Result<bool, ProxyError> {
 fn proxy_request<B>(
     req: &Request<B>,
     url: Url,
+    default_ttl: Option<std::time::Duration>,
     guard: Guard,
     head: bool,
     forwarding: Forwarding,
@@ -311,6 +320,7 @@ fn proxy_request<B>(
         head,
         if_none_match: req.headers().get(IF_NONE_MATCH).cloned(),
         directives: RequestDirectives::parse(req.headers()),
+        default_ttl,
         forwarding,
     }
 }

@@ -6,7 +6,7 @@
 //! or render errors (`http.rs`), nor judge freshness (`freshness.rs`).
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::header::{
     AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_DISPOSITION, CONTENT_ENCODING,
@@ -180,6 +180,8 @@ pub struct ProxyRequest {
     pub if_none_match: Option<HeaderValue>,
     /// The client's `Cache-Control` (and `Pragma`) request directives.
     pub directives: RequestDirectives,
+    /// The route's freshness for responses that state none and have no `Last-Modified`.
+    pub default_ttl: Option<Duration>,
     pub forwarding: Forwarding,
 }
 
@@ -418,7 +420,7 @@ impl Proxy {
             &upstream.headers,
             req.forwarding.facts(),
             upstream.times,
-            self.cache.freshness_policy(),
+            self.cache.freshness_policy(req.default_ttl),
         ) {
             Ok(f) => f,
             Err(reason) if req.forwarding.is_plain() => {
