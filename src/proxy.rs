@@ -39,6 +39,10 @@ pub mod status {
     pub const HIT_MEMORY: &str = "imgedge; hit; detail=memory";
     /// A stale response served because the request's `max-stale` accepted it.
     pub const HIT_STALE: &str = "imgedge; hit; detail=memory-stale";
+    /// A stale stored response the origin confirmed with 304 (RFC 9111 §4.3).
+    pub const REVALIDATED: &str = "imgedge; fwd=stale; fwd-status=304";
+    /// A fresh stored response validated because the request asked (`no-cache`, `max-age`).
+    pub const REVALIDATED_ON_REQUEST: &str = "imgedge; fwd=request; fwd-status=304";
     pub const MISS_STORED: &str = "imgedge; fwd=uri-miss; stored";
     pub const MISS_TOO_LARGE: &str = "imgedge; fwd=uri-miss; detail=too-large";
     pub const MISS_HEAD: &str = "imgedge; fwd=uri-miss; detail=method";
@@ -238,6 +242,12 @@ impl Proxy {
         if req.directives.only_if_cached {
             return Err(ProxyError::NotCached);
         }
+        if let Some(object) = cached
+            && req.forwarding.is_plain()
+            && (object.headers.contains_key(ETAG) || object.headers.contains_key(LAST_MODIFIED))
+        {
+            return self.revalidate(req, object, now).await;
+        }
         if req.head || !req.forwarding.is_plain() || self.tier.pass_marker(&req.key).await.is_some()
         {
             return self.fetch(req, None).await;
@@ -289,6 +299,87 @@ impl Proxy {
                 return Err(e);
             }
         };
+        Ok(self.respond(req, upstream, leader).await)
+    }
+
+    /// Validates a stored response that may not serve as it is (stale, or refused by the
+    /// request's directives) with a conditional request (RFC 9111 §4.3.1). A 304 updates the
+    /// stored headers and freshness from its own (§4.3.4) and serves the stored body; any other
+    /// response is handled as a miss and replaces it.
+    async fn revalidate(
+        &self,
+        req: ProxyRequest,
+        object: Arc<CachedObject>,
+        now: SystemTime,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let mut headers = req.forwarding.upstream_headers();
+        if let Some(etag) = object.headers.get(ETAG) {
+            headers.insert(IF_NONE_MATCH, etag.clone());
+        }
+        if let Some(last_modified) = object.headers.get(LAST_MODIFIED) {
+            headers.insert(IF_MODIFIED_SINCE, last_modified.clone());
+        }
+        let method = if req.head { Method::HEAD } else { Method::GET };
+        let request = UpstreamRequest {
+            headers,
+            ..UpstreamRequest::bare(method, req.url.clone(), req.guard)
+        };
+        let fetched = self.upstream.fetch(request).await;
+        self.count_fetch(&fetched);
+        let upstream = fetched?;
+        if upstream.head.status != StatusCode::NOT_MODIFIED {
+            return Ok(self.respond(req, upstream, None).await);
+        }
+        Span::current().record("upstream_status", 304);
+        let was_fresh = object.is_fresh(now);
+        let mut merged = object.headers.clone();
+        let update = req.forwarding.response_headers(&upstream.head.headers);
+        for name in update.keys() {
+            if name != CONTENT_LENGTH {
+                merged.remove(name);
+                for value in update.get_all(name) {
+                    merged.append(name.clone(), value.clone());
+                }
+            }
+        }
+        let decided = freshness::storable(
+            object.status,
+            &merged,
+            req.forwarding.facts(),
+            upstream.head.times,
+            self.cache.freshness_policy(req.default_ttl),
+        );
+        merged.remove(AGE);
+        let cache_status = if was_fresh {
+            status::REVALIDATED_ON_REQUEST
+        } else {
+            status::REVALIDATED
+        };
+        Span::current().record("cache", cache_status);
+        let refreshed = CachedObject {
+            status: object.status,
+            headers: merged,
+            body: object.body.clone(),
+            response_time: upstream.head.times.response_time,
+            freshness: decided.unwrap_or(object.freshness),
+        };
+        let response = hit_response(&refreshed, &req, SystemTime::now(), cache_status);
+        if decided.is_ok() && !req.directives.no_store {
+            self.tier.insert(req.key.clone(), refreshed).await;
+        } else {
+            self.tier.invalidate(&req.key).await;
+        }
+        Ok(response)
+    }
+
+    /// Builds the streamed response for an origin response to `req`; as `leader`, shares the fill
+    /// or releases the followers.
+    async fn respond(
+        &self,
+        req: ProxyRequest,
+        upstream: UpstreamResponse,
+        leader: Option<Leader>,
+    ) -> Response<ProxyBody> {
         let UpstreamResponse { head, body } = upstream;
         Span::current().record("upstream_status", head.status.as_u16());
         let mut headers = req.forwarding.response_headers(&head.headers);
@@ -324,7 +415,7 @@ impl Proxy {
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
         *response.headers_mut() = headers;
-        Ok(response)
+        response
     }
 
     /// Forwards a request whose method is never looked up or stored (RFC 9111 §2: only GET and

@@ -89,3 +89,91 @@ async fn a_no_store_request_is_answered_but_not_stored() {
     let r = proxy.get_image(&origin.url("/b.jpg")).await;
     assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
 }
+
+fn header_sent(origin: &TestOrigin, path: &str, name: &str) -> Option<String> {
+    let sent = origin.last_request(path);
+    sent.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+}
+
+#[tokio::test]
+async fn a_304_refreshes_the_stored_headers_and_serves_the_stored_body() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/v.jpg",
+        Reply::ok("version one")
+            .header("Cache-Control", "max-age=600")
+            .header("ETag", "\"v1\"")
+            .header("Last-Modified", "Tue, 01 Sep 2026 10:00:00 GMT"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    proxy
+        .get_image(&origin.url("/v.jpg"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    origin.route(
+        "/v.jpg",
+        Reply::ok("")
+            .status(304)
+            .header("Cache-Control", "max-age=900")
+            .header("ETag", "\"v1\""),
+    );
+    for directive in ["no-cache", "max-age=0"] {
+        let r = get_with(&proxy, &origin.url("/v.jpg"), directive).await;
+        assert_eq!(r.status(), 200, "{directive}");
+        assert_eq!(cache_status(&r), "imgedge; fwd=request; fwd-status=304");
+        assert_eq!(
+            header(&r, "cache-control"),
+            "max-age=900",
+            "updated from the 304"
+        );
+        assert_eq!(r.text().await.unwrap(), "version one");
+        assert_eq!(
+            header_sent(&origin, "/v.jpg", "if-none-match").as_deref(),
+            Some("\"v1\"")
+        );
+        assert_eq!(
+            header_sent(&origin, "/v.jpg", "if-modified-since").as_deref(),
+            Some("Tue, 01 Sep 2026 10:00:00 GMT")
+        );
+    }
+    let r = proxy.get_image(&origin.url("/v.jpg")).await;
+    assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
+    assert_eq!(header(&r, "cache-control"), "max-age=900");
+    assert_eq!(r.text().await.unwrap(), "version one");
+    assert_eq!(origin.hits("/v.jpg"), 3);
+}
+
+#[tokio::test]
+async fn a_full_response_to_revalidation_replaces_the_stored_one() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/w.jpg",
+        Reply::ok("old")
+            .header("Cache-Control", "max-age=600")
+            .header("ETag", "\"1\""),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    proxy
+        .get_image(&origin.url("/w.jpg"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    origin.route(
+        "/w.jpg",
+        Reply::ok("new")
+            .header("Cache-Control", "max-age=600")
+            .header("ETag", "\"2\""),
+    );
+    let r = get_with(&proxy, &origin.url("/w.jpg"), "no-cache").await;
+    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(r.text().await.unwrap(), "new");
+    let r = proxy.get_image(&origin.url("/w.jpg")).await;
+    assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
+    assert_eq!(
+        (header(&r, "etag"), r.text().await.unwrap()),
+        ("\"2\"".to_owned(), "new".to_owned())
+    );
+}
