@@ -29,7 +29,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::cache::{CacheKey, CachedObject};
+use crate::cache::CacheKey;
 use crate::error::ProxyError;
 use crate::fill::FillTarget;
 use crate::upstream::{UpstreamBody, UpstreamError};
@@ -302,22 +302,7 @@ async fn store_object(
             expected_bytes: expected_bytes.unwrap_or(0),
         });
     }
-    let mut headers = store.headers;
-    headers.insert(http::header::CONTENT_LENGTH, body.len().into());
-    tracing::info!(
-        key = key.as_str(),
-        size_bytes = body.len(),
-        ttl_secs = store.freshness.time_to_live().as_secs(),
-        "stored"
-    );
-    let object = CachedObject {
-        status: store.status,
-        headers,
-        body,
-        response_time: store.response_time,
-        freshness: store.freshness,
-    };
-    store.tier.insert(key.clone(), object).await;
+    store.store(body).await;
     Ok(())
 }
 

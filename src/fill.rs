@@ -35,6 +35,28 @@ pub struct FillTarget {
     pub too_large: PassMarker,
 }
 
+impl FillTarget {
+    /// Stores `body` as the complete object, logging it: the one place a stored object is made.
+    pub async fn store(self, body: Bytes) {
+        tracing::info!(
+            key = self.key.as_str(),
+            size_bytes = body.len(),
+            ttl_secs = self.freshness.time_to_live().as_secs(),
+            "stored"
+        );
+        let mut headers = self.headers;
+        headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+        let object = CachedObject {
+            status: self.status,
+            headers,
+            body,
+            response_time: self.response_time,
+            freshness: self.freshness,
+        };
+        self.tier.insert(self.key, object).await;
+    }
+}
+
 /// Collects a body while it streams.
 struct Collector {
     target: FillTarget,
@@ -183,28 +205,8 @@ impl TeeBody {
             self.inserting = Some((Box::pin(async {}), then));
             return;
         }
-        let t = c.target;
         // Exact allocation: a no-op when Content-Length sized the buffer, a shrink otherwise.
         let body = Bytes::from(c.buf.into_boxed_slice());
-        tracing::info!(
-            key = t.key.as_str(),
-            size_bytes = body.len(),
-            ttl_secs = t.freshness.time_to_live().as_secs(),
-            "stored"
-        );
-        let mut headers = t.headers;
-        headers.insert(http::header::CONTENT_LENGTH, body.len().into());
-        let object = CachedObject {
-            status: t.status,
-            headers,
-            body,
-            response_time: t.response_time,
-            freshness: t.freshness,
-        };
-        let (tier, key) = (t.tier, t.key);
-        self.inserting = Some((
-            Box::pin(async move { tier.insert(key, object).await }),
-            then,
-        ));
+        self.inserting = Some((Box::pin(c.target.store(body)), then));
     }
 }

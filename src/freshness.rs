@@ -14,6 +14,8 @@ pub struct ResponseDirectives {
     pub no_cache: bool,
     pub public: bool,
     pub must_revalidate: bool,
+    /// `must-understand`: store only statuses whose semantics the cache knows (§5.2.2.3).
+    pub must_understand: bool,
     /// `max-age`, in seconds.
     pub max_age: Option<u64>,
     /// `s-maxage`, in seconds; overrides `max-age` for shared caches (§5.2.2.10).
@@ -41,8 +43,41 @@ impl ResponseDirectives {
                     "no-cache" => d.no_cache = true,
                     "public" => d.public = true,
                     "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+                    "must-understand" => d.must_understand = true,
                     "max-age" => d.max_age = seconds().or(Some(0)),
                     "s-maxage" => d.s_maxage = seconds().or(Some(0)),
+                    _ => {}
+                }
+            }
+        }
+        d
+    }
+}
+
+/// The `Surrogate-Control` directives addressed to any surrogate (Edge Architecture
+/// Specification 1.0): directives targeted at a named device (`max-age=60;other`) are not ours.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct SurrogateDirectives {
+    no_store: bool,
+    max_age: Option<u64>,
+}
+
+impl SurrogateDirectives {
+    fn parse(headers: &HeaderMap) -> Self {
+        let mut d = SurrogateDirectives::default();
+        for value in headers.get_all("surrogate-control") {
+            let Ok(value) = value.to_str() else { continue };
+            for directive in value.split(',') {
+                if directive.contains(';') {
+                    continue;
+                }
+                let (name, arg) = match directive.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (directive.trim(), None),
+                };
+                match name.to_ascii_lowercase().as_str() {
+                    "no-store" => d.no_store = true,
+                    "max-age" => d.max_age = Some(arg.and_then(|a| a.parse().ok()).unwrap_or(0)),
                     _ => {}
                 }
             }
@@ -70,8 +105,6 @@ pub enum NotStorable {
     /// The request carried `Authorization` and the response did not allow sharing it with
     /// `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5).
     Authorization,
-    /// It carries `Set-Cookie` and the route passes it on: never shared.
-    SetCookie,
     /// It carries `Vary` and the request forwarded client headers: variants are not stored yet.
     Vary,
 }
@@ -87,7 +120,6 @@ impl NotStorable {
             NotStorable::Stale => "stale",
             NotStorable::NoFreshness => "no-freshness",
             NotStorable::Authorization => "authorization",
-            NotStorable::SetCookie => "set-cookie",
             NotStorable::Vary => "vary",
         }
     }
@@ -132,8 +164,6 @@ pub struct RequestFacts {
     pub authorized: bool,
     /// The request forwarded client headers upstream, so the response may vary with them.
     pub forwarded_client_headers: bool,
-    /// The response's `Set-Cookie` reaches the client (it is not stripped on the way).
-    pub set_cookie_passes: bool,
 }
 
 /// The configured fallbacks for responses that state no freshness of their own.
@@ -171,31 +201,37 @@ pub fn storable(
     policy: FreshnessPolicy,
 ) -> Result<Freshness, NotStorable> {
     let d = ResponseDirectives::parse(headers);
-    if d.no_store {
+    let surrogate = SurrogateDirectives::parse(headers);
+    if surrogate.no_store {
         return Err(NotStorable::NoStore);
     }
-    if d.private {
+    // A surrogate max-age takes precedence over Cache-Control for this cache.
+    let cc_applies = surrogate.max_age.is_none();
+    if cc_applies && d.no_store {
+        return Err(NotStorable::NoStore);
+    }
+    if cc_applies && d.private {
         return Err(NotStorable::Private);
     }
     if request.authorized && !(d.public || d.s_maxage.is_some() || d.must_revalidate) {
         return Err(NotStorable::Authorization);
     }
-    if request.set_cookie_passes && headers.contains_key(http::header::SET_COOKIE) {
-        return Err(NotStorable::SetCookie);
-    }
     if request.forwarded_client_headers && headers.contains_key(http::header::VARY) {
         return Err(NotStorable::Vary);
     }
-    if d.no_cache {
+    if cc_applies && d.no_cache {
         return Err(NotStorable::NoCache);
     }
     let final_status = status.as_u16() >= 200
         && status != StatusCode::PARTIAL_CONTENT
         && status != StatusCode::NOT_MODIFIED;
-    if !final_status {
+    if !final_status || (d.must_understand && status.canonical_reason().is_none()) {
         return Err(NotStorable::Status);
     }
-    let lifetime = explicit_lifetime(&d, headers, times.response_time)
+    let lifetime = surrogate
+        .max_age
+        .map(Duration::from_secs)
+        .or_else(|| explicit_lifetime(&d, headers, times.response_time))
         .or_else(|| heuristic_lifetime(status, headers, times.response_time, policy))
         .ok_or(if HEURISTIC_STATUSES.contains(&status.as_u16()) {
             NotStorable::NoFreshness
@@ -359,12 +395,11 @@ pub fn usability(freshness: &Freshness, age: Duration, request: &RequestDirectiv
 
 /// `corrected_initial_age`, RFC 9111 §4.2.3.
 fn initial_age(headers: &HeaderMap, t: ResponseTimes) -> Duration {
-    let age_value = headers
-        .get(AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
-        .unwrap_or_default();
+    let age_value = match age_value(headers) {
+        Ok(age) => age,
+        // An invalid Age makes the response stale on arrival (§5.1).
+        Err(()) => return Duration::MAX / 4,
+    };
     let apparent_age = headers
         .get(DATE)
         .and_then(http_date)
@@ -375,6 +410,26 @@ fn initial_age(headers: &HeaderMap, t: ResponseTimes) -> Duration {
         .duration_since(t.request_time)
         .unwrap_or_default();
     apparent_age.max(age_value + response_delay)
+}
+
+/// The `Age` field (§5.1): absent is zero; anything but one field line holding one non-negative
+/// integer (a list, a second line, a sign, a fraction, a parameter) is invalid.
+fn age_value(headers: &HeaderMap) -> Result<Duration, ()> {
+    let mut lines = headers.get_all(AGE).iter();
+    let Some(value) = lines.next() else {
+        return Ok(Duration::ZERO);
+    };
+    if lines.next().is_some() {
+        return Err(());
+    }
+    let value = value.to_str().map_err(|_| ())?.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(());
+    }
+    // An integer too large to represent is "the largest positive integer" (§1.2.2).
+    Ok(Duration::from_secs(
+        value.parse::<u64>().unwrap_or(u32::MAX.into()),
+    ))
 }
 
 fn http_date(v: &http::HeaderValue) -> Option<SystemTime> {
@@ -634,7 +689,6 @@ mod tests {
         let authorized = RequestFacts {
             authorized: true,
             forwarded_client_headers: true,
-            set_cookie_passes: true,
         };
         let decide = |cc: &str| {
             let h = headers(&[("cache-control", cc.to_owned())]);
@@ -655,11 +709,10 @@ mod tests {
         let facts = RequestFacts {
             authorized: false,
             forwarded_client_headers: true,
-            set_cookie_passes: true,
         };
         assert_eq!(
             storable(StatusCode::OK, &h, facts, times(), policy(60)).unwrap_err(),
-            NotStorable::SetCookie
+            NotStorable::Vary
         );
         assert!(
             storable(
@@ -670,6 +723,76 @@ mod tests {
                 policy(60)
             )
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn an_invalid_age_makes_the_response_stale_on_arrival() {
+        let decide_age = |values: &[&str]| {
+            let mut h = headers(&[("cache-control", "max-age=3600".into())]);
+            for v in values {
+                h.append(AGE, HeaderValue::from_str(v).unwrap());
+            }
+            storable(
+                StatusCode::OK,
+                &h,
+                RequestFacts::default(),
+                times(),
+                policy(60),
+            )
+        };
+        assert!(decide_age(&["10"]).is_ok());
+        for bad in [
+            &["abc"][..],
+            &["-10"],
+            &["1.5"],
+            &["old, 0"],
+            &["0", "0"],
+            &["0, 0"],
+            &["1;a=b"],
+            &[""],
+        ] {
+            assert_eq!(decide_age(bad).unwrap_err(), NotStorable::Stale, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn must_understand_stores_only_known_statuses() {
+        let h = headers(&[("cache-control", "max-age=60, must-understand".into())]);
+        let decide_status = |code: u16| {
+            storable(
+                StatusCode::from_u16(code).unwrap(),
+                &h,
+                RequestFacts::default(),
+                times(),
+                policy(60),
+            )
+        };
+        assert!(decide_status(200).is_ok());
+        assert_eq!(decide_status(599).unwrap_err(), NotStorable::Status);
+    }
+
+    #[test]
+    fn surrogate_control_takes_precedence_over_cache_control() {
+        let life = |pairs: &[(&'static str, String)]| decide(pairs).map(|f| f.lifetime.as_secs());
+        let sc = |v: &str| ("surrogate-control", v.to_owned());
+        let cc = |v: &str| ("cache-control", v.to_owned());
+        assert_eq!(life(&[sc("max-age=10"), cc("max-age=3600")]), Ok(10));
+        assert_eq!(life(&[sc("max-age=10"), cc("no-store")]), Ok(10));
+        assert_eq!(
+            life(&[sc("no-store"), cc("max-age=3600")]),
+            Err(NotStorable::NoStore)
+        );
+        assert_eq!(
+            life(&[sc("max-age=10;other-device"), cc("max-age=3600")]),
+            Ok(3600)
+        );
+        assert_eq!(
+            life(&[
+                sc("max-age=0"),
+                ("expires", httpdate::fmt_http_date(at(T0 + 600)))
+            ]),
+            Err(NotStorable::Stale)
         );
     }
 

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use http::header::{
     AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_DISPOSITION, CONTENT_ENCODING,
-    CONTENT_LANGUAGE, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, ETAG, EXPIRES, HOST,
-    HeaderName, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE,
+    CONTENT_LANGUAGE, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_RANGE, CONTENT_TYPE, ETAG, EXPIRES,
+    HOST, HeaderName, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE,
     LAST_MODIFIED, LOCATION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, RANGE, RETRY_AFTER,
     SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, X_CONTENT_TYPE_OPTIONS,
 };
@@ -30,6 +30,9 @@ use crate::metrics::Metrics;
 use crate::upstream::{
     Guard, RequestBody, Upstream, UpstreamError, UpstreamHead, UpstreamRequest, UpstreamResponse,
 };
+
+/// `Surrogate-Control`: caching directives for surrogates such as this one.
+pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
 
 /// `Cache-Status` (RFC 9211).
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -130,24 +133,23 @@ impl Forwarding {
     fn response_headers(&self, upstream: &HeaderMap) -> HeaderMap {
         match self {
             Forwarding::Bare => allowlisted(upstream),
+            // Surrogate-Control is addressed to this cache, not passed on (Edge Architecture 1.0).
             Forwarding::Headers {
                 strip_set_cookie: true,
                 ..
-            } => end_to_end(upstream, &[SET_COOKIE]),
-            Forwarding::Headers { .. } => end_to_end(upstream, &[]),
+            } => end_to_end(upstream, &[SET_COOKIE, SURROGATE_CONTROL.clone()]),
+            Forwarding::Headers { .. } => {
+                end_to_end(upstream, std::slice::from_ref(&SURROGATE_CONTROL))
+            }
         }
     }
 
     fn facts(&self) -> RequestFacts {
         match self {
             Forwarding::Bare => RequestFacts::default(),
-            Forwarding::Headers {
-                headers,
-                strip_set_cookie,
-            } => RequestFacts {
+            Forwarding::Headers { headers, .. } => RequestFacts {
                 authorized: headers.contains_key(AUTHORIZATION),
                 forwarded_client_headers: true,
-                set_cookie_passes: !strip_set_cookie,
             },
         }
     }
@@ -335,7 +337,11 @@ impl Proxy {
         let mut merged = object.headers.clone();
         let update = req.forwarding.response_headers(&upstream.head.headers);
         for name in update.keys() {
-            if name != CONTENT_LENGTH {
+            // Fields the stored body depends on are not taken from a 304 (§3.2).
+            let describes_body = [CONTENT_LENGTH, CONTENT_ENCODING, CONTENT_RANGE, ETAG]
+                .contains(name)
+                || name.as_str() == "content-md5";
+            if !describes_body {
                 merged.remove(name);
                 for value in update.get_all(name) {
                     merged.append(name.clone(), value.clone());
@@ -387,8 +393,16 @@ impl Proxy {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
         }
         headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-        let (cache_status, store) = self.plan(&req, &head, &headers).await;
+        let (cache_status, mut store) = self.plan(&req, &head, &headers).await;
         Span::current().record("cache", cache_status.as_str());
+        // A bodyless response (a 204, say) is complete already, and hyper never polls an empty
+        // body, so a tee would never see its end: store it now.
+        if body.is_end_stream()
+            && head.content_length.is_none()
+            && let Some(target) = store.take()
+        {
+            target.store(bytes::Bytes::new()).await;
+        }
         let served_headers = headers.clone();
         headers.insert(
             CACHE_STATUS.clone(),
