@@ -256,6 +256,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn invalidating_removes_the_object_and_the_pass_marker() {
+        let tier = MemoryTier::new(1 << 20, Duration::ZERO);
+        let (a, b) = (key("http://h/a"), key("http://h/b"));
+        tier.insert(a.clone(), object(10, 60)).await;
+        let marker = PassMarker {
+            reason: "no-store",
+            length_bytes: None,
+            content_type: None,
+            etag: None,
+            last_modified: None,
+        };
+        tier.mark_pass(b.clone(), marker).await;
+        tier.invalidate(&a).await;
+        tier.invalidate(&b).await;
+        assert!(tier.get(&a).await.is_none());
+        assert!(tier.pass_marker(&b).await.is_none());
+    }
+
+    #[tokio::test]
     async fn storing_an_object_forgets_its_pass_marker() {
         let tier = MemoryTier::new(1 << 20, Duration::ZERO);
         let k = key("http://h/a");

@@ -33,7 +33,15 @@ pub struct Config {
     /// `[[routes]]`, plus the Supabase route when `[supabase] upstream` is set.
     pub routes: Vec<RouteConfig>,
     pub cache: CacheConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
+}
+
+/// `[admin]`: operator endpoints.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Bearer token for purging; `None` disables it.
+    pub token: Option<String>,
 }
 
 /// One reverse-proxy route: requests whose path starts with `prefix` go to `upstream` + the same
@@ -238,6 +246,15 @@ impl Config {
                 max_heuristic_ttl: f.duration("cache.max_heuristic_ttl"),
                 negative_ttl: f.duration("cache.negative_ttl"),
                 stale_retention: f.duration("cache.stale_retention"),
+            },
+            admin: AdminConfig {
+                token: f.parse("admin.token", |s: String| match s.trim() {
+                    "" => Ok(None),
+                    t if t.len() < 16 => {
+                        Err("must be at least 16 characters (or empty)".to_owned())
+                    }
+                    t => Ok(Some(t.to_owned())),
+                }),
             },
             log: LogConfig {
                 format: f.parse("log.format", |s: String| match s.as_str() {

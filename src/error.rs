@@ -33,12 +33,17 @@ pub enum ProxyError {
     MethodNotAllowed(http::Method),
     #[error("no stored response can serve this request and it asked for only-if-cached")]
     NotCached,
+    #[error("a valid Authorization: Bearer token is required")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 impl ProxyError {
     /// The status and stable error code the client sees. The codes are part of the API:
     /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
-    /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`.
+    /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,
+    /// `unauthorized`, `bad_request`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::BadUrl(_) => (StatusCode::BAD_REQUEST, "bad_url"),
@@ -50,6 +55,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ProxyError::NotCached => (StatusCode::GATEWAY_TIMEOUT, "not_cached"),
+            ProxyError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::MethodNotAllowed(_) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }

@@ -32,6 +32,11 @@ use crate::upstream::{BoxError, Guard, Upstream, UpstreamError};
 /// `X-Request-Id`: echoed when the client sent a sane one, generated otherwise.
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The bulk purge endpoint.
+pub const PURGE_PATH: &str = "/_imgedge/purge";
+/// Largest accepted bulk purge body, in bytes.
+const PURGE_BODY_BYTES: usize = 1 << 20;
+
 /// Prefix of Supabase Storage's public object route.
 pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
 
@@ -176,6 +181,31 @@ impl App {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        if req.method().as_str() == "PURGE" {
+            self.authorize_purge(&req)?;
+            let key = match route {
+                Route::ImageProxy => CacheKey::for_url(&target::parse_image_url(
+                    req.uri().query(),
+                    self.config.server.max_url_bytes,
+                )?),
+                Route::Proxied { index, .. } => {
+                    CacheKey::for_url(&route_url(&self.config.routes[index].upstream, req.uri())?)
+                }
+                _ => {
+                    return Err(ProxyError::NotFound(
+                        "nothing cacheable at this path".into(),
+                    ));
+                }
+            };
+            let purged = self.proxy.purge(&key).await;
+            return Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "purged": purged as u32 }),
+            ));
+        }
+        if req.uri().path() == PURGE_PATH {
+            return self.purge_urls(req).await;
+        }
         match route {
             Route::ImageProxy => {
                 let head = get_or_head(req.method())?;
@@ -240,6 +270,78 @@ impl App {
                 req.uri().path()
             ))),
         }
+    }
+
+    /// Checks `Authorization: Bearer <[admin] token>` for purging.
+    ///
+    /// # Errors
+    /// [`ProxyError::NotFound`] when purging is disabled, [`ProxyError::Unauthorized`] when the
+    /// token is missing or wrong.
+    fn authorize_purge<B>(&self, req: &Request<B>) -> Result<(), ProxyError> {
+        let Some(token) = &self.config.admin.token else {
+            return Err(ProxyError::NotFound(
+                "purging is disabled: [admin] token is not set".into(),
+            ));
+        };
+        let given = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Compared in constant time: the comparison must not reveal how much of a guess matched.
+        let equal = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if equal {
+            Ok(())
+        } else {
+            Err(ProxyError::Unauthorized)
+        }
+    }
+
+    /// `POST /_imgedge/purge` with `{"urls": ["http://...", ...]}`: purges `/image-proxy` targets.
+    async fn purge_urls<B>(&self, req: Request<B>) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if req.method() != Method::POST {
+            return Err(ProxyError::MethodNotAllowed(req.method().clone()));
+        }
+        self.authorize_purge(&req)?;
+        let body = http_body_util::Limited::new(req.into_body(), PURGE_BODY_BYTES)
+            .collect()
+            .await
+            .map_err(|e| ProxyError::BadRequest(format!("cannot read the body: {e}")))?
+            .to_bytes();
+        #[derive(serde::Deserialize)]
+        struct Purge {
+            urls: Vec<String>,
+        }
+        let purge: Purge = serde_json::from_slice(&body)
+            .map_err(|e| ProxyError::BadRequest(format!("expected {{\"urls\": [...]}}: {e}")))?;
+        let mut keys = Vec::with_capacity(purge.urls.len());
+        for url in &purge.urls {
+            let url = Url::parse(url)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    ProxyError::BadRequest(format!("not an absolute http(s) URL: {url:?}"))
+                })?;
+            keys.push(CacheKey::for_url(&url));
+        }
+        let mut purged = 0u32;
+        for key in &keys {
+            purged += self.proxy.purge(key).await as u32;
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "purged": purged, "urls": keys.len() }),
+        ))
     }
 
     async fn health(&self) -> Response<ProxyBody> {

@@ -432,6 +432,15 @@ impl Proxy {
         response
     }
 
+    /// Removes the object and any pass marker under `key` (both tiers, once there are two);
+    /// returns whether an object was stored.
+    pub async fn purge(&self, key: &CacheKey) -> bool {
+        let existed = self.tier.get(key).await.is_some();
+        self.tier.invalidate(key).await;
+        tracing::info!(key = key.as_str(), existed, "purged");
+        existed
+    }
+
     /// Forwards a request whose method is never looked up or stored (RFC 9111 §2: only GET and
     /// HEAD are cached here), streaming its body upstream and the response back. A non-error
     /// response invalidates the stored response for the URI and for a same-origin `Location` or
