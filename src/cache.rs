@@ -103,7 +103,8 @@ const PASS_TTL: Duration = Duration::from_secs(120);
 /// How many [`PassMarker`]s are kept at most.
 const PASS_MARKERS: u64 = 100_000;
 
-/// Expires each object `stale_retention` after its freshness runs out.
+/// Expires each object `stale_retention` (or its own `stale-while-revalidate` or `stale-if-error`
+/// window, if longer) after its freshness runs out.
 struct FreshnessExpiry {
     stale_retention: Duration,
 }
@@ -216,6 +217,8 @@ mod tests {
                 lifetime: Duration::from_secs(ttl_secs),
                 initial_age: Duration::ZERO,
                 must_revalidate: false,
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
             },
         }
     }

@@ -16,6 +16,10 @@ pub struct ResponseDirectives {
     pub must_revalidate: bool,
     /// `must-understand`: store only statuses whose semantics the cache knows (§5.2.2.3).
     pub must_understand: bool,
+    /// `stale-while-revalidate`, in seconds (RFC 5861 §3).
+    pub stale_while_revalidate: Option<u64>,
+    /// `stale-if-error`, in seconds (RFC 5861 §4).
+    pub stale_if_error: Option<u64>,
     /// `max-age`, in seconds.
     pub max_age: Option<u64>,
     /// `s-maxage`, in seconds; overrides `max-age` for shared caches (§5.2.2.10).
@@ -44,6 +48,8 @@ impl ResponseDirectives {
                     "public" => d.public = true,
                     "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
                     "must-understand" => d.must_understand = true,
+                    "stale-while-revalidate" => d.stale_while_revalidate = seconds(),
+                    "stale-if-error" => d.stale_if_error = seconds(),
                     "max-age" => d.max_age = seconds().or(Some(0)),
                     "s-maxage" => d.s_maxage = seconds().or(Some(0)),
                     _ => {}
@@ -143,6 +149,27 @@ pub struct Freshness {
     pub initial_age: Duration,
     /// `must-revalidate`, `proxy-revalidate` or `s-maxage`: never served stale (§4.2.4).
     pub must_revalidate: bool,
+    /// How long after turning stale it may still be served while refreshed in the background
+    /// (`stale-while-revalidate`, RFC 5861 §3).
+    pub stale_while_revalidate: Duration,
+    /// How long after turning stale it may stand in when the origin fails (`stale-if-error`,
+    /// RFC 5861 §4).
+    pub stale_if_error: Duration,
+}
+
+impl Freshness {
+    /// How long past its freshness lifetime a response `age` old is.
+    pub fn staleness(&self, age: Duration) -> Option<Duration> {
+        age.checked_sub(self.lifetime).filter(|s| !s.is_zero())
+    }
+
+    /// Whether a stale response `age` old may be served in place of an origin error.
+    pub fn may_serve_if_error(&self, age: Duration) -> bool {
+        !self.must_revalidate
+            && self
+                .staleness(age)
+                .is_some_and(|s| s <= self.stale_if_error)
+    }
 }
 
 impl Freshness {
@@ -243,8 +270,15 @@ pub fn storable(
         initial_age: initial_age(headers, times),
         // s-maxage implies proxy-revalidate for a shared cache (§5.2.2.10).
         must_revalidate: d.must_revalidate || d.s_maxage.is_some(),
+        stale_while_revalidate: Duration::from_secs(d.stale_while_revalidate.unwrap_or(0)),
+        stale_if_error: Duration::from_secs(d.stale_if_error.unwrap_or(0)),
     };
-    if freshness.time_to_live().is_zero() {
+    // Stale on arrival is still worth keeping when it can be revalidated or served stale.
+    let usable_stale = headers.contains_key(http::header::ETAG)
+        || headers.contains_key(LAST_MODIFIED)
+        || !freshness.stale_while_revalidate.is_zero()
+        || !freshness.stale_if_error.is_zero();
+    if freshness.time_to_live().is_zero() && !usable_stale {
         return Err(NotStorable::Stale);
     }
     Ok(freshness)
@@ -355,6 +389,9 @@ pub enum Usability {
     Fresh,
     /// Stale, but the request's `max-stale` accepts it and nothing forbids serving it stale.
     StaleAccepted,
+    /// Stale within its `stale-while-revalidate` window: serve it, and refresh it in the
+    /// background (RFC 5861 §3).
+    StaleWhileRevalidate,
     /// Must be validated with the origin (or fetched anew) before use.
     NeedsValidation,
 }
@@ -381,16 +418,19 @@ pub fn usability(freshness: &Freshness, age: Duration, request: &RequestDirectiv
         return Usability::Fresh;
     }
     let stale_for = age - freshness.lifetime;
-    match request.max_stale {
-        Some(limit) if !freshness.must_revalidate => {
-            if limit.is_none_or(|s| stale_for <= Duration::from_secs(s)) {
-                Usability::StaleAccepted
-            } else {
-                Usability::NeedsValidation
-            }
-        }
-        _ => Usability::NeedsValidation,
+    if freshness.must_revalidate {
+        return Usability::NeedsValidation;
     }
+    if request
+        .max_stale
+        .is_some_and(|limit| limit.is_none_or(|s| stale_for <= Duration::from_secs(s)))
+    {
+        return Usability::StaleAccepted;
+    }
+    if stale_for <= freshness.stale_while_revalidate {
+        return Usability::StaleWhileRevalidate;
+    }
+    Usability::NeedsValidation
 }
 
 /// `corrected_initial_age`, RFC 9111 §4.2.3.
@@ -596,6 +636,8 @@ mod tests {
             lifetime: Duration::from_secs(lifetime),
             initial_age: Duration::ZERO,
             must_revalidate,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
         };
         let req =
             |cc: &str| RequestDirectives::parse(&headers(&[("cache-control", cc.to_owned())]));

@@ -71,7 +71,7 @@ impl Route {
 
 /// Everything a request needs, shared by all connections.
 pub struct App {
-    proxy: Proxy,
+    proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     config: Config,
     rss: Option<ProcessRss>,
@@ -93,7 +93,12 @@ impl App {
             config.cache.stale_retention,
         );
         let upstream = Upstream::new(&config.upstream)?;
-        let proxy = Proxy::new(tier, upstream, metrics.clone(), config.cache.clone());
+        let proxy = Arc::new(Proxy::new(
+            tier,
+            upstream,
+            metrics.clone(),
+            config.cache.clone(),
+        ));
         let instance = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.subsec_nanos() ^ std::process::id())

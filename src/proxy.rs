@@ -16,7 +16,8 @@ use http::header::{
     SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, X_CONTENT_TYPE_OPTIONS,
 };
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
-use tracing::Span;
+use http_body_util::BodyExt;
+use tracing::{Instrument, Span};
 use url::Url;
 
 use crate::body::ProxyBody;
@@ -42,6 +43,10 @@ pub mod status {
     pub const HIT_MEMORY: &str = "imgedge; hit; detail=memory";
     /// A stale response served because the request's `max-stale` accepted it.
     pub const HIT_STALE: &str = "imgedge; hit; detail=memory-stale";
+    /// A stale response served while it is refreshed in the background (RFC 5861 §3).
+    pub const HIT_STALE_WHILE_REVALIDATE: &str = "imgedge; hit; detail=stale-while-revalidate";
+    /// A stale response served because the origin failed (RFC 5861 §4).
+    pub const STALE_IF_ERROR: &str = "imgedge; fwd=stale; detail=stale-if-error";
     /// A stale stored response the origin confirmed with 304 (RFC 9111 §4.3).
     pub const REVALIDATED: &str = "imgedge; fwd=stale; fwd-status=304";
     /// A fresh stored response validated because the request asked (`no-cache`, `max-age`).
@@ -109,7 +114,7 @@ pub fn end_to_end(headers: &HeaderMap, also: &[HeaderName]) -> HeaderMap {
 }
 
 /// Which headers cross the proxy, each way.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Forwarding {
     /// `/image-proxy`: no client header goes upstream, so a stored response is valid for every
     /// client; response headers are allowlisted ([`FORWARDED`]).
@@ -174,7 +179,7 @@ impl Forwarding {
 }
 
 /// A GET or HEAD for a cacheable upstream object, as a route resolved it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ProxyRequest {
     /// The absolute upstream URL to fetch on a miss.
     pub url: Url,
@@ -195,6 +200,8 @@ pub struct ProxyRequest {
 pub struct Proxy {
     tier: MemoryTier,
     collapser: Arc<Collapser>,
+    /// Keys being refreshed in the background (stale-while-revalidate), one task per key.
+    refreshing: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
     upstream: Upstream,
     metrics: Arc<Metrics>,
     cache: CacheConfig,
@@ -210,6 +217,7 @@ impl Proxy {
         Proxy {
             tier,
             collapser: Arc::new(Collapser::default()),
+            refreshing: Default::default(),
             upstream,
             metrics,
             cache,
@@ -226,24 +234,97 @@ impl Proxy {
     /// # Errors
     /// A [`ProxyError`] for anything that fails before the response head (for a follower, the
     /// leader's error).
-    pub async fn handle(&self, req: ProxyRequest) -> Result<Response<ProxyBody>, ProxyError> {
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: ProxyRequest,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let now = SystemTime::now();
         let cached = self.tier.get(&req.key).await;
-        let usable = cached.as_ref().and_then(|o| {
-            match freshness::usability(&o.freshness, o.age(now), &req.directives) {
-                Usability::Fresh => Some(status::HIT_MEMORY),
-                Usability::StaleAccepted => Some(status::HIT_STALE),
-                Usability::NeedsValidation => None,
+        let usability = cached
+            .as_ref()
+            .map(|o| freshness::usability(&o.freshness, o.age(now), &req.directives));
+        let hit = match usability {
+            Some(Usability::Fresh) => Some(status::HIT_MEMORY),
+            Some(Usability::StaleAccepted) => Some(status::HIT_STALE),
+            Some(Usability::StaleWhileRevalidate) => Some(status::HIT_STALE_WHILE_REVALIDATE),
+            Some(Usability::NeedsValidation) | None => None,
+        };
+        self.metrics.cache_lookup("memory", hit.is_some());
+        if let (Some(object), Some(cache_status)) = (&cached, hit) {
+            if usability == Some(Usability::StaleWhileRevalidate) {
+                self.refresh_in_background(&req, object.clone());
             }
-        });
-        self.metrics.cache_lookup("memory", usable.is_some());
-        if let (Some(object), Some(cache_status)) = (&cached, usable) {
             Span::current().record("cache", cache_status);
             return Ok(hit_response(object, &req, now, cache_status));
         }
         if req.directives.only_if_cached {
             return Err(ProxyError::NotCached);
         }
+        // stale-if-error (RFC 5861 §4): what may stand in if the origin fails.
+        let fallback = cached
+            .clone()
+            .filter(|o| o.freshness.may_serve_if_error(o.age(now)))
+            .map(|o| (o, req.clone()));
+        let result = self.upstream_path(req, cached).await;
+        let failed = match &result {
+            Err(_) => true,
+            Ok(response) => response.status().is_server_error(),
+        };
+        match fallback {
+            Some((object, req)) if failed => {
+                Span::current().record("cache", status::STALE_IF_ERROR);
+                Ok(hit_response(
+                    &object,
+                    &req,
+                    SystemTime::now(),
+                    status::STALE_IF_ERROR,
+                ))
+            }
+            _ => result,
+        }
+    }
+
+    /// Refreshes a stale object in a task of its own while the stale copy is served (RFC 5861
+    /// §3), at most once at a time per key.
+    fn refresh_in_background(self: &Arc<Self>, req: &ProxyRequest, object: Arc<CachedObject>) {
+        {
+            let mut refreshing = self.refreshing.lock().unwrap_or_else(|e| e.into_inner());
+            if !refreshing.insert(req.key.clone()) {
+                return;
+            }
+        }
+        let this = self.clone();
+        let mut req = req.clone();
+        req.head = false;
+        req.if_none_match = None;
+        req.directives = RequestDirectives::default();
+        let task = async move {
+            let key = req.key.clone();
+            if let Ok(response) = this.upstream_path(req, Some(object)).await {
+                // Drive the body to its end so that a fill completes and is stored.
+                let mut body = response.into_body();
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+            }
+            this.refreshing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+        };
+        tokio::spawn(task.instrument(Span::current()));
+    }
+
+    /// Everything after the memory tier could not answer: revalidation of a stored response,
+    /// collapsed forwarding, or a fetch of its own.
+    async fn upstream_path(
+        &self,
+        req: ProxyRequest,
+        cached: Option<Arc<CachedObject>>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let now = SystemTime::now();
         if let Some(object) = cached
             && req.forwarding.is_plain()
             && (object.headers.contains_key(ETAG) || object.headers.contains_key(LAST_MODIFIED))

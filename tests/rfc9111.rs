@@ -177,3 +177,79 @@ async fn a_full_response_to_revalidation_replaces_the_stored_one() {
         ("\"2\"".to_owned(), "new".to_owned())
     );
 }
+
+/// A response that is stale on arrival (Age past max-age) but carries stale windows.
+fn stale_reply(body: &'static str, directives: &str) -> Reply {
+    Reply::ok(body)
+        .header("Cache-Control", &format!("max-age=10, {directives}"))
+        .header("Age", "20")
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once_in_the_background() {
+    let origin = TestOrigin::start().await;
+    origin.route("/s.jpg", stale_reply("v1", "stale-while-revalidate=600"));
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    proxy
+        .get_image(&origin.url("/s.jpg"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    origin.route(
+        "/s.jpg",
+        Reply::ok("v2").header("Cache-Control", "max-age=600"),
+    );
+    let r = proxy.get_image(&origin.url("/s.jpg")).await;
+    assert_eq!(
+        cache_status(&r),
+        "imgedge; hit; detail=stale-while-revalidate"
+    );
+    assert_eq!(r.text().await.unwrap(), "v1");
+    let mut body = String::new();
+    for _ in 0..100 {
+        let r = proxy.get_image(&origin.url("/s.jpg")).await;
+        body = r.text().await.unwrap();
+        if body == "v2" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(body, "v2", "the background refresh stored the new version");
+    assert_eq!(origin.hits("/s.jpg"), 2, "one refresh");
+}
+
+#[tokio::test]
+async fn stale_if_error_stands_in_for_a_failing_origin_unless_must_revalidate() {
+    let origin = TestOrigin::start().await;
+    origin.route("/e.jpg", stale_reply("kept", "stale-if-error=600"));
+    origin.route(
+        "/m.jpg",
+        stale_reply("strict", "stale-if-error=600, must-revalidate"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    for path in ["/e.jpg", "/m.jpg"] {
+        proxy
+            .get_image(&origin.url(path))
+            .await
+            .bytes()
+            .await
+            .unwrap();
+    }
+    for failure in [
+        Reply::ok("boom").status(500),
+        Reply::ok("").fault(Fault::ResetBeforeHead),
+    ] {
+        origin.route("/e.jpg", failure.clone());
+        let r = proxy.get_image(&origin.url("/e.jpg")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            cache_status(&r),
+            "imgedge; fwd=stale; detail=stale-if-error"
+        );
+        assert_eq!(r.text().await.unwrap(), "kept");
+        origin.route("/m.jpg", failure);
+        let r = proxy.get_image(&origin.url("/m.jpg")).await;
+        assert_ne!(r.status(), 200, "must-revalidate forbids serving stale");
+    }
+}
