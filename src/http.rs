@@ -426,6 +426,8 @@ fn proxy_request<B>(
         guard,
         head,
         if_none_match: req.headers().get(IF_NONE_MATCH).cloned(),
+        range: req.headers().get(http::header::RANGE).cloned(),
+        if_range: req.headers().get(http::header::IF_RANGE).cloned(),
         directives: RequestDirectives::parse(req.headers()),
         default_ttl,
         forwarding,

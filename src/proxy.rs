@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::header::{
-    AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_DISPOSITION, CONTENT_ENCODING,
-    CONTENT_LANGUAGE, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_RANGE, CONTENT_TYPE, ETAG, EXPIRES,
-    HOST, HeaderName, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE,
-    LAST_MODIFIED, LOCATION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, RANGE, RETRY_AFTER,
-    SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, X_CONTENT_TYPE_OPTIONS,
+    ACCEPT_RANGES, AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_DISPOSITION,
+    CONTENT_ENCODING, CONTENT_LANGUAGE, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_RANGE,
+    CONTENT_TYPE, ETAG, EXPIRES, HOST, HeaderName, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH,
+    IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, LOCATION, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, RANGE, RETRY_AFTER, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    X_CONTENT_TYPE_OPTIONS,
 };
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -189,6 +190,10 @@ pub struct ProxyRequest {
     pub head: bool,
     /// The client's `If-None-Match`, answered with 304 on a matching hit.
     pub if_none_match: Option<HeaderValue>,
+    /// The client's `Range` and `If-Range`: a single byte range is answered 206 from a stored
+    /// 200 (RFC 9110 §14); anything else gets the whole response.
+    pub range: Option<HeaderValue>,
+    pub if_range: Option<HeaderValue>,
     /// The client's `Cache-Control` (and `Pragma`) request directives.
     pub directives: RequestDirectives,
     /// The route's freshness for responses that state none and have no `Last-Modified`.
@@ -733,16 +738,69 @@ fn hit_response(
         headers.insert(CACHE_STATUS.clone(), hit);
         return response;
     }
-    let body = if req.head {
+    let total = object.body.len() as u64;
+    let range = match (&req.range, object.status) {
+        (Some(range), StatusCode::OK) if if_range_holds(req.if_range.as_ref(), object) => {
+            freshness::single_byte_range(range, total)
+        }
+        _ => None,
+    };
+    let (status, body) = match range {
+        Some(Ok((first, last))) => (
+            StatusCode::PARTIAL_CONTENT,
+            object.body.slice(first as usize..=last as usize),
+        ),
+        Some(Err(())) => (StatusCode::RANGE_NOT_SATISFIABLE, bytes::Bytes::new()),
+        None => (object.status, object.body.clone()),
+    };
+    let body_len = body.len();
+    let mut response = Response::new(if req.head {
         ProxyBody::empty()
     } else {
-        ProxyBody::full(object.body.clone())
-    };
-    let mut response = Response::new(body);
-    *response.status_mut() = object.status;
+        ProxyBody::full(body)
+    });
+    *response.status_mut() = status;
     let headers = response.headers_mut();
     *headers = object.headers.clone();
+    match range {
+        Some(Ok((first, last))) => {
+            let content_range = format!("bytes {first}-{last}/{total}");
+            headers.insert(
+                CONTENT_RANGE,
+                HeaderValue::from_str(&content_range).expect("ASCII"),
+            );
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
+        }
+        Some(Err(())) => {
+            let content_range = format!("bytes */{total}");
+            headers.insert(
+                CONTENT_RANGE,
+                HeaderValue::from_str(&content_range).expect("ASCII"),
+            );
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(0));
+        }
+        None => {}
+    }
+    if object.status == StatusCode::OK {
+        headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
     headers.insert(AGE, age);
     headers.insert(CACHE_STATUS.clone(), hit);
     response
+}
+
+/// Whether a request's `If-Range` lets its `Range` apply to `object` (RFC 9110 §13.1.5): no
+/// `If-Range`, or a strong `ETag` equal to the stored one, or a date equal to its
+/// `Last-Modified`. Otherwise the whole representation is sent.
+fn if_range_holds(if_range: Option<&HeaderValue>, object: &CachedObject) -> bool {
+    let Some(if_range) = if_range else {
+        return true;
+    };
+    let validator =
+        if if_range.as_bytes().starts_with(b"\"") || if_range.as_bytes().starts_with(b"W/") {
+            object.headers.get(ETAG)
+        } else {
+            object.headers.get(LAST_MODIFIED)
+        };
+    !if_range.as_bytes().starts_with(b"W/") && validator == Some(if_range)
 }

@@ -253,3 +253,46 @@ async fn stale_if_error_stands_in_for_a_failing_origin_unless_must_revalidate() 
         assert_ne!(r.status(), 200, "must-revalidate forbids serving stale");
     }
 }
+
+#[tokio::test]
+async fn a_single_range_on_a_stored_object_is_answered_206_from_the_cache() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/r.jpg",
+        Reply::ok("0123456789abcdef").header("ETag", "\"r1\""),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let url = proxy.image_url(&origin.url("/r.jpg"));
+    let get = |range: &'static str, if_range: Option<&'static str>| {
+        let mut rb = proxy.client.get(&url).header("Range", range);
+        if let Some(v) = if_range {
+            rb = rb.header("If-Range", v);
+        }
+        rb.send()
+    };
+    // A miss fetches and returns the whole object (the Range is not sent upstream).
+    let r = get("bytes=0-3", None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "0123456789abcdef");
+    for (range, body, content_range) in [
+        ("bytes=0-3", "0123", "bytes 0-3/16"),
+        ("bytes=10-", "abcdef", "bytes 10-15/16"),
+        ("bytes=-2", "ef", "bytes 14-15/16"),
+    ] {
+        let r = get(range, None).await.unwrap();
+        assert_eq!(r.status(), 206, "{range}");
+        assert_eq!(header(&r, "content-range"), content_range);
+        assert_eq!(header(&r, "accept-ranges"), "bytes");
+        assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
+        assert_eq!(r.text().await.unwrap(), body);
+    }
+    let r = get("bytes=16-", None).await.unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(header(&r, "content-range"), "bytes */16");
+    let r = get("bytes=0-3", Some("\"r1\"")).await.unwrap();
+    assert_eq!(r.status(), 206);
+    let r = get("bytes=0-3", Some("\"other\"")).await.unwrap();
+    assert_eq!(r.status(), 200, "If-Range mismatch sends everything");
+    assert_eq!(r.text().await.unwrap().len(), 16);
+    assert_eq!(origin.hits("/r.jpg"), 1);
+}
