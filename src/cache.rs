@@ -29,6 +29,39 @@ impl CacheKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key of the variant of this (primary) key that a request with `headers` selects,
+    /// given the response's `Vary` field names (RFC 9111 §4.1). Header values are compared with
+    /// their lines joined by commas and surrounding whitespace trimmed; an absent header is a
+    /// value of its own.
+    pub fn variant(&self, index: &VaryIndex, headers: &HeaderMap) -> CacheKey {
+        let mut key = format!("{}\n#vary/{}", self.0, index.generation);
+        for name in index.names.iter() {
+            key.push('\n');
+            key.push_str(name.as_str());
+            let mut values = headers.get_all(name).iter().peekable();
+            if values.peek().is_none() {
+                key.push_str("\u{0}absent");
+                continue;
+            }
+            key.push(':');
+            for (i, v) in values.enumerate() {
+                if i > 0 {
+                    key.push(',');
+                }
+                key.push_str(String::from_utf8_lossy(v.as_bytes()).trim());
+            }
+        }
+        CacheKey(Arc::from(key))
+    }
+}
+
+/// The `Vary` field names of the latest stored response for a primary key, and a generation that
+/// makes variants stored under an earlier index unreachable once it is replaced or removed.
+#[derive(Debug, Clone)]
+pub struct VaryIndex {
+    pub names: Arc<[http::HeaderName]>,
+    pub generation: u64,
 }
 
 /// A complete response held in the memory tier.
@@ -129,6 +162,9 @@ impl Expiry<CacheKey, Arc<CachedObject>> for FreshnessExpiry {
 pub struct MemoryTier {
     objects: Cache<CacheKey, Arc<CachedObject>>,
     passes: Cache<CacheKey, PassMarker>,
+    /// Primary key → the `Vary` names its variants are keyed by.
+    variants: Cache<CacheKey, VaryIndex>,
+    next_generation: Arc<std::sync::atomic::AtomicU64>,
     capacity_bytes: u64,
 }
 
@@ -151,6 +187,8 @@ impl MemoryTier {
         MemoryTier {
             objects,
             passes,
+            variants: Cache::builder().max_capacity(PASS_MARKERS).build(),
+            next_generation: Arc::default(),
             capacity_bytes,
         }
     }
@@ -167,10 +205,38 @@ impl MemoryTier {
         self.objects.insert(key, Arc::new(object)).await;
     }
 
-    /// Forgets the object and any pass marker under `key` (RFC 9111 §4.4 invalidation).
+    /// Forgets the object, any pass marker and any variants under `key` (RFC 9111 §4.4).
     pub async fn invalidate(&self, key: &CacheKey) {
         self.objects.invalidate(key).await;
         self.passes.invalidate(key).await;
+        self.variants.invalidate(key).await;
+    }
+
+    /// The variant index of a primary key, if its latest response had `Vary`.
+    pub async fn vary_index(&self, primary: &CacheKey) -> Option<VaryIndex> {
+        self.variants.get(primary).await
+    }
+
+    /// Records `names` as the variant index of `primary`, keeping the current one when the names
+    /// are the same (so the variants stored under it stay reachable).
+    pub async fn set_vary_index(
+        &self,
+        primary: &CacheKey,
+        names: Vec<http::HeaderName>,
+    ) -> VaryIndex {
+        if let Some(index) = self.variants.get(primary).await
+            && index.names[..] == names[..]
+        {
+            return index;
+        }
+        let index = VaryIndex {
+            names: names.into(),
+            generation: self
+                .next_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
+        self.variants.insert(primary.clone(), index.clone()).await;
+        index
     }
 
     /// Remembers, for two minutes, that the response under `key` was not stored.

@@ -111,7 +111,7 @@ pub enum NotStorable {
     /// The request carried `Authorization` and the response did not allow sharing it with
     /// `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5).
     Authorization,
-    /// It carries `Vary` and the request forwarded client headers: variants are not stored yet.
+    /// It carries `Vary: *` (and the request forwarded client headers): no request can match it.
     Vary,
 }
 
@@ -243,7 +243,7 @@ pub fn storable(
     if request.authorized && !(d.public || d.s_maxage.is_some() || d.must_revalidate) {
         return Err(NotStorable::Authorization);
     }
-    if request.forwarded_client_headers && headers.contains_key(http::header::VARY) {
+    if request.forwarded_client_headers && vary_names(headers).is_none() {
         return Err(NotStorable::Vary);
     }
     if cc_applies && d.no_cache {
@@ -509,6 +509,26 @@ pub fn single_byte_range(range: &http::HeaderValue, total: u64) -> Option<Result
         (first, last.min(total - 1))
     };
     Some(Ok(range))
+}
+
+/// The request header names a response varies on (RFC 9110 §12.5.5), lower-cased, in order;
+/// empty without `Vary`, `None` for `Vary: *` (never matches). Unparsable names are ignored.
+pub fn vary_names(headers: &HeaderMap) -> Option<Vec<http::HeaderName>> {
+    let mut names: Vec<http::HeaderName> = Vec::new();
+    for value in headers.get_all(http::header::VARY) {
+        for name in value.to_str().unwrap_or_default().split(',') {
+            let name = name.trim();
+            if name == "*" {
+                return None;
+            }
+            if let Ok(name) = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                && !names.contains(&name)
+            {
+                names.push(name);
+            }
+        }
+    }
+    Some(names)
 }
 
 /// Weak comparison of a request's `If-None-Match` against an entity tag (RFC 9110 §13.1.2):
@@ -782,7 +802,7 @@ mod tests {
         ] {
             assert!(decide(cc).is_ok(), "{cc}");
         }
-        let h = headers(&[("set-cookie", "a=b".into()), ("vary", "accept".into())]);
+        let h = headers(&[("set-cookie", "a=b".into()), ("vary", "accept, *".into())]);
         let facts = RequestFacts {
             authorized: false,
             forwarded_client_headers: true,

@@ -422,6 +422,7 @@ fn proxy_request<B>(
 ) -> ProxyRequest {
     ProxyRequest {
         key: CacheKey::for_url(&url),
+        primary: CacheKey::for_url(&url),
         url,
         guard,
         head,

@@ -14,7 +14,7 @@ use http::header::{
     CONTENT_TYPE, ETAG, EXPIRES, HOST, HeaderName, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH,
     IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, LOCATION, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, RANGE, RETRY_AFTER, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-    X_CONTENT_TYPE_OPTIONS,
+    VARY, X_CONTENT_TYPE_OPTIONS,
 };
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -184,7 +184,11 @@ impl Forwarding {
 pub struct ProxyRequest {
     /// The absolute upstream URL to fetch on a miss.
     pub url: Url,
+    /// The key of the stored response: `primary`, or the variant of it this request selects
+    /// when the stored response had `Vary` (resolved by [`Proxy::handle`]).
     pub key: CacheKey,
+    /// The key of the URL itself: purges and invalidations address it.
+    pub primary: CacheKey,
     pub guard: Guard,
     /// HEAD: answered from the tier on a hit, forwarded as HEAD (and not stored) on a miss.
     pub head: bool,
@@ -241,8 +245,13 @@ impl Proxy {
     /// leader's error).
     pub async fn handle(
         self: &Arc<Self>,
-        req: ProxyRequest,
+        mut req: ProxyRequest,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        if let Forwarding::Headers { headers, .. } = &req.forwarding
+            && let Some(index) = self.tier.vary_index(&req.primary).await
+        {
+            req.key = req.primary.variant(&index, headers);
+        }
         let now = SystemTime::now();
         let cached = self.tier.get(&req.key).await;
         let usability = cached
@@ -497,7 +506,10 @@ impl Proxy {
         // A storable miss with a known length is shared with followers when this request leads
         // (see collapse.rs); otherwise it streams to this client, teed when storable (fill.rs).
         let body = match (store, leader) {
-            (Some(store), Some(leader)) if head.content_length.is_some() => {
+            // A response that varies is not shared: followers may select other variants.
+            (Some(store), Some(leader))
+                if head.content_length.is_some() && !head.headers.contains_key(VARY) =>
+            {
                 let total = head.content_length.expect("shared fills have a length") as usize;
                 let shared = SharedHead {
                     status: head.status,
@@ -681,10 +693,19 @@ impl Proxy {
                 None,
             );
         }
+        // A response that varies is stored under the variant this request selects (§4.1).
+        let mut key = req.key.clone();
+        if let Forwarding::Headers { headers, .. } = &req.forwarding {
+            let names = freshness::vary_names(&upstream.headers).unwrap_or_default();
+            if !names.is_empty() {
+                let index = self.tier.set_vary_index(&req.primary, names).await;
+                key = req.primary.variant(&index, headers);
+            }
+        }
         let fill = FillTarget {
             status: upstream.status,
             tier: self.tier.clone(),
-            key: req.key.clone(),
+            key,
             headers: stored_headers,
             response_time: upstream.times.response_time,
             freshness,

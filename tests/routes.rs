@@ -151,7 +151,7 @@ async fn a_successful_unsafe_method_invalidates_the_uri_and_its_location() {
 
 #[tokio::test]
 async fn authorized_vary_and_set_cookie_responses_follow_the_shared_cache_rules() {
-    // Authorization (§3.5) and Vary (not stored yet) are refused; Set-Cookie is stored.
+    // Authorization (§3.5) and Vary: * are refused; Vary and Set-Cookie are stored.
     let origin = TestOrigin::start().await;
     origin.route(
         "/auth",
@@ -160,6 +160,12 @@ async fn authorized_vary_and_set_cookie_responses_follow_the_shared_cache_rules(
     origin.route(
         "/auth-public",
         Reply::ok("p").header("Cache-Control", "public, max-age=60"),
+    );
+    origin.route(
+        "/vary-star",
+        Reply::ok("v")
+            .header("Cache-Control", "max-age=60")
+            .header("Vary", "*"),
     );
     origin.route(
         "/vary",
@@ -189,7 +195,8 @@ async fn authorized_vary_and_set_cookie_responses_follow_the_shared_cache_rules(
             "detail=authorization",
         ),
         ("/auth-public", true, "stored", "hit"),
-        ("/vary", false, "detail=vary", "detail=vary"),
+        ("/vary", false, "stored", "hit"),
+        ("/vary-star", false, "detail=vary", "detail=vary"),
         // RFC 9111 lets a shared cache store Set-Cookie, and a route replays it.
         ("/cookie", false, "stored", "hit"),
     ] {
@@ -448,4 +455,40 @@ async fn purge_is_disabled_without_a_token_and_reports_what_it_removed() {
         cache_status(&proxy.get("/n.jpg").await),
         "imgedge; fwd=uri-miss; stored"
     );
+}
+
+#[tokio::test]
+async fn responses_that_vary_are_stored_per_variant() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/img",
+        Reply::ok("negotiated")
+            .header("Cache-Control", "max-age=600")
+            .header("Vary", "Accept, Accept-Language"),
+    );
+    let proxy = route_proxy(&origin).await;
+    let get = |accept: &'static str| {
+        proxy
+            .client
+            .get(proxy.url("/img"))
+            .header("Accept", accept)
+            .send()
+    };
+    for (accept, expected) in [
+        ("image/webp", "imgedge; fwd=uri-miss; stored"),
+        ("image/webp", "imgedge; hit; detail=memory"),
+        ("image/png", "imgedge; fwd=uri-miss; stored"),
+        ("image/png", "imgedge; hit; detail=memory"),
+        (" image/webp ", "imgedge; hit; detail=memory"),
+    ] {
+        let r = get(accept).await.unwrap();
+        assert_eq!(cache_status(&r), expected, "Accept: {accept:?}");
+        r.bytes().await.unwrap();
+    }
+    assert_eq!(origin.hits("/img"), 2, "one fetch per variant");
+    // Purging the URL drops every variant.
+    let r = proxy.client.delete(proxy.url("/img")).send().await.unwrap();
+    r.bytes().await.unwrap();
+    let r = get("image/webp").await.unwrap();
+    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
 }
