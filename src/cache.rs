@@ -1,9 +1,11 @@
-//! The cache: [`CacheKey`], the stored [`CachedObject`], and the memory tier (moka, weighted by
-//! bytes, expiring each entry when its freshness runs out). Also remembers, without their bodies,
-//! responses that were not stored (hit-for-pass), so the next request for one goes straight
-//! upstream.
+//! The cache: [`CacheKey`], the stored [`CachedObject`], and [`TieredCache`]: the memory tier
+//! (moka, weighted by bytes, expiring each entry after its freshness and stale retention) in front
+//! of the optional disk tier ([`disk`], foyer). Also remembers, without their bodies, responses
+//! that were not stored (hit-for-pass), and the `Vary` names of varying URLs.
 //!
 //! No HTTP decisions live here (see `freshness.rs`), and nothing here touches the network.
+
+pub mod disk;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -156,11 +158,20 @@ impl Expiry<CacheKey, Arc<CachedObject>> for FreshnessExpiry {
     }
 }
 
-/// The memory tier: a moka cache of [`CachedObject`]s weighted by bytes, plus the too-large
-/// markers. Cheap to clone (handles to shared state).
+/// Where a stored object was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Memory,
+    Disk,
+}
+
+/// The memory tier, a moka cache of [`CachedObject`]s weighted by bytes, in front of the
+/// optional disk tier; plus pass markers and variant indexes (memory only). Cheap to clone
+/// (handles to shared state).
 #[derive(Clone)]
-pub struct MemoryTier {
+pub struct TieredCache {
     objects: Cache<CacheKey, Arc<CachedObject>>,
+    disk: Option<disk::DiskTier>,
     passes: Cache<CacheKey, PassMarker>,
     /// Primary key → the `Vary` names its variants are keyed by.
     variants: Cache<CacheKey, VaryIndex>,
@@ -168,7 +179,7 @@ pub struct MemoryTier {
     capacity_bytes: u64,
 }
 
-impl MemoryTier {
+impl TieredCache {
     /// A tier holding at most `capacity_bytes` of weighted entries; least recently used entries
     /// are evicted first once it is full (moka's TinyLFU admission may also refuse a newcomer).
     pub fn new(capacity_bytes: u64, stale_retention: Duration) -> Self {
@@ -184,8 +195,9 @@ impl MemoryTier {
             .max_capacity(PASS_MARKERS)
             .time_to_live(PASS_TTL)
             .build();
-        MemoryTier {
+        TieredCache {
             objects,
+            disk: None,
             passes,
             variants: Cache::builder().max_capacity(PASS_MARKERS).build(),
             next_generation: Arc::default(),
@@ -193,20 +205,50 @@ impl MemoryTier {
         }
     }
 
-    /// The object stored under `key`, fresh or stale (within `stale_retention`): whether it
-    /// may serve a request is the caller's decision (`freshness::usability`).
+    /// Puts a disk tier behind the memory tier.
+    pub fn with_disk(mut self, disk: disk::DiskTier) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// The object stored under `key` in the memory tier, fresh or stale (within
+    /// `stale_retention`): whether it may serve a request is the caller's decision
+    /// (`freshness::usability`).
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedObject>> {
         self.objects.get(key).await
     }
 
-    /// Stores a complete object, replacing any previous one, and forgets a pass marker.
+    /// The object stored under `key`: from memory, else from disk (then promoted into memory).
+    pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<CachedObject>, Tier)> {
+        if let Some(object) = self.objects.get(key).await {
+            return Some((object, Tier::Memory));
+        }
+        let object = Arc::new(self.disk.as_ref()?.get(key).await?);
+        self.objects.insert(key.clone(), object.clone()).await;
+        Some((object, Tier::Disk))
+    }
+
+    /// Stores a complete object in both tiers, replacing any previous one, and forgets a pass
+    /// marker. The disk write happens in the background.
     pub async fn insert(&self, key: CacheKey, object: CachedObject) {
         self.passes.invalidate(&key).await;
-        self.objects.insert(key, Arc::new(object)).await;
+        let object = Arc::new(object);
+        if let Some(disk) = &self.disk {
+            disk.store(key.clone(), object.clone());
+        }
+        self.objects.insert(key, object).await;
+    }
+
+    /// The disk tier's counters, when there is one.
+    pub fn disk_usage(&self) -> Option<disk::DiskUsage> {
+        self.disk.as_ref().map(|d| d.usage())
     }
 
     /// Forgets the object, any pass marker and any variants under `key` (RFC 9111 §4.4).
     pub async fn invalidate(&self, key: &CacheKey) {
+        if let Some(disk) = &self.disk {
+            disk.remove(key);
+        }
         self.objects.invalidate(key).await;
         self.passes.invalidate(key).await;
         self.variants.invalidate(key).await;
@@ -295,7 +337,7 @@ mod tests {
 
     #[tokio::test]
     async fn weighs_entries_by_bytes_and_evicts_past_capacity() {
-        let tier = MemoryTier::new(10_000, Duration::ZERO);
+        let tier = TieredCache::new(10_000, Duration::ZERO);
         tier.insert(key("http://h/a"), object(4_000, 60)).await;
         let u = tier.usage().await;
         assert_eq!(u.entries, 1);
@@ -312,7 +354,7 @@ mod tests {
     async fn stale_objects_are_kept_for_stale_retention_only() {
         let k = key("http://h/a");
         for (retention, kept) in [(Duration::ZERO, false), (Duration::from_secs(60), true)] {
-            let tier = MemoryTier::new(1 << 20, retention);
+            let tier = TieredCache::new(1 << 20, retention);
             let mut o = object(10, 10);
             o.response_time = SystemTime::now() - Duration::from_secs(11);
             tier.insert(k.clone(), o).await;
@@ -326,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalidating_removes_the_object_and_the_pass_marker() {
-        let tier = MemoryTier::new(1 << 20, Duration::ZERO);
+        let tier = TieredCache::new(1 << 20, Duration::ZERO);
         let (a, b) = (key("http://h/a"), key("http://h/b"));
         tier.insert(a.clone(), object(10, 60)).await;
         let marker = PassMarker {
@@ -345,7 +387,7 @@ mod tests {
 
     #[tokio::test]
     async fn storing_an_object_forgets_its_pass_marker() {
-        let tier = MemoryTier::new(1 << 20, Duration::ZERO);
+        let tier = TieredCache::new(1 << 20, Duration::ZERO);
         let k = key("http://h/a");
         tier.mark_pass(
             k.clone(),

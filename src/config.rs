@@ -128,6 +128,10 @@ pub struct CacheConfig {
     /// How long a stale response is kept past its freshness, to be served with `max-stale` or
     /// revalidated.
     pub stale_retention: Duration,
+    /// Directory of the disk tier; `None` turns it off.
+    pub disk_dir: Option<std::path::PathBuf>,
+    /// Capacity of the disk tier, in bytes of its data files.
+    pub disk_capacity_bytes: u64,
 }
 
 impl CacheConfig {
@@ -246,6 +250,12 @@ impl Config {
                 max_heuristic_ttl: f.duration("cache.max_heuristic_ttl"),
                 negative_ttl: f.duration("cache.negative_ttl"),
                 stale_retention: f.duration("cache.stale_retention"),
+                disk_dir: f.parse("cache.disk_dir", |s: String| {
+                    Ok(Some(s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .map(std::path::PathBuf::from))
+                }),
+                disk_capacity_bytes: f.range("cache.disk_capacity_bytes", 64 << 20, u64::MAX),
             },
             admin: AdminConfig {
                 token: f.parse("admin.token", |s: String| match s.trim() {

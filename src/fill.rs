@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::HeaderMap;
 
-use crate::cache::{CacheKey, CachedObject, MemoryTier, PassMarker};
+use crate::cache::{CacheKey, CachedObject, PassMarker, TieredCache};
 use crate::freshness::Freshness;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
@@ -23,7 +23,7 @@ use crate::upstream::{UpstreamBody, UpstreamError};
 pub struct FillTarget {
     /// The response's status, stored with it.
     pub status: http::StatusCode,
-    pub tier: MemoryTier,
+    pub tier: TieredCache,
     pub key: CacheKey,
     /// Response headers served on a hit (see [`CachedObject::headers`]).
     pub headers: HeaderMap,

@@ -19,7 +19,8 @@ use tracing::{Instrument, Span};
 use url::Url;
 
 use crate::body::ProxyBody;
-use crate::cache::{CacheKey, MemoryTier};
+use crate::cache::disk::DiskTier;
+use crate::cache::{CacheKey, TieredCache};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::freshness::RequestDirectives;
@@ -86,12 +87,24 @@ impl App {
     ///
     /// # Errors
     /// A message when the upstream clients cannot be built.
-    pub fn new(config: Config) -> Result<Self, String> {
+    pub async fn new(config: Config) -> Result<Self, String> {
         let metrics = Arc::new(Metrics::default());
-        let tier = MemoryTier::new(
+        let mut tier = TieredCache::new(
             config.cache.memory_capacity_bytes,
             config.cache.stale_retention,
         );
+        if let Some(dir) = &config.cache.disk_dir {
+            // A disk that cannot be opened costs the disk tier, never the service.
+            match DiskTier::open(dir, config.cache.disk_capacity_bytes).await {
+                Ok(disk) => {
+                    tracing::info!(dir = %dir.display(), capacity_bytes = config.cache.disk_capacity_bytes, "disk tier open");
+                    tier = tier.with_disk(disk);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "disk tier unavailable: serving from memory and upstream")
+                }
+            }
+        }
         let upstream = Upstream::new(&config.upstream)?;
         let proxy = Arc::new(Proxy::new(
             tier,
@@ -354,7 +367,7 @@ impl App {
         let body = serde_json::json!({
             "status": "ok",
             "memory": { "rss_bytes": self.rss_bytes() },
-            "cache": { "memory": memory },
+            "cache": { "memory": memory, "disk": self.proxy.tier().disk_usage() },
             "uptime_seconds": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
         });

@@ -75,7 +75,7 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let app = Arc::new(http::App::new(config).map_err(ServeError::Setup)?);
+    let app = Arc::new(http::App::new(config).await.map_err(ServeError::Setup)?);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -22,7 +22,7 @@ use tracing::{Instrument, Span};
 use url::Url;
 
 use crate::body::ProxyBody;
-use crate::cache::{CacheKey, CachedObject, MemoryTier, PassMarker};
+use crate::cache::{CacheKey, CachedObject, PassMarker, Tier, TieredCache};
 use crate::collapse::{Collapser, Leader, Outcome, Role, SharedHead, SharedReader};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
@@ -42,6 +42,8 @@ pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 /// Cache-Status values. The cache name is `imgedge`.
 pub mod status {
     pub const HIT_MEMORY: &str = "imgedge; hit; detail=memory";
+    /// Served from the disk tier (and promoted into memory).
+    pub const HIT_DISK: &str = "imgedge; hit; detail=disk";
     /// A stale response served because the request's `max-stale` accepted it.
     pub const HIT_STALE: &str = "imgedge; hit; detail=memory-stale";
     /// A stale response served while it is refreshed in the background (RFC 5861 §3).
@@ -207,7 +209,7 @@ pub struct ProxyRequest {
 
 /// The proxy core: the memory tier, the in-flight fills and the upstream clients.
 pub struct Proxy {
-    tier: MemoryTier,
+    tier: TieredCache,
     collapser: Arc<Collapser>,
     /// Keys being refreshed in the background (stale-while-revalidate), one task per key.
     refreshing: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
@@ -218,7 +220,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(
-        tier: MemoryTier,
+        tier: TieredCache,
         upstream: Upstream,
         metrics: Arc<Metrics>,
         cache: CacheConfig,
@@ -233,7 +235,7 @@ impl Proxy {
         }
     }
 
-    pub fn tier(&self) -> &MemoryTier {
+    pub fn tier(&self) -> &TieredCache {
         &self.tier
     }
 
@@ -253,17 +255,25 @@ impl Proxy {
             req.key = req.primary.variant(&index, headers);
         }
         let now = SystemTime::now();
-        let cached = self.tier.get(&req.key).await;
+        let found = self.tier.lookup(&req.key).await;
+        let from_disk = matches!(found, Some((_, Tier::Disk)));
+        let cached = found.map(|(object, _)| object);
         let usability = cached
             .as_ref()
             .map(|o| freshness::usability(&o.freshness, o.age(now), &req.directives));
         let hit = match usability {
+            Some(Usability::Fresh) if from_disk => Some(status::HIT_DISK),
             Some(Usability::Fresh) => Some(status::HIT_MEMORY),
             Some(Usability::StaleAccepted) => Some(status::HIT_STALE),
             Some(Usability::StaleWhileRevalidate) => Some(status::HIT_STALE_WHILE_REVALIDATE),
             Some(Usability::NeedsValidation) | None => None,
         };
-        self.metrics.cache_lookup("memory", hit.is_some());
+        self.metrics
+            .cache_lookup("memory", hit.is_some() && !from_disk);
+        if from_disk || (hit.is_none() && self.tier.disk_usage().is_some()) {
+            self.metrics
+                .cache_lookup("disk", hit.is_some() && from_disk);
+        }
         if let (Some(object), Some(cache_status)) = (&cached, hit) {
             if usability == Some(Usability::StaleWhileRevalidate) {
                 self.refresh_in_background(&req, object.clone());

@@ -4,6 +4,7 @@
 mod support;
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -263,4 +264,199 @@ async fn thirty_two_slow_clients_on_a_64_mib_body_grow_rss_by_less_than_16_mib()
         "RSS grew by {} KiB",
         growth / 1024
     );
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("imgedge-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn health(base: &str) -> serde_json::Value {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = client.get(format!("{base}/health")).send().await.unwrap();
+    serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
+}
+
+/// Waits until the disk tier has written `n` entries.
+async fn wait_for_disk_writes(base: &str, n: u64) {
+    for _ in 0..200 {
+        if health(base).await["cache"]["disk"]["writes"]
+            .as_u64()
+            .unwrap_or(0)
+            >= n
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "the disk tier did not write {n} entries: {}",
+        health(base).await
+    );
+}
+
+fn disk_env(origin: &TestOrigin, dir: &TempDir) -> Vec<(&'static str, String)> {
+    vec![
+        ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
+        ("IMGEDGE_UPSTREAM__IDLE_TIMEOUT", "60s".into()),
+        ("IMGEDGE_CACHE__DISK_DIR", dir.0.display().to_string()),
+        (
+            "IMGEDGE_CACHE__DISK_CAPACITY_BYTES",
+            (256u64 << 20).to_string(),
+        ),
+        ("IMGEDGE_LOG__LEVEL", "warn".into()),
+    ]
+}
+
+#[tokio::test]
+async fn objects_survive_kill_9_and_come_back_from_disk_then_memory() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/a.jpg",
+        Reply::pattern(300_000).header("Cache-Control", "max-age=600"),
+    );
+    origin.route(
+        "/b.png",
+        Reply::pattern(200_000)
+            .chunked()
+            .header("Cache-Control", "max-age=600"),
+    );
+    let dir = TempDir::new("disk-restart");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let bin = Binary::start(&disk_env(&origin, &dir)).await;
+    for path in ["/a.jpg", "/b.png"] {
+        let url = format!("{}/image-proxy?url={}", bin.base, origin.url(path));
+        client
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+    }
+    wait_for_disk_writes(&bin.base, 2).await;
+    bin.stop().await; // SIGKILL
+
+    let bin = Binary::start(&disk_env(&origin, &dir)).await;
+    for (path, len) in [("/a.jpg", 300_000), ("/b.png", 200_000)] {
+        let url = format!("{}/image-proxy?url={}", bin.base, origin.url(path));
+        for expected in ["imgedge; hit; detail=disk", "imgedge; hit; detail=memory"] {
+            let r = client.get(&url).send().await.unwrap();
+            assert_eq!(cache_status(&r), expected, "{path}");
+            assert_eq!(r.bytes().await.unwrap(), pattern(len), "{path}");
+        }
+        assert_eq!(origin.hits(path), 1, "{path}");
+    }
+    bin.stop().await;
+}
+
+#[tokio::test]
+async fn after_kill_9_during_fills_only_complete_objects_are_served() {
+    let origin = TestOrigin::start().await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    for i in 0..10 {
+        origin.route(
+            &format!("/done{i}.jpg"),
+            Reply::pattern(150_000 + i).header("Cache-Control", "max-age=600"),
+        );
+        // Never completes before the kill: the origin holds back the rest of the body.
+        origin.route(
+            &format!("/half{i}.jpg"),
+            Reply::pattern(150_000 + i)
+                .header("Cache-Control", "max-age=600")
+                .fault(Fault::GateAfter(70_000, gate.clone())),
+        );
+    }
+    let dir = TempDir::new("disk-kill");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let bin = Binary::start(&disk_env(&origin, &dir)).await;
+    let mut half = Vec::new();
+    for i in 0..10 {
+        let url = format!(
+            "{}/image-proxy?url={}",
+            bin.base,
+            origin.url(&format!("/done{i}.jpg"))
+        );
+        client
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let url = format!(
+            "{}/image-proxy?url={}",
+            bin.base,
+            origin.url(&format!("/half{i}.jpg"))
+        );
+        let mut r = client.get(&url).send().await.unwrap();
+        r.chunk().await.unwrap();
+        half.push(r);
+    }
+    wait_for_disk_writes(&bin.base, 10).await;
+    bin.stop().await; // SIGKILL with ten fills in flight
+    drop(half);
+
+    let bin = Binary::start(&disk_env(&origin, &dir)).await;
+    for i in 0..10u64 {
+        origin.route(
+            &format!("/half{i}.jpg"),
+            Reply::pattern(150_000 + i).header("Cache-Control", "max-age=600"),
+        );
+        for (path, cached) in [
+            (format!("/done{i}.jpg"), true),
+            (format!("/half{i}.jpg"), false),
+        ] {
+            let url = format!("{}/image-proxy?url={}", bin.base, origin.url(&path));
+            let r = client.get(&url).send().await.unwrap();
+            let status = cache_status(&r);
+            assert_eq!(
+                status == "imgedge; hit; detail=disk",
+                cached,
+                "{path}: {status}"
+            );
+            assert_eq!(r.bytes().await.unwrap(), pattern(150_000 + i), "{path}");
+        }
+    }
+    bin.stop().await;
+}
+
+#[tokio::test]
+async fn an_unusable_disk_dir_costs_the_disk_tier_not_the_service() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/c.jpg",
+        Reply::ok("still served").header("Cache-Control", "max-age=600"),
+    );
+    let dir = TempDir::new("disk-file");
+    std::fs::write(&dir.0, b"a file where a directory should be").unwrap();
+    let bin = Binary::start(&disk_env(&origin, &dir)).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("{}/image-proxy?url={}", bin.base, origin.url("/c.jpg"));
+    for expected in [
+        "imgedge; fwd=uri-miss; stored",
+        "imgedge; hit; detail=memory",
+    ] {
+        let r = client.get(&url).send().await.unwrap();
+        assert_eq!(cache_status(&r), expected);
+        assert_eq!(r.text().await.unwrap(), "still served");
+    }
+    assert!(health(&bin.base).await["cache"]["disk"].is_null());
+    let log = bin.stop().await;
+    assert!(log.contains("disk tier unavailable"), "{log}");
+    let _ = std::fs::remove_file(&dir.0);
 }
