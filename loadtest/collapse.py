@@ -3,7 +3,8 @@
 
 Usage:
   python3 loadtest/collapse.py --url URL --clients 200 --sha256 HEX --bytes N
-                               [--timeout 120] [--connect-timeout 10] [--details FILE]
+                               [--timeout 120] [--connect-timeout 10] [--rcvlowat 131072]
+                               [--details FILE]
 
 Opens --clients TCP connections (one per client, plain HTTP/1.1, `Connection: close`) and only
 when every one is established writes the same GET to all of them in one tight loop, so the
@@ -20,6 +21,9 @@ piece read from the kernel, and the head end / first body byte / last byte are d
 that carried them. So a client whose coroutine runs late (the loop is busy hashing other
 clients' bodies) is not charged for that; how late they ran is reported as client_lag_ms
 (coroutine time minus arrival time of the first body byte), a gauge of this tool's own overhead.
+To keep that overhead down, a client that has its first body byte sets SO_RCVLOWAT (--rcvlowat,
+Linux) so the rest wakes it per 128 KiB instead of per small piece; total_ms is then dated by the
+piece that completed the body (the last 256 KiB are read without it).
 
 Also recorded: status, Cache-Status and X-Cache headers, body size and sha256 (both must equal
 --bytes and --sha256; the status must be 200). Prints one JSON line:
@@ -32,7 +36,8 @@ Also recorded: status, Cache-Status and X-Cache headers, body size and sha256 (b
 
 Exit status 0 when every client got a byte-exact 200, 1 on any error or mismatch, 2 on bad
 arguments. An overall --timeout (default 120 s) bounds the whole run; clients not done by then
-count as errors.
+count as errors. --details FILE writes one JSON object per client (the fields above, plus
+`pieces`: how many reads its response took).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import asyncio
 import hashlib
 import json
 import math
+import socket
 import statistics
 import sys
 import time
@@ -50,6 +56,7 @@ from urllib.parse import urlsplit
 READ = 256 * 1024
 MAX_HEAD = 64 * 1024
 MARKS = 64  # arrival marks kept per connection: enough to cover the head and the first body bytes
+RCVLOWAT = 128 * 1024  # --rcvlowat default
 
 
 class TimedReader(asyncio.StreamReader):
@@ -58,6 +65,7 @@ class TimedReader(asyncio.StreamReader):
     def __init__(self, limit: int, loop: asyncio.AbstractEventLoop):
         super().__init__(limit=limit, loop=loop)
         self.fed = 0
+        self.pieces = 0
         self.marks: list[tuple[int, float]] = []  # (offset just past the piece, arrival time)
         self.last_arrival: float | None = None
 
@@ -65,6 +73,7 @@ class TimedReader(asyncio.StreamReader):
         t = time.perf_counter()
         super().feed_data(data)
         self.fed += len(data)
+        self.pieces += 1
         self.last_arrival = t
         if len(self.marks) < MARKS:
             self.marks.append((self.fed, t))
@@ -80,7 +89,7 @@ class TimedReader(asyncio.StreamReader):
 class Client:
     __slots__ = (
         "idx", "reader", "writer", "t0", "t_head", "t_first", "t_last", "t_first_seen", "body_start",
-        "status",
+        "sock", "status",
         "cache_status", "x_cache", "size", "sha256", "error", "mismatch",
     )
 
@@ -90,6 +99,7 @@ class Client:
         self.writer: asyncio.StreamWriter | None = None
         self.t0 = self.t_head = self.t_first = self.t_last = self.t_first_seen = None
         self.body_start = 0  # offset of the first body byte in the response
+        self.sock: socket.socket | None = None
         self.status: int | None = None
         self.cache_status: str | None = None
         self.x_cache: str | None = None
@@ -107,6 +117,7 @@ class Client:
             "x_cache": self.x_cache, "bytes": self.size, "sha256": self.sha256,
             "head_ms": rnd(self.ms(self.t_head)), "first_byte_ms": rnd(self.ms(self.t_first)),
             "total_ms": rnd(self.ms(self.t_last)), "client_lag_ms": rnd(self.lag()),
+            "pieces": self.reader.pieces if self.reader else None,
             "error": self.error, "mismatch": self.mismatch,
         }
 
@@ -116,6 +127,14 @@ class Client:
             now = time.perf_counter()
             self.t_first_seen = now
             self.t_first = self.reader.arrival(self.body_start) or now
+
+    def set_lowat(self, n: int) -> None:
+        """SO_RCVLOWAT: wake this reader only once n bytes are queued (or at EOF). Best effort."""
+        if self.sock is not None and hasattr(socket, "SO_RCVLOWAT"):
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            except OSError:
+                pass
 
     def lag(self) -> float | None:
         if self.t_first is None or self.t_first_seen is None:
@@ -173,7 +192,12 @@ async def read_head(c: Client) -> tuple[int, dict[str, str], bytes]:
     return int(parts[1]), headers, rest
 
 
-async def read_body(c: Client, headers: dict[str, str], rest: bytes) -> None:
+async def read_body(c: Client, headers: dict[str, str], rest: bytes, lowat: int) -> None:
+    # Once the first body byte is in, the client's only remaining job is to take the rest in and
+    # hash it: with SO_RCVLOWAT the kernel wakes it per `lowat` bytes instead of per small piece,
+    # which keeps the event loop responsive for the clients still waiting for their first byte.
+    # Lowered back to 1 for the last 2 * lowat bytes, so that a server that does not close after
+    # the body is not waited on.
     h = hashlib.sha256()
     te = headers.get("transfer-encoding", "").lower()
     if "chunked" in te:
@@ -187,7 +211,14 @@ async def read_body(c: Client, headers: dict[str, str], rest: bytes) -> None:
             raise ProtocolError("more bytes than Content-Length")
         h.update(rest)
         c.size = len(rest)
+        lowat_state = 0 if lowat > 1 else 2  # 0 not yet set, 1 set, 2 done
         while c.size < want:
+            if lowat_state == 0 and c.t_first is not None and want - c.size > 2 * lowat:
+                c.set_lowat(lowat)
+                lowat_state = 1
+            elif lowat_state == 1 and want - c.size <= 2 * lowat:
+                c.set_lowat(1)
+                lowat_state = 2
             data = await c.reader.read(min(READ, want - c.size))
             if not data:
                 raise ProtocolError(f"connection closed after {c.size} of {want} body bytes")
@@ -206,7 +237,11 @@ async def read_body(c: Client, headers: dict[str, str], rest: bytes) -> None:
     else:  # read to EOF
         h.update(rest)
         c.size = len(rest)
+        lowat_set = False
         while True:
+            if not lowat_set and lowat > 1 and c.t_first is not None:
+                c.set_lowat(lowat)  # EOF wakes the reader whatever is queued
+                lowat_set = True
             data = await c.reader.read(READ)
             if not data:
                 break
@@ -257,20 +292,20 @@ async def read_chunked(c: Client, h, rest: bytes) -> None:
         del buf[:n + 2]
 
 
-async def run_client(c: Client, want_sha: str, want_bytes: int) -> None:
+async def run_client(c: Client, want_sha: str, want_bytes: int, lowat: int) -> None:
     try:
         status, headers, rest = await read_head(c)
         c.status = status
         c.cache_status = headers.get("cache-status")
         c.x_cache = headers.get("x-cache")
-        await read_body(c, headers, rest)
+        await read_body(c, headers, rest, lowat)
         problems = []
         if status != 200:
             problems.append(f"status {status}")
         if c.size != want_bytes:
             problems.append(f"{c.size} bytes, want {want_bytes}")
         if c.sha256 != want_sha:
-            problems.append(f"sha256 {c.sha256[:16]}…, want {want_sha[:16]}…")
+            problems.append(f"sha256 {c.sha256[:16]}..., want {want_sha[:16]}...")
         if problems:
             c.mismatch = "; ".join(problems)
     except asyncio.CancelledError:
@@ -291,6 +326,7 @@ async def connect(c: Client, host: str, port: int) -> None:
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport, _ = await loop.create_connection(lambda: protocol, host, port)
         c.reader, c.writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+        c.sock = transport.get_extra_info("socket")
     except OSError as e:
         c.error = f"connect: {type(e).__name__}: {e}"
 
@@ -323,7 +359,7 @@ async def main_async(args, host: str, port: int, target: str) -> dict:
         send_times.append(c.t0)
 
     # 3. Read every response, under the overall deadline.
-    tasks = [asyncio.create_task(run_client(c, args.sha256, args.bytes)) for c in live]
+    tasks = [asyncio.create_task(run_client(c, args.sha256, args.bytes, args.rcvlowat)) for c in live]
     remaining = max(0.1, deadline - time.monotonic())
     if tasks:
         _, pending = await asyncio.wait(tasks, timeout=remaining)
@@ -390,6 +426,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="overall limit, seconds (default 120)")
     ap.add_argument("--connect-timeout", type=float, default=10.0,
                     help="limit for opening all connections, seconds (default 10)")
+    ap.add_argument("--rcvlowat", type=int, default=RCVLOWAT, metavar="BYTES",
+                    help="SO_RCVLOWAT once a client has its first body byte (default %(default)s; "
+                         "0 or 1 = off), to cut wake-ups while the rest streams in")
     ap.add_argument("--details", metavar="FILE", help="also write one JSON line per client here")
     args = ap.parse_args()
 

@@ -15,6 +15,10 @@
 #   COLLAPSE_TARGET_BYTES   pick the image closest to this size, <= 5242880 (default 3900000)
 #   COLLAPSE_TIMEOUT        overall limit of each collapse.py run, seconds (default 120)
 #   COLLAPSE_PEERS          0 skips nginx and Varnish (default 1)
+#   COLLAPSE_VARNISH_POOL_MIN  Varnish thread_pool_min (per pool, 2 pools; default
+#                           max(50, CLIENTS/2 + 25): every client holds a worker thread while it
+#                           streams, and a cold varnishd with too few threads makes the surplus
+#                           clients, and the backend fetch itself, wait for new threads)
 #   COLLAPSE_KEEP           1 keeps the temp folder (logs, per-client JSON) even on success
 #   LT_WAIT_TRIES           start-up waits, in 0.1 s steps (default 100; from lib.sh)
 #
@@ -32,6 +36,8 @@ RATE=${COLLAPSE_RATE:-4000000}
 TARGET_BYTES=${COLLAPSE_TARGET_BYTES:-3900000}
 RUN_TIMEOUT=${COLLAPSE_TIMEOUT:-120}
 PEERS=${COLLAPSE_PEERS:-1}
+VARNISH_POOL_MIN=${COLLAPSE_VARNISH_POOL_MIN:-$(((CLIENTS + 1) / 2 + 25))}
+((VARNISH_POOL_MIN >= 50)) || VARNISH_POOL_MIN=50
 MAX_CACHEABLE=5242880
 FOLLOWER_TARGET_MS=20
 
@@ -63,11 +69,13 @@ read -r NAME BYTES SHA < <(awk -F'\t' -v t="$TARGET_BYTES" -v max="$MAX_CACHEABL
 # -- processes and cleanup ----------------------------------------------------------------------
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/imgedge-collapse.XXXXXX")
 chmod 755 "$TMP" # nginx workers and the Varnish child drop privileges and must reach their dirs
-ORIGIN_PID='' EDGE_PID='' NGINX_PID='' VARNISH_PID=''
+ORIGIN_PID='' EDGE_PID='' NGINX_PID='' VARNISH_PID='' PROBE_PID=''
 
+# shellcheck disable=SC2317 # run by the EXIT trap
 cleanup() {
   local rc=$?
   trap - EXIT
+  lt_stop "$PROBE_PID"
   lt_stop "$EDGE_PID"
   lt_stop "$NGINX_PID"
   lt_stop "$VARNISH_PID"
@@ -107,14 +115,19 @@ origin_hits() { # prints the origin's request count for /NAME
 }
 
 FAILED=0
+LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
 # run_probe LABEL URL: runs collapse.py, leaves $TMP/LABEL.json (summary) and LABEL.hits.
 run_probe() {
   local label=$1 url=$2 rc=0
   origin_reset
   printf '%s\n' "python3 loadtest/collapse.py --url '$url' --clients $CLIENTS --sha256 $SHA --bytes $BYTES --timeout $RUN_TIMEOUT" >"$TMP/$label.cmd"
+  # In the background and waited for, so that a TERM/INT reaches the trap at once.
   timeout -k 5 $((${RUN_TIMEOUT%.*} + 30)) python3 "$LT_DIR/collapse.py" --url "$url" --clients "$CLIENTS" \
     --sha256 "$SHA" --bytes "$BYTES" --timeout "$RUN_TIMEOUT" --details "$TMP/$label.clients.jsonl" \
-    >"$TMP/$label.json" 2>"$TMP/$label.err" || rc=$?
+    >"$TMP/$label.json" 2>"$TMP/$label.err" &
+  PROBE_PID=$!
+  wait "$PROBE_PID" || rc=$?
+  PROBE_PID=''
   sleep 0.2 # let any straggling origin request register
   origin_hits >"$TMP/$label.hits" || echo "?" >"$TMP/$label.hits"
   if ((rc != 0)); then
@@ -213,7 +226,7 @@ sub vcl_deliver {
 }
 EOF
   varnishd -F -a "127.0.0.1:$VPORT" -T none -f "$TMP/varnish/collapse.vcl" -s malloc,256M \
-    -n "$TMP/varnish/work" -p thread_pool_min=50 >"$TMP/varnish/varnishd.log" 2>&1 &
+    -n "$TMP/varnish/work" -p thread_pool_min="$VARNISH_POOL_MIN" >"$TMP/varnish/varnishd.log" 2>&1 &
   VARNISH_PID=$!
   if lt_wait_http varnish "$VARNISH_PID" "http://127.0.0.1:$VPORT/__up" "$TMP/varnish/varnishd.log"; then
     run_probe varnish "http://127.0.0.1:$VPORT/image-proxy?url=$UPSTREAM_URL"
@@ -232,12 +245,14 @@ mkdir -p "$LT_DIR/reports"
 REPORT=$LT_DIR/reports/collapse-$STAMP.md
 COMMIT=$(cd "$LT_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(cd "$LT_ROOT" && git status --porcelain -- src Cargo.toml Cargo.lock config 2>/dev/null) ]]; then
-  COMMIT+=" (with uncommitted changes to src/Cargo/config)"
+  COMMIT+=" (src/Cargo/config modified)"
 fi
+BIN_ID="sha256 $(sha256sum "$EDGE_BIN" | cut -c1-12), mtime $(date -u -r "$EDGE_BIN" +%Y-%m-%dT%H:%M:%SZ)"
 CMDLINE="bash loadtest/collapse.sh $CLIENTS"
-for v in CORPUS EDGE_BIN COLLAPSE_RATE COLLAPSE_TARGET_BYTES COLLAPSE_TIMEOUT COLLAPSE_PEERS; do
+for v in CORPUS EDGE_BIN COLLAPSE_RATE COLLAPSE_TARGET_BYTES COLLAPSE_TIMEOUT COLLAPSE_PEERS COLLAPSE_VARNISH_POOL_MIN; do
   [[ -n ${!v:-} ]] && CMDLINE="$v=${!v} $CMDLINE"
 done
+LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')
 IMG_WARN=$(grep -cEi 'WARN|ERROR|panic' "$TMP/imgedge.log" || true)
 
 verdict=0
@@ -295,10 +310,11 @@ for s in (edge, nginx, varnish):
 out = []
 out.append("# Collapsed forwarding: $CLIENTS clients, one cold image at $RATE B/s")
 out.append("")
-out.append("- When: $STAMP; imgedge commit $COMMIT; binary \`$EDGE_BIN\`; $(nproc) cores.")
+out.append("- When: $STAMP; binary \`$EDGE_BIN\` ($BIN_ID; repo HEAD now $COMMIT, which need not be what the binary was built from); $(nproc) cores, load average $LOADAVG_START at the start and $LOADAVG_END at the end (the probe, origin and target share these cores: other work on the machine moves the numbers).")
 out.append("- Image: \`$NAME\`, $BYTES bytes (closest to $TARGET_BYTES that is ≤ $MAX_CACHEABLE), sha256 \`$SHA\`.")
 out.append("- Origin: \`loadtest/origin.py --rate $RATE\` (each response body paced to $RATE B/s, so the body takes about %.2f s)." % ($BYTES / $RATE))
 out.append("- Each target started fresh (cold) and measured alone; the origin's \`/__hits\` reset before each run and read after it.")
+out.append("- nginx: \`proxy_cache\` + \`proxy_cache_lock on\` (lock timeout left at its 5 s default), 2 workers, disk cache in a temp folder. Varnish: malloc 256 MB, \`do_stream\`, \`thread_pool_min=$VARNISH_POOL_MIN\` × 2 pools (../shared/bench uses 50: too few for $CLIENTS streaming clients on a cold varnishd, see loadtest/collapse.sh).")
 out.append("- Client: \`loadtest/collapse.py\`: $CLIENTS connections opened first, then every request written in one tight loop; times are from each client's request being written.")
 out.append("")
 out.append("Command:")
@@ -318,13 +334,13 @@ for name, goal, s, grp in rows:
 out.append("")
 out.append("\"followers\" are imgedge responses whose Cache-Status contains \`collapsed\`; \"others\" the rest (the leader, \`stored\`, and any hits). nginx and Varnish send no Cache-Status, so their row is over all clients; they label responses with X-Cache (nginx: \`\$upstream_cache_status\`, where requests that waited on proxy_cache_lock show as HIT; Varnish: HIT when \`obj.hits > 0\`, which includes requests that streamed a busy object).")
 out.append("")
-out.append("Head and spread per run (ms):")
+out.append("Per run, over all clients (ms): response head; send spread (first to last request written); client lag (how long after its arrival the probe's coroutine got to the first body byte: the probe's own backlog, which the times above exclude, since they are taken when the event loop read the bytes from the socket).")
 out.append("")
-out.append("| run | head median | head p90 | send spread |")
-out.append("|---|--:|--:|--:|")
+out.append("| run | head median | head p90 | send spread | client lag median | client lag max |")
+out.append("|---|--:|--:|--:|--:|--:|")
 for label, s in (("imgedge", edge), ("nginx", nginx), ("varnish", varnish)):
     if s and s.get("clients"):
-        out.append("| %s | %s | %s | %s |" % (label, fmt(g(s, "all", "head_ms", "median")), fmt(g(s, "all", "head_ms", "p90")), fmt(s.get("send_spread_ms"))))
+        out.append("| %s | %s | %s | %s | %s | %s |" % (label, fmt(g(s, "all", "head_ms", "median")), fmt(g(s, "all", "head_ms", "p90")), fmt(s.get("send_spread_ms")), fmt(g(s, "all", "client_lag_ms", "median")), fmt(g(s, "all", "client_lag_ms", "max"))))
 out.append("")
 metrics = os.path.join(tmp, "imgedge.metrics")
 if os.path.exists(metrics):
