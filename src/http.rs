@@ -387,6 +387,18 @@ impl App {
             .get_or_create(&tier)
             .set(gauge(memory.entries));
         self.metrics.rss_bytes.set(gauge(self.rss_bytes()));
+        if let Some(disk) = self.proxy.tier().disk_usage() {
+            for (event, n) in [
+                ("writes", disk.writes),
+                ("write_drops", disk.write_drops),
+                ("errors", disk.errors),
+            ] {
+                self.metrics
+                    .disk_events
+                    .get_or_create(&metrics::DiskEventLabels { event })
+                    .set(gauge(n));
+            }
+        }
         let mut response = Response::new(ProxyBody::full(self.metrics.encode()));
         let headers = response.headers_mut();
         headers.insert(

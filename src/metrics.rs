@@ -60,6 +60,14 @@ pub struct Metrics {
     pub cache_entries: Family<TierLabels, Gauge>,
     /// `imgedge_memory_rss_bytes`: resident set size of the process, set at scrape.
     pub rss_bytes: Gauge,
+    /// `imgedge_disk_events{event}`: the disk tier's `writes`, `write_drops` (queue full) and
+    /// `errors` (damaged entries, failed reads, foyer panics) since start, set at scrape.
+    pub disk_events: Family<DiskEventLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiskEventLabels {
+    pub event: &'static str,
 }
 
 impl Default for Metrics {
@@ -75,6 +83,7 @@ impl Default for Metrics {
             cache_bytes: Family::default(),
             cache_entries: Family::default(),
             rss_bytes: Gauge::default(),
+            disk_events: Family::default(),
             registry: Registry::default(),
         };
         // The text encoder appends `_total` to counters.
@@ -122,6 +131,11 @@ impl Default for Metrics {
             "imgedge_memory_rss_bytes",
             "Resident set size of the process",
             m.rss_bytes.clone(),
+        );
+        registry.register(
+            "imgedge_disk_events",
+            "Disk tier writes, dropped writes and errors since start",
+            m.disk_events.clone(),
         );
         Metrics { registry, ..m }
     }
