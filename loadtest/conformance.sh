@@ -50,23 +50,14 @@ command -v curl >/dev/null || die "curl is required"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/conformance.XXXXXX")
 PIDS=() # processes this script started, stopped in reverse order on exit
 
-stop_pid() { # pid: stop it only if it is still our own child (never a reused PID)
-  local pid=$1 i ppid
-  ppid=$(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ') || true
-  [[ $ppid == "$$" ]] || return 0
-  kill "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < 50; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  ((i < 50)) || kill -9 "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
+# lt_stop: stops a process only while it is still our own child (never a reused PID).
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cleanup() {
   local rc=$? i
   trap - EXIT INT TERM
-  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do lt_stop "${PIDS[i]}"; done
   if [[ $rc -ne 0 || ${CONFORMANCE_KEEP:-0} == 1 ]]; then
     log "temporary folder (configs, logs) kept in $WORK"
   else

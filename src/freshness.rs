@@ -696,45 +696,26 @@ mod tests {
         };
         let req =
             |cc: &str| RequestDirectives::parse(&headers(&[("cache-control", cc.to_owned())]));
-        let age = Duration::from_secs;
         use Usability::*;
-        assert_eq!(
-            usability(&f(100, false), age(10), &RequestDirectives::default()),
-            Fresh
-        );
-        assert_eq!(
-            usability(&f(100, false), age(10), &req("no-cache")),
-            NeedsValidation
-        );
-        assert_eq!(
-            usability(&f(100, false), age(10), &req("max-age=5")),
-            NeedsValidation
-        );
-        assert_eq!(
-            usability(&f(100, false), age(95), &req("min-fresh=10")),
-            NeedsValidation
-        );
-        assert_eq!(
-            usability(&f(100, false), age(110), &RequestDirectives::default()),
-            NeedsValidation
-        );
-        assert_eq!(
-            usability(&f(100, false), age(110), &req("max-stale")),
-            StaleAccepted
-        );
-        assert_eq!(
-            usability(&f(100, false), age(110), &req("max-stale=5")),
-            NeedsValidation
-        );
-        assert_eq!(
-            usability(&f(100, false), age(110), &req("max-stale=20")),
-            StaleAccepted
-        );
-        assert_eq!(
-            usability(&f(100, true), age(110), &req("max-stale")),
-            NeedsValidation,
-            "must-revalidate"
-        );
+        // (lifetime, must-revalidate, age, request Cache-Control, expected)
+        for (lifetime, must_revalidate, age, cc, expected) in [
+            (100, false, 10, "", Fresh),
+            (100, false, 10, "no-cache", NeedsValidation),
+            (100, false, 10, "max-age=5", NeedsValidation),
+            (100, false, 95, "min-fresh=10", NeedsValidation),
+            (100, false, 110, "", NeedsValidation),
+            (100, false, 110, "max-stale", StaleAccepted),
+            (100, false, 110, "max-stale=5", NeedsValidation),
+            (100, false, 110, "max-stale=20", StaleAccepted),
+            (100, true, 110, "max-stale", NeedsValidation),
+        ] {
+            let got = usability(
+                &f(lifetime, must_revalidate),
+                Duration::from_secs(age),
+                &req(cc),
+            );
+            assert_eq!(got, expected, "lifetime {lifetime}, age {age}, {cc:?}");
+        }
         let pragma = RequestDirectives::parse(&headers(&[("pragma", "no-cache".into())]));
         assert!(pragma.no_cache);
         let d = req("only-if-cached, no-store, max-age=bogus");
