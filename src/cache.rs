@@ -239,6 +239,11 @@ impl TieredCache {
         self.objects.insert(key, object).await;
     }
 
+    /// Drops every object from the memory tier (the disk tier keeps them).
+    pub fn clear_memory(&self) {
+        self.objects.invalidate_all();
+    }
+
     /// The disk tier's counters, when there is one.
     pub fn disk_usage(&self) -> Option<disk::DiskUsage> {
         self.disk.as_ref().map(|d| d.usage())

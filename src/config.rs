@@ -34,7 +34,19 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub cache: CacheConfig,
     pub admin: AdminConfig,
+    pub memory: MemoryConfig,
     pub log: LogConfig,
+}
+
+/// `[memory]`: the memory budget and the pressure levels.
+#[derive(Debug, Clone)]
+pub struct MemoryConfig {
+    /// The RSS budget in bytes; 0 detects it (cgroup limit, else physical memory).
+    pub budget_bytes: u64,
+    /// How often RSS is sampled.
+    pub sample_interval: Duration,
+    /// Fractions of the budget at which each level starts.
+    pub thresholds: crate::pressure::Thresholds,
 }
 
 /// `[admin]`: operator endpoints.
@@ -266,6 +278,18 @@ impl Config {
                     t => Ok(Some(t.to_owned())),
                 }),
             },
+            memory: MemoryConfig {
+                budget_bytes: f.get("memory.budget_bytes"),
+                sample_interval: f.duration("memory.sample_interval"),
+                thresholds: crate::pressure::Thresholds {
+                    evicting: f.range("memory.evicting", 0.05, 1.0),
+                    warning: f.range("memory.warning", 0.05, 1.0),
+                    bypass: f.range("memory.bypass", 0.05, 1.0),
+                    critical: f.range("memory.critical", 0.05, 1.0),
+                    emergency: f.range("memory.emergency", 0.05, 1.0),
+                    hysteresis: f.range("memory.hysteresis", 0.0, 0.5),
+                },
+            },
             log: LogConfig {
                 format: f.parse("log.format", |s: String| match s.as_str() {
                     "text" => Ok(LogFormat::Text),
@@ -293,9 +317,38 @@ impl Config {
         }
     }
 
+    /// The memory tier must leave room in the budget: at most 60% of it. A budget of 0 (not yet
+    /// detected) passes.
+    ///
+    /// # Errors
+    /// A message naming both values.
+    pub fn check_memory_budget(&self, budget_bytes: u64) -> Result<(), String> {
+        let tier = self.cache.memory_capacity_bytes;
+        if budget_bytes > 0 && tier as f64 > 0.6 * budget_bytes as f64 {
+            return Err(format!(
+                "cache.memory_capacity_bytes ({tier}) exceeds 60% of the memory budget ({budget_bytes})"
+            ));
+        }
+        Ok(())
+    }
+
     /// Rules that relate two fields; run only once every field parsed.
     fn cross_checks(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
+        let t = &self.memory.thresholds;
+        if !(t.evicting <= t.warning
+            && t.warning <= t.bypass
+            && t.bypass <= t.critical
+            && t.critical <= t.emergency)
+        {
+            problems.push(
+                "memory: thresholds must not decrease: evicting <= warning <= bypass <= critical <= emergency"
+                    .to_owned(),
+            );
+        }
+        if let Err(e) = self.check_memory_budget(self.memory.budget_bytes) {
+            problems.push(e);
+        }
         if let Some(upstream) = &self.supabase.upstream {
             if self.routes.iter().any(|r| r.prefix == SUPABASE_PREFIX) {
                 problems.push(format!(

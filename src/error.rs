@@ -37,13 +37,15 @@ pub enum ProxyError {
     Unauthorized,
     #[error("{0}")]
     BadRequest(String),
+    #[error("memory pressure is critical: try again shortly")]
+    Overloaded,
 }
 
 impl ProxyError {
     /// The status and stable error code the client sees. The codes are part of the API:
     /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
     /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,
-    /// `unauthorized`, `bad_request`.
+    /// `unauthorized`, `bad_request`, `overloaded`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::BadUrl(_) => (StatusCode::BAD_REQUEST, "bad_url"),
@@ -57,6 +59,7 @@ impl ProxyError {
             ProxyError::NotCached => (StatusCode::GATEWAY_TIMEOUT, "not_cached"),
             ProxyError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ProxyError::MethodNotAllowed(_) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }

@@ -25,10 +25,12 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::freshness::RequestDirectives;
 use crate::metrics::{self, Metrics};
+use crate::pressure::{Level, Monitor, Reading, detect_budget_bytes};
 use crate::proxy::{Forwarding, Proxy, ProxyRequest, end_to_end};
-use crate::rss::{ProcessRss, RssSource};
+use crate::rss::RssSource;
 use crate::target;
 use crate::upstream::{BoxError, Guard, Upstream, UpstreamError};
+use tokio::sync::watch;
 
 /// `X-Request-Id`: echoed when the client sent a sane one, generated otherwise.
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -75,7 +77,8 @@ pub struct App {
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     config: Config,
-    rss: Option<ProcessRss>,
+    /// The memory monitor's latest reading.
+    pressure: watch::Receiver<Reading>,
     started: Instant,
     /// Distinguishes this process's generated request ids from another's.
     instance: u32,
@@ -83,12 +86,27 @@ pub struct App {
 }
 
 impl App {
-    /// Builds the tier, the upstream clients and the metrics for `config`.
+    /// Builds the tier, the upstream clients, the metrics and the memory monitor for `config`.
     ///
     /// # Errors
-    /// A message when the upstream clients cannot be built.
-    pub async fn new(config: Config) -> Result<Self, String> {
+    /// A message when the memory budget cannot be determined or leaves the memory tier too
+    /// little room, or the upstream clients cannot be built.
+    pub async fn new(config: Config, rss: Arc<dyn RssSource>) -> Result<Self, String> {
         let metrics = Arc::new(Metrics::default());
+        let budget_bytes = match config.memory.budget_bytes {
+            0 => detect_budget_bytes()
+                .ok_or("cannot detect the memory budget: set [memory] budget_bytes")?,
+            b => b,
+        };
+        config.check_memory_budget(budget_bytes)?;
+        let (monitor, pressure) = Monitor::new(
+            rss,
+            budget_bytes,
+            config.memory.thresholds,
+            config.memory.sample_interval,
+        );
+        tokio::spawn(monitor.run());
+        tracing::info!(budget_bytes, "memory budget");
         let mut tier = TieredCache::new(
             config.cache.memory_capacity_bytes,
             config.cache.stale_retention,
@@ -111,6 +129,12 @@ impl App {
             upstream,
             metrics.clone(),
             config.cache.clone(),
+            pressure.clone(),
+        ));
+        tokio::spawn(act_on_pressure(
+            pressure.clone(),
+            proxy.clone(),
+            metrics.clone(),
         ));
         let instance = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -120,7 +144,7 @@ impl App {
             proxy,
             metrics,
             config,
-            rss: ProcessRss::new(),
+            pressure,
             started: Instant::now(),
             instance,
             next_request: AtomicU64::new(0),
@@ -223,6 +247,15 @@ impl App {
         }
         if req.uri().path() == PURGE_PATH {
             return self.purge_urls(req).await;
+        }
+        if matches!(route, Route::ImageProxy | Route::Proxied { .. })
+            && self.pressure.borrow().level >= Level::Critical
+        {
+            self.metrics
+                .shed
+                .get_or_create(&metrics::ReasonLabels { reason: "memory" })
+                .inc();
+            return Err(ProxyError::Overloaded);
         }
         match route {
             Route::ImageProxy => {
@@ -364,14 +397,20 @@ impl App {
 
     async fn health(&self) -> Response<ProxyBody> {
         let memory = self.proxy.tier().usage().await;
+        let reading = *self.pressure.borrow();
+        let (status, code) = match reading.level {
+            l if l >= Level::Critical => ("critical", StatusCode::SERVICE_UNAVAILABLE),
+            l if l >= Level::Warning => ("degraded", StatusCode::OK),
+            _ => ("ok", StatusCode::OK),
+        };
         let body = serde_json::json!({
-            "status": "ok",
-            "memory": { "rss_bytes": self.rss_bytes() },
+            "status": status,
+            "memory": reading,
             "cache": { "memory": memory, "disk": self.proxy.tier().disk_usage() },
             "uptime_seconds": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
         });
-        json_response(StatusCode::OK, &body)
+        json_response(code, &body)
     }
 
     async fn metrics_text(&self) -> Response<ProxyBody> {
@@ -387,6 +426,9 @@ impl App {
             .get_or_create(&tier)
             .set(gauge(memory.entries));
         self.metrics.rss_bytes.set(gauge(self.rss_bytes()));
+        let reading = *self.pressure.borrow();
+        self.metrics.budget_bytes.set(gauge(reading.budget_bytes));
+        self.metrics.pressure_level.set(reading.level.as_number());
         if let Some(disk) = self.proxy.tier().disk_usage() {
             for (event, n) in [
                 ("writes", disk.writes),
@@ -410,7 +452,7 @@ impl App {
     }
 
     fn rss_bytes(&self) -> u64 {
-        self.rss.as_ref().and_then(|r| r.rss_bytes()).unwrap_or(0)
+        self.pressure.borrow().rss_bytes
     }
 
     /// The client's `X-Request-Id` when it is 1–64 characters of `[A-Za-z0-9._-]`, else a new one.
@@ -482,11 +524,54 @@ fn route_url(upstream: &Url, uri: &Uri) -> Result<Url, ProxyError> {
     Url::parse(&joined).map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))
 }
 
+/// Acts on pressure transitions: entering critical (or emergency) clears the memory tier;
+/// every transition is counted. Ends when the monitor does.
+async fn act_on_pressure(
+    mut pressure: watch::Receiver<Reading>,
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+) {
+    let mut level = pressure.borrow().level;
+    while pressure.changed().await.is_ok() {
+        let now = pressure.borrow().level;
+        if now == level {
+            continue;
+        }
+        metrics
+            .pressure_transitions
+            .get_or_create(&metrics::LevelLabels {
+                to: level_name(now),
+            })
+            .inc();
+        if now >= Level::Critical && level < Level::Critical {
+            proxy.tier().clear_memory();
+            tracing::warn!("memory tier cleared under critical memory pressure");
+        }
+        level = now;
+    }
+}
+
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Normal => "normal",
+        Level::Evicting => "evicting",
+        Level::Warning => "warning",
+        Level::Bypass => "bypass",
+        Level::Critical => "critical",
+        Level::Emergency => "emergency",
+    }
+}
+
 /// `{"error": code, "message": text}` with the error's status; never cached downstream.
 fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     let (status, code) = e.status();
     let body = serde_json::json!({ "error": code, "message": e.to_string() });
     let mut response = json_response(status, &body);
+    if matches!(e, ProxyError::Overloaded) {
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     if matches!(e, ProxyError::MethodNotAllowed(_)) {
         response
             .headers_mut()

@@ -15,6 +15,7 @@
 //! - [`upstream`]: hyper-util connection pools, the SSRF guard at connect time, timeouts, body
 //!   limits.
 //! - [`target`]: the `url=` parameter, `allowed_hosts`, non-global addresses.
+//! - [`pressure`]: RSS against the memory budget → a pressure level on a watch channel.
 //! - [`error`], [`body`], [`metrics`], [`rss`]: the error→status mapping, the response body, the
 //!   metrics registry, the process RSS.
 
@@ -27,6 +28,7 @@ pub mod fill;
 pub mod freshness;
 pub mod http;
 pub mod metrics;
+pub mod pressure;
 pub mod proxy;
 pub mod rss;
 pub mod target;
@@ -75,7 +77,26 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let app = Arc::new(http::App::new(config).await.map_err(ServeError::Setup)?);
+    let rss = rss::ProcessRss::new()
+        .ok_or_else(|| ServeError::Setup("cannot read this process's RSS".into()))?;
+    serve_with_rss(listener, config, Arc::new(rss), shutdown).await
+}
+
+/// [`serve`] with the RSS reading taken from `rss` (tests drive memory pressure with it).
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_with_rss(
+    listener: TcpListener,
+    config: Config,
+    rss: Arc<dyn rss::RssSource>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let app = Arc::new(
+        http::App::new(config, rss)
+            .await
+            .map_err(ServeError::Setup)?,
+    );
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

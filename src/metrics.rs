@@ -60,9 +60,27 @@ pub struct Metrics {
     pub cache_entries: Family<TierLabels, Gauge>,
     /// `imgedge_memory_rss_bytes`: resident set size of the process, set at scrape.
     pub rss_bytes: Gauge,
+    /// `imgedge_memory_budget_bytes`: the RSS budget, set at scrape.
+    pub budget_bytes: Gauge,
+    /// `imgedge_memory_pressure_level`: 0 normal … 5 emergency, set at scrape.
+    pub pressure_level: Gauge,
+    /// `imgedge_memory_pressure_transitions_total{to}`: level changes, by the level entered.
+    pub pressure_transitions: Family<LevelLabels, Counter>,
+    /// `imgedge_shed_total{reason}`: requests refused to protect the process (`memory`).
+    pub shed: Family<ReasonLabels, Counter>,
     /// `imgedge_disk_events{event}`: the disk tier's `writes`, `write_drops` (queue full) and
     /// `errors` (damaged entries, failed reads, foyer panics) since start, set at scrape.
     pub disk_events: Family<DiskEventLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LevelLabels {
+    pub to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +101,10 @@ impl Default for Metrics {
             cache_bytes: Family::default(),
             cache_entries: Family::default(),
             rss_bytes: Gauge::default(),
+            budget_bytes: Gauge::default(),
+            pressure_level: Gauge::default(),
+            pressure_transitions: Family::default(),
+            shed: Family::default(),
             disk_events: Family::default(),
             registry: Registry::default(),
         };
@@ -131,6 +153,26 @@ impl Default for Metrics {
             "imgedge_memory_rss_bytes",
             "Resident set size of the process",
             m.rss_bytes.clone(),
+        );
+        registry.register(
+            "imgedge_memory_budget_bytes",
+            "The RSS budget memory pressure is measured against",
+            m.budget_bytes.clone(),
+        );
+        registry.register(
+            "imgedge_memory_pressure_level",
+            "Memory pressure: 0 normal, 1 evicting, 2 warning, 3 bypass, 4 critical, 5 emergency",
+            m.pressure_level.clone(),
+        );
+        registry.register(
+            "imgedge_memory_pressure_transitions",
+            "Memory pressure level changes, by the level entered",
+            m.pressure_transitions.clone(),
+        );
+        registry.register(
+            "imgedge_shed",
+            "Requests refused to protect the process, by reason",
+            m.shed.clone(),
         );
         registry.register(
             "imgedge_disk_events",

@@ -29,9 +29,11 @@ use crate::error::ProxyError;
 use crate::fill::{FillTarget, TeeBody};
 use crate::freshness::{self, RequestDirectives, RequestFacts, Usability, if_none_match_matches};
 use crate::metrics::Metrics;
+use crate::pressure::{Level, Reading};
 use crate::upstream::{
     Guard, RequestBody, Upstream, UpstreamError, UpstreamHead, UpstreamRequest, UpstreamResponse,
 };
+use tokio::sync::watch;
 
 /// `Surrogate-Control`: caching directives for surrogates such as this one.
 pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
@@ -57,6 +59,8 @@ pub mod status {
     pub const MISS_STORED: &str = "imgedge; fwd=uri-miss; stored";
     pub const MISS_TOO_LARGE: &str = "imgedge; fwd=uri-miss; detail=too-large";
     pub const MISS_HEAD: &str = "imgedge; fwd=uri-miss; detail=method";
+    /// Not teed into memory because memory pressure is at bypass or above.
+    pub const MISS_MEMORY_PRESSURE: &str = "imgedge; fwd=uri-miss; detail=memory-pressure";
     /// A follower of another request's fill (collapsed forwarding).
     pub const MISS_COLLAPSED: &str = "imgedge; fwd=uri-miss; collapsed";
     /// A method that is never looked up (POST, PUT, DELETE, ...), forwarded on a route.
@@ -211,6 +215,8 @@ pub struct ProxyRequest {
 pub struct Proxy {
     tier: TieredCache,
     collapser: Arc<Collapser>,
+    /// The memory monitor's level: at bypass and above nothing new is teed into memory.
+    pressure: watch::Receiver<Reading>,
     /// Keys being refreshed in the background (stale-while-revalidate), one task per key.
     refreshing: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
     upstream: Upstream,
@@ -224,6 +230,7 @@ impl Proxy {
         upstream: Upstream,
         metrics: Arc<Metrics>,
         cache: CacheConfig,
+        pressure: watch::Receiver<Reading>,
     ) -> Self {
         Proxy {
             tier,
@@ -232,6 +239,7 @@ impl Proxy {
             upstream,
             metrics,
             cache,
+            pressure,
         }
     }
 
@@ -697,6 +705,9 @@ impl Proxy {
         }
         let mut stored_headers = headers.clone();
         stored_headers.remove(AGE);
+        if self.pressure.borrow().level >= Level::Bypass {
+            return (status::MISS_MEMORY_PRESSURE.to_owned(), None);
+        }
         if req.directives.no_store {
             return (
                 "imgedge; fwd=uri-miss; detail=request-no-store".to_owned(),

@@ -363,14 +363,26 @@ pub struct TestProxy {
 
 impl TestProxy {
     pub async fn start(config: Config) -> Self {
+        let rss: Option<std::sync::Arc<dyn imgedge::rss::RssSource>> = None;
+        Self::start_with(config, rss).await
+    }
+
+    /// A proxy whose RSS readings come from `rss` (to drive memory pressure), when given.
+    pub async fn start_with(
+        config: Config,
+        rss: Option<std::sync::Arc<dyn imgedge::rss::RssSource>>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
-            imgedge::serve(listener, config, async {
+            let shutdown = async {
                 let _ = stopped.await;
-            })
-            .await
+            };
+            match rss {
+                Some(rss) => imgedge::serve_with_rss(listener, config, rss, shutdown).await,
+                None => imgedge::serve(listener, config, shutdown).await,
+            }
             .unwrap();
         });
         let client = reqwest::Client::builder()

@@ -1,0 +1,280 @@
+//! Memory pressure: the process's RSS against its budget, sampled on a timer and published as a
+//! [`Level`] on a watch channel. This module only measures and signals; the request path and the
+//! tiers act on the level (see `proxy.rs`, `http.rs`).
+//!
+//! The budget is `[memory] budget_bytes`, or when 0 the cgroup limit of this process (v2
+//! `memory.max`, v1 `memory.limit_in_bytes`), else physical memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::rss::RssSource;
+
+/// How hard memory is pressed, in escalating order; each level implies the ones below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Normal,
+    /// The memory tier should shed least-recently-used entries.
+    Evicting,
+    /// `/health` reports `degraded`.
+    Warning,
+    /// New responses stream without being teed into memory.
+    Bypass,
+    /// The memory tier is cleared and new proxy requests are shed with 503.
+    Critical,
+    /// Everything that can be dropped is dropped.
+    Emergency,
+}
+
+impl Level {
+    pub const ALL: [Level; 6] = [
+        Level::Normal,
+        Level::Evicting,
+        Level::Warning,
+        Level::Bypass,
+        Level::Critical,
+        Level::Emergency,
+    ];
+
+    /// 0 (normal) to 5 (emergency), for `imgedge_memory_pressure_level`.
+    pub fn as_number(self) -> i64 {
+        self as i64
+    }
+}
+
+/// RSS fractions of the budget at which each level starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    pub evicting: f64,
+    pub warning: f64,
+    pub bypass: f64,
+    pub critical: f64,
+    pub emergency: f64,
+    /// A level is left only once the fraction is this much below where it starts, so levels
+    /// do not flap around a threshold.
+    pub hysteresis: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            evicting: 0.70,
+            warning: 0.75,
+            bypass: 0.80,
+            critical: 0.90,
+            emergency: 0.95,
+            hysteresis: 0.03,
+        }
+    }
+}
+
+impl Thresholds {
+    fn start(&self, level: Level) -> f64 {
+        match level {
+            Level::Normal => 0.0,
+            Level::Evicting => self.evicting,
+            Level::Warning => self.warning,
+            Level::Bypass => self.bypass,
+            Level::Critical => self.critical,
+            Level::Emergency => self.emergency,
+        }
+    }
+
+    /// The level for `fraction` (RSS / budget) coming from `current`: up at once, down only
+    /// past the hysteresis.
+    pub fn next(&self, current: Level, fraction: f64) -> Level {
+        let raw = Level::ALL
+            .into_iter()
+            .rev()
+            .find(|&l| fraction >= self.start(l))
+            .unwrap_or(Level::Normal);
+        if raw >= current {
+            return raw;
+        }
+        // Going down: the highest level whose start, less the hysteresis, is still reached.
+        Level::ALL
+            .into_iter()
+            .rev()
+            .filter(|&l| l <= current)
+            .find(|&l| l == Level::Normal || fraction >= self.start(l) - self.hysteresis)
+            .unwrap_or(Level::Normal)
+    }
+}
+
+/// One reading of the monitor.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Reading {
+    pub level: Level,
+    pub rss_bytes: u64,
+    pub budget_bytes: u64,
+}
+
+/// Samples RSS every `interval` and publishes the level. Transitions are logged once, with RSS
+/// and budget, and counted through `on_transition`.
+pub struct Monitor {
+    rss: Arc<dyn RssSource>,
+    budget_bytes: u64,
+    thresholds: Thresholds,
+    interval: Duration,
+    tx: watch::Sender<Reading>,
+}
+
+impl Monitor {
+    pub fn new(
+        rss: Arc<dyn RssSource>,
+        budget_bytes: u64,
+        thresholds: Thresholds,
+        interval: Duration,
+    ) -> (Monitor, watch::Receiver<Reading>) {
+        let first = Reading {
+            level: Level::Normal,
+            rss_bytes: 0,
+            budget_bytes,
+        };
+        let (tx, rx) = watch::channel(first);
+        let monitor = Monitor {
+            rss,
+            budget_bytes,
+            thresholds,
+            interval,
+            tx,
+        };
+        monitor.sample();
+        (monitor, rx)
+    }
+
+    /// Takes one sample and publishes it; returns the new reading.
+    pub fn sample(&self) -> Reading {
+        let previous = *self.tx.borrow();
+        let rss_bytes = self.rss.rss_bytes().unwrap_or(previous.rss_bytes);
+        let fraction = rss_bytes as f64 / self.budget_bytes.max(1) as f64;
+        let level = self.thresholds.next(previous.level, fraction);
+        if level != previous.level {
+            tracing::warn!(
+                from = ?previous.level,
+                to = ?level,
+                rss_bytes,
+                budget_bytes = self.budget_bytes,
+                "memory pressure level changed"
+            );
+        }
+        let reading = Reading {
+            level,
+            rss_bytes,
+            budget_bytes: self.budget_bytes,
+        };
+        self.tx.send_replace(reading);
+        reading
+    }
+
+    /// Samples until every receiver is gone.
+    pub async fn run(self) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.tx.is_closed() {
+            tick.tick().await;
+            self.sample();
+        }
+    }
+}
+
+/// The memory budget when none is configured: this process's cgroup limit (v2, then v1), else
+/// physical memory. `None` only when nothing can be read.
+pub fn detect_budget_bytes() -> Option<u64> {
+    cgroup_limit_bytes(
+        std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+            .ok()
+            .as_deref(),
+        std::fs::read_to_string("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+            .ok()
+            .as_deref(),
+    )
+    .or_else(|| {
+        let mut system = sysinfo::System::new().ok()?;
+        system.refresh_memory();
+        Some(system.total_memory()).filter(|&m| m > 0)
+    })
+}
+
+/// A cgroup memory limit from the v2 `memory.max` or v1 `memory.limit_in_bytes` contents:
+/// `max` (v2) and v1's near-`i64::MAX` page-rounded sentinel mean no limit.
+pub fn cgroup_limit_bytes(v2: Option<&str>, v1: Option<&str>) -> Option<u64> {
+    let parse = |s: &str| s.trim().parse::<u64>().ok();
+    if let Some(limit) = v2.and_then(parse) {
+        return Some(limit);
+    }
+    v1.and_then(parse).filter(|&l| l < (1 << 62))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct FakeRss(AtomicU64);
+
+    impl RssSource for FakeRss {
+        fn rss_bytes(&self) -> Option<u64> {
+            Some(self.0.load(Ordering::Relaxed))
+        }
+    }
+
+    #[test]
+    fn levels_escalate_at_once_and_descend_past_the_hysteresis() {
+        let t = Thresholds::default();
+        assert_eq!(t.next(Level::Normal, 0.5), Level::Normal);
+        assert_eq!(t.next(Level::Normal, 0.72), Level::Evicting);
+        assert_eq!(t.next(Level::Normal, 0.85), Level::Bypass);
+        assert_eq!(t.next(Level::Normal, 0.99), Level::Emergency);
+        // Down: 0.88 is below critical (0.90) but within its hysteresis: stay.
+        assert_eq!(t.next(Level::Critical, 0.88), Level::Critical);
+        assert_eq!(t.next(Level::Critical, 0.86), Level::Bypass);
+        assert_eq!(t.next(Level::Critical, 0.10), Level::Normal);
+        assert_eq!(t.next(Level::Evicting, 0.68), Level::Evicting);
+        assert_eq!(t.next(Level::Evicting, 0.66), Level::Normal);
+    }
+
+    #[test]
+    fn the_monitor_publishes_every_level_from_its_rss_source() {
+        let rss = Arc::new(FakeRss(AtomicU64::new(0)));
+        let (monitor, rx) = Monitor::new(
+            rss.clone(),
+            1000,
+            Thresholds::default(),
+            Duration::from_secs(1),
+        );
+        for (bytes, level) in [
+            (100, Level::Normal),
+            (710, Level::Evicting),
+            (760, Level::Warning),
+            (810, Level::Bypass),
+            (910, Level::Critical),
+            (960, Level::Emergency),
+            (940, Level::Emergency),
+            (500, Level::Normal),
+        ] {
+            rss.0.store(bytes, Ordering::Relaxed);
+            monitor.sample();
+            assert_eq!(rx.borrow().level, level, "rss {bytes}");
+            assert_eq!(rx.borrow().rss_bytes, bytes);
+        }
+    }
+
+    #[test]
+    fn cgroup_limits_are_read_and_no_limit_is_told_apart() {
+        assert_eq!(
+            cgroup_limit_bytes(Some("536870912\n"), None),
+            Some(536_870_912)
+        );
+        assert_eq!(cgroup_limit_bytes(Some("max\n"), None), None);
+        assert_eq!(
+            cgroup_limit_bytes(None, Some("268435456")),
+            Some(268_435_456)
+        );
+        assert_eq!(cgroup_limit_bytes(None, Some("9223372036854771712")), None);
+        assert_eq!(cgroup_limit_bytes(None, None), None);
+    }
+}

@@ -1,0 +1,143 @@
+//! Memory pressure through the real HTTP stack, with the RSS reading injected so that every
+//! level is reached deterministically.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use imgedge::rss::RssSource;
+use support::*;
+
+const BUDGET: u64 = 1 << 30;
+
+struct FakeRss(AtomicU64);
+
+impl RssSource for FakeRss {
+    fn rss_bytes(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Relaxed))
+    }
+}
+
+async fn pressured(origin: &TestOrigin) -> (TestProxy, Arc<FakeRss>) {
+    let rss = Arc::new(FakeRss(AtomicU64::new(BUDGET / 10)));
+    let config = test_config(
+        origin,
+        &format!(
+            "[memory]\nbudget_bytes = {BUDGET}\nsample_interval = \"10ms\"\n[cache]\nmemory_capacity_bytes = 268435456"
+        ),
+    );
+    let proxy = TestProxy::start_with(config, Some(rss.clone())).await;
+    (proxy, rss)
+}
+
+/// Sets the RSS to `fraction` of the budget and waits until /health reports `level`.
+async fn set_pressure(
+    proxy: &TestProxy,
+    rss: &FakeRss,
+    fraction: f64,
+    level: &str,
+) -> serde_json::Value {
+    rss.0
+        .store((BUDGET as f64 * fraction) as u64, Ordering::Relaxed);
+    for _ in 0..200 {
+        let r = proxy.get("/health").await;
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        if v["memory"]["level"] == level {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("level {level} never reached");
+}
+
+#[tokio::test]
+async fn at_bypass_responses_stream_without_being_stored_and_health_is_degraded() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/a.jpg",
+        Reply::ok("a").header("Cache-Control", "max-age=600"),
+    );
+    let (proxy, rss) = pressured(&origin).await;
+    let health = set_pressure(&proxy, &rss, 0.85, "bypass").await;
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["memory"]["budget_bytes"], BUDGET);
+    for _ in 0..2 {
+        let r = proxy.get_image(&origin.url("/a.jpg")).await;
+        assert_eq!(
+            cache_status(&r),
+            "imgedge; fwd=uri-miss; detail=memory-pressure"
+        );
+        assert_eq!(r.text().await.unwrap(), "a");
+    }
+    assert_eq!(origin.hits("/a.jpg"), 2);
+    set_pressure(&proxy, &rss, 0.10, "normal").await;
+    let r = proxy.get_image(&origin.url("/a.jpg")).await;
+    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+}
+
+#[tokio::test]
+async fn at_critical_proxy_requests_are_shed_the_tier_is_cleared_and_health_says_503() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/b.jpg",
+        Reply::ok("b").header("Cache-Control", "max-age=600"),
+    );
+    let (proxy, rss) = pressured(&origin).await;
+    proxy
+        .get_image(&origin.url("/b.jpg"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        cache_status(&proxy.get_image(&origin.url("/b.jpg")).await),
+        "imgedge; hit; detail=memory"
+    );
+
+    rss.0
+        .store((BUDGET as f64 * 0.92) as u64, Ordering::Relaxed);
+    let mut health = None;
+    for _ in 0..200 {
+        let r = proxy.get("/health").await;
+        if r.status() == 503 {
+            health = Some(
+                serde_json::from_slice::<serde_json::Value>(&r.bytes().await.unwrap()).unwrap(),
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let health = health.expect("/health never answered 503");
+    assert_eq!(health["status"], "critical");
+    assert_eq!(health["memory"]["level"], "critical");
+    let r = proxy.get_image(&origin.url("/b.jpg")).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(header(&r, "retry-after"), "1");
+    assert_eq!(error_code(r).await, "overloaded");
+    let metrics = proxy.get("/metrics").await.text().await.unwrap();
+    for line in [
+        "imgedge_memory_pressure_level 4",
+        "imgedge_shed_total{reason=\"memory\"} 1",
+        "imgedge_memory_pressure_transitions_total{to=\"critical\"} 1",
+        &format!("imgedge_memory_budget_bytes {BUDGET}"),
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+
+    // Back to normal: served again, and from the origin, since critical cleared the tier.
+    set_pressure(&proxy, &rss, 0.10, "normal").await;
+    let r = proxy.get_image(&origin.url("/b.jpg")).await;
+    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(origin.hits("/b.jpg"), 2);
+}
+
+#[tokio::test]
+async fn a_memory_tier_over_60_percent_of_the_budget_is_refused() {
+    let err = imgedge::Config::from_toml("[memory]\nbudget_bytes = 268435456\n").unwrap_err();
+    assert!(
+        err.to_string().contains("60% of the memory budget"),
+        "{err}"
+    );
+}
