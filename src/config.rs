@@ -47,6 +47,8 @@ pub struct MemoryConfig {
     pub sample_interval: Duration,
     /// Fractions of the budget at which each level starts.
     pub thresholds: crate::pressure::Thresholds,
+    /// Bytes in-flight fills may collect in total; 0 means 25% of the budget.
+    pub inflight_fill_bytes: u64,
 }
 
 /// `[admin]`: operator endpoints.
@@ -289,6 +291,7 @@ impl Config {
                     emergency: f.range("memory.emergency", 0.05, 1.0),
                     hysteresis: f.range("memory.hysteresis", 0.0, 0.5),
                 },
+                inflight_fill_bytes: f.get("memory.inflight_fill_bytes"),
             },
             log: LogConfig {
                 format: f.parse("log.format", |s: String| match s.as_str() {

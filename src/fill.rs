@@ -17,6 +17,7 @@ use http::HeaderMap;
 
 use crate::cache::{CacheKey, CachedObject, PassMarker, TieredCache};
 use crate::freshness::Freshness;
+use crate::pressure::Reservation;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// Where a complete body goes, and what it is stored with.
@@ -33,6 +34,8 @@ pub struct FillTarget {
     pub max_cacheable_bytes: u64,
     /// What is remembered when the body turns out too large.
     pub too_large: PassMarker,
+    /// The in-flight bytes this fill may collect: its Content-Length, or grown as chunks come.
+    pub reservation: Reservation,
 }
 
 impl FillTarget {
@@ -161,6 +164,17 @@ impl TeeBody {
     fn collect(&mut self, chunk: &Bytes) {
         let Some(c) = &mut self.collector else { return };
         let size = (c.buf.len() + chunk.len()) as u64;
+        let reserved = self.upstream.expected_bytes().is_some()
+            || c.target.reservation.grow(chunk.len() as u64);
+        if !reserved {
+            tracing::info!(
+                key = c.target.key.as_str(),
+                size_bytes = size,
+                "not stored: in-flight fill reservation exhausted"
+            );
+            self.collector = None;
+            return;
+        }
         if size <= c.target.max_cacheable_bytes {
             c.buf.extend_from_slice(chunk);
             return;

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::freshness::RequestDirectives;
 use crate::metrics::{self, Metrics};
-use crate::pressure::{Level, Monitor, Reading, detect_budget_bytes};
+use crate::pressure::{Level, Monitor, Reading, ReservationPool, detect_budget_bytes};
 use crate::proxy::{Forwarding, Proxy, ProxyRequest, end_to_end};
 use crate::rss::RssSource;
 use crate::target;
@@ -130,6 +130,10 @@ impl App {
             metrics.clone(),
             config.cache.clone(),
             pressure.clone(),
+            ReservationPool::new(match config.memory.inflight_fill_bytes {
+                0 => budget_bytes / 4,
+                n => n,
+            }),
         ));
         tokio::spawn(act_on_pressure(
             pressure.clone(),
@@ -406,6 +410,10 @@ impl App {
         let body = serde_json::json!({
             "status": status,
             "memory": reading,
+            "fills": {
+                "reserved_bytes": self.proxy.fills().used_bytes(),
+                "capacity_bytes": self.proxy.fills().capacity_bytes(),
+            },
             "cache": { "memory": memory, "disk": self.proxy.tier().disk_usage() },
             "uptime_seconds": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),

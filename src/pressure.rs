@@ -6,6 +6,7 @@
 //! `memory.max`, v1 `memory.limit_in_bytes`), else physical memory.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -181,6 +182,73 @@ impl Monitor {
     }
 }
 
+/// The bytes in-flight fills may collect, shared by all of them: RSS sampled every 250 ms cannot
+/// see a burst, so each fill reserves what it will hold before it holds it.
+#[derive(Debug)]
+pub struct ReservationPool {
+    capacity_bytes: u64,
+    used_bytes: AtomicU64,
+}
+
+impl ReservationPool {
+    pub fn new(capacity_bytes: u64) -> Arc<Self> {
+        Arc::new(ReservationPool {
+            capacity_bytes,
+            used_bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// Reserves `bytes`, or `None` when that would pass the capacity.
+    pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+        self.take(bytes).then(|| Reservation {
+            pool: self.clone(),
+            bytes,
+        })
+    }
+
+    fn take(&self, bytes: u64) -> bool {
+        self.used_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes)
+                    .filter(|&n| n <= self.capacity_bytes)
+            })
+            .is_ok()
+    }
+
+    /// Bytes reserved by fills in flight.
+    pub fn used_bytes(&self) -> u64 {
+        self.used_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+}
+
+/// Bytes held by one fill; returned to the pool when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    pool: Arc<ReservationPool>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Grows the reservation by `more` bytes; false (and unchanged) when the pool is full.
+    pub fn grow(&mut self, more: u64) -> bool {
+        let taken = self.pool.take(more);
+        if taken {
+            self.bytes += more;
+        }
+        taken
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pool.used_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 /// The memory budget when none is configured: this process's cgroup limit (v2, then v1), else
 /// physical memory. `None` only when nothing can be read.
 pub fn detect_budget_bytes() -> Option<u64> {
@@ -212,7 +280,6 @@ pub fn cgroup_limit_bytes(v2: Option<&str>, v1: Option<&str>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     struct FakeRss(AtomicU64);
 
@@ -261,6 +328,19 @@ mod tests {
             assert_eq!(rx.borrow().level, level, "rss {bytes}");
             assert_eq!(rx.borrow().rss_bytes, bytes);
         }
+    }
+
+    #[test]
+    fn reservations_are_bounded_grow_and_return_on_drop() {
+        let pool = ReservationPool::new(100);
+        let mut a = pool.try_reserve(60).unwrap();
+        assert!(pool.try_reserve(50).is_none());
+        assert!(a.grow(40));
+        assert!(!a.grow(1));
+        assert_eq!(pool.used_bytes(), 100);
+        drop(a);
+        assert_eq!(pool.used_bytes(), 0);
+        assert!(pool.try_reserve(100).is_some());
     }
 
     #[test]

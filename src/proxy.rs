@@ -29,7 +29,7 @@ use crate::error::ProxyError;
 use crate::fill::{FillTarget, TeeBody};
 use crate::freshness::{self, RequestDirectives, RequestFacts, Usability, if_none_match_matches};
 use crate::metrics::Metrics;
-use crate::pressure::{Level, Reading};
+use crate::pressure::{Level, Reading, ReservationPool};
 use crate::upstream::{
     Guard, RequestBody, Upstream, UpstreamError, UpstreamHead, UpstreamRequest, UpstreamResponse,
 };
@@ -217,6 +217,8 @@ pub struct Proxy {
     collapser: Arc<Collapser>,
     /// The memory monitor's level: at bypass and above nothing new is teed into memory.
     pressure: watch::Receiver<Reading>,
+    /// What the fills in flight may collect; a fill that cannot reserve is not stored.
+    fills: Arc<ReservationPool>,
     /// Keys being refreshed in the background (stale-while-revalidate), one task per key.
     refreshing: std::sync::Mutex<std::collections::HashSet<CacheKey>>,
     upstream: Upstream,
@@ -231,8 +233,10 @@ impl Proxy {
         metrics: Arc<Metrics>,
         cache: CacheConfig,
         pressure: watch::Receiver<Reading>,
+        fills: Arc<ReservationPool>,
     ) -> Self {
         Proxy {
+            fills,
             tier,
             collapser: Arc::new(Collapser::default()),
             refreshing: Default::default(),
@@ -241,6 +245,11 @@ impl Proxy {
             cache,
             pressure,
         }
+    }
+
+    /// The in-flight fill reservation pool.
+    pub fn fills(&self) -> &ReservationPool {
+        &self.fills
     }
 
     pub fn tier(&self) -> &TieredCache {
@@ -723,7 +732,16 @@ impl Proxy {
                 key = req.primary.variant(&index, headers);
             }
         }
+        // Admission: the bytes this fill will hold, reserved before it holds them.
+        let Some(reservation) = self.fills.try_reserve(upstream.content_length.unwrap_or(0)) else {
+            tracing::info!(
+                key = req.key.as_str(),
+                "not stored: in-flight fill reservation exhausted"
+            );
+            return (status::MISS_MEMORY_PRESSURE.to_owned(), None);
+        };
         let fill = FillTarget {
+            reservation,
             status: upstream.status,
             tier: self.tier.clone(),
             key,

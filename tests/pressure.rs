@@ -141,3 +141,63 @@ async fn a_memory_tier_over_60_percent_of_the_budget_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn fills_that_cannot_reserve_their_bytes_stream_without_being_stored() {
+    let origin = TestOrigin::start().await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    origin.route(
+        "/held.jpg",
+        Reply::pattern(80_000)
+            .header("Cache-Control", "max-age=600")
+            .fault(Fault::GateAfter(10_000, gate.clone())),
+    );
+    origin.route(
+        "/second.jpg",
+        Reply::pattern(80_000).header("Cache-Control", "max-age=600"),
+    );
+    origin.route(
+        "/third.jpg",
+        Reply::pattern(80_000).header("Cache-Control", "max-age=600"),
+    );
+    let config = test_config(
+        &origin,
+        "[upstream]\nidle_timeout = \"30s\"\n[memory]\ninflight_fill_bytes = 100000",
+    );
+    let proxy = TestProxy::start(config).await;
+
+    // The first fill reserves its 80 000 bytes and is held in flight by the origin.
+    let mut held = proxy.get_image(&origin.url("/held.jpg")).await;
+    assert_eq!(cache_status(&held), "imgedge; fwd=uri-miss; stored");
+    let mut body = held.chunk().await.unwrap().unwrap().to_vec();
+    let health: serde_json::Value =
+        serde_json::from_slice(&proxy.get("/health").await.bytes().await.unwrap()).unwrap();
+    assert_eq!(health["fills"]["reserved_bytes"], 80_000);
+    // A second fill cannot reserve another 80 000: it streams, unstored.
+    let r = proxy.get_image(&origin.url("/second.jpg")).await;
+    assert_eq!(
+        cache_status(&r),
+        "imgedge; fwd=uri-miss; detail=memory-pressure"
+    );
+    assert_eq!(r.bytes().await.unwrap(), pattern(80_000));
+
+    gate.notify_one();
+    while let Some(chunk) = held.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(body, pattern(80_000));
+    // Once stored, the reservation is returned and the next fill is admitted.
+    let mut reserved = serde_json::Value::Null;
+    for _ in 0..100 {
+        let h: serde_json::Value =
+            serde_json::from_slice(&proxy.get("/health").await.bytes().await.unwrap()).unwrap();
+        reserved = h["fills"]["reserved_bytes"].clone();
+        if reserved == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(reserved, 0);
+    let r = proxy.get_image(&origin.url("/third.jpg")).await;
+    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+}
