@@ -108,6 +108,8 @@ pub struct UpstreamConfig {
     pub header_timeout: Duration,
     /// Longest pause between two body reads before the fetch is aborted.
     pub idle_timeout: Duration,
+    /// Longest a fetch may take from sending its request to its last body byte.
+    pub total_timeout: Duration,
     /// Largest object fetched at all, in bytes.
     pub max_object_bytes: u64,
     /// Redirects `/image-proxy` follows; every hop is checked like the first URL.
@@ -244,6 +246,7 @@ impl Config {
                 connect_timeout: f.duration("upstream.connect_timeout"),
                 header_timeout: f.duration("upstream.header_timeout"),
                 idle_timeout: f.duration("upstream.idle_timeout"),
+                total_timeout: f.duration("upstream.total_timeout"),
                 max_object_bytes: f.range("upstream.max_object_bytes", 1, u64::MAX),
                 max_redirects: f.range("upstream.max_redirects", 0, 20),
                 user_agent: f.parse("upstream.user_agent", |s: String| {

@@ -402,6 +402,7 @@ impl App {
     async fn health(&self) -> Response<ProxyBody> {
         let memory = self.proxy.tier().usage().await;
         let reading = *self.pressure.borrow();
+        let (inflight_count, inflight_oldest) = self.proxy.inflight(20);
         let (status, code) = match reading.level {
             l if l >= Level::Critical => ("critical", StatusCode::SERVICE_UNAVAILABLE),
             l if l >= Level::Warning => ("degraded", StatusCode::OK),
@@ -410,6 +411,13 @@ impl App {
         let body = serde_json::json!({
             "status": status,
             "memory": reading,
+            "inflight": {
+                "count": inflight_count,
+                "oldest": inflight_oldest
+                    .iter()
+                    .map(|(url, age)| serde_json::json!({ "url": url.as_ref(), "age_ms": age.as_millis() as u64 }))
+                    .collect::<Vec<_>>(),
+            },
             "fills": {
                 "reserved_bytes": self.proxy.fills().used_bytes(),
                 "capacity_bytes": self.proxy.fills().capacity_bytes(),
@@ -436,6 +444,9 @@ impl App {
         self.metrics.rss_bytes.set(gauge(self.rss_bytes()));
         let reading = *self.pressure.borrow();
         self.metrics.budget_bytes.set(gauge(reading.budget_bytes));
+        self.metrics
+            .inflight_upstream
+            .set(self.proxy.inflight(0).0 as i64);
         self.metrics.pressure_level.set(reading.level.as_number());
         if let Some(disk) = self.proxy.tier().disk_usage() {
             for (event, n) in [

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub cache_entries: Family<TierLabels, Gauge>,
     /// `imgedge_memory_rss_bytes`: resident set size of the process, set at scrape.
     pub rss_bytes: Gauge,
+    /// `imgedge_inflight_upstream`: upstream fetches in flight, set at scrape.
+    pub inflight_upstream: Gauge,
     /// `imgedge_memory_budget_bytes`: the RSS budget, set at scrape.
     pub budget_bytes: Gauge,
     /// `imgedge_memory_pressure_level`: 0 normal … 5 emergency, set at scrape.
@@ -102,6 +104,7 @@ impl Default for Metrics {
             cache_entries: Family::default(),
             rss_bytes: Gauge::default(),
             budget_bytes: Gauge::default(),
+            inflight_upstream: Gauge::default(),
             pressure_level: Gauge::default(),
             pressure_transitions: Family::default(),
             shed: Family::default(),
@@ -153,6 +156,11 @@ impl Default for Metrics {
             "imgedge_memory_rss_bytes",
             "Resident set size of the process",
             m.rss_bytes.clone(),
+        );
+        registry.register(
+            "imgedge_inflight_upstream",
+            "Upstream fetches in flight",
+            m.inflight_upstream.clone(),
         );
         registry.register(
             "imgedge_memory_budget_bytes",

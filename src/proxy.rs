@@ -247,6 +247,11 @@ impl Proxy {
         }
     }
 
+    /// Upstream fetches in flight: the count, and the `oldest` as (URL, age).
+    pub fn inflight(&self, oldest: usize) -> (usize, Vec<(Arc<str>, Duration)>) {
+        self.upstream.inflight(oldest)
+    }
+
     /// The in-flight fill reservation pool.
     pub fn fills(&self) -> &ReservationPool {
         &self.fills

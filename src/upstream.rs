@@ -79,6 +79,9 @@ pub enum UpstreamError {
     /// No body bytes arrived for `idle_timeout`.
     #[error("upstream body stalled for {0:?}")]
     Stalled(Duration),
+    /// The fetch ran past `total_timeout` (the in-flight watchdog).
+    #[error("upstream fetch passed upstream.total_timeout ({0:?})")]
+    TotalTimeout(Duration),
     /// The body ended, or failed, before `Content-Length` bytes arrived, or sent more.
     #[error("upstream body ended after {received_bytes} of {expected_bytes} bytes")]
     LengthMismatch {
@@ -144,8 +147,10 @@ pub struct Upstream {
     connect_timeout: Duration,
     header_timeout: Duration,
     idle_timeout: Duration,
+    total_timeout: Duration,
     max_object_bytes: u64,
     max_redirects: usize,
+    inflight: Arc<InflightRegistry>,
 }
 
 /// A response from an origin: its head, and its body still unread.
@@ -207,8 +212,10 @@ impl Upstream {
             connect_timeout: config.connect_timeout,
             header_timeout: config.header_timeout,
             idle_timeout: config.idle_timeout,
+            total_timeout: config.total_timeout,
             max_object_bytes: config.max_object_bytes,
             max_redirects: config.max_redirects,
+            inflight: Arc::default(),
         })
     }
 
@@ -242,11 +249,12 @@ impl Upstream {
         } = request;
         let mut hops = 0;
         let request_time = SystemTime::now();
+        let inflight = self.inflight.register(url.as_str());
         if guard == Guard::Trusted {
             let response = self
                 .send(&self.trusted, &method, &url, &headers, body)
                 .await?;
-            return self.receive(response, &method, request_time);
+            return self.receive(response, &method, request_time, inflight);
         }
         loop {
             self.check_target(&url)?;
@@ -254,7 +262,7 @@ impl Upstream {
                 .send(&self.guarded, &method, &url, &headers, empty_body())
                 .await?;
             let Some(next) = redirect_target(&url, &response) else {
-                return self.receive(response, &method, request_time);
+                return self.receive(response, &method, request_time, inflight);
             };
             if hops == self.max_redirects {
                 return Err(UpstreamError::TooManyRedirects(self.max_redirects));
@@ -299,6 +307,7 @@ impl Upstream {
         response: http::Response<Incoming>,
         method: &Method,
         request_time: SystemTime,
+        inflight: InflightGuard,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let response_time = SystemTime::now();
         let (parts, incoming) = response.into_parts();
@@ -319,8 +328,12 @@ impl Upstream {
         let bodyless = *method == Method::HEAD
             || parts.status == StatusCode::NO_CONTENT
             || parts.status == StatusCode::NOT_MODIFIED;
+        let deadline = inflight.started + self.total_timeout;
         let body = UpstreamBody {
             incoming,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            total_timeout: self.total_timeout,
+            _inflight: inflight,
             idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
             idle_timeout: self.idle_timeout,
             waiting: false,
@@ -398,6 +411,63 @@ fn tls_config() -> Result<rustls::ClientConfig, String> {
     Ok(config)
 }
 
+impl Upstream {
+    /// The fetches in flight: how many, and the `oldest` of them as (URL, age), oldest first.
+    pub fn inflight(&self, oldest: usize) -> (usize, Vec<(Arc<str>, Duration)>) {
+        self.inflight.snapshot(oldest)
+    }
+}
+
+/// Every upstream fetch in flight, from sending its request until its body is dropped.
+#[derive(Default)]
+struct InflightRegistry {
+    next: std::sync::atomic::AtomicU64,
+    entries: std::sync::Mutex<std::collections::HashMap<u64, (Arc<str>, Instant)>>,
+}
+
+impl InflightRegistry {
+    fn register(self: &Arc<Self>, url: &str) -> InflightGuard {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        self.lock().insert(id, (Arc::from(url), started));
+        InflightGuard {
+            registry: self.clone(),
+            id,
+            started,
+        }
+    }
+
+    fn snapshot(&self, oldest: usize) -> (usize, Vec<(Arc<str>, Duration)>) {
+        let entries = self.lock();
+        let mut all: Vec<_> = entries
+            .values()
+            .map(|(u, s)| (u.clone(), s.elapsed()))
+            .collect();
+        all.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+        all.truncate(oldest);
+        (entries.len(), all)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, (Arc<str>, Instant)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Removes a fetch from the in-flight list when dropped.
+struct InflightGuard {
+    registry: Arc<InflightRegistry>,
+    id: u64,
+    started: Instant,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
 /// `outer: inner: innermost`, skipping repeats.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
@@ -460,6 +530,11 @@ impl tower_service::Service<Name> for GuardedResolver {
 /// so a slow client slows the origin read.
 pub struct UpstreamBody {
     incoming: Incoming,
+    /// Fires `total_timeout` after the request was sent: no fetch lasts longer.
+    deadline: Pin<Box<Sleep>>,
+    total_timeout: Duration,
+    /// Keeps the fetch in the in-flight list until the body is dropped.
+    _inflight: InflightGuard,
     /// Fires when the origin has sent nothing for `idle_timeout` while we were waiting for it.
     idle: Pin<Box<Sleep>>,
     idle_timeout: Duration,
@@ -511,6 +586,9 @@ impl UpstreamBody {
                     frame
                 }
                 Poll::Pending => {
+                    if self.deadline.as_mut().poll(cx).is_ready() {
+                        return self.fail(UpstreamError::TotalTimeout(self.total_timeout));
+                    }
                     // The timer measures the origin's silence, not the client's: it starts when
                     // we begin waiting, not when the previous chunk arrived.
                     if !self.waiting {
@@ -522,6 +600,10 @@ impl UpstreamBody {
                 }
             };
             return match frame {
+                // An origin that never pauses long enough to stall still meets the deadline.
+                Some(Ok(_)) if Instant::now() >= self.deadline.deadline() => {
+                    self.fail(UpstreamError::TotalTimeout(self.total_timeout))
+                }
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(chunk) => self.accept(chunk),
                     Err(_trailers) => continue,

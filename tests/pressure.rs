@@ -201,3 +201,53 @@ async fn fills_that_cannot_reserve_their_bytes_stream_without_being_stored() {
     let r = proxy.get_image(&origin.url("/third.jpg")).await;
     assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
 }
+
+#[tokio::test]
+async fn a_fetch_past_total_timeout_is_aborted_and_in_flight_fetches_are_listed() {
+    let origin = TestOrigin::start().await;
+    // 100 pieces 50 ms apart: about 5 s, never silent for the 1 s idle timeout.
+    origin.route(
+        "/drip.jpg",
+        Reply::pattern(100_000)
+            .header("Cache-Control", "max-age=600")
+            .fault(Fault::Drip(Duration::from_millis(50))),
+    );
+    let config = test_config(&origin, "[upstream]\ntotal_timeout = \"600ms\"");
+    let proxy = TestProxy::start(config).await;
+    let mut r = proxy.get_image(&origin.url("/drip.jpg")).await;
+    r.chunk().await.unwrap();
+
+    let health: serde_json::Value =
+        serde_json::from_slice(&proxy.get("/health").await.bytes().await.unwrap()).unwrap();
+    assert_eq!(health["inflight"]["count"], 1, "{health}");
+    assert_eq!(
+        health["inflight"]["oldest"][0]["url"],
+        origin.url("/drip.jpg")
+    );
+    assert!(health["inflight"]["oldest"][0]["age_ms"].as_u64().is_some());
+
+    let started = std::time::Instant::now();
+    let rest = async {
+        loop {
+            match r.chunk().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    assert!(
+        rest.await.is_err(),
+        "the fetch must be aborted, not completed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let health: serde_json::Value =
+        serde_json::from_slice(&proxy.get("/health").await.bytes().await.unwrap()).unwrap();
+    assert_eq!(health["inflight"]["count"], 0, "{health}");
+    let again = proxy.get_image(&origin.url("/drip.jpg")).await;
+    assert_ne!(
+        cache_status(&again),
+        "imgedge; hit; detail=memory",
+        "nothing stored"
+    );
+}

@@ -57,6 +57,8 @@ pub enum Fault {
     ResetBeforeHead,
     /// Send a malformed status line.
     Garbage,
+    /// Send the body in 1 000-byte pieces with this pause between them: slow but never silent.
+    Drip(Duration),
 }
 
 impl Reply {
@@ -332,6 +334,10 @@ async fn write_reply(
                 }
             }
             n = n.min(at - sent);
+        }
+        if let Fault::Drip(pause) = &reply.fault {
+            n = n.min(1000);
+            tokio::time::sleep(*pause).await;
         }
         let data: Vec<u8> = match &reply.body {
             BodySpec::Bytes(b) => b[sent as usize..(sent + n) as usize].to_vec(),
