@@ -160,7 +160,7 @@ impl App {
     fn route_of(&self, path: &str) -> Route {
         match path {
             "/image-proxy" => Route::ImageProxy,
-            "/health" => Route::Health,
+            "/health" | "/health/live" | "/health/ready" => Route::Health,
             "/metrics" => Route::Metrics,
             _ => self
                 .config
@@ -314,7 +314,23 @@ impl App {
             }
             Route::Health => {
                 get_or_head(req.method())?;
-                Ok(self.health().await)
+                let level = self.pressure.borrow().level;
+                Ok(match req.uri().path() {
+                    // Liveness: the process answers.
+                    "/health/live" => {
+                        json_response(StatusCode::OK, &serde_json::json!({ "status": "live" }))
+                    }
+                    // Readiness: take this instance out while it sheds load.
+                    "/health/ready" if level >= Level::Critical => json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({ "status": "not-ready", "level": level }),
+                    ),
+                    "/health/ready" => json_response(
+                        StatusCode::OK,
+                        &serde_json::json!({ "status": "ready", "level": level }),
+                    ),
+                    _ => self.health().await,
+                })
             }
             Route::Metrics => {
                 get_or_head(req.method())?;

@@ -60,6 +60,7 @@ async fn at_bypass_responses_stream_without_being_stored_and_health_is_degraded(
         Reply::ok("a").header("Cache-Control", "max-age=600"),
     );
     let (proxy, rss) = pressured(&origin).await;
+    assert_eq!(proxy.get("/health/ready").await.status(), 200);
     let health = set_pressure(&proxy, &rss, 0.85, "bypass").await;
     assert_eq!(health["status"], "degraded");
     assert_eq!(health["memory"]["budget_bytes"], BUDGET);
@@ -110,6 +111,8 @@ async fn at_critical_proxy_requests_are_shed_the_tier_is_cleared_and_health_says
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let health = health.expect("/health never answered 503");
+    assert_eq!(proxy.get("/health/ready").await.status(), 503);
+    assert_eq!(proxy.get("/health/live").await.status(), 200);
     assert_eq!(health["status"], "critical");
     assert_eq!(health["memory"]["level"], "critical");
     let r = proxy.get_image(&origin.url("/b.jpg")).await;
