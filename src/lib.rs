@@ -67,7 +67,7 @@ pub enum ServeError {
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until `shutdown` completes, then
-/// stops accepting and gives open connections [`SHUTDOWN_GRACE`] to finish.
+/// stops accepting and gives open connections 10 s (`SHUTDOWN_GRACE`) to finish.
 ///
 /// # Errors
 /// [`ServeError::Setup`] when the upstream clients cannot be built; accept errors are logged

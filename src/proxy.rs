@@ -124,7 +124,7 @@ pub fn end_to_end(headers: &HeaderMap, also: &[HeaderName]) -> HeaderMap {
 #[derive(Debug, Clone)]
 pub enum Forwarding {
     /// `/image-proxy`: no client header goes upstream, so a stored response is valid for every
-    /// client; response headers are allowlisted ([`FORWARDED`]).
+    /// client; response headers are allowlisted (`FORWARDED`).
     Bare,
     /// A route: these request headers go upstream (end-to-end ones, already filtered), and every
     /// end-to-end response header comes back, less `Set-Cookie` when `strip_set_cookie`.
