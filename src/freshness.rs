@@ -31,33 +31,48 @@ impl ResponseDirectives {
     /// malformed delta-seconds is treated as 0 (stale), as §4.2.1 asks of invalid freshness.
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut d = ResponseDirectives::default();
-        for value in headers.get_all(CACHE_CONTROL) {
-            let Ok(value) = value.to_str() else { continue };
-            for directive in value.split(',') {
-                let (name, arg) = match directive.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (directive.trim(), None),
-                };
-                let seconds = || arg.map(|a| a.parse::<u64>().unwrap_or(0));
-                match name.to_ascii_lowercase().as_str() {
-                    "no-store" => d.no_store = true,
-                    // A qualified `private="field"` or `no-cache="field"` is treated as
-                    // unqualified: stricter, which §5.2.2.4 and §5.2.2.7 permit.
-                    "private" => d.private = true,
-                    "no-cache" => d.no_cache = true,
-                    "public" => d.public = true,
-                    "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
-                    "must-understand" => d.must_understand = true,
-                    "stale-while-revalidate" => d.stale_while_revalidate = seconds(),
-                    "stale-if-error" => d.stale_if_error = seconds(),
-                    "max-age" => d.max_age = seconds().or(Some(0)),
-                    "s-maxage" => d.s_maxage = seconds().or(Some(0)),
-                    _ => {}
-                }
+        for (name, arg) in directives(headers, CACHE_CONTROL.as_str()) {
+            let seconds = || arg.map(|a| a.parse::<u64>().unwrap_or(0));
+            match name.as_str() {
+                "no-store" => d.no_store = true,
+                // A qualified `private="field"` or `no-cache="field"` is treated as
+                // unqualified: stricter, which §5.2.2.4 and §5.2.2.7 permit.
+                "private" => d.private = true,
+                "no-cache" => d.no_cache = true,
+                "public" => d.public = true,
+                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+                "must-understand" => d.must_understand = true,
+                "stale-while-revalidate" => d.stale_while_revalidate = seconds(),
+                "stale-if-error" => d.stale_if_error = seconds(),
+                "max-age" => d.max_age = seconds().or(Some(0)),
+                "s-maxage" => d.s_maxage = seconds().or(Some(0)),
+                _ => {}
             }
         }
         d
     }
+}
+
+/// The directives of every `field` line of `headers` (RFC 9111 §5.2 syntax, shared by
+/// `Cache-Control` and `Surrogate-Control`): `(name, argument)`, the name lower-cased, the
+/// argument trimmed and unquoted. Lines that are not visible ASCII are skipped; every
+/// comma-separated piece is yielded, empty ones included.
+fn directives<'a>(
+    headers: &'a HeaderMap,
+    field: &'static str,
+) -> impl Iterator<Item = (String, Option<&'a str>)> + 'a {
+    headers
+        .get_all(field)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|directive| match directive.split_once('=') {
+            Some((n, a)) => (
+                n.trim().to_ascii_lowercase(),
+                Some(a.trim().trim_matches('"')),
+            ),
+            None => (directive.trim().to_ascii_lowercase(), None),
+        })
 }
 
 /// The `Surrogate-Control` directives addressed to any surrogate (Edge Architecture
@@ -71,21 +86,14 @@ struct SurrogateDirectives {
 impl SurrogateDirectives {
     fn parse(headers: &HeaderMap) -> Self {
         let mut d = SurrogateDirectives::default();
-        for value in headers.get_all("surrogate-control") {
-            let Ok(value) = value.to_str() else { continue };
-            for directive in value.split(',') {
-                if directive.contains(';') {
-                    continue;
-                }
-                let (name, arg) = match directive.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (directive.trim(), None),
-                };
-                match name.to_ascii_lowercase().as_str() {
-                    "no-store" => d.no_store = true,
-                    "max-age" => d.max_age = Some(arg.and_then(|a| a.parse().ok()).unwrap_or(0)),
-                    _ => {}
-                }
+        for (name, arg) in directives(headers, "surrogate-control") {
+            if name.contains(';') || arg.is_some_and(|a| a.contains(';')) {
+                continue;
+            }
+            match name.as_str() {
+                "no-store" => d.no_store = true,
+                "max-age" => d.max_age = Some(arg.and_then(|a| a.parse().ok()).unwrap_or(0)),
+                _ => {}
             }
         }
         d
@@ -349,25 +357,18 @@ impl RequestDirectives {
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut d = RequestDirectives::default();
         let mut any = false;
-        for value in headers.get_all(CACHE_CONTROL) {
-            let Ok(value) = value.to_str() else { continue };
-            for directive in value.split(',') {
-                any = true;
-                let (name, arg) = match directive.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (directive.trim(), None),
-                };
-                // An unparsable number is ignored rather than read as 0 (§5.2.1).
-                let seconds = || arg.and_then(|a| a.parse::<u64>().ok());
-                match name.to_ascii_lowercase().as_str() {
-                    "no-cache" => d.no_cache = true,
-                    "no-store" => d.no_store = true,
-                    "only-if-cached" => d.only_if_cached = true,
-                    "max-age" => d.max_age = seconds(),
-                    "max-stale" => d.max_stale = Some(seconds()),
-                    "min-fresh" => d.min_fresh = seconds(),
-                    _ => {}
-                }
+        for (name, arg) in directives(headers, CACHE_CONTROL.as_str()) {
+            any = true;
+            // An unparsable number is ignored rather than read as 0 (§5.2.1).
+            let seconds = || arg.and_then(|a| a.parse::<u64>().ok());
+            match name.as_str() {
+                "no-cache" => d.no_cache = true,
+                "no-store" => d.no_store = true,
+                "only-if-cached" => d.only_if_cached = true,
+                "max-age" => d.max_age = seconds(),
+                "max-stale" => d.max_stale = Some(seconds()),
+                "min-fresh" => d.min_fresh = seconds(),
+                _ => {}
             }
         }
         if !any
