@@ -8,6 +8,7 @@
 pub mod disk;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -138,23 +139,32 @@ const PASS_TTL: Duration = Duration::from_secs(120);
 /// How many [`PassMarker`]s are kept at most.
 const PASS_MARKERS: u64 = 100_000;
 
+/// A memory-tier entry: the object and when it was last used, for eviction under memory
+/// pressure ([`TieredCache::evict_lru`]).
+struct Entry {
+    object: Arc<CachedObject>,
+    /// The tier's access clock at the last lookup or insert: larger is more recent.
+    last_used: AtomicU64,
+}
+
 /// Expires each object `stale_retention` (or its own `stale-while-revalidate` or `stale-if-error`
 /// window, if longer) after its freshness runs out.
 struct FreshnessExpiry {
     stale_retention: Duration,
 }
 
-impl Expiry<CacheKey, Arc<CachedObject>> for FreshnessExpiry {
+impl Expiry<CacheKey, Arc<Entry>> for FreshnessExpiry {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        value: &Arc<CachedObject>,
+        value: &Arc<Entry>,
         _created_at: Instant,
     ) -> Option<Duration> {
+        let object = &value.object;
         let elapsed = SystemTime::now()
-            .duration_since(value.response_time)
+            .duration_since(object.response_time)
             .unwrap_or_default();
-        Some((value.freshness.time_to_live() + self.stale_retention).saturating_sub(elapsed))
+        Some((object.freshness.time_to_live() + self.stale_retention).saturating_sub(elapsed))
     }
 }
 
@@ -170,7 +180,9 @@ pub enum Tier {
 /// (handles to shared state).
 #[derive(Clone)]
 pub struct TieredCache {
-    objects: Cache<CacheKey, Arc<CachedObject>>,
+    objects: Cache<CacheKey, Arc<Entry>>,
+    /// Ticks once per memory-tier lookup hit or insert; stamps [`Entry::last_used`].
+    clock: Arc<AtomicU64>,
     disk: Option<disk::DiskTier>,
     passes: Cache<CacheKey, PassMarker>,
     /// Primary key → the `Vary` names its variants are keyed by.
@@ -186,8 +198,8 @@ impl TieredCache {
         let objects = Cache::builder()
             .name("imgedge-memory")
             .max_capacity(capacity_bytes)
-            .weigher(|k: &CacheKey, v: &Arc<CachedObject>| {
-                u32::try_from(v.weight_bytes(k)).unwrap_or(u32::MAX)
+            .weigher(|k: &CacheKey, v: &Arc<Entry>| {
+                u32::try_from(v.object.weight_bytes(k)).unwrap_or(u32::MAX)
             })
             .expire_after(FreshnessExpiry { stale_retention })
             .build();
@@ -197,6 +209,7 @@ impl TieredCache {
             .build();
         TieredCache {
             objects,
+            clock: Arc::default(),
             disk: None,
             passes,
             variants: Cache::builder().max_capacity(PASS_MARKERS).build(),
@@ -215,17 +228,58 @@ impl TieredCache {
     /// `stale_retention`): whether it may serve a request is the caller's decision
     /// (`freshness::usability`).
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedObject>> {
-        self.objects.get(key).await
+        let entry = self.objects.get(key).await?;
+        entry.last_used.store(self.tick(), Ordering::Relaxed);
+        Some(entry.object.clone())
     }
 
     /// The object stored under `key`: from memory, else from disk (then promoted into memory).
     pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<CachedObject>, Tier)> {
-        if let Some(object) = self.objects.get(key).await {
+        if let Some(object) = self.get(key).await {
             return Some((object, Tier::Memory));
         }
         let object = Arc::new(self.disk.as_ref()?.get(key).await?);
-        self.objects.insert(key.clone(), object.clone()).await;
+        self.put_memory(key.clone(), object.clone()).await;
         Some((object, Tier::Disk))
+    }
+
+    async fn put_memory(&self, key: CacheKey, object: Arc<CachedObject>) {
+        let entry = Entry {
+            object,
+            last_used: AtomicU64::new(self.tick()),
+        };
+        self.objects.insert(key, Arc::new(entry)).await;
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Evicts least-recently-used objects from the memory tier (the disk tier keeps them) until
+    /// at least `bytes` of weight are gone or the tier is empty. Returns the entries and the
+    /// weighted bytes evicted. Used under memory pressure (`evicting`): moka's own eviction only
+    /// acts on inserts past its capacity.
+    pub async fn evict_lru(&self, bytes: u64) -> (u64, u64) {
+        let mut candidates: Vec<(u64, u64, Arc<CacheKey>)> = self
+            .objects
+            .iter()
+            .map(|(key, entry)| {
+                let used = entry.last_used.load(Ordering::Relaxed);
+                (used, entry.object.weight_bytes(&key), key)
+            })
+            .collect();
+        candidates.sort_unstable_by_key(|&(used, _, _)| used);
+        let (mut entries, mut freed) = (0, 0);
+        for (_, weight, key) in candidates {
+            if freed >= bytes {
+                break;
+            }
+            self.objects.invalidate(&*key).await;
+            entries += 1;
+            freed += weight;
+        }
+        self.objects.run_pending_tasks().await;
+        (entries, freed)
     }
 
     /// Stores a complete object in both tiers, replacing any previous one, and forgets a pass
@@ -236,12 +290,21 @@ impl TieredCache {
         if let Some(disk) = &self.disk {
             disk.store(key.clone(), object.clone());
         }
-        self.objects.insert(key, object).await;
+        self.put_memory(key, object).await;
     }
 
-    /// Drops every object from the memory tier (the disk tier keeps them).
-    pub fn clear_memory(&self) {
+    /// Drops every object from the memory tier (the disk tier keeps them), releasing their
+    /// bodies now (once no response still holds them) rather than at moka's next maintenance.
+    pub async fn clear_memory(&self) {
         self.objects.invalidate_all();
+        self.objects.run_pending_tasks().await;
+    }
+
+    /// Discards the disk tier's queued writes; see [`disk::DiskTier::drop_queued_writes`].
+    pub fn drop_queued_disk_writes(&self) {
+        if let Some(disk) = &self.disk {
+            disk.drop_queued_writes();
+        }
     }
 
     /// The disk tier's counters, when there is one.
@@ -353,6 +416,27 @@ mod tests {
         }
         let u = tier.usage().await;
         assert!(u.bytes <= 10_000, "{u:?}");
+    }
+
+    #[tokio::test]
+    async fn evicts_least_recently_used_first_until_enough_bytes_are_gone() {
+        let tier = TieredCache::new(1 << 20, Duration::ZERO);
+        let keys: Vec<CacheKey> = (0..5).map(|i| key(&format!("http://h/{i}"))).collect();
+        for k in &keys {
+            tier.insert(k.clone(), object(10_000, 60)).await;
+        }
+        // Use 0 and 2 again: 1, 3 and 4 are now the least recently used, in that order.
+        assert!(tier.get(&keys[0]).await.is_some());
+        assert!(tier.lookup(&keys[2]).await.is_some());
+        let weight = object(10_000, 60).weight_bytes(&keys[1]);
+        let (entries, bytes) = tier.evict_lru(weight + 1).await;
+        assert_eq!((entries, bytes), (2, 2 * weight));
+        for (i, kept) in [(0, true), (1, false), (2, true), (3, false), (4, true)] {
+            assert_eq!(tier.get(&keys[i]).await.is_some(), kept, "key {i}");
+        }
+        let (entries, _) = tier.evict_lru(u64::MAX).await;
+        assert_eq!(entries, 3);
+        assert_eq!(tier.usage().await.entries, 0);
     }
 
     #[tokio::test]

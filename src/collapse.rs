@@ -20,13 +20,14 @@
 
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::Instrument;
 
 use crate::cache::CacheKey;
@@ -67,6 +68,10 @@ pub struct Fill {
     key: CacheKey,
     outcome: watch::Sender<Outcome>,
     body: Mutex<SharedBuffer>,
+    /// Live [`SharedReader`]s: a filling body with none is read by no client.
+    readers: AtomicUsize,
+    /// Stops the body's fill ([`Collapser::abort_unread`]).
+    abort: Notify,
 }
 
 /// The body of a shared fill.
@@ -117,11 +122,7 @@ impl Collapser {
             return Role::Follower(fill.clone());
         }
         let (outcome, _) = watch::channel(Outcome::Waiting);
-        let fill = Arc::new(Fill {
-            key: key.clone(),
-            outcome,
-            body: Mutex::new(SharedBuffer::new()),
-        });
+        let fill = Arc::new(Fill::new(key.clone(), outcome));
         fills.insert(key.clone(), fill.clone());
         Role::Leader(Leader {
             fill,
@@ -133,6 +134,23 @@ impl Collapser {
     /// Fills in flight.
     pub fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Aborts every shared fill whose body no client is reading (its leader disconnected and no
+    /// follower joined), freeing its buffer; nothing of it is stored. Returns how many. For
+    /// emergency memory pressure: such a fill holds up to `max_cacheable_bytes` for the cache
+    /// alone.
+    pub fn abort_unread(&self) -> usize {
+        let fills = self.lock();
+        let mut aborted = 0;
+        for fill in fills.values() {
+            let sharing = matches!(*fill.outcome.borrow(), Outcome::Shared(_));
+            if sharing && fill.readers.load(Ordering::Acquire) == 0 {
+                fill.abort.notify_one();
+                aborted += 1;
+            }
+        }
+        aborted
     }
 
     pub fn is_empty(&self) -> bool {
@@ -152,6 +170,16 @@ impl Collapser {
 }
 
 impl Fill {
+    fn new(key: CacheKey, outcome: watch::Sender<Outcome>) -> Self {
+        Fill {
+            key,
+            outcome,
+            body: Mutex::new(SharedBuffer::new()),
+            readers: AtomicUsize::new(0),
+            abort: Notify::new(),
+        }
+    }
+
     /// Waits for the leader's outcome, at most `lock_timeout`; `None` on timeout.
     pub async fn wait_outcome(&self, lock_timeout: Duration) -> Option<Outcome> {
         let mut rx = self.outcome.subscribe();
@@ -244,7 +272,11 @@ async fn run_fill(
     store: FillTarget,
 ) {
     let received = loop {
-        match poll_fn(|cx| body.poll_chunk(cx)).await {
+        let next = tokio::select! {
+            next = poll_fn(|cx| body.poll_chunk(cx)) => next,
+            () = fill.abort.notified() => break Err(UpstreamError::Shed),
+        };
+        match next {
             Some(Ok(chunk)) => {
                 let mut buffer = fill.lock();
                 buffer.bytes.extend_from_slice(&chunk);
@@ -260,6 +292,8 @@ async fn run_fill(
     let stored = match received {
         Err(e) => {
             tracing::info!(key = fill.key.as_str(), error = %e, "not stored: upstream body failed");
+            // Free the partial body now: readers only need to learn of the failure.
+            fill.lock().bytes = Vec::new();
             Err(e)
         }
         Ok(()) => {
@@ -323,6 +357,7 @@ pub struct SharedReader {
 impl SharedReader {
     fn new(fill: Arc<Fill>) -> Self {
         let total = fill.lock().total;
+        fill.readers.fetch_add(1, Ordering::AcqRel);
         SharedReader {
             fill,
             offset: 0,
@@ -379,6 +414,12 @@ impl SharedReader {
     }
 }
 
+impl Drop for SharedReader {
+    fn drop(&mut self) {
+        self.fill.readers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,11 +427,12 @@ mod tests {
 
     fn fill_with(buffer: SharedBuffer) -> Arc<Fill> {
         let (outcome, _) = watch::channel(Outcome::Waiting);
-        Arc::new(Fill {
-            key: CacheKey::for_url(&url::Url::parse("http://h/a").unwrap()),
+        let fill = Fill::new(
+            CacheKey::for_url(&url::Url::parse("http://h/a").unwrap()),
             outcome,
-            body: Mutex::new(buffer),
-        })
+        );
+        *fill.body.lock().unwrap() = buffer;
+        Arc::new(fill)
     }
 
     fn poll(reader: &mut SharedReader) -> Poll<Option<Result<Bytes, UpstreamError>>> {

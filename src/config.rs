@@ -49,6 +49,8 @@ pub struct MemoryConfig {
     pub thresholds: crate::pressure::Thresholds,
     /// Bytes in-flight fills may collect in total; 0 means 25% of the budget.
     pub inflight_fill_bytes: u64,
+    /// The fraction of the budget eviction brings RSS down to (from `evicting` up).
+    pub evict_to: f64,
 }
 
 /// `[admin]`: operator endpoints.
@@ -93,6 +95,11 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Longest accepted `/image-proxy` target URL, in bytes after decoding.
     pub max_url_bytes: usize,
+    /// After a shutdown signal: how long to keep serving (and accepting) with `/health/ready`
+    /// answering 503 `draining`, so load balancers stop sending new requests first.
+    pub drain_delay: Duration,
+    /// Then, with the listener closed: how long open connections get to finish.
+    pub shutdown_grace: Duration,
 }
 
 /// `[upstream]`: how origins are fetched.
@@ -239,6 +246,8 @@ impl Config {
                     })
                     .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
                 max_url_bytes: f.range("server.max_url_bytes", 16, 1 << 20),
+                drain_delay: f.duration_or_zero("server.drain_delay"),
+                shutdown_grace: f.duration("server.shutdown_grace"),
             },
             upstream: UpstreamConfig {
                 allowed_hosts: f.parse("upstream.allowed_hosts", parse_host_patterns),
@@ -295,6 +304,7 @@ impl Config {
                     hysteresis: f.range("memory.hysteresis", 0.0, 0.5),
                 },
                 inflight_fill_bytes: f.get("memory.inflight_fill_bytes"),
+                evict_to: f.range("memory.evict_to", 0.05, 1.0),
             },
             log: LogConfig {
                 format: f.parse("log.format", |s: String| match s.as_str() {
@@ -342,6 +352,12 @@ impl Config {
     fn cross_checks(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
         let t = &self.memory.thresholds;
+        if self.memory.evict_to >= t.evicting {
+            problems.push(format!(
+                "memory.evict_to ({}) must be below memory.evicting ({})",
+                self.memory.evict_to, t.evicting
+            ));
+        }
         if !(t.evicting <= t.warning
             && t.warning <= t.bypass
             && t.bypass <= t.critical
@@ -462,13 +478,15 @@ impl<'a> Fields<'a> {
     }
 
     fn duration(&mut self, key: &str) -> Duration {
-        self.parse(key, |s: String| match humantime::parse_duration(&s) {
+        self.parse(key, |s: String| match parse_duration(&s) {
             Ok(d) if d.is_zero() => Err("must be greater than zero".to_owned()),
-            Ok(d) => Ok(d),
-            Err(e) => Err(format!(
-                "{e} (expected a duration such as \"5s\" or \"250ms\")"
-            )),
+            other => other,
         })
+    }
+
+    /// A duration that may be zero ("0s" turns the thing it times off).
+    fn duration_or_zero(&mut self, key: &str) -> Duration {
+        self.parse(key, |s: String| parse_duration(&s))
     }
 
     fn range<T>(&mut self, key: &str, min: T, max: T) -> T
@@ -610,6 +628,11 @@ fn parse_route_upstream(s: String) -> Result<Option<Url>, String> {
         return Err(format!("{s:?}: must not contain credentials"));
     }
     Ok(Some(url))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected a duration such as \"5s\" or \"250ms\")"))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
@@ -80,6 +80,8 @@ pub struct App {
     /// The memory monitor's latest reading.
     pressure: watch::Receiver<Reading>,
     started: Instant,
+    /// Set when shutdown begins: `/health/ready` answers 503 from then on.
+    draining: AtomicBool,
     /// Distinguishes this process's generated request ids from another's.
     instance: u32,
     next_request: AtomicU64,
@@ -135,10 +137,11 @@ impl App {
                 n => n,
             }),
         ));
-        tokio::spawn(act_on_pressure(
+        tokio::spawn(crate::relief::run(
             pressure.clone(),
             proxy.clone(),
             metrics.clone(),
+            config.memory.evict_to,
         ));
         let instance = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -150,9 +153,15 @@ impl App {
             config,
             pressure,
             started: Instant::now(),
+            draining: AtomicBool::new(false),
             instance,
             next_request: AtomicU64::new(0),
         })
+    }
+
+    /// Marks the instance as draining (shutting down): `/health/ready` answers 503 `draining`.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// Which route serves `path`: a built-in path, else the route with the longest matching
@@ -320,7 +329,11 @@ impl App {
                     "/health/live" => {
                         json_response(StatusCode::OK, &serde_json::json!({ "status": "live" }))
                     }
-                    // Readiness: take this instance out while it sheds load.
+                    // Readiness: take this instance out while it sheds load or shuts down.
+                    "/health/ready" if self.draining.load(Ordering::Relaxed) => json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({ "status": "draining", "level": level }),
+                    ),
                     "/health/ready" if level >= Level::Critical => json_response(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &serde_json::json!({ "status": "not-ready", "level": level }),
@@ -438,7 +451,8 @@ impl App {
                 "reserved_bytes": self.proxy.fills().used_bytes(),
                 "capacity_bytes": self.proxy.fills().capacity_bytes(),
             },
-            "cache": { "memory": memory, "disk": self.proxy.tier().disk_usage() },
+            "cache": { "memory": memory, "disk": self.proxy.tier().disk_usage().unwrap_or_default() },
+            "draining": self.draining.load(Ordering::Relaxed),
             "uptime_seconds": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
         });
@@ -465,6 +479,15 @@ impl App {
             .set(self.proxy.inflight(0).0 as i64);
         self.metrics.pressure_level.set(reading.level.as_number());
         if let Some(disk) = self.proxy.tier().disk_usage() {
+            let tier = metrics::TierLabels { tier: "disk" };
+            self.metrics
+                .cache_bytes
+                .get_or_create(&tier)
+                .set(gauge(disk.bytes));
+            self.metrics
+                .cache_entries
+                .get_or_create(&tier)
+                .set(gauge(disk.entries));
             for (event, n) in [
                 ("writes", disk.writes),
                 ("write_drops", disk.write_drops),
@@ -557,44 +580,6 @@ fn route_url(upstream: &Url, uri: &Uri) -> Result<Url, ProxyError> {
         upstream.as_str().trim_end_matches('/')
     );
     Url::parse(&joined).map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))
-}
-
-/// Acts on pressure transitions: entering critical (or emergency) clears the memory tier;
-/// every transition is counted. Ends when the monitor does.
-async fn act_on_pressure(
-    mut pressure: watch::Receiver<Reading>,
-    proxy: Arc<Proxy>,
-    metrics: Arc<Metrics>,
-) {
-    let mut level = pressure.borrow().level;
-    while pressure.changed().await.is_ok() {
-        let now = pressure.borrow().level;
-        if now == level {
-            continue;
-        }
-        metrics
-            .pressure_transitions
-            .get_or_create(&metrics::LevelLabels {
-                to: level_name(now),
-            })
-            .inc();
-        if now >= Level::Critical && level < Level::Critical {
-            proxy.tier().clear_memory();
-            tracing::warn!("memory tier cleared under critical memory pressure");
-        }
-        level = now;
-    }
-}
-
-fn level_name(level: Level) -> &'static str {
-    match level {
-        Level::Normal => "normal",
-        Level::Evicting => "evicting",
-        Level::Warning => "warning",
-        Level::Bypass => "bypass",
-        Level::Critical => "critical",
-        Level::Emergency => "emergency",
-    }
 }
 
 /// `{"error": code, "message": text}` with the error's status; never cached downstream.

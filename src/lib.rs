@@ -16,6 +16,7 @@
 //!   limits.
 //! - [`target`]: the `url=` parameter, `allowed_hosts`, non-global addresses.
 //! - [`pressure`]: RSS against the memory budget → a pressure level on a watch channel.
+//! - [`relief`]: what the tiers and fills give up at each level (evict, clear, abort).
 //! - [`error`], [`body`], [`metrics`], [`rss`]: the error→status mapping, the response body, the
 //!   metrics registry, the process RSS.
 
@@ -30,6 +31,7 @@ pub mod http;
 pub mod metrics;
 pub mod pressure;
 pub mod proxy;
+pub mod relief;
 pub mod rss;
 pub mod target;
 pub mod upstream;
@@ -47,8 +49,6 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 
-/// How long in-flight connections get to finish after shutdown is signalled.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request head (HTTP/1.1).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Per-connection bound on response bytes queued in user space for a client that reads slower
@@ -66,8 +66,9 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until `shutdown` completes, then
-/// stops accepting and gives open connections 10 s (`SHUTDOWN_GRACE`) to finish.
+/// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until `shutdown` completes. Then it
+/// drains: `/health/ready` answers 503 while it keeps serving for `[server] drain_delay`; then it
+/// stops accepting and gives open connections `[server] shutdown_grace` to finish.
 ///
 /// # Errors
 /// [`ServeError::Setup`] when the upstream clients cannot be built; accept errors are logged
@@ -92,6 +93,7 @@ pub async fn serve_with_rss(
     rss: Arc<dyn rss::RssSource>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let (drain_delay, shutdown_grace) = (config.server.drain_delay, config.server.shutdown_grace);
     let app = Arc::new(
         http::App::new(config, rss)
             .await
@@ -110,7 +112,15 @@ pub async fn serve_with_rss(
     let graceful = GracefulShutdown::new();
     tracing::info!(addr = %listener.local_addr()?, "listening");
     tokio::pin!(shutdown);
+    // Set once shutdown is signalled: serving goes on until then, not ready.
+    let mut draining_until: Option<tokio::time::Instant> = None;
     loop {
+        let stop = async {
+            match draining_until {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => (&mut shutdown).await,
+            }
+        };
         let (stream, _peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -121,7 +131,16 @@ pub async fn serve_with_rss(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = stop => {
+                if draining_until.is_some() || drain_delay.is_zero() {
+                    app.start_draining();
+                    break;
+                }
+                tracing::info!(?drain_delay, "draining: not ready, still serving");
+                app.start_draining();
+                draining_until = Some(tokio::time::Instant::now() + drain_delay);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
@@ -140,7 +159,8 @@ pub async fn serve_with_rss(
         });
     }
     tracing::info!("shutting down");
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+    drop(listener);
+    if tokio::time::timeout(shutdown_grace, graceful.shutdown())
         .await
         .is_err()
     {

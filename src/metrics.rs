@@ -73,6 +73,16 @@ pub struct Metrics {
     /// `imgedge_disk_events{event}`: the disk tier's `writes`, `write_drops` (queue full) and
     /// `errors` (damaged entries, failed reads, foyer panics) since start, set at scrape.
     pub disk_events: Family<DiskEventLabels, Gauge>,
+    /// `imgedge_memory_relief_total{action}`: what memory pressure made the tiers and fills
+    /// give up: `evicted_entries` and `evicted_bytes` (least-recently-used memory-tier entries,
+    /// at evicting), `cleared` (memory tier cleared, at critical), `aborted_fills` (fills no
+    /// client was reading, at emergency).
+    pub relief: Family<ActionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +119,7 @@ impl Default for Metrics {
             pressure_transitions: Family::default(),
             shed: Family::default(),
             disk_events: Family::default(),
+            relief: Family::default(),
             registry: Registry::default(),
         };
         // The text encoder appends `_total` to counters.
@@ -187,11 +198,23 @@ impl Default for Metrics {
             "Disk tier writes, dropped writes and errors since start",
             m.disk_events.clone(),
         );
+        registry.register(
+            "imgedge_memory_relief",
+            "What memory pressure made the tiers and fills give up, by action",
+            m.relief.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
+    /// Adds `n` to `imgedge_memory_relief_total{action}`.
+    pub fn relieved(&self, action: &'static str, n: u64) {
+        self.relief
+            .get_or_create(&ActionLabels { action })
+            .inc_by(n);
+    }
+
     /// Counts one response.
     pub fn request(&self, route: &'static str, status: u16) {
         self.requests

@@ -261,6 +261,11 @@ impl Proxy {
         &self.tier
     }
 
+    /// Aborts the shared fills no client is reading; see [`Collapser::abort_unread`].
+    pub fn abort_unread_fills(&self) -> usize {
+        self.collapser.abort_unread()
+    }
+
     /// Answers `req` from the memory tier, a fill in flight, or the origin. The returned body
     /// streams; failures after this returns abort the client connection.
     ///

@@ -82,6 +82,9 @@ pub enum UpstreamError {
     /// The fetch ran past `total_timeout` (the in-flight watchdog).
     #[error("upstream fetch passed upstream.total_timeout ({0:?})")]
     TotalTimeout(Duration),
+    /// A fill no client was reading, aborted under emergency memory pressure.
+    #[error("fill with no client reading it aborted under emergency memory pressure")]
+    Shed,
     /// The body ended, or failed, before `Content-Length` bytes arrived, or sent more.
     #[error("upstream body ended after {received_bytes} of {expected_bytes} bytes")]
     LengthMismatch {

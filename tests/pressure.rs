@@ -124,6 +124,7 @@ async fn at_critical_proxy_requests_are_shed_the_tier_is_cleared_and_health_says
         "imgedge_memory_pressure_level 4",
         "imgedge_shed_total{reason=\"memory\"} 1",
         "imgedge_memory_pressure_transitions_total{to=\"critical\"} 1",
+        "imgedge_memory_relief_total{action=\"cleared\"} 1",
         &format!("imgedge_memory_budget_bytes {BUDGET}"),
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
@@ -253,4 +254,151 @@ async fn a_fetch_past_total_timeout_is_aborted_and_in_flight_fetches_are_listed(
         "imgedge; hit; detail=memory",
         "nothing stored"
     );
+}
+
+/// Polls /metrics until `line` appears; panics after about 2 s.
+async fn wait_for_metric(proxy: &TestProxy, line: &str) {
+    for _ in 0..200 {
+        let metrics = proxy.get("/metrics").await.text().await.unwrap();
+        if metrics.lines().any(|l| l == line) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let metrics = proxy.get("/metrics").await.text().await.unwrap();
+    panic!("{line} never appeared in\n{metrics}");
+}
+
+#[tokio::test]
+async fn at_evicting_least_recently_used_entries_go_until_rss_is_down_to_evict_to() {
+    let origin = TestOrigin::start().await;
+    for name in ["a", "b", "c"] {
+        origin.route(
+            &format!("/{name}.jpg"),
+            Reply::pattern(100_000).header("Cache-Control", "max-age=600"),
+        );
+    }
+    // RSS will be set just past the evicting threshold, 150 000 bytes above evict_to.
+    let evicting = 0.72;
+    let pressed_rss = (evicting * BUDGET as f64) as u64 + 1_000;
+    let evict_to = (pressed_rss - 150_000) as f64 / BUDGET as f64;
+    let rss = Arc::new(FakeRss(AtomicU64::new(BUDGET / 10)));
+    let config = test_config(
+        &origin,
+        &format!(
+            "[memory]\nbudget_bytes = {BUDGET}\nsample_interval = \"10ms\"\nevicting = {evicting}\nevict_to = {evict_to}\n[cache]\nmemory_capacity_bytes = 268435456"
+        ),
+    );
+    let proxy = TestProxy::start_with(config, Some(rss.clone())).await;
+    for name in ["a", "b", "c"] {
+        let r = proxy.get_image(&origin.url(&format!("/{name}.jpg"))).await;
+        r.bytes().await.unwrap();
+    }
+    // Use a again: b and c are now the least recently used.
+    let r = proxy.get_image(&origin.url("/a.jpg")).await;
+    assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
+
+    rss.0.store(pressed_rss, Ordering::Relaxed);
+    // Each entry weighs a little over 100 000 bytes: two of them cover the 150 000.
+    wait_for_metric(
+        &proxy,
+        "imgedge_memory_relief_total{action=\"evicted_entries\"} 2",
+    )
+    .await;
+    // RSS falls below evict_to before the settle time is up: eviction is done.
+    rss.0.store(BUDGET / 10, Ordering::Relaxed);
+    tokio::time::sleep(imgedge::relief::EVICTION_SETTLE + Duration::from_millis(300)).await;
+
+    let health: serde_json::Value =
+        serde_json::from_slice(&proxy.get("/health").await.bytes().await.unwrap()).unwrap();
+    assert_eq!(health["cache"]["memory"]["entries"], 1, "{health}");
+    let r = proxy.get_image(&origin.url("/a.jpg")).await;
+    assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
+    for name in ["b", "c"] {
+        let r = proxy.get_image(&origin.url(&format!("/{name}.jpg"))).await;
+        assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored", "{name}");
+        assert_eq!(r.bytes().await.unwrap(), pattern(100_000));
+    }
+    let metrics = proxy.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("imgedge_memory_relief_total{action=\"evicted_entries\"} 2\n"),
+        "evicted again after RSS fell:\n{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn at_emergency_fills_no_client_reads_are_aborted_and_nothing_is_stored() {
+    let origin = TestOrigin::start().await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    origin.route(
+        "/orphan.jpg",
+        Reply::pattern(200_000)
+            .header("Cache-Control", "max-age=600")
+            .fault(Fault::GateAfter(20_000, gate.clone())),
+    );
+    let (proxy, rss) = pressured(&origin).await;
+    {
+        // The only client reads the first bytes and goes away; the fill goes on for the cache.
+        let client = reqwest::Client::new();
+        let mut r = client
+            .get(proxy.image_url(&origin.url("/orphan.jpg")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+        r.chunk().await.unwrap().unwrap();
+    }
+    // Until the server notices the client is gone, the fill still has a reader.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    set_pressure(&proxy, &rss, 0.96, "emergency").await;
+    wait_for_metric(
+        &proxy,
+        "imgedge_memory_relief_total{action=\"aborted_fills\"} 1",
+    )
+    .await;
+
+    gate.notify_one();
+    set_pressure(&proxy, &rss, 0.10, "normal").await;
+    let r = proxy.get_image(&origin.url("/orphan.jpg")).await;
+    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(
+        origin.hits("/orphan.jpg"),
+        2,
+        "the aborted fill stored nothing"
+    );
+}
+
+#[tokio::test]
+async fn while_draining_readiness_fails_and_requests_are_still_served() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/d.jpg",
+        Reply::ok("d").header("Cache-Control", "max-age=600"),
+    );
+    let config = test_config(&origin, "[server]\ndrain_delay = \"3s\"");
+    let mut proxy = TestProxy::start(config).await;
+    assert_eq!(proxy.get("/health/ready").await.status(), 200);
+    proxy.begin_shutdown();
+    let mut ready = None;
+    for _ in 0..100 {
+        let r = proxy.get("/health/ready").await;
+        if r.status() == 503 {
+            ready = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ready: serde_json::Value =
+        serde_json::from_slice(&ready.expect("never draining").bytes().await.unwrap()).unwrap();
+    assert_eq!(ready["status"], "draining");
+    assert_eq!(proxy.get("/health/live").await.status(), 200);
+    // New connections are still accepted and served while draining.
+    let fresh = reqwest::Client::new();
+    let r = fresh
+        .get(proxy.image_url(&origin.url("/d.jpg")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "d");
 }

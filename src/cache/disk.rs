@@ -10,9 +10,10 @@
 //! tasks, so a panic inside foyer (as on a full disk) becomes a logged miss and turns the tier
 //! off. See docs/foyer-disk-tier.md for the traps this design avoids.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -46,10 +47,14 @@ pub struct DiskStats {
     pub errors: AtomicU64,
 }
 
-/// A snapshot for /health.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+/// A snapshot for /health; all zero (the default) when there is no disk tier.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct DiskUsage {
     pub enabled: bool,
+    /// Entries written since this process started and not known to be gone (see [`Holdings`]).
+    pub entries: u64,
+    /// Their encoded size in bytes.
+    pub bytes: u64,
     pub writes: u64,
     pub write_drops: u64,
     pub hits: u64,
@@ -57,11 +62,65 @@ pub struct DiskUsage {
     pub capacity_bytes: u64,
 }
 
+/// What the disk tier holds, as far as this process knows: the entries it wrote, with their
+/// sizes, oldest first. foyer exposes no count of its own, so this mirrors it: an entry leaves
+/// when it is removed or found missing, and the oldest ones leave once the total passes the
+/// capacity (foyer reclaims its oldest blocks first). Entries recovered at startup are not
+/// counted until they are read.
+#[derive(Debug, Default)]
+pub struct Holdings {
+    sizes: HashMap<CacheKey, (u64, u64)>,
+    /// (sequence, key) in write order; stale when the key was rewritten or removed since.
+    order: VecDeque<(u64, CacheKey)>,
+    next: u64,
+    bytes: u64,
+}
+
+impl Holdings {
+    fn add(&mut self, key: CacheKey, bytes: u64, capacity_bytes: u64) {
+        self.remove(&key);
+        let seq = self.next;
+        self.next += 1;
+        self.sizes.insert(key.clone(), (seq, bytes));
+        self.order.push_back((seq, key));
+        self.bytes += bytes;
+        while self.bytes > capacity_bytes {
+            let Some((seq, key)) = self.order.pop_front() else {
+                break;
+            };
+            if self.sizes.get(&key).is_some_and(|&(s, _)| s == seq) {
+                self.remove(&key);
+            }
+        }
+        // Drop stale queue entries so the queue stays proportional to the map.
+        if self.order.len() > 2 * self.sizes.len() + 64 {
+            let sizes = &self.sizes;
+            self.order
+                .retain(|(seq, key)| sizes.get(key).is_some_and(|&(s, _)| s == *seq));
+        }
+    }
+
+    fn remove(&mut self, key: &CacheKey) {
+        if let Some((_, bytes)) = self.sizes.remove(key) {
+            self.bytes -= bytes;
+        }
+    }
+}
+
+/// A write waiting in the queue, numbered so that [`DiskTier::drop_queued_writes`] can discard
+/// everything queued before it.
+type QueuedWrite = (u64, CacheKey, Arc<CachedObject>);
+
 /// The disk tier. Cheap to clone.
 #[derive(Clone)]
 pub struct DiskTier {
     store: Store,
-    writes: mpsc::Sender<(CacheKey, Arc<CachedObject>)>,
+    writes: mpsc::Sender<QueuedWrite>,
+    /// Numbers the queued writes.
+    queued: Arc<AtomicU64>,
+    /// Queued writes numbered below this are discarded (memory pressure).
+    discard_below: Arc<AtomicU64>,
+    holdings: Arc<Mutex<Holdings>>,
     stats: Arc<DiskStats>,
     /// Cleared when foyer fails in a way it does not recover from (a panic).
     enabled: Arc<AtomicBool>,
@@ -106,6 +165,9 @@ impl DiskTier {
         let tier = DiskTier {
             store,
             writes,
+            queued: Arc::default(),
+            discard_below: Arc::default(),
+            holdings: Arc::default(),
             stats: Arc::default(),
             enabled: Arc::new(AtomicBool::new(true)),
             capacity_bytes,
@@ -119,30 +181,50 @@ impl DiskTier {
         if !self.enabled.load(Ordering::Relaxed) {
             return;
         }
-        if self.writes.try_send((key, object)).is_err() {
+        let seq = self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.writes.try_send((seq, key, object)).is_err() {
             self.stats.write_drops.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    async fn write_loop(self, mut queue: mpsc::Receiver<(CacheKey, Arc<CachedObject>)>) {
-        while let Some((key, object)) = queue.recv().await {
+    /// Discards every write queued so far (counted as dropped), releasing the objects they hold:
+    /// under emergency memory pressure the queue may be the last reference to their bodies.
+    pub fn drop_queued_writes(&self) {
+        self.discard_below
+            .store(self.queued.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    async fn write_loop(self, mut queue: mpsc::Receiver<QueuedWrite>) {
+        while let Some((seq, key, object)) = queue.recv().await {
             if !self.enabled.load(Ordering::Relaxed) {
                 continue;
             }
+            if seq < self.discard_below.load(Ordering::Relaxed) {
+                self.stats.write_drops.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let entry = encode(&object);
+            drop(object);
+            let bytes = entry.len() as u64;
             let store = self.store.clone();
+            let name = key.as_str().to_owned();
             let written = tokio::spawn(async move {
-                store.insert(key.as_str().to_owned(), entry);
+                store.insert(name, entry);
                 store.storage().wait().await;
             })
             .await;
             match written {
                 Ok(()) => {
                     self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                    self.holdings().add(key, bytes, self.capacity_bytes);
                 }
                 Err(e) => self.fail("write", &e),
             }
         }
+    }
+
+    fn holdings(&self) -> std::sync::MutexGuard<'_, Holdings> {
+        self.holdings.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The object stored under `key`, if present and intact. A damaged entry is removed.
@@ -163,6 +245,7 @@ impl DiskTier {
             Ok(Ok(Some(entry))) => entry,
             Ok(Ok(None)) => {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                self.holdings().remove(key);
                 return None;
             }
             Ok(Err(e)) => {
@@ -197,12 +280,19 @@ impl DiskTier {
         if self.enabled.load(Ordering::Relaxed) {
             self.store.remove(key.as_str());
         }
+        self.holdings().remove(key);
     }
 
     pub fn usage(&self) -> DiskUsage {
         let s = &self.stats;
+        let (entries, bytes) = {
+            let h = self.holdings();
+            (h.sizes.len() as u64, h.bytes)
+        };
         DiskUsage {
             enabled: self.enabled.load(Ordering::Relaxed),
+            entries,
+            bytes,
             writes: s.writes.load(Ordering::Relaxed),
             write_drops: s.write_drops.load(Ordering::Relaxed),
             hits: s.hits.load(Ordering::Relaxed),
@@ -355,6 +445,25 @@ mod tests {
                 stale_if_error: Duration::from_secs(7),
             },
         }
+    }
+
+    fn key(s: &str) -> CacheKey {
+        CacheKey::for_url(&url::Url::parse(s).unwrap())
+    }
+
+    #[test]
+    fn holdings_count_rewrites_once_and_drop_the_oldest_past_capacity() {
+        let mut h = Holdings::default();
+        h.add(key("http://h/a"), 40, 100);
+        h.add(key("http://h/b"), 40, 100);
+        h.add(key("http://h/a"), 30, 100);
+        assert_eq!((h.sizes.len(), h.bytes), (2, 70));
+        // c passes the capacity: b (now the oldest write) goes, a (rewritten later) stays.
+        h.add(key("http://h/c"), 50, 100);
+        assert_eq!((h.sizes.len(), h.bytes), (2, 80));
+        assert!(!h.sizes.contains_key(&key("http://h/b")));
+        h.remove(&key("http://h/a"));
+        assert_eq!((h.sizes.len(), h.bytes), (1, 50));
     }
 
     #[test]
