@@ -544,3 +544,161 @@ async fn corrupted_disk_files_never_serve_a_damaged_byte() {
     );
     bin.stop().await;
 }
+
+/// The real binary on a small budget (64 MiB, levels pulled down so a test-sized load reaches
+/// them) under concurrent clients over 96 objects of 1 MiB: 32 clients until the memory tier
+/// has evicted and responses bypass it, then 96 more until requests are shed with 503; /health
+/// answers every probe throughout.
+#[tokio::test]
+async fn a_small_budget_under_load_evicts_bypasses_and_sheds_with_health_answering() {
+    const OBJECTS: usize = 96;
+    const OBJECT_BYTES: u64 = 1 << 20;
+    let origin = TestOrigin::start().await;
+    for i in 0..OBJECTS {
+        origin.route(
+            &format!("/o{i}.jpg"),
+            Reply::pattern(OBJECT_BYTES).header("Cache-Control", "max-age=600"),
+        );
+    }
+    let bin = Binary::start(&[
+        ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
+        ("IMGEDGE_LOG__LEVEL", "warn".into()),
+        ("IMGEDGE_MEMORY__BUDGET_BYTES", (64u64 << 20).to_string()),
+        ("IMGEDGE_MEMORY__SAMPLE_INTERVAL", "50ms".into()),
+        ("IMGEDGE_MEMORY__EVICT_TO", "0.30".into()),
+        ("IMGEDGE_MEMORY__EVICTING", "0.40".into()),
+        ("IMGEDGE_MEMORY__WARNING", "0.42".into()),
+        ("IMGEDGE_MEMORY__BYPASS", "0.44".into()),
+        ("IMGEDGE_MEMORY__CRITICAL", "0.47".into()),
+        // Fills are never refused a reservation here, so `detail=memory-pressure` means bypass.
+        (
+            "IMGEDGE_MEMORY__INFLIGHT_FILL_BYTES",
+            (1u64 << 30).to_string(),
+        ),
+        (
+            "IMGEDGE_CACHE__MEMORY_CAPACITY_BYTES",
+            (32u64 << 20).to_string(),
+        ),
+    ])
+    .await;
+    let base = bin.base.clone();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(40);
+    // Load goes on at least this long, so /health is probed through every stage.
+    let at_least = started + Duration::from_secs(5);
+
+    // /health every 50 ms, each answered (200 or 503) within 2 s.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = tokio::spawn({
+        let (base, stop) = (base.clone(), stop.clone());
+        async move {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .unwrap();
+            let (mut answered, mut max_rss) = (0u32, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client.get(format!("{base}/health")).send().await;
+                let r = r.expect("/health did not answer");
+                let status = r.status().as_u16();
+                assert!(status == 200 || status == 503, "/health answered {status}");
+                let health: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap())
+                    .expect("/health answered JSON");
+                max_rss = max_rss.max(health["memory"]["rss_bytes"].as_u64().unwrap());
+                answered += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (answered, max_rss)
+        }
+    });
+
+    #[derive(Default)]
+    struct Seen {
+        bypassed: u32,
+        shed: u32,
+        ok: u32,
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let mut clients = Vec::new();
+    for c in 0..128usize {
+        let (base, seen, origin_addr) = (base.clone(), seen.clone(), origin.addr);
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder().no_proxy().build().unwrap();
+            let mut i = c * 3;
+            while Instant::now() < deadline {
+                let (phase_one_done, done) = {
+                    let s = seen.lock().unwrap();
+                    let phase_one_done = s.bypassed > 0 && s.ok > 100;
+                    (
+                        phase_one_done,
+                        phase_one_done && s.shed > 0 && Instant::now() > at_least,
+                    )
+                };
+                if done {
+                    break;
+                }
+                if c >= 32 && !phase_one_done {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let url = format!(
+                    "{base}/image-proxy?url=http://{origin_addr}/o{}.jpg",
+                    i % OBJECTS
+                );
+                i += 1;
+                let r = client.get(&url).send().await.unwrap();
+                let status = r.status().as_u16();
+                let cache = cache_status(&r);
+                if status == 503 {
+                    assert_eq!(error_code(r).await, "overloaded");
+                    seen.lock().unwrap().shed += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                assert_eq!(status, 200, "only 200 and 503 answers");
+                let body = r.bytes().await.unwrap();
+                assert_eq!(body.len() as u64, OBJECT_BYTES);
+                let mut s = seen.lock().unwrap();
+                s.ok += 1;
+                s.bypassed += u32::from(cache.ends_with("detail=memory-pressure"));
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, max_rss) = prober.await.unwrap();
+    let metrics = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counter = |line: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (ok, bypassed, shed) = {
+        let s = seen.lock().unwrap();
+        (s.ok, s.bypassed, s.shed)
+    };
+    let evicted = counter("imgedge_memory_relief_total{action=\"evicted_entries\"}");
+    eprintln!(
+        "answered {answered} health probes (max RSS {max_rss}); {ok} ok, {bypassed} bypassed, {shed} shed; {evicted} entries evicted"
+    );
+    assert!(evicted > 0, "no eviction:\n{metrics}");
+    assert!(bypassed > 0, "no bypass:\n{metrics}");
+    assert!(shed > 0, "no shedding:\n{metrics}");
+    assert!(answered >= 10, "{answered} /health probes");
+    bin.stop().await;
+}
