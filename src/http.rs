@@ -142,6 +142,7 @@ impl App {
             proxy.clone(),
             metrics.clone(),
             config.memory.evict_to,
+            config.memory.thresholds.bypass,
         ));
         let instance = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -450,6 +451,7 @@ impl App {
             "fills": {
                 "reserved_bytes": self.proxy.fills().used_bytes(),
                 "capacity_bytes": self.proxy.fills().capacity_bytes(),
+                "limit_bytes": self.proxy.fills().limit_bytes(),
             },
             "cache": { "memory": memory, "disk": self.proxy.tier().disk_usage().unwrap_or_default() },
             "draining": self.draining.load(Ordering::Relaxed),

@@ -184,9 +184,16 @@ impl Monitor {
 
 /// The bytes in-flight fills may collect, shared by all of them: RSS sampled every 250 ms cannot
 /// see a burst, so each fill reserves what it will hold before it holds it.
+///
+/// Two bounds apply: the configured capacity (`[memory] inflight_fill_bytes`), and the headroom
+/// the last RSS sample left below a line (the `bypass` threshold; [`Self::set_headroom`]): no
+/// more may be reserved between two samples than would take RSS from the last reading to that
+/// line. Near the line new fills stream unstored instead of jumping past it together.
 #[derive(Debug)]
 pub struct ReservationPool {
     capacity_bytes: u64,
+    /// The current bound on `used_bytes`: at most `capacity_bytes`.
+    limit_bytes: AtomicU64,
     used_bytes: AtomicU64,
 }
 
@@ -194,8 +201,25 @@ impl ReservationPool {
     pub fn new(capacity_bytes: u64) -> Arc<Self> {
         Arc::new(ReservationPool {
             capacity_bytes,
+            limit_bytes: AtomicU64::new(capacity_bytes),
             used_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// After an RSS sample of `rss_bytes`: until the next one, reservations may add at most
+    /// `line_bytes - rss_bytes` to what is reserved now (and never pass the capacity).
+    pub fn set_headroom(&self, rss_bytes: u64, line_bytes: u64) {
+        let headroom = line_bytes.saturating_sub(rss_bytes);
+        let limit = self
+            .used_bytes()
+            .saturating_add(headroom)
+            .min(self.capacity_bytes);
+        self.limit_bytes.store(limit, Ordering::Relaxed);
+    }
+
+    /// The current bound on reserved bytes (see [`Self::set_headroom`]).
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit_bytes.load(Ordering::Relaxed)
     }
 
     /// Reserves `bytes`, or `None` when that would pass the capacity.
@@ -210,7 +234,7 @@ impl ReservationPool {
         self.used_bytes
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(bytes)
-                    .filter(|&n| n <= self.capacity_bytes)
+                    .filter(|&n| n <= self.limit_bytes.load(Ordering::Relaxed))
             })
             .is_ok()
     }
@@ -341,6 +365,25 @@ mod tests {
         drop(a);
         assert_eq!(pool.used_bytes(), 0);
         assert!(pool.try_reserve(100).is_some());
+    }
+
+    #[test]
+    fn reservations_stop_at_the_headroom_below_the_line() {
+        let pool = ReservationPool::new(1000);
+        let a = pool.try_reserve(100).unwrap();
+        // RSS 850 of a line at 1000: 150 more may be reserved until the next sample.
+        pool.set_headroom(850, 1000);
+        assert_eq!(pool.limit_bytes(), 250);
+        assert!(pool.try_reserve(200).is_none());
+        let b = pool.try_reserve(150).unwrap();
+        // Past the line: nothing new.
+        pool.set_headroom(1100, 1000);
+        assert!(pool.try_reserve(1).is_none());
+        drop((a, b));
+        // Far below it: the capacity is the bound.
+        pool.set_headroom(10, 1_000_000);
+        assert_eq!(pool.limit_bytes(), 1000);
+        assert!(pool.try_reserve(1000).is_some());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!   the allocator about a second to return (jemalloc, `dirty_decay_ms` 1000: see
 //!   `.cargo/config.toml`), so after evicting it waits [`EVICTION_SETTLE`] before judging RSS
 //!   again, instead of emptying the tier against a reading that cannot have moved yet.
+//! - every reading: fills may reserve only the headroom left below the `bypass` line.
 //! - entering **critical**: the memory tier is cleared.
 //! - entering **emergency**: also the disk tier's write queue is dropped and the fills no client
 //!   is reading are aborted.
@@ -27,18 +28,24 @@ use crate::proxy::Proxy;
 pub const EVICTION_SETTLE: Duration = Duration::from_secs(1);
 
 /// Acts on every reading until the monitor ends. `evict_to` is the fraction of the budget
-/// eviction brings RSS down to.
+/// eviction brings RSS down to; `fill_line` the fraction below which fills may reserve bytes
+/// (the `bypass` threshold: [`crate::pressure::ReservationPool::set_headroom`]).
 pub async fn run(
     mut pressure: watch::Receiver<Reading>,
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     evict_to: f64,
+    fill_line: f64,
 ) {
     let mut level = pressure.borrow().level;
     let mut evicting = false;
     let mut settled_at = Instant::now();
     while pressure.changed().await.is_ok() {
         let reading = *pressure.borrow_and_update();
+        proxy.fills().set_headroom(
+            reading.rss_bytes,
+            (fill_line * reading.budget_bytes as f64) as u64,
+        );
         if reading.level != level {
             metrics
                 .pressure_transitions
