@@ -1,12 +1,12 @@
 //! What the tiers and fills give up under memory pressure. The monitor (`pressure.rs`) only
 //! signals; this task acts on every reading it publishes:
 //!
-//! - **evicting** and above: least-recently-used memory-tier entries are evicted until RSS is at
-//!   or below `[memory] evict_to` of the budget (0.60), or the tier is empty. Freed pages take
-//!   the allocator about a second to return (jemalloc, `dirty_decay_ms` 1000: see
-//!   `.cargo/config.toml`), so after evicting it waits [`EVICTION_SETTLE`] before judging RSS
-//!   again, instead of emptying the tier against a reading that cannot have moved yet.
 //! - every reading: fills may reserve only the headroom left below the `bypass` line.
+//! - **evicting** and above: least-recently-used memory-tier entries are evicted until RSS is at
+//!   or below `[memory] evict_to` of the budget (0.60), or the tier is empty. An allocator
+//!   returns freed pages to the system over seconds (jemalloc's background threads, over its
+//!   10 s `dirty_decay_ms`), so bytes just evicted are counted as on their way out
+//!   ([`Eviction`]) rather than evicted again against a reading that cannot have moved yet.
 //! - entering **critical**: the memory tier is cleared.
 //! - entering **emergency**: also the disk tier's write queue is dropped and the fills no client
 //!   is reading are aborted.
@@ -24,8 +24,53 @@ use crate::metrics::{self, Metrics};
 use crate::pressure::{Level, Reading};
 use crate::proxy::Proxy;
 
-/// How long after an eviction RSS is left to fall before more is evicted.
-pub const EVICTION_SETTLE: Duration = Duration::from_secs(1);
+/// How long evicted bytes are expected to take to leave RSS at most; past it, what has not
+/// left is assumed to stay (still held by responses in flight, or fragmentation) and eviction
+/// goes on against the plain reading.
+pub const EVICTION_PENDING: Duration = Duration::from_secs(15);
+
+/// An eviction episode: from the first reading at `evicting` or above until RSS is at or below
+/// the target or the tier is empty.
+#[derive(Debug)]
+pub struct Eviction {
+    /// RSS at the last eviction.
+    rss_at_eviction_bytes: u64,
+    /// Bytes evicted and not yet seen leaving RSS, as of the last eviction.
+    pending_bytes: u64,
+    evicted_at: Instant,
+}
+
+impl Eviction {
+    /// What still needs evicting at a reading of `rss_bytes` towards `target_bytes`: the excess
+    /// of RSS over the target, less the evicted bytes that have not shown up as a fall yet.
+    /// `None` when RSS is at or below the target: the episode is over.
+    pub fn excess_bytes(&self, rss_bytes: u64, target_bytes: u64, now: Instant) -> Option<u64> {
+        if rss_bytes <= target_bytes {
+            return None;
+        }
+        let pending = if now.duration_since(self.evicted_at) < EVICTION_PENDING {
+            let fallen = self.rss_at_eviction_bytes.saturating_sub(rss_bytes);
+            self.pending_bytes.saturating_sub(fallen)
+        } else {
+            0
+        };
+        Some(
+            rss_bytes
+                .saturating_sub(pending)
+                .saturating_sub(target_bytes),
+        )
+    }
+
+    /// Records `bytes` evicted at a reading of `rss_bytes`, on top of what is still pending.
+    pub fn evicted(&mut self, bytes: u64, rss_bytes: u64, target_bytes: u64, now: Instant) {
+        let pending = self
+            .excess_bytes(rss_bytes, target_bytes, now)
+            .map_or(0, |excess| rss_bytes.saturating_sub(target_bytes) - excess);
+        self.pending_bytes = pending + bytes;
+        self.rss_at_eviction_bytes = rss_bytes;
+        self.evicted_at = now;
+    }
+}
 
 /// Acts on every reading until the monitor ends. `evict_to` is the fraction of the budget
 /// eviction brings RSS down to; `fill_line` the fraction below which fills may reserve bytes
@@ -38,8 +83,7 @@ pub async fn run(
     fill_line: f64,
 ) {
     let mut level = pressure.borrow().level;
-    let mut evicting = false;
-    let mut settled_at = Instant::now();
+    let mut episode: Option<Eviction> = None;
     while pressure.changed().await.is_ok() {
         let reading = *pressure.borrow_and_update();
         proxy.fills().set_headroom(
@@ -73,24 +117,31 @@ pub async fn run(
             );
         }
         level = reading.level;
-        if reading.level >= Level::Evicting && !evicting {
-            evicting = true;
-            settled_at = Instant::now();
+        if reading.level >= Level::Evicting && episode.is_none() {
+            episode = Some(Eviction {
+                rss_at_eviction_bytes: reading.rss_bytes,
+                pending_bytes: 0,
+                evicted_at: Instant::now(),
+            });
         }
-        if !evicting || Instant::now() < settled_at {
+        let Some(eviction) = episode.as_mut() else {
             continue;
-        }
+        };
+        let now = Instant::now();
         let target_bytes = (evict_to * reading.budget_bytes as f64) as u64;
-        let excess_bytes = reading.rss_bytes.saturating_sub(target_bytes);
-        if excess_bytes == 0 {
-            evicting = false;
+        let Some(excess_bytes) = eviction.excess_bytes(reading.rss_bytes, target_bytes, now) else {
+            episode = None;
             tracing::info!(rss_bytes = reading.rss_bytes, target_bytes, "eviction done");
+            continue;
+        };
+        if excess_bytes == 0 {
+            // Enough is evicted; waiting for the allocator to give it back.
             continue;
         }
         let (entries, bytes) = proxy.tier().evict_lru(excess_bytes).await;
         if entries == 0 {
             // Nothing left to evict: what remains is not the tier's.
-            evicting = false;
+            episode = None;
             tracing::info!(
                 rss_bytes = reading.rss_bytes,
                 target_bytes,
@@ -98,6 +149,7 @@ pub async fn run(
             );
             continue;
         }
+        eviction.evicted(bytes, reading.rss_bytes, target_bytes, now);
         metrics.relieved("evicted_entries", entries);
         metrics.relieved("evicted_bytes", bytes);
         tracing::info!(
@@ -107,7 +159,6 @@ pub async fn run(
             bytes,
             "evicted least-recently-used entries under memory pressure"
         );
-        settled_at = Instant::now() + EVICTION_SETTLE;
     }
 }
 
@@ -120,5 +171,36 @@ pub fn level_name(level: Level) -> &'static str {
         Level::Bypass => "bypass",
         Level::Critical => "critical",
         Level::Emergency => "emergency",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicted_bytes_count_as_leaving_until_rss_shows_them_or_they_expire() {
+        let t0 = Instant::now();
+        let mut e = Eviction {
+            rss_at_eviction_bytes: 1000,
+            pending_bytes: 0,
+            evicted_at: t0,
+        };
+        assert_eq!(e.excess_bytes(1000, 600, t0), Some(400));
+        e.evicted(300, 1000, 600, t0);
+        // RSS has not moved: 100 more to go, not 400.
+        assert_eq!(e.excess_bytes(1000, 600, t0), Some(100));
+        // RSS fell by 200 of the 300: still 100 to go.
+        assert_eq!(e.excess_bytes(800, 600, t0), Some(100));
+        e.evicted(100, 800, 600, t0);
+        // 100 + 100 pending: nothing more to evict while they leave.
+        assert_eq!(e.excess_bytes(800, 600, t0), Some(0));
+        // New growth shows through.
+        assert_eq!(e.excess_bytes(850, 600, t0), Some(50));
+        // Past EVICTION_PENDING what did not leave is assumed to stay.
+        let later = t0 + EVICTION_PENDING;
+        assert_eq!(e.excess_bytes(800, 600, later), Some(200));
+        // At or below the target the episode is over.
+        assert_eq!(e.excess_bytes(600, 600, t0), None);
     }
 }
