@@ -233,6 +233,12 @@ impl TieredCache {
         Some(entry.object.clone())
     }
 
+    /// Whether an object is stored under `key` in memory, or (as far as this process knows,
+    /// see [`disk::Holdings`]) on disk. Reads nothing.
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        self.objects.contains_key(key) || self.disk.as_ref().is_some_and(|d| d.holds(key))
+    }
+
     /// The object stored under `key`: from memory, else from disk (then promoted into memory).
     pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<CachedObject>, Tier)> {
         if let Some(object) = self.get(key).await {

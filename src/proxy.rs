@@ -567,10 +567,10 @@ impl Proxy {
         response
     }
 
-    /// Removes the object and any pass marker under `key` (both tiers, once there are two);
-    /// returns whether an object was stored.
+    /// Removes the object and any pass marker under `key` from both tiers; returns whether an
+    /// object was stored in either.
     pub async fn purge(&self, key: &CacheKey) -> bool {
-        let existed = self.tier.get(key).await.is_some();
+        let existed = self.tier.contains(key);
         self.tier.invalidate(key).await;
         tracing::info!(key = key.as_str(), existed, "purged");
         existed

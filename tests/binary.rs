@@ -289,6 +289,12 @@ async fn health(base: &str) -> serde_json::Value {
     serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
 }
 
+async fn metrics(base: &str) -> String {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = client.get(format!("{base}/metrics")).send().await.unwrap();
+    r.text().await.unwrap()
+}
+
 /// Waits until the disk tier has written `n` entries.
 async fn wait_for_disk_writes(base: &str, n: u64) {
     for _ in 0..200 {
@@ -530,14 +536,7 @@ async fn corrupted_disk_files_never_serve_a_damaged_byte() {
         refetched > 0,
         "the corruption hit no stored entry: the test proves nothing"
     );
-    let metrics = client
-        .get(format!("{}/metrics", bin.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&bin.base).await;
     assert!(
         metrics.contains("imgedge_disk_events{event=\"writes\"}"),
         "{metrics}"
@@ -670,17 +669,7 @@ async fn a_small_budget_under_load_evicts_bypasses_and_sheds_with_health_answeri
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (answered, max_rss) = prober.await.unwrap();
-    let metrics = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&base).await;
     let counter = |line: &str| -> u64 {
         metrics
             .lines()

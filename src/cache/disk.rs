@@ -275,6 +275,11 @@ impl DiskTier {
         }
     }
 
+    /// Whether this process wrote `key` and has not seen it go ([`Holdings`]).
+    pub fn holds(&self, key: &CacheKey) -> bool {
+        self.holdings().sizes.contains_key(key)
+    }
+
     /// Removes `key` (recorded in foyer's tombstone log, so it stays gone after a restart).
     pub fn remove(&self, key: &CacheKey) {
         if self.enabled.load(Ordering::Relaxed) {
