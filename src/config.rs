@@ -151,6 +151,10 @@ pub struct CacheConfig {
     /// How long a stale response is kept past its freshness, to be served with `max-stale` or
     /// revalidated.
     pub stale_retention: Duration,
+    /// How long past its freshness a stored response may stand in when the origin cannot be
+    /// reached (no response head: connection refused, reset, timed out), unless it must be
+    /// revalidated: RFC 9111 §4.2.4 allows stale responses when "disconnected". Zero: never.
+    pub stale_if_unreachable: Duration,
     /// Directory of the disk tier; `None` turns it off.
     pub disk_dir: Option<std::path::PathBuf>,
     /// Capacity of the disk tier, in bytes of its data files.
@@ -276,6 +280,7 @@ impl Config {
                 max_heuristic_ttl: f.duration("cache.max_heuristic_ttl"),
                 negative_ttl: f.duration("cache.negative_ttl"),
                 stale_retention: f.duration("cache.stale_retention"),
+                stale_if_unreachable: f.duration_or_zero("cache.stale_if_unreachable"),
                 disk_dir: f.parse("cache.disk_dir", |s: String| {
                     Ok(Some(s.trim().to_owned())
                         .filter(|s| !s.is_empty())

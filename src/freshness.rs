@@ -178,6 +178,12 @@ impl Freshness {
                 .staleness(age)
                 .is_some_and(|s| s <= self.stale_if_error)
     }
+
+    /// Whether a stale response `age` old may be served when the origin cannot be reached:
+    /// "disconnected" (RFC 9111 §4.2.4), for at most `limit` past its freshness.
+    pub fn may_serve_if_unreachable(&self, age: Duration, limit: Duration) -> bool {
+        !self.must_revalidate && self.staleness(age).is_some_and(|s| s <= limit)
+    }
 }
 
 impl Freshness {

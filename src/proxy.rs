@@ -52,6 +52,8 @@ pub mod status {
     pub const HIT_STALE_WHILE_REVALIDATE: &str = "imgedge; hit; detail=stale-while-revalidate";
     /// A stale response served because the origin failed (RFC 5861 §4).
     pub const STALE_IF_ERROR: &str = "imgedge; fwd=stale; detail=stale-if-error";
+    /// Stale, served because the origin could not be reached (RFC 9111 §4.2.4).
+    pub const STALE_IF_UNREACHABLE: &str = "imgedge; fwd=stale; detail=unreachable";
     /// A stale stored response the origin confirmed with 304 (RFC 9111 §4.3).
     pub const REVALIDATED: &str = "imgedge; fwd=stale; fwd-status=304";
     /// A fresh stored response validated because the request asked (`no-cache`, `max-age`).
@@ -311,28 +313,40 @@ impl Proxy {
         if req.directives.only_if_cached {
             return Err(ProxyError::NotCached);
         }
-        // stale-if-error (RFC 5861 §4): what may stand in if the origin fails.
+        // What may stand in if the origin fails: a stale response that allows it with
+        // stale-if-error (RFC 5861 §4, also for 5xx answers), or any stale response that need
+        // not be revalidated when the origin cannot be reached at all (RFC 9111 §4.2.4).
         let fallback = cached
             .clone()
-            .filter(|o| o.freshness.may_serve_if_error(o.age(now)))
+            .filter(|o| !o.freshness.must_revalidate && o.freshness.staleness(o.age(now)).is_some())
             .map(|o| (o, req.clone()));
         let result = self.upstream_path(req, cached).await;
+        let Some((object, req)) = fallback else {
+            return result;
+        };
+        let now = SystemTime::now();
+        let age = object.age(now);
+        let unreachable = matches!(
+            result,
+            Err(ProxyError::Upstream(_) | ProxyError::UpstreamTimeout(_))
+        );
         let failed = match &result {
             Err(_) => true,
             Ok(response) => response.status().is_server_error(),
         };
-        match fallback {
-            Some((object, req)) if failed => {
-                Span::current().record("cache", status::STALE_IF_ERROR);
-                Ok(hit_response(
-                    &object,
-                    &req,
-                    SystemTime::now(),
-                    status::STALE_IF_ERROR,
-                ))
-            }
-            _ => result,
-        }
+        let cache_status = if failed && object.freshness.may_serve_if_error(age) {
+            status::STALE_IF_ERROR
+        } else if unreachable
+            && object
+                .freshness
+                .may_serve_if_unreachable(age, self.cache.stale_if_unreachable)
+        {
+            status::STALE_IF_UNREACHABLE
+        } else {
+            return result;
+        };
+        Span::current().record("cache", cache_status);
+        Ok(hit_response(&object, &req, now, cache_status))
     }
 
     /// Refreshes a stale object in a task of its own while the stale copy is served (RFC 5861

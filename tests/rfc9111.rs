@@ -296,3 +296,58 @@ async fn a_single_range_on_a_stored_object_is_answered_206_from_the_cache() {
     assert_eq!(r.text().await.unwrap().len(), 16);
     assert_eq!(origin.hits("/r.jpg"), 1);
 }
+
+#[tokio::test]
+async fn an_unreachable_origin_gets_stale_responses_unless_they_must_be_revalidated() {
+    let origin = TestOrigin::start().await;
+    // Stale on arrival, and stored because they can be revalidated (ETag).
+    origin.route(
+        "/u.jpg",
+        stale_reply("old", "public").header("ETag", "\"u\""),
+    );
+    origin.route(
+        "/p.jpg",
+        stale_reply("strict", "proxy-revalidate").header("ETag", "\"p\""),
+    );
+    origin.route(
+        "/s.jpg",
+        Reply::ok("shared")
+            .header("Cache-Control", "s-maxage=10")
+            .header("Age", "20")
+            .header("ETag", "\"s\""),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let off = TestProxy::for_origin(&origin, "[cache]\nstale_if_unreachable = \"0s\"").await;
+    for p in [&proxy, &off] {
+        for path in ["/u.jpg", "/p.jpg", "/s.jpg"] {
+            p.get_image(&origin.url(path)).await.bytes().await.unwrap();
+        }
+    }
+    // An origin that answers, even with an error, is not unreachable: its answer is passed on.
+    origin.route("/u.jpg", Reply::ok("boom").status(500));
+    let r = proxy.get_image(&origin.url("/u.jpg")).await;
+    assert_eq!(
+        r.status(),
+        500,
+        "a 5xx without stale-if-error is not replaced"
+    );
+    assert_eq!(r.text().await.unwrap(), "boom");
+
+    for path in ["/u.jpg", "/p.jpg", "/s.jpg"] {
+        origin.route(path, Reply::ok("").fault(Fault::ResetBeforeHead));
+    }
+    let r = proxy.get_image(&origin.url("/u.jpg")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(cache_status(&r), "imgedge; fwd=stale; detail=unreachable");
+    assert_eq!(r.text().await.unwrap(), "old");
+    for path in ["/p.jpg", "/s.jpg"] {
+        let r = proxy.get_image(&origin.url(path)).await;
+        assert_eq!(
+            r.status(),
+            502,
+            "{path}: proxy-revalidate and s-maxage forbid it"
+        );
+    }
+    let r = off.get_image(&origin.url("/u.jpg")).await;
+    assert_eq!(r.status(), 502, "stale_if_unreachable = 0s turns it off");
+}
