@@ -545,9 +545,9 @@ async fn corrupted_disk_files_never_serve_a_damaged_byte() {
 }
 
 /// The real binary on a small budget (64 MiB, levels pulled down so a test-sized load reaches
-/// them) under concurrent clients over 96 objects of 1 MiB: 32 clients until the memory tier
-/// has evicted and responses bypass it, then 96 more until requests are shed with 503; /health
-/// answers every probe throughout.
+/// them) under concurrent clients over 96 objects of 1 MiB: 32 clients until responses bypass
+/// the tier (and it has evicted), then 96 more until requests are shed with 503, for at least
+/// 5 s in all; /health answers every probe throughout.
 #[tokio::test]
 async fn a_small_budget_under_load_evicts_bypasses_and_sheds_with_health_answering() {
     const OBJECTS: usize = 96;
@@ -628,7 +628,7 @@ async fn a_small_budget_under_load_evicts_bypasses_and_sheds_with_health_answeri
             while Instant::now() < deadline {
                 let (phase_one_done, done) = {
                     let s = seen.lock().unwrap();
-                    let phase_one_done = s.bypassed > 0 && s.ok > 100;
+                    let phase_one_done = s.bypassed > 0 && (s.ok > 100 || s.shed > 0);
                     (
                         phase_one_done,
                         phase_one_done && s.shed > 0 && Instant::now() > at_least,
