@@ -39,6 +39,8 @@ root=$(dirname "$here")
 me=bench.sh
 log() { printf '%s: %s\n' "$me" "$*" >&2; }
 die() { log "$*"; exit 1; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
 
 # ---- the command exactly as given (before any default is applied) ----
 cmdline="cd $(printf %q "$root") &&"
@@ -94,27 +96,16 @@ declare -A verified
 log_warn_total=0
 
 # ---- cleanup: imgedge by PID, then the peers; always ----
-stop_pid() { # pid: our own child; TERM, then KILL after 5 s
-  local pid=$1 i
-  kill "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < 50; i++)); do
-    [[ -e /proc/$pid ]] || break
-    grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null && break
-    sleep 0.1
-  done
-  ((i < 50)) || { log "imgedge $pid ignored SIGTERM for 5 s; SIGKILL"; kill -9 "$pid" 2>/dev/null || true; }
-  wait "$pid" 2>/dev/null || true
-}
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   if [[ -n $imgedge_pid ]]; then
-    stop_pid "$imgedge_pid"
+    lt_stop "$imgedge_pid"
     imgedge_pid=
   fi
   if ((peers_started)); then
     "$tools/peers.sh" stop || true
-    wait_peer_ports_free || log "ports 18080-18082 still busy 10 s after peers.sh stop"
+    lt_wait_peer_ports_free || log "ports 18080-18082 still busy 10 s after peers.sh stop"
   fi
   if ((!finished && peers_started)); then
     write_report "INCOMPLETE: the run stopped early (exit status $rc)" || true
@@ -128,10 +119,6 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---- helpers ----
-kv() { # key line -> value of key=value in a load.sh line, or empty
-  local k=$1 l=$2
-  if [[ " $l " =~ \ $k=([^ ]*)\  ]]; then printf '%s' "${BASH_REMATCH[1]}"; fi
-}
 ratio() { # a b -> a/b with 2 decimals, or n/a
   awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f", a / b }'
 }
@@ -202,20 +189,7 @@ verify_all() { # target scenario -> "ok/total" after fetching every path of the 
   rm -f "$out"
   printf '%s/%s%s' "$ok" "$n" "$bad"
 }
-metrics_sum() { # metric-name [label-filter] -> sum over the series of an imgedge counter
-  { curl -sS --max-time 5 "${base[imgedge]}/metrics" 2>/dev/null || true; } |
-    awk -v m="$1" -v f="${2:-}" '($1 == m || index($1, m "{") == 1) && index($1, f) { s += $NF } END { printf "%.0f", s }'
-}
-strip_ansi() { sed 's/\x1b\[[0-9;]*m//g'; }
-peer_ports_busy() { # true while anything listens on the peers' ports
-  ss -Hltn 2>/dev/null | awk '$4 ~ /^127\.0\.0\.1:1808[012]$/ {n++} END {exit n ? 0 : 1}'
-}
-wait_peer_ports_free() { # peers.sh stop only signals: wait (up to 10 s) until the old peers are gone
-  local i
-  for ((i = 0; i < 100; i++)); do peer_ports_busy || return 0; sleep 0.1; done
-  return 1
-}
-
+metrics_sum() { lt_metrics_sum "${base[imgedge]}" "$@"; }
 write_report() { # [status line]
   local status=${1:-} s t l r tmp nginx_v varnish_v wrk_v rev dirty
   # (sed -n 1p, not head -1, reads to the end: no SIGPIPE under pipefail)
@@ -289,8 +263,8 @@ write_report() { # [status line]
           echo "| $t | | | | | | | | | ${cache[$s,$t]:-} | ${verified[$s,$t]:-} | ${load1[$s,$t]:-} | ${note[$s,$t]:-not run} |"
           continue
         fi
-        echo "| $t | $(kv rps "$l") | $(kv MBps "$l") | $(kv p50_ms "$l") | $(kv p99_ms "$l") | $(kv errors "$l")" \
-          "| $(kv cpu_us_per_req "$l") | $(kv peak_rss_mb "$l") | $(kv start_rss_mb "$l") | ${cache[$s,$t]:-}" \
+        echo "| $t | $(lt_kv rps "$l") | $(lt_kv MBps "$l") | $(lt_kv p50_ms "$l") | $(lt_kv p99_ms "$l") | $(lt_kv errors "$l")" \
+          "| $(lt_kv cpu_us_per_req "$l") | $(lt_kv peak_rss_mb "$l") | $(lt_kv start_rss_mb "$l") | ${cache[$s,$t]:-}" \
           "| ${verified[$s,$t]:-} | ${load1[$s,$t]:-} | ${note[$s,$t]:-} |"
       done
       [[ -n ${detail[$s]:-} ]] && { echo; echo "imgedge, from its /metrics and log over the whole load.sh run (warm pass + load): ${detail[$s]}"; }
@@ -302,17 +276,17 @@ write_report() { # [status line]
     echo "|---|--:|--:|--:|--:|"
     for s in "${scenarios[@]}"; do
       r="| $s"
-      r+=" | $(ratio "$(kv cpu_us_per_req "${line[$s,imgedge]:-}")" "$(kv cpu_us_per_req "${line[$s,varnish]:-}")")"
-      r+=" | $(ratio "$(kv rps "${line[$s,imgedge]:-}")" "$(kv rps "${line[$s,varnish]:-}")")"
-      r+=" | $(ratio "$(kv cpu_us_per_req "${line[$s,imgedge]:-}")" "$(kv cpu_us_per_req "${line[$s,nginx]:-}")")"
-      r+=" | $(ratio "$(kv rps "${line[$s,imgedge]:-}")" "$(kv rps "${line[$s,nginx]:-}")") |"
+      r+=" | $(ratio "$(lt_kv cpu_us_per_req "${line[$s,imgedge]:-}")" "$(lt_kv cpu_us_per_req "${line[$s,varnish]:-}")")"
+      r+=" | $(ratio "$(lt_kv rps "${line[$s,imgedge]:-}")" "$(lt_kv rps "${line[$s,varnish]:-}")")"
+      r+=" | $(ratio "$(lt_kv cpu_us_per_req "${line[$s,imgedge]:-}")" "$(lt_kv cpu_us_per_req "${line[$s,nginx]:-}")")"
+      r+=" | $(ratio "$(lt_kv rps "${line[$s,imgedge]:-}")" "$(lt_kv rps "${line[$s,nginx]:-}")") |"
       echo "$r"
     done
     echo
     if [[ -n ${line[large,imgedge]:-} ]]; then
-      echo "imgedge peak RSS on \`large\`: **$(kv peak_rss_mb "${line[large,imgedge]}") MB**" \
-        "(start of the load $(kv start_rss_mb "${line[large,imgedge]}") MB;" \
-        "varnish $(kv peak_rss_mb "${line[large,varnish]:-}") MB, nginx $(kv peak_rss_mb "${line[large,nginx]:-}") MB)."
+      echo "imgedge peak RSS on \`large\`: **$(lt_kv peak_rss_mb "${line[large,imgedge]}") MB**" \
+        "(start of the load $(lt_kv start_rss_mb "${line[large,imgedge]}") MB;" \
+        "varnish $(lt_kv peak_rss_mb "${line[large,varnish]:-}") MB, nginx $(lt_kv peak_rss_mb "${line[large,nginx]:-}") MB)."
     else
       echo "imgedge peak RSS on \`large\`: not measured in this run."
     fi
@@ -334,7 +308,7 @@ write_report() { # [status line]
       echo "## imgedge WARN/ERROR log lines (first 30)"
       echo
       echo '```'
-      strip_ansi <"$ilog" | grep -E '(^| )(WARN|ERROR) ' | sed -n 1,30p || true
+      lt_strip_ansi <"$ilog" | grep -E '(^| )(WARN|ERROR) ' | sed -n 1,30p || true
       echo '```'
     fi
   } >"$tmp"
@@ -343,39 +317,11 @@ write_report() { # [status line]
 
 # ---- 1. build ----
 [[ -s $manifest ]] || log "no $manifest yet: peers.sh will build the corpus"
-tdir=''
-if [[ -z ${EDGE_BIN:-} ]]; then
-  log "building imgedge: cargo build --release --quiet"
-  (cd "$root" && cargo build --release --quiet) || die "cargo build --release failed"
-  tdir=${CARGO_TARGET_DIR:-target}
-  [[ $tdir == /* ]] || tdir=$root/$tdir
-  EDGE_BIN=$tdir/release/imgedge
-fi
-[[ -x $EDGE_BIN ]] || die "imgedge binary not found or not executable: $EDGE_BIN"
-if [[ -n $tdir ]]; then
-  # what was built: the commit plus a fingerprint of the uncommitted changes at build time
-  src_dirty=$(git -C "$root" status --porcelain -- src Cargo.toml Cargo.lock config build.rs 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
-  bin_source="built by this run from git $(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
-  if [[ -n $src_dirty ]]; then
-    bin_source+=" plus uncommitted changes in $src_dirty(diff sha256 $(git -C "$root" diff HEAD -- src Cargo.toml Cargo.lock config build.rs 2>/dev/null | sha256sum | cut -c1-12))"
-  fi
-else
-  bin_source="given as EDGE_BIN"
-fi
-bin_sha=$(sha256sum <"$EDGE_BIN" | cut -d' ' -f1)
-# run a private copy: a rebuild of target/ during the run cannot change what is measured, and the
-# exact binary stays with the log for a re-run (EDGE_BIN=$logdir/imgedge)
-run_bin=$logdir/imgedge
-cp "$EDGE_BIN" "$run_bin"
-bin_version=$("$run_bin" --version 2>/dev/null | sed -n 1p) || true
+lt_release_bin "$logdir"
 
 # ---- 2. peers ----
-# peers.sh start stops running peers itself but starts the new ones at once, racing the old ones
-# for the ports: stop them first and wait until they are gone
-if compgen -G "$peers_run/*.pid" >/dev/null; then "$tools/peers.sh" stop; fi
-wait_peer_ports_free || die "ports 18080-18082 are busy (not peers.sh peers?): $(ss -Hltnp 2>/dev/null | grep -E '127\.0\.0\.1:1808[012] ' | tr -s ' ' | cut -d' ' -f4,6 | tr '\n' ' ')"
 peers_started=1
-"$tools/peers.sh" start >&2 || die "peers.sh start failed"
+lt_peers_start "$tools"
 [[ -s $manifest ]] || die "no corpus manifest at $manifest"
 for t in nginx varnish; do target_pids "$t" >/dev/null || die "$t is not running after peers.sh start"; done
 
@@ -416,7 +362,7 @@ for s in "${scenarios[@]}"; do
     if out=$("$tools/load.sh" "${base[$t]}" "$s" $pids 2>"$logdir/load-$s-$t.err"); then
       line[$s,$t]=$out
       log "$out"
-      e=$(kv errors "$out")
+      e=$(lt_kv errors "$out")
       [[ ${e:-0} == 0 ]] || note[$s,$t]+="${note[$s,$t]:+; }**$e wrk errors**"
     else
       note[$s,$t]+="${note[$s,$t]:+; }**load.sh failed:** $(tr '\n' ' ' <"$logdir/load-$s-$t.err" | cut -c1-300)"
@@ -431,7 +377,7 @@ for s in "${scenarios[@]}"; do
     [[ -z $changed ]] || note[$s,$t]+="${note[$s,$t]:+; }**processes changed during the run:**$changed (before: $pids)"
     if [[ $t == imgedge ]]; then
       if kill -0 "$imgedge_pid" 2>/dev/null; then
-        newlog=$(tail -n +"$((loglines0 + 1))" "$ilog" | strip_ansi)
+        newlog=$(tail -n +"$((loglines0 + 1))" "$ilog" | lt_strip_ansi)
         nlines=$(printf '%s' "$newlog" | grep -c '' || true)
         nwarn=$(printf '%s' "$newlog" | grep -cE '(^| )(WARN|ERROR) ' || true)
         log_warn_total=$((log_warn_total + nwarn))

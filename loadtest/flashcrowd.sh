@@ -41,7 +41,7 @@
 # is still written once imgedge was started). imgedge, wrk and the sampler (by PID) and the peers
 # (peers.sh stop, then until 18080-18082 are free) are stopped on exit, also on failure, Ctrl-C or
 # SIGTERM (a script started with `&` from another script ignores SIGINT: stop it with TERM).
-# shellcheck disable=SC2317 # cleanup and stop_pid run from the EXIT trap
+# shellcheck disable=SC2317 # cleanup runs from the EXIT trap
 set -euo pipefail
 export LC_ALL=C
 
@@ -50,6 +50,8 @@ root=$(dirname "$here")
 me=flashcrowd.sh
 log() { printf '%s: %s\n' "$me" "$*" >&2; }
 die() { log "$*"; exit 1; }
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$here/lib.sh"
 
 cmdline="cd $(printf %q "$root") &&"
 while IFS= read -r kv; do
@@ -68,7 +70,6 @@ hits_max_s=${FC_HITS_MAX_SECONDS:-300}
 hits_images=${FC_HITS_IMAGES:-16}
 [[ $hits_target =~ ^[0-9]+$ && $hits_max_s =~ ^[0-9]+$ && $hits_images =~ ^[1-9][0-9]*$ ]] ||
   die "FC_HITS, FC_HITS_MAX_SECONDS and FC_HITS_IMAGES must be integers"
-peers_run=/tmp/imgproxy-peers # fixed in peers.sh
 origin=http://127.0.0.1:18080
 
 budget=134217728              # memory.budget_bytes, 128 MiB
@@ -114,10 +115,6 @@ rss_kb() { # pid -> VmRSS in kB (empty when gone), without forking
 status_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status" 2>/dev/null || true; }
 mibf() { awk -v k="$1" 'BEGIN { if (k == "") print "?"; else printf "%.1f", k / 1024 }'; } # kB -> MiB
 bmibf() { awk -v b="$1" 'BEGIN { if (b == "") print "?"; else printf "%.1f", b / 1048576 }'; } # bytes -> MiB
-kv() { # key line -> value of key=value in a RESULT line, or empty
-  local k=$1 l=$2
-  if [[ " $l " =~ \ $k=([^ ]*)\  ]]; then printf '%s' "${BASH_REMATCH[1]}"; fi
-}
 json_get() { # file dotted.key -> value (empty when missing)
   python3 -c '
 import json, sys
@@ -132,32 +129,10 @@ except Exception:
 health_json() { # -> saves /health to $logdir/health.json (any status), true when it answered
   curl -s -m 5 -o "$logdir/health.json" "$base/health" 2>/dev/null
 }
-metrics_sum() { # metric-name [label-filter] -> sum over the series
-  { curl -sS -m 5 "$base/metrics" 2>/dev/null || true; } |
-    awk -v m="$1" -v f="${2:-}" '($1 == m || index($1, m "{") == 1) && index($1, f) { s += $NF } END { printf "%.0f", s }'
-}
+metrics_sum() { lt_metrics_sum "$base" "$@"; }
 metrics_series() { # metric-name -> "label=value n, ..." of every series
   { curl -sS -m 5 "$base/metrics" 2>/dev/null || true; } |
     awk -v m="$1" 'index($1, m "{") == 1 { l = $1; sub(/^[^{]*\{/, "", l); sub(/\}$/, "", l); gsub(/"/, "", l); out = out (out ? ", " : "") l " " $NF } END { print out }'
-}
-strip_ansi() { sed 's/\x1b\[[0-9;]*m//g'; }
-peer_ports_busy() { ss -Hltn 2>/dev/null | awk '$4 ~ /^127\.0\.0\.1:1808[012]$/ {n++} END {exit n ? 0 : 1}'; }
-wait_peer_ports_free() { # up to 10 s
-  local i
-  for ((i = 0; i < 100; i++)); do peer_ports_busy || return 0; sleep 0.1; done
-  return 1
-}
-stop_pid() { # pid name: our own child; TERM, KILL after 5 s
-  local pid=$1 i
-  [[ -n $pid ]] || return 0
-  kill "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-  for ((i = 0; i < 50; i++)); do
-    [[ -e /proc/$pid ]] || break
-    grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null && break
-    sleep 0.1
-  done
-  ((i < 50)) || { log "$2 ($pid) ignored SIGTERM for 5 s; SIGKILL"; kill -9 "$pid" 2>/dev/null || true; }
-  wait "$pid" 2>/dev/null || true
 }
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
@@ -264,9 +239,9 @@ evaluate() { # fills pass[...]: 1 met, 0 missed, empty not measured
   [[ -n $tier_bytes_after ]] && after_target_kb=$((40 * 1024 + tier_bytes_after / 1024))
   pass[idle]=0; [[ -n $idle_rss_kb ]] && ((idle_rss_kb < 20 * 1024)) && pass[idle]=1
   pass[peak]=0; [[ -n $crowd_end_ms ]] && ((peak_kb > 0 && peak_kb <= budget / 1024)) && pass[peak]=1
-  pass[status]=0; [[ -n $crowd_result && $(kv status_other "$crowd_result") == 0 ]] && pass[status]=1
+  pass[status]=0; [[ -n $crowd_result && $(lt_kv status_other "$crowd_result") == 0 ]] && pass[status]=1
   pass[errors]=0
-  if [[ -n $crowd_result ]] && (($(kv connect "$crowd_result") + $(kv read "$crowd_result") + $(kv write "$crowd_result") + $(kv timeout "$crowd_result") == 0)); then pass[errors]=1; fi
+  if [[ -n $crowd_result ]] && (($(lt_kv connect "$crowd_result") + $(lt_kv read "$crowd_result") + $(lt_kv write "$crowd_result") + $(lt_kv timeout "$crowd_result") == 0)); then pass[errors]=1; fi
   pass[health]=0; [[ -n $after_ms && ${S_probes:-0} -gt 0 && ${S_probe_failures:-1} == 0 ]] && pass[health]=1
   pass[after]=0; [[ -n $after_target_kb && -n $rss_after_kb ]] && ((rss_after_kb <= after_target_kb)) && pass[after]=1
   pass[hits_alt]=0
@@ -310,8 +285,8 @@ write_report() { # [status line]
     echo "|---|---|---|---|"
     echo "| idle RSS, 2 s after /health first answered | $(mibf "$idle_rss_kb") MiB | < 20 MiB | $(verdict "${pass[idle]}") |"
     echo "| peak RSS, start to crowd end + ${after_secs} s (kernel VmHWM; 100 ms samples) | $(mibf "$peak_kb") MiB (VmHWM $(mibf "$hwm_kb"); sampled $(mibf "${S_peak_kb:-}") at t=${S_peak_t:-?} ms) | <= 128 MiB budget | $(verdict "${pass[peak]}") |"
-    echo "| answers during the crowd | 200: $(kv status_200 "$crowd_result"), 503: $(kv status_503 "$crowd_result"), other: $(kv status_other "$crowd_result") | only 200 and 503 | $(verdict "${pass[status]}") |"
-    echo "| wrk socket errors (connect/read/write/timeout) | $(kv connect "$crowd_result")/$(kv read "$crowd_result")/$(kv write "$crowd_result")/$(kv timeout "$crowd_result") | 0 | $(verdict "${pass[errors]}") |"
+    echo "| answers during the crowd | 200: $(lt_kv status_200 "$crowd_result"), 503: $(lt_kv status_503 "$crowd_result"), other: $(lt_kv status_other "$crowd_result") | only 200 and 503 | $(verdict "${pass[status]}") |"
+    echo "| wrk socket errors (connect/read/write/timeout) | $(lt_kv connect "$crowd_result")/$(lt_kv read "$crowd_result")/$(lt_kv write "$crowd_result")/$(lt_kv timeout "$crowd_result") | 0 | $(verdict "${pass[errors]}") |"
     echo "| /health answering (probes every 100 ms, curl -m 2) | ${S_probes:-0} probes, ${S_probe_failures:-?} unanswered, max $(printf '%s' "${S_probe_max_ms:-?}") ms | every probe 200 or 503 | $(verdict "${pass[health]}") |"
     echo "| RSS at crowd end + ${after_secs} s | $(mibf "$rss_after_kb") MiB (tier ${tier_bytes_after:+$(bmibf "$tier_bytes_after") MiB}) | <= 40 MiB + tier = $(mibf "$after_target_kb") MiB | $(verdict "${pass[after]}") |"
     if ((hits_target > 0)); then
@@ -345,8 +320,8 @@ write_report() { # [status line]
     echo "$crowd_conns connections opened together by \`wrk -t$crowd_threads -c$crowd_conns -d${crowd_secs}s --timeout 30s\`, cold, cycling through all $(wc -l 2>/dev/null <"$logdir/crowd-paths.txt" || echo '?') manifest paths (thread k starts at path k×N/2). Window on the plot: t=${crowd_start_ms:-?} to ${crowd_end_ms:-?} ms."
     echo
     echo "- wrk: ${crowd_result:-no RESULT line}"
-    echo "- answers that were 503: $(awk -v a="$(kv status_503 "$crowd_result")" -v n="$(kv requests "$crowd_result")" 'BEGIN { if (n > 0) printf "%.1f%%", 100 * a / n; else print "?" }') (a 503 is a few hundred bytes and answered at once, a 200 streams up to 16 MB, so the count is weighted towards 503s); samples at critical or emergency: $(awk '$5 == "critical" || $5 == "emergency" {n++} END {print n + 0}' "$samples" 2>/dev/null || echo '?') of ${S_probes:-?} (100 ms each)"
-    echo "- rps $(awk -v n="$(kv requests "$crowd_result")" -v s="$(kv seconds "$crowd_result")" 'BEGIN { if (s > 0) printf "%.0f", n / s; else print "?" }'), $(awk -v b="$(kv bytes "$crowd_result")" -v s="$(kv seconds "$crowd_result")" 'BEGIN { if (s > 0) printf "%.0f MiB/s", b / s / 1048576; else print "?" }'); latency p50 $(kv p50_ms "$crowd_result") ms, p99 $(kv p99_ms "$crowd_result") ms, max $(kv max_ms "$crowd_result") ms"
+    echo "- answers that were 503: $(awk -v a="$(lt_kv status_503 "$crowd_result")" -v n="$(lt_kv requests "$crowd_result")" 'BEGIN { if (n > 0) printf "%.1f%%", 100 * a / n; else print "?" }') (a 503 is a few hundred bytes and answered at once, a 200 streams up to 16 MB, so the count is weighted towards 503s); samples at critical or emergency: $(awk '$5 == "critical" || $5 == "emergency" {n++} END {print n + 0}' "$samples" 2>/dev/null || echo '?') of ${S_probes:-?} (100 ms each)"
+    echo "- rps $(awk -v n="$(lt_kv requests "$crowd_result")" -v s="$(lt_kv seconds "$crowd_result")" 'BEGIN { if (s > 0) printf "%.0f", n / s; else print "?" }'), $(awk -v b="$(lt_kv bytes "$crowd_result")" -v s="$(lt_kv seconds "$crowd_result")" 'BEGIN { if (s > 0) printf "%.0f MiB/s", b / s / 1048576; else print "?" }'); latency p50 $(lt_kv p50_ms "$crowd_result") ms, p99 $(lt_kv p99_ms "$crowd_result") ms, max $(lt_kv max_ms "$crowd_result") ms"
     echo "- imgedge /metrics after the crowd + ${after_secs} s: requests ${metric_after[requests]:-?}; shed ${metric_after[shed]:-?}; upstream fetches ${metric_after[upstream]:-?}; collapsed ${metric_after[collapsed]:-?}; memory-tier hits ${metric_after[hits]:-?}, misses ${metric_after[misses]:-?}; level transitions: ${metric_after[transitions]:-none}"
     echo "- wrk's \`response()\` callback makes it buffer every body it reads (up to 16 MB each): the client uses more CPU than a plain wrk run, on the same 2 CPUs."
     echo
@@ -392,10 +367,10 @@ write_report() { # [status line]
     echo "## imgedge log (level warn)"
     echo
     if [[ -s $ilog ]]; then
-      echo "$(strip_ansi <"$ilog" | grep -cE '(^| )WARN ' || true) WARN, $(strip_ansi <"$ilog" | grep -cE '(^| )ERROR ' || true) ERROR, $(grep -ci 'panick' "$ilog" || true) panic lines; first 40:"
+      echo "$(lt_strip_ansi <"$ilog" | grep -cE '(^| )WARN ' || true) WARN, $(lt_strip_ansi <"$ilog" | grep -cE '(^| )ERROR ' || true) ERROR, $(grep -ci 'panick' "$ilog" || true) panic lines; first 40:"
       echo
       echo '```'
-      strip_ansi <"$ilog" | sed -n 1,40p
+      lt_strip_ansi <"$ilog" | sed -n 1,40p
       echo '```'
     else
       echo "Empty: no warnings, errors or panics."
@@ -431,16 +406,16 @@ write_report() { # [status line]
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  [[ -n $wrk_pid ]] && { stop_pid "$wrk_pid" wrk; wrk_pid=; }
+  [[ -n $wrk_pid ]] && { lt_stop "$wrk_pid"; wrk_pid=; }
   stop_sampler
   if ((!finished && imgedge_started)); then
     write_report "INCOMPLETE: the run stopped early (exit status $rc)" || true
     log "incomplete report: $report"
   fi
-  [[ -n $imgedge_pid ]] && { stop_pid "$imgedge_pid" imgedge; imgedge_pid=; }
+  [[ -n $imgedge_pid ]] && { lt_stop "$imgedge_pid"; imgedge_pid=; }
   if ((peers_started)); then
     "$tools/peers.sh" stop || true
-    wait_peer_ports_free || log "ports 18080-18082 still busy 10 s after peers.sh stop"
+    lt_wait_peer_ports_free || log "ports 18080-18082 still busy 10 s after peers.sh stop"
   fi
   log "logs: $logdir"
   exit "$rc"
@@ -456,32 +431,11 @@ if ! command -v wrk >/dev/null; then
     die "cannot install wrk"
   fi
 fi
-tdir=''
-if [[ -z ${EDGE_BIN:-} ]]; then
-  log "building imgedge: cargo build --release --quiet"
-  (cd "$root" && timeout 1800 cargo build --release --quiet) || die "cargo build --release failed"
-  tdir=${CARGO_TARGET_DIR:-target}
-  [[ $tdir == /* ]] || tdir=$root/$tdir
-  EDGE_BIN=$tdir/release/imgedge
-fi
-[[ -x $EDGE_BIN ]] || die "imgedge binary not found or not executable: $EDGE_BIN"
-if [[ -n $tdir ]]; then
-  src_dirty=$(git -C "$root" status --porcelain -- src Cargo.toml Cargo.lock config build.rs 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
-  bin_source="built by this run from git $(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
-  [[ -z $src_dirty ]] || bin_source+=" plus uncommitted changes in $src_dirty"
-else
-  bin_source="given as EDGE_BIN"
-fi
-bin_sha=$(sha256sum <"$EDGE_BIN" | cut -d' ' -f1)
-run_bin=$logdir/imgedge
-cp "$EDGE_BIN" "$run_bin"
-bin_version=$("$run_bin" --version 2>/dev/null | sed -n 1p) || true
+lt_release_bin "$logdir"
 
 # ---- 2. origin (peers.sh) ----
-if compgen -G "$peers_run/*.pid" >/dev/null; then "$tools/peers.sh" stop; fi
-wait_peer_ports_free || die "ports 18080-18082 are busy (not peers.sh peers?)"
 peers_started=1
-"$tools/peers.sh" start "$CORPUS" >&2 || die "peers.sh start failed"
+lt_peers_start "$tools" "$CORPUS"
 [[ -s $manifest ]] || die "no corpus manifest at $manifest"
 first_name=$(sed -n 1p "$manifest" | cut -f1)
 curl -fsS -m 10 -o /dev/null "$origin/$first_name" || die "the origin does not serve $origin/$first_name"
@@ -592,10 +546,10 @@ if ((hits_target > 0)); then
     [[ -n $r ]] || { cat "$logdir/hits-$run.wrk.txt" >&2; die "no RESULT line from wrk (hits run $run)"; }
     kill -0 "$imgedge_pid" 2>/dev/null || { imgedge_pid=; die "imgedge exited during the hits phase"; }
     hits_result_lines+=("run $run (${secs} s): $r")
-    hits_total=$((hits_total + $(kv requests "$r")))
+    hits_total=$((hits_total + $(lt_kv requests "$r")))
     hits_wrk_s=$((hits_wrk_s + secs))
     hits_trace+=" → $(mibf "$(rss_kb "$imgedge_pid")")"
-    rps=$(awk -v n="$(kv requests "$r")" -v s="$(kv seconds "$r")" 'BEGIN { if (s > 0) printf "%.0f", n / s; else print 0 }')
+    rps=$(awk -v n="$(lt_kv requests "$r")" -v s="$(lt_kv seconds "$r")" 'BEGIN { if (s > 0) printf "%.0f", n / s; else print 0 }')
     ((run == 1)) && hits_pilot_rps=$rps
     ((hits_total < hits_target)) || break
     left=$((hits_max_s - hits_wrk_s))
@@ -619,7 +573,7 @@ if ((hits_target > 0)); then
   hits_delta_status="200: $h200, other: $(($(metrics_sum imgedge_requests_total 'route="image-proxy"') - hall0 - h200))"
   stop_sampler
   hits_stats=$(phase_stats "$hits_samples")
-  hits_log_lines="$(tail -n +"$((hlog0 + 1))" "$ilog" | wc -l) (level changes: $(tail -n +"$((hlog0 + 1))" "$ilog" | strip_ansi | grep -c 'level changed' || true))"
+  hits_log_lines="$(tail -n +"$((hlog0 + 1))" "$ilog" | wc -l) (level changes: $(tail -n +"$((hlog0 + 1))" "$ilog" | lt_strip_ansi | grep -c 'level changed' || true))"
   sleep 5
   hits_rss_settled_kb=$(rss_kb "$imgedge_pid")
   log "hits: $hits_total requests; RSS $(mibf "$hits_rss_before_kb") -> $(mibf "$hits_rss_after_kb") MiB (5 s later $(mibf "$hits_rss_settled_kb")); tier $hits_tier_before -> $hits_tier_after bytes"

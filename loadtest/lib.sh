@@ -1,11 +1,19 @@
 # shellcheck shell=bash
-# Shared start-up for the loadtest scripts (sourced by smoke.sh and smoke-k6.sh, not run).
+# Shared pieces of the loadtest scripts (sourced, not run): the start-up of smoke.sh and
+# smoke-k6.sh, and the binary provenance, peers and metrics helpers of bench.sh and flashcrowd.sh.
 #
 #   lt_ensure_corpus   sets CORPUS and MANIFEST, building the corpus with shared/bench/corpus.sh if needed
 #   lt_ensure_bin      sets EDGE_BIN, running `cargo build --quiet` if it was empty
 #   lt_start           starts origin.py and imgedge on two free 127.0.0.1 ports, waits for both,
 #                      sets OPORT, PORT, ORIGIN, BASE, LT_TMP (logs) and an EXIT trap that stops
 #                      exactly those two processes
+#
+#   lt_release_bin DIR sets EDGE_BIN (building the release binary when empty), bin_source (how it
+#                      came to be), bin_sha, run_bin (a private copy in DIR, so a rebuild during a
+#                      benchmark cannot change what is measured) and bin_version
+#   lt_peers_start TOOLS [CORPUS]  (re)starts ../shared/bench/peers.sh, first waiting for the
+#                      ports of any running peers to free
+#   lt_wait_peer_ports_free, lt_kv KEY LINE, lt_metrics_sum BASE METRIC [FILTER], lt_strip_ansi
 #
 # Knobs: CORPUS, EDGE_BIN, CARGO_TARGET_DIR, LT_WAIT_TRIES (x0.1 s, default 100),
 # LT_KEEP=1 keeps the log folder even on success (it is always kept on failure).
@@ -63,7 +71,9 @@ lt_stop() { # pid
   [[ $ppid == "$$" ]] || return 0
   kill "$pid" 2>/dev/null || return 0
   for ((i = 0; i < 50; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
+    # gone, or exited and waiting to be reaped (kill -0 still succeeds on a zombie)
+    [[ -e /proc/$pid ]] || break
+    grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null && break
     sleep 0.1
   done
   ((i < 50)) || kill -9 "$pid" 2>/dev/null || true
@@ -148,3 +158,63 @@ lt_imgedge_alive() {
   lt_show_log "$LT_TMP/imgedge.log" 50
   return 1
 }
+
+# ---- for the benchmarks (bench.sh, flashcrowd.sh) ----
+
+# shellcheck disable=SC2034 # bin_sha and bin_version are for the caller
+lt_release_bin() { # dir
+  local tdir="" dirty watched=(src Cargo.toml Cargo.lock config build.rs)
+  if [[ -z ${EDGE_BIN:-} ]]; then
+    lt_log "building imgedge: cargo build --release --quiet"
+    (cd "$LT_ROOT" && timeout 1800 cargo build --release --quiet) || lt_die "cargo build --release failed"
+    tdir=${CARGO_TARGET_DIR:-target}
+    [[ $tdir == /* ]] || tdir=$LT_ROOT/$tdir
+    EDGE_BIN=$tdir/release/imgedge
+  fi
+  [[ -x $EDGE_BIN ]] || lt_die "imgedge binary not found or not executable: $EDGE_BIN"
+  if [[ -n $tdir ]]; then
+    # what was built: the commit plus a fingerprint of the uncommitted changes at build time
+    dirty=$(git -C "$LT_ROOT" status --porcelain -- "${watched[@]}" 2>/dev/null | awk '{print $2}' | tr '\n' ' ')
+    bin_source="built by this run from git $(git -C "$LT_ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+    if [[ -n $dirty ]]; then
+      bin_source+=" plus uncommitted changes in $dirty(diff sha256 $(git -C "$LT_ROOT" diff HEAD -- "${watched[@]}" 2>/dev/null | sha256sum | cut -c1-12))"
+    fi
+  else
+    bin_source="given as EDGE_BIN"
+  fi
+  bin_sha=$(sha256sum <"$EDGE_BIN" | cut -d' ' -f1)
+  run_bin=$1/imgedge
+  cp "$EDGE_BIN" "$run_bin"
+  bin_version=$("$run_bin" --version 2>/dev/null | sed -n 1p) || true
+}
+
+lt_peer_ports_busy() { # true while anything listens on the peers' ports (18080-18082)
+  ss -Hltn 2>/dev/null | awk '$4 ~ /^127\.0\.0\.1:1808[012]$/ {n++} END {exit n ? 0 : 1}'
+}
+
+lt_wait_peer_ports_free() { # peers.sh stop only signals: wait (up to 10 s) until they are gone
+  local i
+  for ((i = 0; i < 100; i++)); do lt_peer_ports_busy || return 0; sleep 0.1; done
+  return 1
+}
+
+# peers.sh start stops running peers itself but starts the new ones at once, racing the old ones
+# for the ports: stop them first and wait until they are gone.
+lt_peers_start() { # tools [corpus]
+  local tools=$1 run=/tmp/imgproxy-peers
+  if compgen -G "$run/*.pid" >/dev/null; then "$tools/peers.sh" stop; fi
+  lt_wait_peer_ports_free || lt_die "ports 18080-18082 are busy (not peers.sh peers?): $(ss -Hltnp 2>/dev/null | grep -E '127\.0\.0\.1:1808[012] ' | tr -s ' ' | cut -d' ' -f4,6 | tr '\n' ' ')"
+  "$tools/peers.sh" start ${2:+"$2"} >&2 || lt_die "peers.sh start failed"
+}
+
+lt_kv() { # key line -> value of key=value in a space-separated line, or empty
+  local k=$1 l=$2
+  if [[ " $l " =~ \ $k=([^ ]*)\  ]]; then printf '%s' "${BASH_REMATCH[1]}"; fi
+}
+
+lt_metrics_sum() { # base metric-name [label-filter] -> sum over the series of an imgedge metric
+  { curl -sS --max-time 5 "$1/metrics" 2>/dev/null || true; } |
+    awk -v m="$2" -v f="${3:-}" '($1 == m || index($1, m "{") == 1) && index($1, f) { s += $NF } END { printf "%.0f", s }'
+}
+
+lt_strip_ansi() { sed 's/\x1b\[[0-9;]*m//g'; }
