@@ -33,6 +33,10 @@ const MAGIC: &[u8; 8] = b"IMGEDGE\x01";
 const BLOCK_BYTES: usize = 16 * 1024 * 1024;
 /// Writes waiting for the writer task; more are dropped (and counted).
 const WRITE_QUEUE: usize = 64;
+/// Reads in flight at once. Each holds foyer's read buffer and the decoded copy of an entry (up
+/// to twice `max_cacheable_bytes`) outside any reservation, and two cores gain nothing from more:
+/// the bound keeps a flood of disk hits from outgrowing the memory budget between RSS samples.
+const CONCURRENT_READS: usize = 8;
 
 type Store = HybridCache<String, Bytes>;
 
@@ -121,6 +125,8 @@ pub struct DiskTier {
     /// Queued writes numbered below this are discarded (memory pressure).
     discard_below: Arc<AtomicU64>,
     holdings: Arc<Mutex<Holdings>>,
+    /// [`CONCURRENT_READS`] permits.
+    reads: Arc<tokio::sync::Semaphore>,
     stats: Arc<DiskStats>,
     /// Cleared when foyer fails in a way it does not recover from (a panic).
     enabled: Arc<AtomicBool>,
@@ -168,6 +174,7 @@ impl DiskTier {
             queued: Arc::default(),
             discard_below: Arc::default(),
             holdings: Arc::default(),
+            reads: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_READS)),
             stats: Arc::default(),
             enabled: Arc::new(AtomicBool::new(true)),
             capacity_bytes,
@@ -232,6 +239,9 @@ impl DiskTier {
         if !self.enabled.load(Ordering::Relaxed) {
             return None;
         }
+        let Ok(_permit) = self.reads.acquire().await else {
+            return None;
+        };
         let store = self.store.clone();
         let name = key.as_str().to_owned();
         let read = tokio::spawn(async move {
