@@ -430,13 +430,7 @@ impl Proxy {
         req: ProxyRequest,
         leader: Option<Leader>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let method = if req.head { Method::HEAD } else { Method::GET };
-        let request = UpstreamRequest {
-            headers: req.forwarding.upstream_headers(),
-            ..UpstreamRequest::bare(method, req.url.clone(), req.guard)
-        };
-        let fetched = self.upstream.fetch(request).await;
-        self.count_fetch(&fetched);
+        let fetched = self.send(&req, req.forwarding.upstream_headers()).await;
         let upstream = match fetched {
             Ok(u) => u,
             Err(e) => {
@@ -467,14 +461,7 @@ impl Proxy {
         if let Some(last_modified) = object.headers.get(LAST_MODIFIED) {
             headers.insert(IF_MODIFIED_SINCE, last_modified.clone());
         }
-        let method = if req.head { Method::HEAD } else { Method::GET };
-        let request = UpstreamRequest {
-            headers,
-            ..UpstreamRequest::bare(method, req.url.clone(), req.guard)
-        };
-        let fetched = self.upstream.fetch(request).await;
-        self.count_fetch(&fetched);
-        let upstream = fetched?;
+        let upstream = self.send(&req, headers).await?;
         if upstream.head.status != StatusCode::NOT_MODIFIED {
             return Ok(self.respond(req, upstream, None).await);
         }
@@ -643,6 +630,22 @@ impl Proxy {
         Ok(response)
     }
 
+    /// Sends `req`'s GET (or HEAD) upstream with `headers`, counting the outcome.
+    async fn send(
+        &self,
+        req: &ProxyRequest,
+        headers: HeaderMap,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let method = if req.head { Method::HEAD } else { Method::GET };
+        let request = UpstreamRequest {
+            headers,
+            ..UpstreamRequest::bare(method, req.url.clone(), req.guard)
+        };
+        let fetched = self.upstream.fetch(request).await;
+        self.count_fetch(&fetched);
+        fetched
+    }
+
     fn count_fetch(&self, fetched: &Result<UpstreamResponse, UpstreamError>) {
         match fetched {
             Ok(r) => {
@@ -686,19 +689,15 @@ impl Proxy {
             self.cache.freshness_policy(req.default_ttl),
         ) {
             Ok(f) => f,
-            Err(reason) if req.forwarding.is_plain() => {
-                self.tier
-                    .mark_pass(
-                        req.key.clone(),
-                        marker(reason.detail(), upstream.content_length),
-                    )
-                    .await;
-                return (
-                    format!("imgedge; fwd=uri-miss; detail={}", reason.detail()),
-                    None,
-                );
-            }
             Err(reason) => {
+                if req.forwarding.is_plain() {
+                    self.tier
+                        .mark_pass(
+                            req.key.clone(),
+                            marker(reason.detail(), upstream.content_length),
+                        )
+                        .await;
+                }
                 return (
                     format!("imgedge; fwd=uri-miss; detail={}", reason.detail()),
                     None,
@@ -736,8 +735,6 @@ impl Proxy {
             }
             Some(_) => {}
         }
-        let mut stored_headers = headers.clone();
-        stored_headers.remove(AGE);
         if self.pressure.borrow().level >= Level::Bypass {
             return (status::MISS_MEMORY_PRESSURE.to_owned(), None);
         }
@@ -764,6 +761,8 @@ impl Proxy {
             );
             return (status::MISS_MEMORY_PRESSURE.to_owned(), None);
         };
+        let mut stored_headers = headers.clone();
+        stored_headers.remove(AGE);
         let fill = FillTarget {
             reservation,
             status: upstream.status,
@@ -846,24 +845,17 @@ fn hit_response(
     *response.status_mut() = status;
     let headers = response.headers_mut();
     *headers = object.headers.clone();
-    match range {
-        Some(Ok((first, last))) => {
-            let content_range = format!("bytes {first}-{last}/{total}");
-            headers.insert(
-                CONTENT_RANGE,
-                HeaderValue::from_str(&content_range).expect("ASCII"),
-            );
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
-        }
-        Some(Err(())) => {
-            let content_range = format!("bytes */{total}");
-            headers.insert(
-                CONTENT_RANGE,
-                HeaderValue::from_str(&content_range).expect("ASCII"),
-            );
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(0));
-        }
-        None => {}
+    let content_range = match range {
+        Some(Ok((first, last))) => Some(format!("bytes {first}-{last}/{total}")),
+        Some(Err(())) => Some(format!("bytes */{total}")),
+        None => None,
+    };
+    if let Some(content_range) = content_range {
+        headers.insert(
+            CONTENT_RANGE,
+            HeaderValue::from_str(&content_range).expect("ASCII"),
+        );
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
     }
     if object.status == StatusCode::OK {
         headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
