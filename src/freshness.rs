@@ -171,17 +171,11 @@ impl Freshness {
         age.checked_sub(self.lifetime).filter(|s| !s.is_zero())
     }
 
-    /// Whether a stale response `age` old may be served in place of an origin error.
-    pub fn may_serve_if_error(&self, age: Duration) -> bool {
-        !self.must_revalidate
-            && self
-                .staleness(age)
-                .is_some_and(|s| s <= self.stale_if_error)
-    }
-
-    /// Whether a stale response `age` old may be served when the origin cannot be reached:
-    /// "disconnected" (RFC 9111 §4.2.4), for at most `limit` past its freshness.
-    pub fn may_serve_if_unreachable(&self, age: Duration, limit: Duration) -> bool {
+    /// Whether a response `age` old is stale by at most `limit` and may be served stale at all
+    /// (no `must-revalidate`, `proxy-revalidate` or `s-maxage`, RFC 9111 §4.2.4). With
+    /// `stale_if_error` as the limit: may it stand in for an origin error (RFC 5861 §4); with
+    /// `[cache] stale_if_unreachable`: when the origin cannot be reached ("disconnected").
+    pub fn may_serve_stale(&self, age: Duration, limit: Duration) -> bool {
         !self.must_revalidate && self.staleness(age).is_some_and(|s| s <= limit)
     }
 }
@@ -312,11 +306,16 @@ fn explicit_lifetime(
     let Some(expires) = http_date(expires) else {
         return Some(Duration::ZERO);
     };
-    let date = headers
+    let date = date_or(headers, response_time);
+    Some(expires.duration_since(date).unwrap_or_default())
+}
+
+/// The response's `Date`, or `response_time` when it has no valid one (RFC 9110 §6.6.1).
+fn date_or(headers: &HeaderMap, response_time: SystemTime) -> SystemTime {
+    headers
         .get(DATE)
         .and_then(http_date)
-        .unwrap_or(response_time);
-    Some(expires.duration_since(date).unwrap_or_default())
+        .unwrap_or(response_time)
 }
 
 /// Heuristic freshness lifetime, RFC 9111 §4.2.2, for statuses that allow one.
@@ -336,10 +335,7 @@ fn heuristic_lifetime(
     let Some(last_modified) = headers.get(LAST_MODIFIED).and_then(http_date) else {
         return policy.default_ttl;
     };
-    let date = headers
-        .get(DATE)
-        .and_then(http_date)
-        .unwrap_or(response_time);
+    let date = date_or(headers, response_time);
     let since = date.duration_since(last_modified).unwrap_or_default();
     Some((since / 10).min(policy.max_heuristic_ttl))
 }

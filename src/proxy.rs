@@ -318,7 +318,7 @@ impl Proxy {
         // not be revalidated when the origin cannot be reached at all (RFC 9111 §4.2.4).
         let fallback = cached
             .clone()
-            .filter(|o| !o.freshness.must_revalidate && o.freshness.staleness(o.age(now)).is_some())
+            .filter(|o| o.freshness.may_serve_stale(o.age(now), Duration::MAX))
             .map(|o| (o, req.clone()));
         let result = self.upstream_path(req, cached).await;
         let Some((object, req)) = fallback else {
@@ -334,13 +334,10 @@ impl Proxy {
             Err(_) => true,
             Ok(response) => response.status().is_server_error(),
         };
-        let cache_status = if failed && object.freshness.may_serve_if_error(age) {
+        let freshness = &object.freshness;
+        let cache_status = if failed && freshness.may_serve_stale(age, freshness.stale_if_error) {
             status::STALE_IF_ERROR
-        } else if unreachable
-            && object
-                .freshness
-                .may_serve_if_unreachable(age, self.cache.stale_if_unreachable)
-        {
+        } else if unreachable && freshness.may_serve_stale(age, self.cache.stale_if_unreachable) {
             status::STALE_IF_UNREACHABLE
         } else {
             return result;
