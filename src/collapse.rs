@@ -292,8 +292,6 @@ async fn run_fill(
     let stored = match received {
         Err(e) => {
             tracing::info!(key = fill.key.as_str(), error = %e, "not stored: upstream body failed");
-            // Free the partial body now: readers only need to learn of the failure.
-            fill.lock().bytes = Vec::new();
             Err(e)
         }
         Ok(()) => {
@@ -311,7 +309,11 @@ async fn run_fill(
     let mut buffer = fill.lock();
     match stored {
         Ok(()) => buffer.readable = buffer.total,
-        Err(e) => buffer.failed = Some(Arc::new(e)),
+        Err(e) => {
+            buffer.failed = Some(Arc::new(e));
+            // Free the partial body now: readers only need to learn of the failure.
+            buffer.bytes = Vec::new();
+        }
     }
     wake_all(&mut buffer);
 }

@@ -240,7 +240,7 @@ impl Config {
 
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let mut f = Fields::new(&figment);
-        let config = Config {
+        let mut config = Config {
             server: ServerConfig {
                 listen: f
                     .parse("server.listen", |s: String| {
@@ -326,7 +326,6 @@ impl Config {
             },
         };
         f.check_unknown_keys();
-        let mut config = config;
         let mut problems = f.into_problems();
         if problems.is_empty() {
             problems = config.cross_checks();

@@ -463,33 +463,31 @@ impl App {
 
     async fn metrics_text(&self) -> Response<ProxyBody> {
         let memory = self.proxy.tier().usage().await;
-        let tier = metrics::TierLabels { tier: "memory" };
+        let disk = self.proxy.tier().disk_usage();
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        self.metrics
-            .cache_bytes
-            .get_or_create(&tier)
-            .set(gauge(memory.bytes));
-        self.metrics
-            .cache_entries
-            .get_or_create(&tier)
-            .set(gauge(memory.entries));
-        self.metrics.rss_bytes.set(gauge(self.rss_bytes()));
+        let tiers = [
+            Some(("memory", memory.bytes, memory.entries)),
+            disk.map(|d| ("disk", d.bytes, d.entries)),
+        ];
+        for (tier, bytes, entries) in tiers.into_iter().flatten() {
+            let tier = metrics::TierLabels { tier };
+            self.metrics
+                .cache_bytes
+                .get_or_create(&tier)
+                .set(gauge(bytes));
+            self.metrics
+                .cache_entries
+                .get_or_create(&tier)
+                .set(gauge(entries));
+        }
         let reading = *self.pressure.borrow();
+        self.metrics.rss_bytes.set(gauge(reading.rss_bytes));
         self.metrics.budget_bytes.set(gauge(reading.budget_bytes));
         self.metrics
             .inflight_upstream
             .set(self.proxy.inflight(0).0 as i64);
         self.metrics.pressure_level.set(reading.level.as_number());
-        if let Some(disk) = self.proxy.tier().disk_usage() {
-            let tier = metrics::TierLabels { tier: "disk" };
-            self.metrics
-                .cache_bytes
-                .get_or_create(&tier)
-                .set(gauge(disk.bytes));
-            self.metrics
-                .cache_entries
-                .get_or_create(&tier)
-                .set(gauge(disk.entries));
+        if let Some(disk) = disk {
             for (event, n) in [
                 ("writes", disk.writes),
                 ("write_drops", disk.write_drops),
@@ -509,10 +507,6 @@ impl App {
         );
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
-    }
-
-    fn rss_bytes(&self) -> u64 {
-        self.pressure.borrow().rss_bytes
     }
 
     /// The client's `X-Request-Id` when it is 1–64 characters of `[A-Za-z0-9._-]`, else a new one.

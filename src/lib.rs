@@ -132,12 +132,11 @@ pub async fn serve_with_rss(
                 }
             },
             () = stop => {
+                app.start_draining();
                 if draining_until.is_some() || drain_delay.is_zero() {
-                    app.start_draining();
                     break;
                 }
                 tracing::info!(?drain_delay, "draining: not ready, still serving");
-                app.start_draining();
                 draining_until = Some(tokio::time::Instant::now() + drain_delay);
                 continue;
             }

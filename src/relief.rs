@@ -41,32 +41,30 @@ pub struct Eviction {
 }
 
 impl Eviction {
+    /// Evicted bytes not yet seen leaving RSS at a reading of `rss_bytes`: what was pending at
+    /// the last eviction, less how far RSS has fallen since; none once `EVICTION_PENDING` passed.
+    fn pending_bytes(&self, rss_bytes: u64, now: Instant) -> u64 {
+        if now.duration_since(self.evicted_at) >= EVICTION_PENDING {
+            return 0;
+        }
+        let fallen = self.rss_at_eviction_bytes.saturating_sub(rss_bytes);
+        self.pending_bytes.saturating_sub(fallen)
+    }
+
     /// What still needs evicting at a reading of `rss_bytes` towards `target_bytes`: the excess
     /// of RSS over the target, less the evicted bytes that have not shown up as a fall yet.
     /// `None` when RSS is at or below the target: the episode is over.
     pub fn excess_bytes(&self, rss_bytes: u64, target_bytes: u64, now: Instant) -> Option<u64> {
-        if rss_bytes <= target_bytes {
-            return None;
-        }
-        let pending = if now.duration_since(self.evicted_at) < EVICTION_PENDING {
-            let fallen = self.rss_at_eviction_bytes.saturating_sub(rss_bytes);
-            self.pending_bytes.saturating_sub(fallen)
-        } else {
-            0
-        };
-        Some(
+        (rss_bytes > target_bytes).then(|| {
             rss_bytes
-                .saturating_sub(pending)
-                .saturating_sub(target_bytes),
-        )
+                .saturating_sub(self.pending_bytes(rss_bytes, now))
+                .saturating_sub(target_bytes)
+        })
     }
 
     /// Records `bytes` evicted at a reading of `rss_bytes`, on top of what is still pending.
-    pub fn evicted(&mut self, bytes: u64, rss_bytes: u64, target_bytes: u64, now: Instant) {
-        let pending = self
-            .excess_bytes(rss_bytes, target_bytes, now)
-            .map_or(0, |excess| rss_bytes.saturating_sub(target_bytes) - excess);
-        self.pending_bytes = pending + bytes;
+    pub fn evicted(&mut self, bytes: u64, rss_bytes: u64, now: Instant) {
+        self.pending_bytes = self.pending_bytes(rss_bytes, now) + bytes;
         self.rss_at_eviction_bytes = rss_bytes;
         self.evicted_at = now;
     }
@@ -149,7 +147,7 @@ pub async fn run(
             );
             continue;
         }
-        eviction.evicted(bytes, reading.rss_bytes, target_bytes, now);
+        eviction.evicted(bytes, reading.rss_bytes, now);
         metrics.relieved("evicted_entries", entries);
         metrics.relieved("evicted_bytes", bytes);
         tracing::info!(
@@ -187,12 +185,12 @@ mod tests {
             evicted_at: t0,
         };
         assert_eq!(e.excess_bytes(1000, 600, t0), Some(400));
-        e.evicted(300, 1000, 600, t0);
+        e.evicted(300, 1000, t0);
         // RSS has not moved: 100 more to go, not 400.
         assert_eq!(e.excess_bytes(1000, 600, t0), Some(100));
         // RSS fell by 200 of the 300: still 100 to go.
         assert_eq!(e.excess_bytes(800, 600, t0), Some(100));
-        e.evicted(100, 800, 600, t0);
+        e.evicted(100, 800, t0);
         // 100 + 100 pending: nothing more to evict while they leave.
         assert_eq!(e.excess_bytes(800, 600, t0), Some(0));
         // New growth shows through.

@@ -359,6 +359,11 @@ impl Upstream {
         })
     }
 
+    /// The fetches in flight: how many, and the `oldest` of them as (URL, age), oldest first.
+    pub fn inflight(&self, oldest: usize) -> (usize, Vec<(Arc<str>, Duration)>) {
+        self.inflight.snapshot(oldest)
+    }
+
     /// Turns a client error from before the head into an [`UpstreamError`], finding the guard's
     /// refusals and connect timeouts anywhere in its source chain.
     fn classify(&self, e: &(dyn std::error::Error + 'static)) -> UpstreamError {
@@ -412,13 +417,6 @@ fn tls_config() -> Result<rustls::ClientConfig, String> {
         }
     };
     Ok(config)
-}
-
-impl Upstream {
-    /// The fetches in flight: how many, and the `oldest` of them as (URL, age), oldest first.
-    pub fn inflight(&self, oldest: usize) -> (usize, Vec<(Arc<str>, Duration)>) {
-        self.inflight.snapshot(oldest)
-    }
 }
 
 /// Every upstream fetch in flight, from sending its request until its body is dropped.

@@ -46,7 +46,6 @@ pub struct DiskStats {
     pub writes: AtomicU64,
     pub write_drops: AtomicU64,
     pub hits: AtomicU64,
-    pub misses: AtomicU64,
     /// Entries that failed their checksum or format check (removed) and foyer errors.
     pub errors: AtomicU64,
 }
@@ -254,7 +253,6 @@ impl DiskTier {
         let entry = match read {
             Ok(Ok(Some(entry))) => entry,
             Ok(Ok(None)) => {
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 self.holdings().remove(key);
                 return None;
             }
