@@ -43,13 +43,7 @@ die() { log "$*"; exit 1; }
 . "$here/lib.sh"
 
 # ---- the command exactly as given (before any default is applied) ----
-cmdline="cd $(printf %q "$root") &&"
-while IFS= read -r kv; do
-  [[ -n $kv ]] || continue
-  cmdline+=" ${kv%%=*}=$(printf %q "${kv#*=}")"
-done < <(env | grep -E '^(IMGEDGE_[A-Z0-9_]+|SECONDS_RUN|CONNS|CORPUS|CARGO_TARGET_DIR|BENCH_[A-Z_]+)=' | sort)
-cmdline+=" bash loadtest/bench.sh"
-for a in "$@"; do cmdline+=" $(printf %q "$a")"; done
+cmdline=$(lt_cmdline '^(IMGEDGE_[A-Z0-9_]+|SECONDS_RUN|CONNS|CORPUS|CARGO_TARGET_DIR|BENCH_[A-Z_]+)=' "$@")
 
 # ---- arguments and knobs ----
 scenarios=("$@")

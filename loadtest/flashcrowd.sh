@@ -53,12 +53,7 @@ die() { log "$*"; exit 1; }
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$here/lib.sh"
 
-cmdline="cd $(printf %q "$root") &&"
-while IFS= read -r kv; do
-  [[ -n $kv ]] || continue
-  cmdline+=" ${kv%%=*}=$(printf %q "${kv#*=}")"
-done < <(env | grep -E '^(EDGE_BIN|CORPUS|CARGO_TARGET_DIR|FC_[A-Z_]+)=' | sort)
-cmdline+=" bash loadtest/flashcrowd.sh"
+cmdline=$(lt_cmdline '^(EDGE_BIN|CORPUS|CARGO_TARGET_DIR|FC_[A-Z_]+)=')
 
 # ---- knobs ----
 CORPUS=${CORPUS:-/tmp/imgproxy-corpus}

@@ -13,6 +13,8 @@
 #                      benchmark cannot change what is measured) and bin_version
 #   lt_peers_start TOOLS [CORPUS]  (re)starts ../shared/bench/peers.sh, first waiting for the
 #                      ports of any running peers to free
+#   lt_cmdline ENV_REGEX [ARG...]  the command that reproduces this run, for a report: cd to the
+#                      repository, the environment variables matching ENV_REGEX, the script, ARGs
 #   lt_wait_peer_ports_free, lt_kv KEY LINE, lt_metrics_sum BASE METRIC [FILTER], lt_strip_ansi
 #
 # Knobs: CORPUS, EDGE_BIN, CARGO_TARGET_DIR, LT_WAIT_TRIES (x0.1 s, default 100),
@@ -160,6 +162,18 @@ lt_imgedge_alive() {
 }
 
 # ---- for the benchmarks (bench.sh, flashcrowd.sh) ----
+
+lt_cmdline() { # env-regex [arg...]
+  local line kv a
+  line="cd $(printf %q "$LT_ROOT") &&"
+  while IFS= read -r kv; do
+    [[ -n $kv ]] || continue
+    line+=" ${kv%%=*}=$(printf %q "${kv#*=}")"
+  done < <(env | grep -E "$1" | sort)
+  line+=" bash loadtest/$LT_ME"
+  for a in "${@:2}"; do line+=" $(printf %q "$a")"; done
+  printf '%s' "$line"
+}
 
 # shellcheck disable=SC2034 # bin_sha and bin_version are for the caller
 lt_release_bin() { # dir

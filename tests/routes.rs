@@ -7,13 +7,17 @@ mod support;
 use support::*;
 
 /// A proxy with `[[routes]] prefix = "/"` in front of `origin` (and the Supabase route, from
-/// the test config, at /storage/v1/).
-async fn route_proxy(origin: &TestOrigin) -> TestProxy {
-    let routes = format!(
-        "[[routes]]\nprefix = \"/\"\nupstream = \"http://{}\"\n",
+/// the test config, at /storage/v1/), with `extra` TOML before the route.
+async fn route_proxy_with(origin: &TestOrigin, extra: &str) -> TestProxy {
+    let config = format!(
+        "{extra}[[routes]]\nprefix = \"/\"\nupstream = \"http://{}\"\n",
         origin.addr
     );
-    TestProxy::for_origin(origin, &routes).await
+    TestProxy::for_origin(origin, &config).await
+}
+
+async fn route_proxy(origin: &TestOrigin) -> TestProxy {
+    route_proxy_with(origin, "").await
 }
 
 #[tokio::test]
@@ -339,11 +343,7 @@ async fn built_in_paths_and_longer_prefixes_win() {
 const TOKEN: &str = "0123456789abcdef-test-token";
 
 async fn purge_proxy(origin: &TestOrigin) -> TestProxy {
-    let extra = format!(
-        "[admin]\ntoken = \"{TOKEN}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"http://{}\"\n",
-        origin.addr
-    );
-    TestProxy::for_origin(origin, &extra).await
+    route_proxy_with(origin, &format!("[admin]\ntoken = \"{TOKEN}\"\n")).await
 }
 
 #[tokio::test]
