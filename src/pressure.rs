@@ -304,14 +304,7 @@ pub fn cgroup_limit_bytes(v2: Option<&str>, v1: Option<&str>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct FakeRss(AtomicU64);
-
-    impl RssSource for FakeRss {
-        fn rss_bytes(&self) -> Option<u64> {
-            Some(self.0.load(Ordering::Relaxed))
-        }
-    }
+    use crate::rss::SetRss;
 
     #[test]
     fn levels_escalate_at_once_and_descend_past_the_hysteresis() {
@@ -330,7 +323,7 @@ mod tests {
 
     #[test]
     fn the_monitor_publishes_every_level_from_its_rss_source() {
-        let rss = Arc::new(FakeRss(AtomicU64::new(0)));
+        let rss = Arc::new(SetRss::new(0));
         let (monitor, rx) = Monitor::new(
             rss.clone(),
             1000,
@@ -347,7 +340,7 @@ mod tests {
             (940, Level::Emergency),
             (500, Level::Normal),
         ] {
-            rss.0.store(bytes, Ordering::Relaxed);
+            rss.set(bytes);
             monitor.sample();
             assert_eq!(rx.borrow().level, level, "rss {bytes}");
             assert_eq!(rx.borrow().rss_bytes, bytes);

@@ -1,7 +1,8 @@
-//! The process's resident set size. Behind [`RssSource`] so that the memory-pressure logic to
-//! come can be driven by tests with any reading.
+//! The process's resident set size, behind [`RssSource`] so that the memory-pressure monitor
+//! (`pressure.rs`) can be driven by tests with any reading ([`SetRss`]).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
@@ -36,5 +37,27 @@ impl RssSource for ProcessRss {
             ProcessRefreshKind::nothing().with_memory(),
         );
         system.process(self.pid).map(|p| p.memory())
+    }
+}
+
+/// An RSS reading set by hand: tests drive every pressure level with it.
+#[derive(Debug, Default)]
+pub struct SetRss(AtomicU64);
+
+impl SetRss {
+    /// A source that reads `bytes` until [`SetRss::set`] changes it.
+    pub fn new(bytes: u64) -> Self {
+        SetRss(AtomicU64::new(bytes))
+    }
+
+    /// The reading from now on, in bytes.
+    pub fn set(&self, bytes: u64) {
+        self.0.store(bytes, Ordering::Relaxed);
+    }
+}
+
+impl RssSource for SetRss {
+    fn rss_bytes(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Relaxed))
     }
 }

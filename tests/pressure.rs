@@ -4,24 +4,15 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use imgedge::rss::RssSource;
+use imgedge::rss::SetRss;
 use support::*;
 
 const BUDGET: u64 = 1 << 30;
 
-struct FakeRss(AtomicU64);
-
-impl RssSource for FakeRss {
-    fn rss_bytes(&self) -> Option<u64> {
-        Some(self.0.load(Ordering::Relaxed))
-    }
-}
-
-async fn pressured(origin: &TestOrigin) -> (TestProxy, Arc<FakeRss>) {
-    let rss = Arc::new(FakeRss(AtomicU64::new(BUDGET / 10)));
+async fn pressured(origin: &TestOrigin) -> (TestProxy, Arc<SetRss>) {
+    let rss = Arc::new(SetRss::new(BUDGET / 10));
     let config = test_config(
         origin,
         &format!(
@@ -35,12 +26,11 @@ async fn pressured(origin: &TestOrigin) -> (TestProxy, Arc<FakeRss>) {
 /// Sets the RSS to `fraction` of the budget and waits until /health reports `level`.
 async fn set_pressure(
     proxy: &TestProxy,
-    rss: &FakeRss,
+    rss: &SetRss,
     fraction: f64,
     level: &str,
 ) -> serde_json::Value {
-    rss.0
-        .store((BUDGET as f64 * fraction) as u64, Ordering::Relaxed);
+    rss.set((BUDGET as f64 * fraction) as u64);
     for _ in 0..200 {
         let r = proxy.get("/health").await;
         let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
@@ -97,8 +87,7 @@ async fn at_critical_proxy_requests_are_shed_the_tier_is_cleared_and_health_says
         "imgedge; hit; detail=memory"
     );
 
-    rss.0
-        .store((BUDGET as f64 * 0.92) as u64, Ordering::Relaxed);
+    rss.set((BUDGET as f64 * 0.92) as u64);
     let mut health = None;
     for _ in 0..200 {
         let r = proxy.get("/health").await;
@@ -282,7 +271,7 @@ async fn at_evicting_least_recently_used_entries_go_until_rss_is_down_to_evict_t
     let evicting = 0.72;
     let pressed_rss = (evicting * BUDGET as f64) as u64 + 1_000;
     let evict_to = (pressed_rss - 150_000) as f64 / BUDGET as f64;
-    let rss = Arc::new(FakeRss(AtomicU64::new(BUDGET / 10)));
+    let rss = Arc::new(SetRss::new(BUDGET / 10));
     let config = test_config(
         &origin,
         &format!(
@@ -298,7 +287,7 @@ async fn at_evicting_least_recently_used_entries_go_until_rss_is_down_to_evict_t
     let r = proxy.get_image(&origin.url("/a.jpg")).await;
     assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
 
-    rss.0.store(pressed_rss, Ordering::Relaxed);
+    rss.set(pressed_rss);
     // Each entry weighs a little over 100 000 bytes: two of them cover the 150 000.
     wait_for_metric(
         &proxy,
@@ -309,7 +298,7 @@ async fn at_evicting_least_recently_used_entries_go_until_rss_is_down_to_evict_t
     // same RSS evict nothing more, since the evicted bytes are counted as on their way out.
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Then RSS falls below evict_to: eviction is done.
-    rss.0.store(BUDGET / 10, Ordering::Relaxed);
+    rss.set(BUDGET / 10);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let health: serde_json::Value =
