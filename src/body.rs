@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::collapse::SharedReader;
-use crate::fill::TeeBody;
+use crate::tee::TeeBody;
 use crate::upstream::UpstreamError;
 
 /// A response body. An `Err` frame aborts the client connection (HTTP/1.1: the connection is

@@ -120,9 +120,6 @@ pub struct PassMarker {
     pub reason: &'static str,
     /// Its size when it was last seen, in bytes (at least this much without `Content-Length`).
     pub length_bytes: Option<u64>,
-    pub content_type: Option<http::HeaderValue>,
-    pub etag: Option<http::HeaderValue>,
-    pub last_modified: Option<http::HeaderValue>,
 }
 
 impl PassMarker {
@@ -469,9 +466,6 @@ mod tests {
         let marker = PassMarker {
             reason: "no-store",
             length_bytes: None,
-            content_type: None,
-            etag: None,
-            last_modified: None,
         };
         tier.mark_pass(b.clone(), marker).await;
         tier.invalidate(&a).await;
@@ -489,9 +483,6 @@ mod tests {
             PassMarker {
                 reason: PassMarker::TOO_LARGE,
                 length_bytes: Some(9),
-                content_type: None,
-                etag: None,
-                last_modified: None,
             },
         )
         .await;

@@ -32,7 +32,7 @@ use tracing::Instrument;
 
 use crate::cache::CacheKey;
 use crate::error::ProxyError;
-use crate::fill::FillTarget;
+use crate::tee::StoreTarget;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// Largest piece a reader copies out of a filling buffer at once, in bytes.
@@ -131,11 +131,6 @@ impl Collapser {
         })
     }
 
-    /// Fills in flight.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
     /// Aborts every shared fill whose body no client is reading (its leader disconnected and no
     /// follower joined), freeing its buffer; nothing of it is stored. Returns how many. For
     /// emergency memory pressure: such a fill holds up to `max_cacheable_bytes` for the cache
@@ -151,10 +146,6 @@ impl Collapser {
             }
         }
         aborted
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn remove(&self, fill: &Arc<Fill>) {
@@ -218,7 +209,7 @@ impl Leader {
         head: SharedHead,
         body: UpstreamBody,
         total_bytes: usize,
-        store: FillTarget,
+        store: StoreTarget,
     ) -> SharedReader {
         {
             let mut buffer = self.fill.lock();
@@ -269,7 +260,7 @@ async fn run_fill(
     fill: Arc<Fill>,
     collapser: Arc<Collapser>,
     mut body: UpstreamBody,
-    store: FillTarget,
+    store: StoreTarget,
 ) {
     let received = loop {
         let next = tokio::select! {
@@ -324,7 +315,7 @@ async fn store_object(
     key: &CacheKey,
     body: Bytes,
     expected_bytes: Option<u64>,
-    store: FillTarget,
+    store: StoreTarget,
 ) -> Result<(), UpstreamError> {
     if expected_bytes != Some(body.len() as u64) {
         tracing::error!(
@@ -357,7 +348,8 @@ pub struct SharedReader {
 }
 
 impl SharedReader {
-    fn new(fill: Arc<Fill>) -> Self {
+    /// A reader of `fill` from its first byte: the leader's, or a follower's.
+    pub fn new(fill: Arc<Fill>) -> Self {
         let total = fill.lock().total;
         fill.readers.fetch_add(1, Ordering::AcqRel);
         SharedReader {
@@ -366,11 +358,6 @@ impl SharedReader {
             total,
             finished: false,
         }
-    }
-
-    /// A reader for a follower of a shared fill.
-    pub fn follow(fill: Arc<Fill>) -> Self {
-        Self::new(fill)
     }
 
     /// Bytes still to come.
@@ -451,7 +438,7 @@ mod tests {
         buffer.readable = 6;
         buffer.total = 10;
         let fill = fill_with(buffer);
-        let mut reader = SharedReader::follow(fill.clone());
+        let mut reader = SharedReader::new(fill.clone());
         let Poll::Ready(Some(Ok(piece))) = poll(&mut reader) else {
             panic!("no piece")
         };
@@ -475,7 +462,7 @@ mod tests {
         buffer.readable = buffer.bytes.len();
         buffer.total = 4 * READ_CHUNK_BYTES;
         let fill = fill_with(buffer);
-        let mut reader = SharedReader::follow(fill.clone());
+        let mut reader = SharedReader::new(fill.clone());
         let Poll::Ready(Some(Ok(piece))) = poll(&mut reader) else {
             panic!("no piece")
         };

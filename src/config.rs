@@ -213,6 +213,16 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The memory tier leaves the rest of the process too little of the memory budget.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cache.memory_capacity_bytes ({memory_capacity_bytes}) exceeds 60% of the memory budget ({budget_bytes})"
+)]
+pub struct MemoryBudgetError {
+    pub memory_capacity_bytes: u64,
+    pub budget_bytes: u64,
+}
+
 impl Config {
     /// Loads the defaults, merges `file` over them when given, then the process environment.
     ///
@@ -341,13 +351,14 @@ impl Config {
     /// detected) passes.
     ///
     /// # Errors
-    /// A message naming both values.
-    pub fn check_memory_budget(&self, budget_bytes: u64) -> Result<(), String> {
-        let tier = self.cache.memory_capacity_bytes;
-        if budget_bytes > 0 && tier as f64 > 0.6 * budget_bytes as f64 {
-            return Err(format!(
-                "cache.memory_capacity_bytes ({tier}) exceeds 60% of the memory budget ({budget_bytes})"
-            ));
+    /// [`MemoryBudgetError`], naming both values.
+    pub fn check_memory_budget(&self, budget_bytes: u64) -> Result<(), MemoryBudgetError> {
+        let memory_capacity_bytes = self.cache.memory_capacity_bytes;
+        if budget_bytes > 0 && memory_capacity_bytes as f64 > 0.6 * budget_bytes as f64 {
+            return Err(MemoryBudgetError {
+                memory_capacity_bytes,
+                budget_bytes,
+            });
         }
         Ok(())
     }
@@ -373,7 +384,7 @@ impl Config {
             );
         }
         if let Err(e) = self.check_memory_budget(self.memory.budget_bytes) {
-            problems.push(e);
+            problems.push(e.to_string());
         }
         if let Some(upstream) = &self.supabase.upstream {
             if self.routes.iter().any(|r| r.prefix == SUPABASE_PREFIX) {

@@ -13,14 +13,11 @@ use crate::upstream::UpstreamError;
 /// `{"error": "<code>", "message": "<text>"}` with [`ProxyError::status`].
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
-    #[error("{0}")]
-    BadUrl(String),
+    /// The `/image-proxy` target was refused before anything was sent.
+    #[error(transparent)]
+    Target(#[from] TargetError),
     #[error("{0}")]
     BadPath(String),
-    #[error("host {0} is not in upstream.allowed_hosts")]
-    HostNotAllowed(String),
-    #[error("{0} is a loopback, private, link-local or otherwise non-global address")]
-    PrivateAddress(String),
     #[error("{0}")]
     TooLarge(String),
     #[error("{0}")]
@@ -48,10 +45,14 @@ impl ProxyError {
     /// `unauthorized`, `bad_request`, `overloaded`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
-            ProxyError::BadUrl(_) => (StatusCode::BAD_REQUEST, "bad_url"),
+            ProxyError::Target(TargetError::BadUrl(_)) => (StatusCode::BAD_REQUEST, "bad_url"),
+            ProxyError::Target(TargetError::HostNotAllowed(_)) => {
+                (StatusCode::FORBIDDEN, "host_not_allowed")
+            }
+            ProxyError::Target(TargetError::PrivateAddress(_)) => {
+                (StatusCode::FORBIDDEN, "private_address")
+            }
             ProxyError::BadPath(_) => (StatusCode::BAD_REQUEST, "bad_path"),
-            ProxyError::HostNotAllowed(_) => (StatusCode::FORBIDDEN, "host_not_allowed"),
-            ProxyError::PrivateAddress(_) => (StatusCode::FORBIDDEN, "private_address"),
             ProxyError::TooLarge(_) => (StatusCode::BAD_GATEWAY, "too_large"),
             ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error"),
             ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
@@ -63,16 +64,6 @@ impl ProxyError {
             ProxyError::MethodNotAllowed(_) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
-        }
-    }
-}
-
-impl From<TargetError> for ProxyError {
-    fn from(e: TargetError) -> Self {
-        match e {
-            TargetError::BadUrl(s) => ProxyError::BadUrl(s),
-            TargetError::HostNotAllowed(h) => ProxyError::HostNotAllowed(h),
-            TargetError::PrivateAddress(h) => ProxyError::PrivateAddress(h),
         }
     }
 }

@@ -72,6 +72,19 @@ impl Route {
     }
 }
 
+/// Why the process could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot detect the memory budget: set [memory] budget_bytes")]
+    NoBudget,
+    #[error(transparent)]
+    MemoryBudget(#[from] crate::config::MemoryBudgetError),
+    #[error("cannot read this process's RSS")]
+    NoRss,
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::SetupError),
+}
+
 /// Everything a request needs, shared by all connections.
 pub struct App {
     proxy: Arc<Proxy>,
@@ -91,13 +104,12 @@ impl App {
     /// Builds the tier, the upstream clients, the metrics and the memory monitor for `config`.
     ///
     /// # Errors
-    /// A message when the memory budget cannot be determined or leaves the memory tier too
+    /// [`SetupError`]: the memory budget cannot be determined or leaves the memory tier too
     /// little room, or the upstream clients cannot be built.
-    pub async fn new(config: Config, rss: Arc<dyn RssSource>) -> Result<Self, String> {
+    pub async fn new(config: Config, rss: Arc<dyn RssSource>) -> Result<Self, SetupError> {
         let metrics = Arc::new(Metrics::default());
         let budget_bytes = match config.memory.budget_bytes {
-            0 => detect_budget_bytes()
-                .ok_or("cannot detect the memory budget: set [memory] budget_bytes")?,
+            0 => detect_budget_bytes().ok_or(SetupError::NoBudget)?,
             b => b,
         };
         config.check_memory_budget(budget_bytes)?;
@@ -263,7 +275,7 @@ impl App {
             return self.purge_urls(req).await;
         }
         if matches!(route, Route::ImageProxy | Route::Proxied { .. })
-            && self.pressure.borrow().level >= Level::Critical
+            && self.pressure.borrow().level.sheds()
         {
             self.metrics
                 .shed
@@ -335,7 +347,7 @@ impl App {
                         StatusCode::SERVICE_UNAVAILABLE,
                         &serde_json::json!({ "status": "draining", "level": level }),
                     ),
-                    "/health/ready" if level >= Level::Critical => json_response(
+                    "/health/ready" if level.sheds() => json_response(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &serde_json::json!({ "status": "not-ready", "level": level }),
                     ),
@@ -434,7 +446,7 @@ impl App {
         let reading = *self.pressure.borrow();
         let (inflight_count, inflight_oldest) = self.proxy.inflight(20);
         let (status, code) = match reading.level {
-            l if l >= Level::Critical => ("critical", StatusCode::SERVICE_UNAVAILABLE),
+            l if l.sheds() => ("critical", StatusCode::SERVICE_UNAVAILABLE),
             l if l >= Level::Warning => ("degraded", StatusCode::OK),
             _ => ("ok", StatusCode::OK),
         };

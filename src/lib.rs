@@ -9,7 +9,7 @@
 //! - [`http`]: routes, request parsing, error rendering, `/health`, `/metrics`, access log.
 //! - [`proxy`]: one request: cache key → memory tier → upstream → streamed response.
 //! - [`collapse`]: collapsed forwarding: one fetch per key, shared while it fills.
-//! - [`fill`]: the body of an unshared miss, teed into the tier once complete.
+//! - [`tee`]: the body of an unshared miss, teed into the tier once complete.
 //! - [`cache`]: cache key, stored object, the moka memory tier.
 //! - [`freshness`]: RFC 9111 storability, freshness and age.
 //! - [`upstream`]: hyper-util connection pools, the SSRF guard at connect time, timeouts, body
@@ -25,7 +25,6 @@ pub mod cache;
 pub mod collapse;
 pub mod config;
 pub mod error;
-pub mod fill;
 pub mod freshness;
 pub mod http;
 pub mod metrics;
@@ -34,6 +33,7 @@ pub mod proxy;
 pub mod relief;
 pub mod rss;
 pub mod target;
+pub mod tee;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -61,7 +61,7 @@ const CLIENT_SEND_BUFFER_BYTES: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot start: {0}")]
-    Setup(String),
+    Setup(#[from] http::SetupError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -78,8 +78,7 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let rss = rss::ProcessRss::new()
-        .ok_or_else(|| ServeError::Setup("cannot read this process's RSS".into()))?;
+    let rss = rss::ProcessRss::new().ok_or(http::SetupError::NoRss)?;
     serve_with_rss(listener, config, Arc::new(rss), shutdown).await
 }
 
@@ -94,11 +93,7 @@ pub async fn serve_with_rss(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (drain_delay, shutdown_grace) = (config.server.drain_delay, config.server.shutdown_grace);
-    let app = Arc::new(
-        http::App::new(config, rss)
-            .await
-            .map_err(ServeError::Setup)?,
-    );
+    let app = Arc::new(http::App::new(config, rss).await?);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -1,6 +1,6 @@
 //! Memory pressure: the process's RSS against its budget, sampled on a timer and published as a
 //! [`Level`] on a watch channel. This module only measures and signals; the request path and the
-//! tiers act on the level (see `proxy.rs`, `http.rs`).
+//! tiers act on the level (see `proxy.rs`, `http.rs`, `relief.rs`).
 //!
 //! The budget is `[memory] budget_bytes`, or when 0 the cgroup limit of this process (v2
 //! `memory.max`, v1 `memory.limit_in_bytes`), else physical memory.
@@ -43,6 +43,29 @@ impl Level {
     /// 0 (normal) to 5 (emergency), for `imgedge_memory_pressure_level`.
     pub fn as_number(self) -> i64 {
         self as i64
+    }
+
+    /// The level's name, as in `/health` and the `to` label of
+    /// `imgedge_memory_pressure_transitions_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Normal => "normal",
+            Level::Evicting => "evicting",
+            Level::Warning => "warning",
+            Level::Bypass => "bypass",
+            Level::Critical => "critical",
+            Level::Emergency => "emergency",
+        }
+    }
+
+    /// Whether proxy requests are shed (503 `overloaded`) and readiness fails: critical and above.
+    pub fn sheds(self) -> bool {
+        self >= Level::Critical
+    }
+
+    /// Whether new responses may be stored: below bypass.
+    pub fn stores(self) -> bool {
+        self < Level::Bypass
     }
 }
 

@@ -26,10 +26,10 @@ use crate::cache::{CacheKey, CachedObject, PassMarker, Tier, TieredCache};
 use crate::collapse::{Collapser, Leader, Outcome, Role, SharedHead, SharedReader};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
-use crate::fill::{FillTarget, TeeBody};
 use crate::freshness::{self, RequestDirectives, RequestFacts, Usability, if_none_match_matches};
 use crate::metrics::Metrics;
-use crate::pressure::{Level, Reading, ReservationPool};
+use crate::pressure::{Reading, ReservationPool};
+use crate::tee::{StoreTarget, TeeBody};
 use crate::upstream::{
     Guard, RequestBody, Upstream, UpstreamError, UpstreamHead, UpstreamRequest, UpstreamResponse,
 };
@@ -404,7 +404,7 @@ impl Proxy {
                     self.metrics.collapsed.inc();
                     Span::current().record("cache", status::MISS_COLLAPSED);
                     let mut response =
-                        Response::new(ProxyBody::Shared(Box::new(SharedReader::follow(fill))));
+                        Response::new(ProxyBody::Shared(Box::new(SharedReader::new(fill))));
                     *response.status_mut() = head.status;
                     *response.headers_mut() = head.headers.clone();
                     response.headers_mut().insert(
@@ -539,7 +539,7 @@ impl Proxy {
             HeaderValue::from_str(&cache_status).expect("cache status is ASCII"),
         );
         // A storable miss with a known length is shared with followers when this request leads
-        // (see collapse.rs); otherwise it streams to this client, teed when storable (fill.rs).
+        // (see collapse.rs); otherwise it streams to this client, teed when storable (tee.rs).
         let body = match (store, leader) {
             // A response that varies is not shared: followers may select other variants.
             (Some(store), Some(leader))
@@ -667,16 +667,13 @@ impl Proxy {
         req: &ProxyRequest,
         upstream: &UpstreamHead,
         headers: &HeaderMap,
-    ) -> (String, Option<FillTarget>) {
+    ) -> (String, Option<StoreTarget>) {
         if req.head {
             return (status::MISS_HEAD.to_owned(), None);
         }
         let marker = |reason: &'static str, length_bytes: Option<u64>| PassMarker {
             reason,
             length_bytes,
-            content_type: upstream.headers.get(CONTENT_TYPE).cloned(),
-            etag: upstream.headers.get(ETAG).cloned(),
-            last_modified: upstream.headers.get(LAST_MODIFIED).cloned(),
         };
         let freshness = match freshness::storable(
             upstream.status,
@@ -732,7 +729,7 @@ impl Proxy {
             }
             Some(_) => {}
         }
-        if self.pressure.borrow().level >= Level::Bypass {
+        if !self.pressure.borrow().level.stores() {
             return (status::MISS_MEMORY_PRESSURE.to_owned(), None);
         }
         if req.directives.no_store {
@@ -760,7 +757,7 @@ impl Proxy {
         };
         let mut stored_headers = headers.clone();
         stored_headers.remove(AGE);
-        let fill = FillTarget {
+        let fill = StoreTarget {
             reservation,
             status: upstream.status,
             tier: self.tier.clone(),

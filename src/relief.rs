@@ -92,7 +92,7 @@ pub async fn run(
             metrics
                 .pressure_transitions
                 .get_or_create(&metrics::LevelLabels {
-                    to: level_name(reading.level),
+                    to: reading.level.as_str(),
                 })
                 .inc();
         }
@@ -157,18 +157,6 @@ pub async fn run(
             bytes,
             "evicted least-recently-used entries under memory pressure"
         );
-    }
-}
-
-/// The `to` label of `imgedge_memory_pressure_transitions_total`.
-pub fn level_name(level: Level) -> &'static str {
-    match level {
-        Level::Normal => "normal",
-        Level::Evicting => "evicting",
-        Level::Warning => "warning",
-        Level::Bypass => "bypass",
-        Level::Critical => "critical",
-        Level::Emergency => "emergency",
     }
 }
 

@@ -141,6 +141,15 @@ impl UpstreamRequest {
     }
 }
 
+/// Why the upstream clients could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("TLS setup: {0}")]
+    Tls(rustls::Error),
+    #[error("upstream.user_agent is not a valid header value")]
+    UserAgent,
+}
+
 /// The origin-facing side: connection pools and limits. Shared behind an `Arc`.
 pub struct Upstream {
     guarded: HttpClient,
@@ -177,8 +186,9 @@ impl Upstream {
     /// Builds both connection pools.
     ///
     /// # Errors
-    /// A message when the TLS configuration cannot be built.
-    pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
+    /// [`SetupError::Tls`] when the TLS configuration cannot be built, [`SetupError::UserAgent`]
+    /// when `[upstream] user_agent` is not a valid header value.
+    pub fn new(config: &UpstreamConfig) -> Result<Self, SetupError> {
         let policy = Arc::new(HostPolicy::new(
             config.allowed_hosts.clone(),
             config.allow_private_networks,
@@ -211,7 +221,7 @@ impl Upstream {
             trusted: client(GuardedResolver { policy: None }),
             policy,
             user_agent: HeaderValue::from_str(&config.user_agent)
-                .map_err(|_| "upstream.user_agent is not a valid header value".to_owned())?,
+                .map_err(|_| SetupError::UserAgent)?,
             connect_timeout: config.connect_timeout,
             header_timeout: config.header_timeout,
             idle_timeout: config.idle_timeout,
@@ -402,11 +412,11 @@ fn redirect_target(url: &Url, response: &http::Response<Incoming>) -> Option<Url
 
 /// rustls with ring and the system's root certificates. Without readable roots, https origins
 /// fail their handshake (logged at start), and plain http still works.
-fn tls_config() -> Result<rustls::ClientConfig, String> {
+fn tls_config() -> Result<rustls::ClientConfig, SetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?;
+        .map_err(SetupError::Tls)?;
     let config = match builder.clone().with_native_roots() {
         Ok(b) => b.with_no_client_auth(),
         Err(e) => {

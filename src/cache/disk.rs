@@ -114,6 +114,21 @@ impl Holdings {
 /// everything queued before it.
 type QueuedWrite = (u64, CacheKey, Arc<CachedObject>);
 
+/// Why the disk tier could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("creating {}: {source}", dir.display())]
+    Create {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening {}: {source}", dir.display())]
+    Open {
+        dir: std::path::PathBuf,
+        source: foyer::Error,
+    },
+}
+
 /// The disk tier. Cheap to clone.
 #[derive(Clone)]
 pub struct DiskTier {
@@ -137,14 +152,22 @@ impl DiskTier {
     /// bytes of private images, and foyer's padding can hold stray heap bytes.
     ///
     /// # Errors
-    /// A message when the directory cannot be created or foyer cannot open it.
-    pub async fn open(dir: &Path, capacity_bytes: u64) -> Result<DiskTier, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    /// [`OpenError::Create`] when the directory cannot be created, [`OpenError::Open`] when
+    /// foyer cannot open it.
+    pub async fn open(dir: &Path, capacity_bytes: u64) -> Result<DiskTier, OpenError> {
+        let open = |source| OpenError::Open {
+            dir: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::Create {
+            dir: dir.to_owned(),
+            source,
+        })?;
         restrict(dir);
         let device = FsDeviceBuilder::new(dir)
             .with_capacity(capacity_bytes as usize)
             .build()
-            .map_err(|e| format!("opening {}: {e}", dir.display()))?;
+            .map_err(open)?;
         let engine = BlockEngineConfig::new(device)
             .with_block_size(BLOCK_BYTES)
             .with_buffer_pool_size(2 * BLOCK_BYTES)
@@ -165,7 +188,7 @@ impl DiskTier {
             .with_recover_mode(RecoverMode::Quiet)
             .build()
             .await
-            .map_err(|e| format!("opening {}: {e}", dir.display()))?;
+            .map_err(open)?;
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let tier = DiskTier {
             store,

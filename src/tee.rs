@@ -1,5 +1,7 @@
-//! A cache fill: the body of a miss, streamed from the origin to the client chunk by chunk while
-//! (when storable) each chunk is copied into one buffer that becomes a [`CachedObject`].
+//! The tee: the body of a miss that is not shared with followers (see `collapse.rs` for the one
+//! that is), streamed from the origin to its one client chunk by chunk while (when storable) each
+//! chunk is copied into one buffer that becomes a [`CachedObject`]; and [`StoreTarget`], where
+//! every complete body goes to be stored.
 //!
 //! The client's reads drive the origin reads (nothing is read ahead), so a slow client slows
 //! the fetch instead of growing memory. The object is inserted only once the last byte arrived
@@ -21,7 +23,7 @@ use crate::pressure::Reservation;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// Where a complete body goes, and what it is stored with.
-pub struct FillTarget {
+pub struct StoreTarget {
     /// The response's status, stored with it.
     pub status: http::StatusCode,
     pub tier: TieredCache,
@@ -38,7 +40,7 @@ pub struct FillTarget {
     pub reservation: Reservation,
 }
 
-impl FillTarget {
+impl StoreTarget {
     /// Stores `body` as the complete object, logging it: the one place a stored object is made.
     pub async fn store(self, body: Bytes) {
         tracing::info!(
@@ -62,7 +64,7 @@ impl FillTarget {
 
 /// Collects a body while it streams.
 struct Collector {
-    target: FillTarget,
+    target: StoreTarget,
     /// Sized to `Content-Length` up front when one was announced, so the stored body is one
     /// allocation of exactly its length.
     buf: Vec<u8>,
@@ -71,7 +73,7 @@ struct Collector {
 type PendingInsert = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The body of a miss: the origin's chunks, passed on as they arrive, teed into the memory tier
-/// when a [`FillTarget`] is given.
+/// when a [`StoreTarget`] is given.
 pub struct TeeBody {
     upstream: UpstreamBody,
     collector: Option<Collector>,
@@ -82,7 +84,7 @@ pub struct TeeBody {
 
 impl TeeBody {
     /// Streams `upstream` unchanged; with a `target`, collects it for the memory tier.
-    pub fn new(upstream: UpstreamBody, target: Option<FillTarget>) -> Self {
+    pub fn new(upstream: UpstreamBody, target: Option<StoreTarget>) -> Self {
         let collector = target.map(|target| {
             let capacity = match upstream.expected_bytes() {
                 Some(n) => n,
@@ -180,7 +182,7 @@ impl TeeBody {
             return;
         }
         let c = self.collector.take().expect("checked above");
-        let FillTarget {
+        let StoreTarget {
             tier,
             key,
             mut too_large,
