@@ -1,22 +1,27 @@
 //! The cache: [`CacheKey`], the stored [`CachedObject`], and [`TieredCache`]: the memory tier
-//! (moka, weighted by bytes, expiring each entry after its freshness and stale retention) in front
-//! of the optional disk tier ([`disk`], foyer). Also remembers, without their bodies, responses
-//! that were not stored (hit-for-pass), and the `Vary` names of varying URLs.
+//! ([`memory`], moka) in front of the tiers below it, each behind the storage seam ([`tier`]):
+//! today the optional disk tier ([`disk`], foyer), whose entries use the format of [`entry`].
+//! Also remembers, without their bodies, responses that were not stored (hit-for-pass), and the
+//! `Vary` names of varying URLs.
 //!
 //! No HTTP decisions live here (see `freshness.rs`), and nothing here touches the network.
 
 pub mod disk;
+pub mod entry;
+pub mod memory;
+pub mod tier;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::HeaderMap;
-use moka::Expiry;
 use moka::future::Cache;
 
 use crate::freshness::Freshness;
+pub use memory::{MemoryTier, MemoryUsage};
+pub use tier::{Tier, TierUsage};
 
 /// What identifies a stored response: the normalized absolute upstream URL, for now. Later
 /// variants (transforms, `Vary`) extend it; every lookup and insert goes through this type.
@@ -136,191 +141,125 @@ const PASS_TTL: Duration = Duration::from_secs(120);
 /// How many [`PassMarker`]s are kept at most.
 const PASS_MARKERS: u64 = 100_000;
 
-/// A memory-tier entry: the object and when it was last used, for eviction under memory
-/// pressure ([`TieredCache::evict_lru`]).
-struct Entry {
-    object: Arc<CachedObject>,
-    /// The tier's access clock at the last lookup or insert: larger is more recent.
-    last_used: AtomicU64,
+/// Where a lookup found an object: the memory tier (0) or a tier below it (1, 2, ...: the order
+/// of [`TieredCache::tier_names`]).
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub object: Arc<CachedObject>,
+    pub tier: usize,
+    /// The tier's name, `memory` or a lower tier's (`disk`): the `Cache-Status` detail of a hit.
+    pub tier_name: &'static str,
 }
 
-/// Expires each object `stale_retention` (or its own `stale-while-revalidate` or `stale-if-error`
-/// window, if longer) after its freshness runs out.
-struct FreshnessExpiry {
-    stale_retention: Duration,
-}
-
-impl Expiry<CacheKey, Arc<Entry>> for FreshnessExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &Arc<Entry>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        let object = &value.object;
-        let elapsed = SystemTime::now()
-            .duration_since(object.response_time)
-            .unwrap_or_default();
-        Some((object.freshness.time_to_live() + self.stale_retention).saturating_sub(elapsed))
-    }
-}
-
-/// Where a stored object was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    Memory,
-    Disk,
-}
-
-/// The memory tier, a moka cache of [`CachedObject`]s weighted by bytes, in front of the
-/// optional disk tier; plus pass markers and variant indexes (memory only). Cheap to clone
-/// (handles to shared state).
+/// The memory tier in front of the tiers below it (the disk tier, when configured), in lookup
+/// order; plus pass markers and variant indexes (memory only). Cheap to clone (handles to
+/// shared state).
 #[derive(Clone)]
 pub struct TieredCache {
-    objects: Cache<CacheKey, Arc<Entry>>,
-    /// Ticks once per memory-tier lookup hit or insert; stamps [`Entry::last_used`].
-    clock: Arc<AtomicU64>,
-    disk: Option<disk::DiskTier>,
+    memory: MemoryTier,
+    /// The tiers below memory, in lookup order; each behind the storage seam (`tier.rs`).
+    lower: Arc<[Tier]>,
     passes: Cache<CacheKey, PassMarker>,
     /// Primary key → the `Vary` names its variants are keyed by.
     variants: Cache<CacheKey, VaryIndex>,
-    next_generation: Arc<std::sync::atomic::AtomicU64>,
-    capacity_bytes: u64,
+    next_generation: Arc<AtomicU64>,
 }
 
 impl TieredCache {
-    /// A tier holding at most `capacity_bytes` of weighted entries; least recently used entries
-    /// are evicted first once it is full (moka's TinyLFU admission may also refuse a newcomer).
-    pub fn new(capacity_bytes: u64, stale_retention: Duration) -> Self {
-        let objects = Cache::builder()
-            .name("imgedge-memory")
-            .max_capacity(capacity_bytes)
-            .weigher(|k: &CacheKey, v: &Arc<Entry>| {
-                u32::try_from(v.object.weight_bytes(k)).unwrap_or(u32::MAX)
-            })
-            .expire_after(FreshnessExpiry { stale_retention })
-            .build();
+    /// `memory` in front of `lower`, looked up in that order.
+    pub fn new(memory: MemoryTier, lower: Vec<Tier>) -> Self {
         let passes = Cache::builder()
             .max_capacity(PASS_MARKERS)
             .time_to_live(PASS_TTL)
             .build();
         TieredCache {
-            objects,
-            clock: Arc::default(),
-            disk: None,
+            memory,
+            lower: lower.into(),
             passes,
             variants: Cache::builder().max_capacity(PASS_MARKERS).build(),
             next_generation: Arc::default(),
-            capacity_bytes,
         }
     }
 
-    /// Puts a disk tier behind the memory tier.
-    pub fn with_disk(mut self, disk: disk::DiskTier) -> Self {
-        self.disk = Some(disk);
-        self
+    /// The memory tier, for what acts on it alone (eviction and clearing under pressure).
+    pub fn memory(&self) -> &MemoryTier {
+        &self.memory
     }
 
-    /// The object stored under `key` in the memory tier, fresh or stale (within
-    /// `stale_retention`): whether it may serve a request is the caller's decision
-    /// (`freshness::usability`).
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedObject>> {
-        let entry = self.objects.get(key).await?;
-        entry.last_used.store(self.tick(), Ordering::Relaxed);
-        Some(entry.object.clone())
+    /// The tiers below memory, in lookup order.
+    pub fn lower(&self) -> &[Tier] {
+        &self.lower
     }
 
-    /// Whether an object is stored under `key` in memory, or (as far as this process knows,
-    /// see [`disk::Holdings`]) on disk. Reads nothing.
+    /// Every tier's name in lookup order: `memory`, then the lower tiers'.
+    pub fn tier_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        std::iter::once("memory").chain(self.lower.iter().map(Tier::name))
+    }
+
+    /// Whether an object is stored under `key` in memory, or (as far as this process knows, see
+    /// [`tier::Holdings`]) in a lower tier. Reads nothing.
     pub fn contains(&self, key: &CacheKey) -> bool {
-        self.objects.contains_key(key) || self.disk.as_ref().is_some_and(|d| d.holds(key))
+        self.memory.contains(key) || self.lower.iter().any(|t| t.holds(key))
     }
 
-    /// The object stored under `key`: from memory, else from disk (then promoted into memory).
-    pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<CachedObject>, Tier)> {
-        if let Some(object) = self.get(key).await {
-            return Some((object, Tier::Memory));
+    /// The object stored under `key`, fresh or stale, from the first tier that has it; an
+    /// object found below memory is promoted into memory and into the lower tiers above the one
+    /// that had it.
+    pub async fn lookup(&self, key: &CacheKey) -> Option<Found> {
+        if let Some(object) = self.memory.get(key).await {
+            return Some(Found {
+                object,
+                tier: 0,
+                tier_name: "memory",
+            });
         }
-        let object = Arc::new(self.disk.as_ref()?.get(key).await?);
-        self.put_memory(key.clone(), object.clone()).await;
-        Some((object, Tier::Disk))
-    }
-
-    async fn put_memory(&self, key: CacheKey, object: Arc<CachedObject>) {
-        let entry = Entry {
-            object,
-            last_used: AtomicU64::new(self.tick()),
-        };
-        self.objects.insert(key, Arc::new(entry)).await;
-    }
-
-    fn tick(&self) -> u64 {
-        self.clock.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Evicts least-recently-used objects from the memory tier (the disk tier keeps them) until
-    /// at least `bytes` of weight are gone or the tier is empty. Returns the entries and the
-    /// weighted bytes evicted. Used under memory pressure (`evicting`): moka's own eviction only
-    /// acts on inserts past its capacity.
-    pub async fn evict_lru(&self, bytes: u64) -> (u64, u64) {
-        let mut candidates: Vec<(u64, u64, Arc<CacheKey>)> = self
-            .objects
-            .iter()
-            .map(|(key, entry)| {
-                let used = entry.last_used.load(Ordering::Relaxed);
-                (used, entry.object.weight_bytes(&key), key)
-            })
-            .collect();
-        candidates.sort_unstable_by_key(|&(used, _, _)| used);
-        let (mut entries, mut freed) = (0, 0);
-        for (_, weight, key) in candidates {
-            if freed >= bytes {
-                break;
+        for (i, tier) in self.lower.iter().enumerate() {
+            if let Some(object) = tier.get(key).await {
+                for above in &self.lower[..i] {
+                    above.store(key.clone(), object.clone());
+                }
+                self.memory.insert(key.clone(), object.clone()).await;
+                return Some(Found {
+                    object,
+                    tier: i + 1,
+                    tier_name: tier.name(),
+                });
             }
-            self.objects.invalidate(&*key).await;
-            entries += 1;
-            freed += weight;
         }
-        self.objects.run_pending_tasks().await;
-        (entries, freed)
+        None
     }
 
-    /// Stores a complete object in both tiers, replacing any previous one, and forgets a pass
-    /// marker. The disk write happens in the background.
+    /// Stores a complete object in every tier, replacing any previous one, and forgets a pass
+    /// marker. Writes below memory happen in the background.
     pub async fn insert(&self, key: CacheKey, object: CachedObject) {
         self.passes.invalidate(&key).await;
         let object = Arc::new(object);
-        if let Some(disk) = &self.disk {
-            disk.store(key.clone(), object.clone());
+        for tier in self.lower.iter() {
+            tier.store(key.clone(), object.clone());
         }
-        self.put_memory(key, object).await;
+        self.memory.insert(key, object).await;
     }
 
-    /// Drops every object from the memory tier (the disk tier keeps them), releasing their
-    /// bodies now (once no response still holds them) rather than at moka's next maintenance.
-    pub async fn clear_memory(&self) {
-        self.objects.invalidate_all();
-        self.objects.run_pending_tasks().await;
-    }
-
-    /// Discards the disk tier's queued writes; see [`disk::DiskTier::drop_queued_writes`].
-    pub fn drop_queued_disk_writes(&self) {
-        if let Some(disk) = &self.disk {
-            disk.drop_queued_writes();
+    /// Discards the writes queued for every lower tier; see [`Tier::drop_queued_writes`].
+    pub fn drop_queued_writes(&self) {
+        for tier in self.lower.iter() {
+            tier.drop_queued_writes();
         }
     }
 
-    /// The disk tier's counters, when there is one.
-    pub fn disk_usage(&self) -> Option<disk::DiskUsage> {
-        self.disk.as_ref().map(|d| d.usage())
+    /// Closes every lower tier (after their writers stopped).
+    pub async fn close(&self) {
+        for tier in self.lower.iter() {
+            tier.close().await;
+        }
     }
 
     /// Forgets the object, any pass marker and any variants under `key` (RFC 9111 §4.4).
     pub async fn invalidate(&self, key: &CacheKey) {
-        if let Some(disk) = &self.disk {
-            disk.remove(key);
+        for tier in self.lower.iter() {
+            tier.remove(key);
         }
-        self.objects.invalidate(key).await;
+        self.memory.invalidate(key).await;
         self.passes.invalidate(key).await;
         self.variants.invalidate(key).await;
     }
@@ -344,9 +283,7 @@ impl TieredCache {
         }
         let index = VaryIndex {
             names: names.into(),
-            generation: self
-                .next_generation
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
         };
         self.variants.insert(primary.clone(), index.clone()).await;
         index
@@ -361,25 +298,6 @@ impl TieredCache {
     pub async fn pass_marker(&self, key: &CacheKey) -> Option<PassMarker> {
         self.passes.get(key).await
     }
-
-    /// Entry count and weighted size in bytes, exact (pending maintenance is run first).
-    pub async fn usage(&self) -> MemoryUsage {
-        self.objects.run_pending_tasks().await;
-        MemoryUsage {
-            entries: self.objects.entry_count(),
-            bytes: self.objects.weighted_size(),
-            capacity_bytes: self.capacity_bytes,
-        }
-    }
-}
-
-/// A snapshot of the memory tier's size.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct MemoryUsage {
-    pub entries: u64,
-    /// Weighted size: body plus header bytes of every entry.
-    pub bytes: u64,
-    pub capacity_bytes: u64,
 }
 
 #[cfg(test)]
@@ -406,51 +324,55 @@ mod tests {
         CacheKey::for_url(&url::Url::parse(s).unwrap())
     }
 
+    fn memory_only(capacity_bytes: u64, stale_retention: Duration) -> TieredCache {
+        TieredCache::new(MemoryTier::new(capacity_bytes, stale_retention), Vec::new())
+    }
+
     #[tokio::test]
     async fn weighs_entries_by_bytes_and_evicts_past_capacity() {
-        let tier = TieredCache::new(10_000, Duration::ZERO);
+        let tier = memory_only(10_000, Duration::ZERO);
         tier.insert(key("http://h/a"), object(4_000, 60)).await;
-        let u = tier.usage().await;
+        let u = tier.memory().usage().await;
         assert_eq!(u.entries, 1);
         assert_eq!(u.bytes, 4_000 + 256 + "http://h/a".len() as u64);
         for i in 0..10 {
             tier.insert(key(&format!("http://h/{i}")), object(4_000, 60))
                 .await;
         }
-        let u = tier.usage().await;
+        let u = tier.memory().usage().await;
         assert!(u.bytes <= 10_000, "{u:?}");
     }
 
     #[tokio::test]
     async fn evicts_least_recently_used_first_until_enough_bytes_are_gone() {
-        let tier = TieredCache::new(1 << 20, Duration::ZERO);
+        let tier = memory_only(1 << 20, Duration::ZERO);
         let keys: Vec<CacheKey> = (0..5).map(|i| key(&format!("http://h/{i}"))).collect();
         for k in &keys {
             tier.insert(k.clone(), object(10_000, 60)).await;
         }
         // Use 0 and 2 again: 1, 3 and 4 are now the least recently used, in that order.
-        assert!(tier.get(&keys[0]).await.is_some());
+        assert!(tier.memory().get(&keys[0]).await.is_some());
         assert!(tier.lookup(&keys[2]).await.is_some());
         let weight = object(10_000, 60).weight_bytes(&keys[1]);
-        let (entries, bytes) = tier.evict_lru(weight + 1).await;
+        let (entries, bytes) = tier.memory().evict_lru(weight + 1).await;
         assert_eq!((entries, bytes), (2, 2 * weight));
         for (i, kept) in [(0, true), (1, false), (2, true), (3, false), (4, true)] {
-            assert_eq!(tier.get(&keys[i]).await.is_some(), kept, "key {i}");
+            assert_eq!(tier.memory().get(&keys[i]).await.is_some(), kept, "key {i}");
         }
-        let (entries, _) = tier.evict_lru(u64::MAX).await;
+        let (entries, _) = tier.memory().evict_lru(u64::MAX).await;
         assert_eq!(entries, 3);
-        assert_eq!(tier.usage().await.entries, 0);
+        assert_eq!(tier.memory().usage().await.entries, 0);
     }
 
     #[tokio::test]
     async fn stale_objects_are_kept_for_stale_retention_only() {
         let k = key("http://h/a");
         for (retention, kept) in [(Duration::ZERO, false), (Duration::from_secs(60), true)] {
-            let tier = TieredCache::new(1 << 20, retention);
+            let tier = memory_only(1 << 20, retention);
             let mut o = object(10, 10);
             o.response_time = SystemTime::now() - Duration::from_secs(11);
             tier.insert(k.clone(), o).await;
-            let got = tier.get(&k).await;
+            let got = tier.memory().get(&k).await;
             assert_eq!(got.is_some(), kept, "retention {retention:?}");
             if let Some(o) = got {
                 assert!(!o.is_fresh(SystemTime::now()));
@@ -460,7 +382,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalidating_removes_the_object_and_the_pass_marker() {
-        let tier = TieredCache::new(1 << 20, Duration::ZERO);
+        let tier = memory_only(1 << 20, Duration::ZERO);
         let (a, b) = (key("http://h/a"), key("http://h/b"));
         tier.insert(a.clone(), object(10, 60)).await;
         let marker = PassMarker {
@@ -470,13 +392,13 @@ mod tests {
         tier.mark_pass(b.clone(), marker).await;
         tier.invalidate(&a).await;
         tier.invalidate(&b).await;
-        assert!(tier.get(&a).await.is_none());
+        assert!(tier.memory().get(&a).await.is_none());
         assert!(tier.pass_marker(&b).await.is_none());
     }
 
     #[tokio::test]
     async fn storing_an_object_forgets_its_pass_marker() {
-        let tier = TieredCache::new(1 << 20, Duration::ZERO);
+        let tier = memory_only(1 << 20, Duration::ZERO);
         let k = key("http://h/a");
         tier.mark_pass(
             k.clone(),
@@ -489,6 +411,6 @@ mod tests {
         assert!(tier.pass_marker(&k).await.is_some());
         tier.insert(k.clone(), object(10, 60)).await;
         assert!(tier.pass_marker(&k).await.is_none());
-        assert!(tier.get(&k).await.is_some());
+        assert!(tier.memory().get(&k).await.is_some());
     }
 }

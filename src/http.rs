@@ -19,8 +19,8 @@ use tracing::{Instrument, Span};
 use url::Url;
 
 use crate::body::ProxyBody;
-use crate::cache::disk::DiskTier;
-use crate::cache::{CacheKey, TieredCache};
+use crate::cache::disk::DiskBackend;
+use crate::cache::{CacheKey, MemoryTier, Tier, TierUsage, TieredCache};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::freshness::RequestDirectives;
@@ -29,6 +29,7 @@ use crate::pressure::{Level, Monitor, Reading, ReservationPool, detect_budget_by
 use crate::proxy::{Forwarding, Proxy, ProxyRequest, end_to_end};
 use crate::rss::RssSource;
 use crate::target;
+use crate::tasks::Tasks;
 use crate::upstream::{BoxError, Guard, Upstream, UpstreamError};
 use tokio::sync::watch;
 
@@ -119,24 +120,29 @@ impl App {
             config.memory.thresholds,
             config.memory.sample_interval,
         );
-        tokio::spawn(monitor.run());
+        let tasks = Tasks::new();
+        tasks.spawn(monitor.run());
         tracing::info!(budget_bytes, "memory budget");
-        let mut tier = TieredCache::new(
-            config.cache.memory_capacity_bytes,
-            config.cache.stale_retention,
-        );
+        let mut lower = Vec::new();
         if let Some(dir) = &config.cache.disk_dir {
             // A disk that cannot be opened costs the disk tier, never the service.
-            match DiskTier::open(dir, config.cache.disk_capacity_bytes).await {
+            match DiskBackend::open(dir, config.cache.disk_capacity_bytes).await {
                 Ok(disk) => {
                     tracing::info!(dir = %dir.display(), capacity_bytes = config.cache.disk_capacity_bytes, "disk tier open");
-                    tier = tier.with_disk(disk);
+                    lower.push(Tier::new("disk", disk, &tasks));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "disk tier unavailable: serving from memory and upstream")
                 }
             }
         }
+        let tier = TieredCache::new(
+            MemoryTier::new(
+                config.cache.memory_capacity_bytes,
+                config.cache.stale_retention,
+            ),
+            lower,
+        );
         let upstream = Upstream::new(&config.upstream)?;
         let proxy = Arc::new(Proxy::new(
             tier,
@@ -149,7 +155,7 @@ impl App {
                 n => n,
             }),
         ));
-        tokio::spawn(crate::relief::run(
+        tasks.spawn(crate::relief::run(
             pressure.clone(),
             proxy.clone(),
             metrics.clone(),
@@ -442,8 +448,13 @@ impl App {
     }
 
     async fn health(&self) -> Response<ProxyBody> {
-        let memory = self.proxy.tier().usage().await;
+        let memory = self.proxy.tier().memory().usage().await;
         let reading = *self.pressure.borrow();
+        // Every tier by name; `disk` always, all zero when there is none.
+        let mut cache = serde_json::json!({ "memory": memory, "disk": TierUsage::default() });
+        for tier in self.proxy.tier().lower() {
+            cache[tier.name()] = serde_json::json!(tier.usage());
+        }
         let (inflight_count, inflight_oldest) = self.proxy.inflight(20);
         let (status, code) = match reading.level {
             l if l.sheds() => ("critical", StatusCode::SERVICE_UNAVAILABLE),
@@ -465,7 +476,7 @@ impl App {
                 "capacity_bytes": self.proxy.fills().capacity_bytes(),
                 "limit_bytes": self.proxy.fills().limit_bytes(),
             },
-            "cache": { "memory": memory, "disk": self.proxy.tier().disk_usage().unwrap_or_default() },
+            "cache": cache,
             "draining": self.draining.load(Ordering::Relaxed),
             "uptime_seconds": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
@@ -474,14 +485,12 @@ impl App {
     }
 
     async fn metrics_text(&self) -> Response<ProxyBody> {
-        let memory = self.proxy.tier().usage().await;
-        let disk = self.proxy.tier().disk_usage();
+        let memory = self.proxy.tier().memory().usage().await;
+        let lower: Vec<TierUsage> = self.proxy.tier().lower().iter().map(Tier::usage).collect();
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        let tiers = [
-            Some(("memory", memory.bytes, memory.entries)),
-            disk.map(|d| ("disk", d.bytes, d.entries)),
-        ];
-        for (tier, bytes, entries) in tiers.into_iter().flatten() {
+        let tiers = std::iter::once(("memory", memory.bytes, memory.entries))
+            .chain(lower.iter().map(|t| (t.name, t.bytes, t.entries)));
+        for (tier, bytes, entries) in tiers {
             let tier = metrics::TierLabels { tier };
             self.metrics
                 .cache_bytes
@@ -499,7 +508,7 @@ impl App {
             .inflight_upstream
             .set(self.proxy.inflight(0).0 as i64);
         self.metrics.pressure_level.set(reading.level.as_number());
-        if let Some(disk) = disk {
+        if let Some(disk) = lower.iter().find(|t| t.name == "disk") {
             for (event, n) in [
                 ("writes", disk.writes),
                 ("write_drops", disk.write_drops),

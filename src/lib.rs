@@ -33,6 +33,7 @@ pub mod proxy;
 pub mod relief;
 pub mod rss;
 pub mod target;
+pub mod tasks;
 pub mod tee;
 pub mod upstream;
 

@@ -22,7 +22,7 @@ use tracing::{Instrument, Span};
 use url::Url;
 
 use crate::body::ProxyBody;
-use crate::cache::{CacheKey, CachedObject, PassMarker, Tier, TieredCache};
+use crate::cache::{CacheKey, CachedObject, PassMarker, TieredCache};
 use crate::collapse::{Collapser, Leader, Outcome, Role, SharedHead, SharedReader};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
@@ -285,23 +285,27 @@ impl Proxy {
         }
         let now = SystemTime::now();
         let found = self.tier.lookup(&req.key).await;
-        let from_disk = matches!(found, Some((_, Tier::Disk)));
-        let cached = found.map(|(object, _)| object);
+        let found_in = found.as_ref().map(|f| f.tier);
+        let cached = found.map(|f| f.object);
         let usability = cached
             .as_ref()
             .map(|o| freshness::usability(&o.freshness, o.age(now), &req.directives));
         let hit = match usability {
-            Some(Usability::Fresh) if from_disk => Some(status::HIT_DISK),
-            Some(Usability::Fresh) => Some(status::HIT_MEMORY),
+            Some(Usability::Fresh) if found_in == Some(0) => Some(status::HIT_MEMORY),
+            Some(Usability::Fresh) => Some(status::HIT_DISK),
             Some(Usability::StaleAccepted) => Some(status::HIT_STALE),
             Some(Usability::StaleWhileRevalidate) => Some(status::HIT_STALE_WHILE_REVALIDATE),
             Some(Usability::NeedsValidation) | None => None,
         };
-        self.metrics
-            .cache_lookup("memory", hit.is_some() && !from_disk);
-        if from_disk || (hit.is_none() && self.tier.disk_usage().is_some()) {
-            self.metrics
-                .cache_lookup("disk", hit.is_some() && from_disk);
+        // Every tier above the one that answered missed; it hit when its object may serve; the
+        // tiers below count as misses when the request goes on to the origin.
+        for (i, name) in self.tier.tier_names().enumerate() {
+            match found_in {
+                Some(f) if i < f => self.metrics.cache_lookup(name, false),
+                Some(f) if i == f => self.metrics.cache_lookup(name, hit.is_some()),
+                _ if hit.is_none() => self.metrics.cache_lookup(name, false),
+                _ => {}
+            }
         }
         if let (Some(object), Some(cache_status)) = (&cached, hit) {
             if usability == Some(Usability::StaleWhileRevalidate) {

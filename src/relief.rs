@@ -97,7 +97,7 @@ pub async fn run(
                 .inc();
         }
         if reading.level >= Level::Critical && level < Level::Critical {
-            proxy.tier().clear_memory().await;
+            proxy.tier().memory().clear().await;
             metrics.relieved("cleared", 1);
             tracing::warn!(
                 rss_bytes = reading.rss_bytes,
@@ -105,7 +105,7 @@ pub async fn run(
             );
         }
         if reading.level == Level::Emergency && level < Level::Emergency {
-            proxy.tier().drop_queued_disk_writes();
+            proxy.tier().drop_queued_writes();
             let aborted = proxy.abort_unread_fills();
             metrics.relieved("aborted_fills", aborted as u64);
             tracing::warn!(
@@ -136,7 +136,7 @@ pub async fn run(
             // Enough is evicted; waiting for the allocator to give it back.
             continue;
         }
-        let (entries, bytes) = proxy.tier().evict_lru(excess_bytes).await;
+        let (entries, bytes) = proxy.tier().memory().evict_lru(excess_bytes).await;
         if entries == 0 {
             // Nothing left to evict: what remains is not the tier's.
             episode = None;

@@ -1,118 +1,68 @@
-//! The disk tier: complete objects written to a foyer block store that survives restarts.
+//! The disk tier's backend: complete objects in a foyer block store that survives restarts, in
+//! the entry format of `entry.rs`, behind the protections of the storage seam (`tier.rs`).
 //!
-//! Every entry is `imgedge`'s own encoding — a magic and format version, the status, times,
-//! freshness, headers and body, and a CRC32 over all of it — checked on every read: a mismatch is
-//! a miss and a removal, never a served byte. foyer checks its own blocks too.
-//!
-//! Failure is never a request's problem: writes go through one writer task fed by a bounded queue
-//! (a full queue drops the write and counts it), each written and awaited before the next (foyer
-//! drops writes silently when bursts outrun its buffers); reads and writes run inside spawned
-//! tasks, so a panic inside foyer (as on a full disk) becomes a logged miss and turns the tier
-//! off. See docs/foyer-disk-tier.md for the traps this design avoids.
+//! foyer checksums every entry it reads (xxHash64 over key and value) and treats a mismatch as a
+//! miss and a removal, so a disk read checks its bytes once, with foyer's checksum, not ours
+//! too; a value that is not an entry of our format version is the same: a miss and a removal.
+//! Entries are written from the object and read into it directly through foyer's `Code` (one
+//! copy out of foyer's read buffer, into a body of exactly its length). See
+//! docs/foyer-disk-tier.md for the foyer traps this design avoids.
 
-use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
 use foyer::{
-    BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
+    BlockEngineConfig, Code, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
     HybridCachePolicy, PsyncIoEngineConfig, RecoverMode,
 };
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use tokio::sync::mpsc;
 
-use super::{CacheKey, CachedObject};
-use crate::freshness::Freshness;
+use super::tier::{Backend, BackendError, BoxFuture};
+use super::{CacheKey, CachedObject, entry};
 
-/// `IMGEDGE` plus the entry format version.
-const MAGIC: &[u8; 8] = b"IMGEDGE\x01";
 /// foyer's block: the largest entry is a block less 4 KiB, so 16 MiB fits a 5 MiB body with room.
 const BLOCK_BYTES: usize = 16 * 1024 * 1024;
-/// Writes waiting for the writer task; more are dropped (and counted).
-const WRITE_QUEUE: usize = 64;
-/// Reads in flight at once. Each holds foyer's read buffer and the decoded copy of an entry (up
-/// to twice `max_cacheable_bytes`) outside any reservation, and two cores gain nothing from more:
-/// the bound keeps a flood of disk hits from outgrowing the memory budget between RSS samples.
-const CONCURRENT_READS: usize = 8;
 
-type Store = HybridCache<String, Bytes>;
+/// A stored object as foyer keeps it: the same `Arc` as the memory tier's until it is written.
+#[derive(Debug, Clone)]
+struct DiskValue(Arc<CachedObject>);
 
-/// Counters of the disk tier, for /health and /metrics.
-#[derive(Debug, Default)]
-pub struct DiskStats {
-    pub writes: AtomicU64,
-    pub write_drops: AtomicU64,
-    pub hits: AtomicU64,
-    /// Entries that failed their checksum or format check (removed) and foyer errors.
-    pub errors: AtomicU64,
-}
-
-/// A snapshot for /health; all zero (the default) when there is no disk tier.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct DiskUsage {
-    pub enabled: bool,
-    /// Entries written since this process started and not known to be gone (see [`Holdings`]).
-    pub entries: u64,
-    /// Their encoded size in bytes.
-    pub bytes: u64,
-    pub writes: u64,
-    pub write_drops: u64,
-    pub hits: u64,
-    pub errors: u64,
-    pub capacity_bytes: u64,
-}
-
-/// What the disk tier holds, as far as this process knows: the entries it wrote, with their
-/// sizes, oldest first. foyer exposes no count of its own, so this mirrors it: an entry leaves
-/// when it is removed or found missing, and the oldest ones leave once the total passes the
-/// capacity (foyer reclaims its oldest blocks first). Entries recovered at startup are not
-/// counted until they are read.
-#[derive(Debug, Default)]
-pub struct Holdings {
-    sizes: HashMap<CacheKey, (u64, u64)>,
-    /// (sequence, key) in write order; stale when the key was rewritten or removed since.
-    order: VecDeque<(u64, CacheKey)>,
-    next: u64,
-    bytes: u64,
-}
-
-impl Holdings {
-    fn add(&mut self, key: CacheKey, bytes: u64, capacity_bytes: u64) {
-        self.remove(&key);
-        let seq = self.next;
-        self.next += 1;
-        self.sizes.insert(key.clone(), (seq, bytes));
-        self.order.push_back((seq, key));
-        self.bytes += bytes;
-        while self.bytes > capacity_bytes {
-            let Some((seq, key)) = self.order.pop_front() else {
-                break;
-            };
-            if self.sizes.get(&key).is_some_and(|&(s, _)| s == seq) {
-                self.remove(&key);
-            }
-        }
-        // Drop stale queue entries so the queue stays proportional to the map.
-        if self.order.len() > 2 * self.sizes.len() + 64 {
-            let sizes = &self.sizes;
-            self.order
-                .retain(|(seq, key)| sizes.get(key).is_some_and(|&(s, _)| s == *seq));
-        }
+/// The value bytes are the entry's length (u64, little-endian, as foyer's own `Bytes` values
+/// are framed, so entries written before this type existed still read) and the entry.
+impl Code for DiskValue {
+    fn encode(&self, writer: &mut impl Write) -> foyer::Result<()> {
+        let len = entry::encoded_len(&self.0) as u64;
+        writer
+            .write_all(&len.to_le_bytes())
+            .and_then(|()| entry::write(&self.0, writer))
+            .map_err(foyer::Error::io_error)
     }
 
-    fn remove(&mut self, key: &CacheKey) {
-        if let Some((_, bytes)) = self.sizes.remove(key) {
-            self.bytes -= bytes;
+    fn decode(reader: &mut impl Read) -> foyer::Result<Self> {
+        let not_ours = |e: &dyn std::fmt::Display| {
+            // A parse error makes foyer drop the entry and answer a miss.
+            foyer::Error::new(
+                foyer::ErrorKind::Parse,
+                format!("not an imgedge entry: {e}"),
+            )
+        };
+        let mut len = [0u8; 8];
+        reader.read_exact(&mut len).map_err(|e| not_ours(&e))?;
+        let len = usize::try_from(u64::from_le_bytes(len)).map_err(|e| not_ours(&e))?;
+        let mut entry = reader.take(len as u64);
+        let object = entry::read(&mut entry, len).map_err(|e| not_ours(&e))?;
+        if entry.limit() != 0 {
+            return Err(not_ours(&"bytes after the entry"));
         }
+        Ok(DiskValue(Arc::new(object)))
+    }
+
+    fn estimated_size(&self) -> usize {
+        8 + entry::encoded_len(&self.0)
     }
 }
 
-/// A write waiting in the queue, numbered so that [`DiskTier::drop_queued_writes`] can discard
-/// everything queued before it.
-type QueuedWrite = (u64, CacheKey, Arc<CachedObject>);
+type Store = HybridCache<String, DiskValue>;
 
 /// Why the disk tier could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -129,32 +79,20 @@ pub enum OpenError {
     },
 }
 
-/// The disk tier. Cheap to clone.
-#[derive(Clone)]
-pub struct DiskTier {
+/// The foyer store. Its calls are made by the seam, inside tasks of their own.
+pub struct DiskBackend {
     store: Store,
-    writes: mpsc::Sender<QueuedWrite>,
-    /// Numbers the queued writes.
-    queued: Arc<AtomicU64>,
-    /// Queued writes numbered below this are discarded (memory pressure).
-    discard_below: Arc<AtomicU64>,
-    holdings: Arc<Mutex<Holdings>>,
-    /// [`CONCURRENT_READS`] permits.
-    reads: Arc<tokio::sync::Semaphore>,
-    stats: Arc<DiskStats>,
-    /// Cleared when foyer fails in a way it does not recover from (a panic).
-    enabled: Arc<AtomicBool>,
     capacity_bytes: u64,
 }
 
-impl DiskTier {
-    /// Opens (and recovers) the tier in `dir`, created 0700 if missing: entries may hold the
+impl DiskBackend {
+    /// Opens (and recovers) the store in `dir`, created 0700 if missing: entries may hold the
     /// bytes of private images, and foyer's padding can hold stray heap bytes.
     ///
     /// # Errors
     /// [`OpenError::Create`] when the directory cannot be created, [`OpenError::Open`] when
     /// foyer cannot open it.
-    pub async fn open(dir: &Path, capacity_bytes: u64) -> Result<DiskTier, OpenError> {
+    pub async fn open(dir: &Path, capacity_bytes: u64) -> Result<DiskBackend, OpenError> {
         let open = |source| OpenError::Open {
             dir: dir.to_owned(),
             source,
@@ -179,9 +117,9 @@ impl DiskTier {
             .with_flush_on_close(false)
             .memory(1024 * 1024)
             .with_shards(1)
-            .with_weighter(|k: &String, v: &Bytes| k.len() + v.len())
+            .with_weighter(|k: &String, v: &DiskValue| k.len() + v.0.body.len())
             // foyer's own memory part keeps nothing: the moka tier is the memory tier.
-            .with_filter(|_: &String, _: &Bytes| false)
+            .with_filter(|_: &String, _: &DiskValue| false)
             .storage()
             .with_io_engine_config(PsyncIoEngineConfig::new())
             .with_engine_config(engine)
@@ -189,159 +127,57 @@ impl DiskTier {
             .build()
             .await
             .map_err(open)?;
-        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
-        let tier = DiskTier {
+        Ok(DiskBackend {
             store,
-            writes,
-            queued: Arc::default(),
-            discard_below: Arc::default(),
-            holdings: Arc::default(),
-            reads: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_READS)),
-            stats: Arc::default(),
-            enabled: Arc::new(AtomicBool::new(true)),
             capacity_bytes,
-        };
-        tokio::spawn(tier.clone().write_loop(queue));
-        Ok(tier)
+        })
     }
+}
 
-    /// Queues a complete object for writing; drops it (counted) when the queue is full.
-    pub fn store(&self, key: CacheKey, object: Arc<CachedObject>) {
-        if !self.enabled.load(Ordering::Relaxed) {
-            return;
-        }
-        let seq = self.queued.fetch_add(1, Ordering::Relaxed);
-        if self.writes.try_send((seq, key, object)).is_err() {
-            self.stats.write_drops.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Discards every write queued so far (counted as dropped), releasing the objects they hold:
-    /// under emergency memory pressure the queue may be the last reference to their bodies.
-    pub fn drop_queued_writes(&self) {
-        self.discard_below
-            .store(self.queued.load(Ordering::Relaxed), Ordering::Relaxed);
-    }
-
-    async fn write_loop(self, mut queue: mpsc::Receiver<QueuedWrite>) {
-        while let Some((seq, key, object)) = queue.recv().await {
-            if !self.enabled.load(Ordering::Relaxed) {
-                continue;
-            }
-            if seq < self.discard_below.load(Ordering::Relaxed) {
-                self.stats.write_drops.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let entry = encode(&object);
-            drop(object);
-            let bytes = entry.len() as u64;
-            let store = self.store.clone();
-            let name = key.as_str().to_owned();
-            let written = tokio::spawn(async move {
-                store.insert(name, entry);
-                store.storage().wait().await;
-            })
-            .await;
-            match written {
-                Ok(()) => {
-                    self.stats.writes.fetch_add(1, Ordering::Relaxed);
-                    self.holdings().add(key, bytes, self.capacity_bytes);
-                }
-                Err(e) => self.fail("write", &e),
-            }
-        }
-    }
-
-    fn holdings(&self) -> std::sync::MutexGuard<'_, Holdings> {
-        self.holdings.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The object stored under `key`, if present and intact. A damaged entry is removed.
-    pub async fn get(&self, key: &CacheKey) -> Option<CachedObject> {
-        if !self.enabled.load(Ordering::Relaxed) {
-            return None;
-        }
-        let Ok(_permit) = self.reads.acquire().await else {
-            return None;
-        };
+impl Backend for DiskBackend {
+    fn get(&self, key: &CacheKey) -> BoxFuture<Result<Option<Arc<CachedObject>>, BackendError>> {
         let store = self.store.clone();
         let name = key.as_str().to_owned();
-        let read = tokio::spawn(async move {
+        Box::pin(async move {
             match store.get(&name).await {
-                Ok(entry) => Ok(entry.map(|e| e.value().clone())),
-                Err(e) => Err(e.to_string()),
+                Ok(entry) => Ok(entry.map(|e| e.value().0.clone())),
+                Err(e) => Err(BackendError(e.to_string())),
             }
         })
-        .await;
-        let entry = match read {
-            Ok(Ok(Some(entry))) => entry,
-            Ok(Ok(None)) => {
-                self.holdings().remove(key);
-                return None;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(key = key.as_str(), error = %e, "disk tier read failed: a miss");
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            Err(e) => {
-                self.fail("read", &e);
-                return None;
-            }
-        };
-        match decode(entry) {
-            Some(object) => {
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                Some(object)
-            }
-            None => {
-                tracing::warn!(
-                    key = key.as_str(),
-                    "disk entry failed its checksum: removed"
-                );
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                self.remove(key);
-                None
-            }
-        }
     }
 
-    /// Whether this process wrote `key` and has not seen it go ([`Holdings`]).
-    pub fn holds(&self, key: &CacheKey) -> bool {
-        self.holdings().sizes.contains_key(key)
+    fn put(
+        &self,
+        key: CacheKey,
+        object: Arc<CachedObject>,
+    ) -> BoxFuture<Result<u64, BackendError>> {
+        let store = self.store.clone();
+        Box::pin(async move {
+            let bytes = entry::encoded_len(&object) as u64;
+            store.insert(key.as_str().to_owned(), DiskValue(object));
+            // Awaited so that the seam's writer sends one write at a time: foyer drops writes
+            // silently when bursts outrun its buffers.
+            store.storage().wait().await;
+            Ok(bytes)
+        })
     }
 
-    /// Removes `key` (recorded in foyer's tombstone log, so it stays gone after a restart).
-    pub fn remove(&self, key: &CacheKey) {
-        if self.enabled.load(Ordering::Relaxed) {
-            self.store.remove(key.as_str());
-        }
-        self.holdings().remove(key);
+    /// Recorded in foyer's tombstone log, so the entry stays gone after a restart.
+    fn remove(&self, key: &CacheKey) {
+        self.store.remove(key.as_str());
     }
 
-    pub fn usage(&self) -> DiskUsage {
-        let s = &self.stats;
-        let (entries, bytes) = {
-            let h = self.holdings();
-            (h.sizes.len() as u64, h.bytes)
-        };
-        DiskUsage {
-            enabled: self.enabled.load(Ordering::Relaxed),
-            entries,
-            bytes,
-            writes: s.writes.load(Ordering::Relaxed),
-            write_drops: s.write_drops.load(Ordering::Relaxed),
-            hits: s.hits.load(Ordering::Relaxed),
-            errors: s.errors.load(Ordering::Relaxed),
-            capacity_bytes: self.capacity_bytes,
-        }
+    fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
     }
 
-    /// A panic inside foyer leaves its state poisoned: stop using the tier, keep serving.
-    fn fail(&self, what: &str, e: &tokio::task::JoinError) {
-        tracing::error!(error = %e, "disk tier {what} panicked: disk tier off until restart");
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        self.enabled.store(false, Ordering::Relaxed);
+    fn close(&self) -> BoxFuture<()> {
+        let store = self.store.clone();
+        Box::pin(async move {
+            if let Err(e) = store.close().await {
+                tracing::warn!(error = %e, "closing the disk tier");
+            }
+        })
     }
 }
 
@@ -354,189 +190,56 @@ fn restrict(dir: &Path) {
 #[cfg(not(unix))]
 fn restrict(_: &Path) {}
 
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The entry format, version 1: magic+version, status, response time, freshness, headers, body,
-/// then a CRC32 of everything before it. Integers are big-endian.
-pub fn encode(object: &CachedObject) -> Bytes {
-    let headers_len: usize = object
-        .headers
-        .iter()
-        .map(|(k, v)| 6 + k.as_str().len() + v.len())
-        .sum();
-    let mut out = BytesMut::with_capacity(64 + headers_len + object.body.len());
-    out.put_slice(MAGIC);
-    out.put_u16(object.status.as_u16());
-    let since_epoch = object
-        .response_time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    out.put_u64(duration_ms(since_epoch));
-    let f = &object.freshness;
-    for d in [
-        f.lifetime,
-        f.initial_age,
-        f.stale_while_revalidate,
-        f.stale_if_error,
-    ] {
-        out.put_u64(duration_ms(d));
-    }
-    out.put_u8(u8::from(f.must_revalidate));
-    out.put_u32(object.headers.len() as u32);
-    for (name, value) in &object.headers {
-        out.put_u16(name.as_str().len() as u16);
-        out.put_slice(name.as_str().as_bytes());
-        out.put_u32(value.len() as u32);
-        out.put_slice(value.as_bytes());
-    }
-    out.put_u64(object.body.len() as u64);
-    out.put_slice(&object.body);
-    let crc = crc32fast::hash(&out);
-    out.put_u32(crc);
-    out.freeze()
-}
-
-/// Decodes an entry written by [`encode`]; `None` when anything is off (version, checksum,
-/// lengths, header syntax). The body is a slice of `entry`, not a copy.
-pub fn decode(entry: Bytes) -> Option<CachedObject> {
-    if entry.len() < MAGIC.len() + 4 {
-        return None;
-    }
-    let (payload, crc) = entry.split_at(entry.len() - 4);
-    if crc32fast::hash(payload) != u32::from_be_bytes(crc.try_into().ok()?) {
-        return None;
-    }
-    let payload = entry.slice(..entry.len() - 4);
-    let mut r = payload.clone();
-    let need = |r: &Bytes, n: usize| (r.remaining() >= n).then_some(());
-    need(&r, MAGIC.len())?;
-    if &r[..MAGIC.len()] != MAGIC {
-        return None;
-    }
-    r.advance(MAGIC.len());
-    need(&r, 2 + 8 + 4 * 8 + 1 + 4)?;
-    let status = StatusCode::from_u16(r.get_u16()).ok()?;
-    let response_time = SystemTime::UNIX_EPOCH + Duration::from_millis(r.get_u64());
-    let mut d = || Duration::from_millis(r.get_u64());
-    let (lifetime, initial_age, stale_while_revalidate, stale_if_error) = (d(), d(), d(), d());
-    let must_revalidate = r.get_u8() != 0;
-    let count = r.get_u32() as usize;
-    let mut headers = HeaderMap::with_capacity(count.min(64));
-    for _ in 0..count {
-        need(&r, 2)?;
-        let n = r.get_u16() as usize;
-        need(&r, n + 4)?;
-        let name = HeaderName::from_bytes(&r[..n]).ok()?;
-        r.advance(n);
-        let v = r.get_u32() as usize;
-        need(&r, v)?;
-        let value = HeaderValue::from_bytes(&r[..v]).ok()?;
-        r.advance(v);
-        headers.append(name, value);
-    }
-    need(&r, 8)?;
-    let body_len = r.get_u64() as usize;
-    if r.remaining() != body_len {
-        return None;
-    }
-    Some(CachedObject {
-        status,
-        headers,
-        body: r,
-        response_time,
-        freshness: Freshness {
-            lifetime,
-            initial_age,
-            must_revalidate,
-            stale_while_revalidate,
-            stale_if_error,
-        },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn object() -> CachedObject {
-        let mut headers = HeaderMap::new();
+        let mut headers = http::HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,
-            HeaderValue::from_static("image/png"),
+            http::HeaderValue::from_static("image/png"),
         );
-        headers.append("x-two", HeaderValue::from_static("a"));
-        headers.append("x-two", HeaderValue::from_static("b"));
         CachedObject {
-            status: StatusCode::NOT_FOUND,
+            status: http::StatusCode::OK,
             headers,
-            body: Bytes::from(vec![7u8; 10_000]),
-            response_time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
-            freshness: Freshness {
-                lifetime: Duration::from_secs(60),
-                initial_age: Duration::from_secs(3),
-                must_revalidate: true,
-                stale_while_revalidate: Duration::from_secs(5),
-                stale_if_error: Duration::from_secs(7),
+            body: bytes::Bytes::from(vec![9u8; 50_000]),
+            response_time: std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_millis(1_700_000_000_123),
+            freshness: crate::freshness::Freshness {
+                lifetime: std::time::Duration::from_secs(60),
+                initial_age: std::time::Duration::ZERO,
+                must_revalidate: false,
+                stale_while_revalidate: std::time::Duration::ZERO,
+                stale_if_error: std::time::Duration::ZERO,
             },
         }
     }
 
-    fn key(s: &str) -> CacheKey {
-        CacheKey::for_url(&url::Url::parse(s).unwrap())
-    }
-
     #[test]
-    fn holdings_count_rewrites_once_and_drop_the_oldest_past_capacity() {
-        let mut h = Holdings::default();
-        h.add(key("http://h/a"), 40, 100);
-        h.add(key("http://h/b"), 40, 100);
-        h.add(key("http://h/a"), 30, 100);
-        assert_eq!((h.sizes.len(), h.bytes), (2, 70));
-        // c passes the capacity: b (now the oldest write) goes, a (rewritten later) stays.
-        h.add(key("http://h/c"), 50, 100);
-        assert_eq!((h.sizes.len(), h.bytes), (2, 80));
-        assert!(!h.sizes.contains_key(&key("http://h/b")));
-        h.remove(&key("http://h/a"));
-        assert_eq!((h.sizes.len(), h.bytes), (1, 50));
-    }
-
-    #[test]
-    fn entries_round_trip() {
+    fn values_are_framed_as_foyer_frames_bytes_so_older_entries_still_read() {
         let o = object();
-        let back = decode(encode(&o)).unwrap();
-        assert_eq!(back.status, o.status);
-        assert_eq!(back.headers, o.headers);
-        assert_eq!(back.body, o.body);
-        assert_eq!(back.response_time, o.response_time);
-        assert_eq!(back.freshness, o.freshness);
+        let entry = entry::encode(&o);
+        // What foyer wrote for a `Bytes` value: its length (usize, little-endian), then it.
+        let mut framed = Vec::new();
+        bytes::Bytes::from(entry.clone())
+            .encode(&mut framed)
+            .unwrap();
+        let mut ours = Vec::new();
+        DiskValue(Arc::new(o)).encode(&mut ours).unwrap();
+        assert_eq!(ours, framed);
+        let back = DiskValue::decode(&mut &framed[..]).unwrap();
+        assert_eq!(back.0.body, object().body);
+        assert_eq!(back.0.headers, object().headers);
     }
 
     #[test]
-    fn any_damaged_byte_or_truncation_is_refused() {
-        let entry = encode(&object());
-        for i in [
-            0,
-            8,
-            20,
-            60,
-            entry.len() / 2,
-            entry.len() - 5,
-            entry.len() - 1,
-        ] {
-            let mut damaged = entry.to_vec();
-            damaged[i] ^= 0x40;
-            assert!(decode(Bytes::from(damaged)).is_none(), "byte {i}");
-        }
-        for len in [0, 3, 11, entry.len() - 1] {
-            assert!(decode(entry.slice(..len)).is_none(), "truncated to {len}");
-        }
-        // A different format version with a valid checksum is refused too.
-        let mut other = entry[..entry.len() - 4].to_vec();
-        other[7] = 2;
-        let crc = crc32fast::hash(&other);
-        other.extend_from_slice(&crc.to_be_bytes());
-        assert!(decode(Bytes::from(other)).is_none());
+    fn a_value_that_is_not_an_entry_is_a_parse_error_which_foyer_treats_as_a_miss() {
+        let mut framed = Vec::new();
+        bytes::Bytes::from_static(b"something else entirely")
+            .encode(&mut framed)
+            .unwrap();
+        let e = DiskValue::decode(&mut &framed[..]).unwrap_err();
+        assert_eq!(e.kind(), foyer::ErrorKind::Parse);
     }
 }
