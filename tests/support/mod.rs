@@ -608,14 +608,6 @@ fn header_in(headers: &HeaderMap, name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The JSON error code of an error response.
-pub async fn error_code(r: reqwest::Response) -> String {
-    assert_eq!(header(&r, "content-type"), "application/json");
-    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-    v["error"].as_str().unwrap().to_owned()
-}
-
 /// Sends `GET {target}` exactly as given (no client-side URL normalization) and returns the
 /// status and body.
 pub async fn raw_get(addr: SocketAddr, target: &str) -> (u16, String) {
