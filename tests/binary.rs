@@ -119,13 +119,12 @@ async fn logs_a_line_per_request_and_per_stored_or_too_large_object() {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut ids = Vec::new();
     for path in ["/small.jpg", "/small.jpg", "/large.jpg"] {
-        let r = client
-            .get(format!("{}/image-proxy?url={}", bin.base, origin.url(path)))
-            .send()
-            .await
-            .unwrap();
-        ids.push(header(&r, "x-request-id"));
-        r.bytes().await.unwrap();
+        let url = format!("{}/image-proxy?url={}", bin.base, origin.url(path));
+        ids.push(
+            send(&client, Method::GET, &url, &[])
+                .await
+                .header("x-request-id"),
+        );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let out = bin.stop().await;
@@ -200,14 +199,7 @@ async fn thirty_two_slow_clients_on_a_64_mib_body_grow_rss_by_less_than_16_mib()
         .unwrap();
     let started = Instant::now();
     let small = format!("{base}/image-proxy?url={}", origin.url("/small.jpg"));
-    client
-        .get(&small)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    send(&client, Method::GET, &small, &[]).await;
     let baseline = rss_bytes(pid);
 
     let url = format!("{base}/image-proxy?url={}", origin.url("/huge.jpg"));
@@ -285,14 +277,16 @@ impl Drop for TempDir {
 
 async fn health(base: &str) -> serde_json::Value {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let r = client.get(format!("{base}/health")).send().await.unwrap();
-    serde_json::from_slice(&r.bytes().await.unwrap()).unwrap()
+    send(&client, Method::GET, &format!("{base}/health"), &[])
+        .await
+        .json()
 }
 
 async fn metrics(base: &str) -> String {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let r = client.get(format!("{base}/metrics")).send().await.unwrap();
-    r.text().await.unwrap()
+    send(&client, Method::GET, &format!("{base}/metrics"), &[])
+        .await
+        .text()
 }
 
 /// Waits until the disk tier has written `n` entries.
@@ -344,14 +338,7 @@ async fn objects_survive_kill_9_and_come_back_from_disk_then_memory() {
     let bin = Binary::start(&disk_env(&origin, &dir)).await;
     for path in ["/a.jpg", "/b.png"] {
         let url = format!("{}/image-proxy?url={}", bin.base, origin.url(path));
-        client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        send(&client, Method::GET, &url, &[]).await;
     }
     wait_for_disk_writes(&bin.base, 2).await;
     let disk = &health(&bin.base).await["cache"]["disk"];
@@ -364,9 +351,9 @@ async fn objects_survive_kill_9_and_come_back_from_disk_then_memory() {
     for (path, len) in [("/a.jpg", 300_000), ("/b.png", 200_000)] {
         let url = format!("{}/image-proxy?url={}", bin.base, origin.url(path));
         for expected in ["imgedge; hit; detail=disk", "imgedge; hit; detail=memory"] {
-            let r = client.get(&url).send().await.unwrap();
-            assert_eq!(cache_status(&r), expected, "{path}");
-            assert_eq!(r.bytes().await.unwrap(), pattern(len), "{path}");
+            let r = send(&client, Method::GET, &url, &[]).await;
+            assert_eq!(r.cache_status(), expected, "{path}");
+            assert_eq!(r.body, pattern(len), "{path}");
         }
         assert_eq!(origin.hits(path), 1, "{path}");
     }
@@ -400,14 +387,7 @@ async fn after_kill_9_during_fills_only_complete_objects_are_served() {
             bin.base,
             origin.url(&format!("/done{i}.jpg"))
         );
-        client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        send(&client, Method::GET, &url, &[]).await;
         let url = format!(
             "{}/image-proxy?url={}",
             bin.base,
@@ -432,14 +412,14 @@ async fn after_kill_9_during_fills_only_complete_objects_are_served() {
             (format!("/half{i}.jpg"), false),
         ] {
             let url = format!("{}/image-proxy?url={}", bin.base, origin.url(&path));
-            let r = client.get(&url).send().await.unwrap();
-            let status = cache_status(&r);
+            let r = send(&client, Method::GET, &url, &[]).await;
+            let status = r.cache_status();
             assert_eq!(
                 status == "imgedge; hit; detail=disk",
                 cached,
                 "{path}: {status}"
             );
-            assert_eq!(r.bytes().await.unwrap(), pattern(150_000 + i), "{path}");
+            assert_eq!(r.body, pattern(150_000 + i), "{path}");
         }
     }
     bin.stop().await;
@@ -461,9 +441,9 @@ async fn an_unusable_disk_dir_costs_the_disk_tier_not_the_service() {
         "imgedge; fwd=uri-miss; stored",
         "imgedge; hit; detail=memory",
     ] {
-        let r = client.get(&url).send().await.unwrap();
-        assert_eq!(cache_status(&r), expected);
-        assert_eq!(r.text().await.unwrap(), "still served");
+        let r = send(&client, Method::GET, &url, &[]).await;
+        assert_eq!(r.cache_status(), expected);
+        assert_eq!(r.text(), "still served");
     }
     assert_eq!(health(&bin.base).await["cache"]["disk"]["enabled"], false);
     let log = bin.stop().await;
@@ -489,14 +469,7 @@ async fn corrupted_disk_files_never_serve_a_damaged_byte() {
             bin.base,
             origin.url(&format!("/k{i}.jpg"))
         );
-        client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        send(&client, Method::GET, &url, &[]).await;
     }
     wait_for_disk_writes(&bin.base, 8).await;
     bin.stop().await;
@@ -524,9 +497,9 @@ async fn corrupted_disk_files_never_serve_a_damaged_byte() {
             bin.base,
             origin.url(&format!("/k{i}.jpg"))
         );
-        let r = client.get(&url).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.bytes().await.unwrap(), pattern(120_000 + i), "/k{i}.jpg");
+        let r = send(&client, Method::GET, &url, &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, pattern(120_000 + i), "/k{i}.jpg");
     }
     let refetched: usize = (0..8)
         .map(|i| origin.hits(&format!("/k{i}.jpg")))
@@ -646,21 +619,18 @@ async fn a_small_budget_under_load_evicts_bypasses_and_sheds_with_health_answeri
                     i % OBJECTS
                 );
                 i += 1;
-                let r = client.get(&url).send().await.unwrap();
-                let status = r.status().as_u16();
-                let cache = cache_status(&r);
-                if status == 503 {
-                    assert_eq!(error_code(r).await, "overloaded");
+                let r = send(&client, Method::GET, &url, &[]).await;
+                if r.status == 503 {
+                    assert_eq!(r.error_code(), "overloaded");
                     seen.lock().unwrap().shed += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
-                assert_eq!(status, 200, "only 200 and 503 answers");
-                let body = r.bytes().await.unwrap();
-                assert_eq!(body.len() as u64, OBJECT_BYTES);
+                assert_eq!(r.status, 200, "only 200 and 503 answers");
+                assert_eq!(r.body.len() as u64, OBJECT_BYTES);
                 let mut s = seen.lock().unwrap();
                 s.ok += 1;
-                s.bypassed += u32::from(cache.ends_with("detail=memory-pressure"));
+                s.bypassed += u32::from(r.cache_status().ends_with("detail=memory-pressure"));
             }
         }));
     }

@@ -32,8 +32,7 @@ async fn set_pressure(
 ) -> serde_json::Value {
     rss.set((BUDGET as f64 * fraction) as u64);
     for _ in 0..200 {
-        let r = proxy.get("/health").await;
-        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        let v = proxy.get("/health").await.json();
         if v["memory"]["level"] == level {
             return v;
         }
@@ -50,22 +49,22 @@ async fn at_bypass_responses_stream_without_being_stored_and_health_is_degraded(
         Reply::ok("a").header("Cache-Control", "max-age=600"),
     );
     let (proxy, rss) = pressured(&origin).await;
-    assert_eq!(proxy.get("/health/ready").await.status(), 200);
+    assert_eq!(proxy.get("/health/ready").await.status, 200);
     let health = set_pressure(&proxy, &rss, 0.85, "bypass").await;
     assert_eq!(health["status"], "degraded");
     assert_eq!(health["memory"]["budget_bytes"], BUDGET);
     for _ in 0..2 {
         let r = proxy.get_image(&origin.url("/a.jpg")).await;
         assert_eq!(
-            cache_status(&r),
+            r.cache_status(),
             "imgedge; fwd=uri-miss; detail=memory-pressure"
         );
-        assert_eq!(r.text().await.unwrap(), "a");
+        assert_eq!(r.text(), "a");
     }
     assert_eq!(origin.hits("/a.jpg"), 2);
     set_pressure(&proxy, &rss, 0.10, "normal").await;
     let r = proxy.get_image(&origin.url("/a.jpg")).await;
-    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(r.cache_status(), "imgedge; fwd=uri-miss; stored");
 }
 
 #[tokio::test]
@@ -76,14 +75,9 @@ async fn at_critical_proxy_requests_are_shed_the_tier_is_cleared_and_health_says
         Reply::ok("b").header("Cache-Control", "max-age=600"),
     );
     let (proxy, rss) = pressured(&origin).await;
-    proxy
-        .get_image(&origin.url("/b.jpg"))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+    proxy.get_image(&origin.url("/b.jpg")).await;
     assert_eq!(
-        cache_status(&proxy.get_image(&origin.url("/b.jpg")).await),
+        proxy.get_image(&origin.url("/b.jpg")).await.cache_status(),
         "imgedge; hit; detail=memory"
     );
 
@@ -91,24 +85,22 @@ async fn at_critical_proxy_requests_are_shed_the_tier_is_cleared_and_health_says
     let mut health = None;
     for _ in 0..200 {
         let r = proxy.get("/health").await;
-        if r.status() == 503 {
-            health = Some(
-                serde_json::from_slice::<serde_json::Value>(&r.bytes().await.unwrap()).unwrap(),
-            );
+        if r.status == 503 {
+            health = Some(r.json());
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let health = health.expect("/health never answered 503");
-    assert_eq!(proxy.get("/health/ready").await.status(), 503);
-    assert_eq!(proxy.get("/health/live").await.status(), 200);
+    assert_eq!(proxy.get("/health/ready").await.status, 503);
+    assert_eq!(proxy.get("/health/live").await.status, 200);
     assert_eq!(health["status"], "critical");
     assert_eq!(health["memory"]["level"], "critical");
     let r = proxy.get_image(&origin.url("/b.jpg")).await;
-    assert_eq!(r.status(), 503);
-    assert_eq!(header(&r, "retry-after"), "1");
-    assert_eq!(error_code(r).await, "overloaded");
-    let metrics = proxy.get("/metrics").await.text().await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), "1");
+    assert_eq!(r.error_code(), "overloaded");
+    let metrics = proxy.get("/metrics").await.text();
     for line in [
         "imgedge_memory_pressure_level 4",
         "imgedge_shed_total{reason=\"memory\"} 1",
@@ -122,7 +114,7 @@ async fn at_critical_proxy_requests_are_shed_the_tier_is_cleared_and_health_says
     // Back to normal: served again, and from the origin, since critical cleared the tier.
     set_pressure(&proxy, &rss, 0.10, "normal").await;
     let r = proxy.get_image(&origin.url("/b.jpg")).await;
-    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(r.cache_status(), "imgedge; fwd=uri-miss; stored");
     assert_eq!(origin.hits("/b.jpg"), 2);
 }
 
@@ -160,19 +152,18 @@ async fn fills_that_cannot_reserve_their_bytes_stream_without_being_stored() {
     let proxy = TestProxy::start(config).await;
 
     // The first fill reserves its 80 000 bytes and is held in flight by the origin.
-    let mut held = proxy.get_image(&origin.url("/held.jpg")).await;
+    let mut held = proxy.stream_image(&origin.url("/held.jpg")).await;
     assert_eq!(cache_status(&held), "imgedge; fwd=uri-miss; stored");
     let mut body = held.chunk().await.unwrap().unwrap().to_vec();
-    let health: serde_json::Value =
-        serde_json::from_slice(&proxy.get("/health").await.bytes().await.unwrap()).unwrap();
+    let health = proxy.get("/health").await.json();
     assert_eq!(health["fills"]["reserved_bytes"], 80_000);
     // A second fill cannot reserve another 80 000: it streams, unstored.
     let r = proxy.get_image(&origin.url("/second.jpg")).await;
     assert_eq!(
-        cache_status(&r),
+        r.cache_status(),
         "imgedge; fwd=uri-miss; detail=memory-pressure"
     );
-    assert_eq!(r.bytes().await.unwrap(), pattern(80_000));
+    assert_eq!(r.body, pattern(80_000));
 
     gate.notify_one();
     while let Some(chunk) = held.chunk().await.unwrap() {
@@ -182,9 +173,7 @@ async fn fills_that_cannot_reserve_their_bytes_stream_without_being_stored() {
     // Once stored, the reservation is returned and the next fill is admitted.
     let mut reserved = serde_json::Value::Null;
     for _ in 0..100 {
-        let h: serde_json::Value =
-            serde_json::from_slice(&proxy.get("/health").await.bytes().await.unwrap()).unwrap();
-        reserved = h["fills"]["reserved_bytes"].clone();
+        reserved = proxy.get("/health").await.json()["fills"]["reserved_bytes"].clone();
         if reserved == 0 {
             break;
         }
@@ -192,7 +181,7 @@ async fn fills_that_cannot_reserve_their_bytes_stream_without_being_stored() {
     }
     assert_eq!(reserved, 0);
     let r = proxy.get_image(&origin.url("/third.jpg")).await;
-    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(r.cache_status(), "imgedge; fwd=uri-miss; stored");
 }
 
 #[tokio::test]
@@ -207,11 +196,10 @@ async fn a_fetch_past_total_timeout_is_aborted_and_in_flight_fetches_are_listed(
     );
     let config = test_config(&origin, "[upstream]\ntotal_timeout = \"600ms\"");
     let proxy = TestProxy::start(config).await;
-    let mut r = proxy.get_image(&origin.url("/drip.jpg")).await;
+    let mut r = proxy.stream_image(&origin.url("/drip.jpg")).await;
     r.chunk().await.unwrap();
 
-    let health: serde_json::Value =
-        serde_json::from_slice(&proxy.get("/health").await.bytes().await.unwrap()).unwrap();
+    let health = proxy.get("/health").await.json();
     assert_eq!(health["inflight"]["count"], 1, "{health}");
     assert_eq!(
         health["inflight"]["oldest"][0]["url"],
@@ -234,10 +222,10 @@ async fn a_fetch_past_total_timeout_is_aborted_and_in_flight_fetches_are_listed(
         "the fetch must be aborted, not completed"
     );
     assert!(started.elapsed() < Duration::from_secs(3));
-    let health: serde_json::Value =
-        serde_json::from_slice(&proxy.get("/health").await.bytes().await.unwrap()).unwrap();
+    let health = proxy.get("/health").await.json();
     assert_eq!(health["inflight"]["count"], 0, "{health}");
-    let again = proxy.get_image(&origin.url("/drip.jpg")).await;
+    // Only the head: this fetch drips past total_timeout too.
+    let again = proxy.stream_image(&origin.url("/drip.jpg")).await;
     assert_ne!(
         cache_status(&again),
         "imgedge; hit; detail=memory",
@@ -248,13 +236,13 @@ async fn a_fetch_past_total_timeout_is_aborted_and_in_flight_fetches_are_listed(
 /// Polls /metrics until `line` appears; panics after about 2 s.
 async fn wait_for_metric(proxy: &TestProxy, line: &str) {
     for _ in 0..200 {
-        let metrics = proxy.get("/metrics").await.text().await.unwrap();
+        let metrics = proxy.get("/metrics").await.text();
         if metrics.lines().any(|l| l == line) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let metrics = proxy.get("/metrics").await.text().await.unwrap();
+    let metrics = proxy.get("/metrics").await.text();
     panic!("{line} never appeared in\n{metrics}");
 }
 
@@ -280,12 +268,11 @@ async fn at_evicting_least_recently_used_entries_go_until_rss_is_down_to_evict_t
     );
     let proxy = TestProxy::start_with(config, Some(rss.clone())).await;
     for name in ["a", "b", "c"] {
-        let r = proxy.get_image(&origin.url(&format!("/{name}.jpg"))).await;
-        r.bytes().await.unwrap();
+        proxy.get_image(&origin.url(&format!("/{name}.jpg"))).await;
     }
     // Use a again: b and c are now the least recently used.
     let r = proxy.get_image(&origin.url("/a.jpg")).await;
-    assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
+    assert_eq!(r.cache_status(), "imgedge; hit; detail=memory");
 
     rss.set(pressed_rss);
     // Each entry weighs a little over 100 000 bytes: two of them cover the 150 000.
@@ -301,17 +288,16 @@ async fn at_evicting_least_recently_used_entries_go_until_rss_is_down_to_evict_t
     rss.set(BUDGET / 10);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let health: serde_json::Value =
-        serde_json::from_slice(&proxy.get("/health").await.bytes().await.unwrap()).unwrap();
+    let health = proxy.get("/health").await.json();
     assert_eq!(health["cache"]["memory"]["entries"], 1, "{health}");
     let r = proxy.get_image(&origin.url("/a.jpg")).await;
-    assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
+    assert_eq!(r.cache_status(), "imgedge; hit; detail=memory");
     for name in ["b", "c"] {
         let r = proxy.get_image(&origin.url(&format!("/{name}.jpg"))).await;
-        assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored", "{name}");
-        assert_eq!(r.bytes().await.unwrap(), pattern(100_000));
+        assert_eq!(r.cache_status(), "imgedge; fwd=uri-miss; stored", "{name}");
+        assert_eq!(r.body, pattern(100_000));
     }
-    let metrics = proxy.get("/metrics").await.text().await.unwrap();
+    let metrics = proxy.get("/metrics").await.text();
     assert!(
         metrics.contains("imgedge_memory_relief_total{action=\"evicted_entries\"} 2\n"),
         "evicted again while the evicted bytes were on their way out:\n{metrics}"
@@ -351,7 +337,8 @@ async fn at_emergency_fills_no_client_reads_are_aborted_and_nothing_is_stored() 
 
     gate.notify_one();
     set_pressure(&proxy, &rss, 0.10, "normal").await;
-    let r = proxy.get_image(&origin.url("/orphan.jpg")).await;
+    // Only the head: the origin holds this body back at the gate too.
+    let r = proxy.stream_image(&origin.url("/orphan.jpg")).await;
     assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
     assert_eq!(
         origin.hits("/orphan.jpg"),
@@ -369,28 +356,24 @@ async fn while_draining_readiness_fails_and_requests_are_still_served() {
     );
     let config = test_config(&origin, "[server]\ndrain_delay = \"3s\"");
     let mut proxy = TestProxy::start(config).await;
-    assert_eq!(proxy.get("/health/ready").await.status(), 200);
+    assert_eq!(proxy.get("/health/ready").await.status, 200);
     proxy.begin_shutdown();
     let mut ready = None;
     for _ in 0..100 {
         let r = proxy.get("/health/ready").await;
-        if r.status() == 503 {
+        if r.status == 503 {
             ready = Some(r);
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let ready: serde_json::Value =
-        serde_json::from_slice(&ready.expect("never draining").bytes().await.unwrap()).unwrap();
+    let ready = ready.expect("never draining").json();
     assert_eq!(ready["status"], "draining");
-    assert_eq!(proxy.get("/health/live").await.status(), 200);
+    assert_eq!(proxy.get("/health/live").await.status, 200);
     // New connections are still accepted and served while draining.
     let fresh = reqwest::Client::new();
-    let r = fresh
-        .get(proxy.image_url(&origin.url("/d.jpg")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.text().await.unwrap(), "d");
+    let url = proxy.image_url(&origin.url("/d.jpg"));
+    let r = send(&fresh, Method::GET, &url, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "d");
 }

@@ -11,24 +11,14 @@ async fn cached_proxy(origin: &TestOrigin) -> TestProxy {
         Reply::ok("v1").header("Cache-Control", "max-age=600"),
     );
     let proxy = TestProxy::for_origin(origin, "").await;
-    proxy
-        .get_image(&origin.url("/a.jpg"))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+    proxy.get_image(&origin.url("/a.jpg")).await;
     assert_eq!(origin.hits("/a.jpg"), 1);
     proxy
 }
 
-async fn get_with(proxy: &TestProxy, target: &str, cache_control: &str) -> reqwest::Response {
-    proxy
-        .client
-        .get(proxy.image_url(target))
-        .header("Cache-Control", cache_control)
-        .send()
-        .await
-        .unwrap()
+async fn get_with(proxy: &TestProxy, target: &str, cache_control: &str) -> Got {
+    let headers = [("Cache-Control", cache_control)];
+    proxy.send(Method::GET, &image_path(target), &headers).await
 }
 
 #[tokio::test]
@@ -36,10 +26,10 @@ async fn only_if_cached_is_504_on_a_miss_and_a_hit_otherwise() {
     let origin = TestOrigin::start().await;
     let proxy = cached_proxy(&origin).await;
     let r = get_with(&proxy, &origin.url("/a.jpg"), "only-if-cached").await;
-    assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
+    assert_eq!(r.cache_status(), "imgedge; hit; detail=memory");
     let r = get_with(&proxy, &origin.url("/never.jpg"), "only-if-cached").await;
-    assert_eq!(r.status(), 504);
-    assert_eq!(error_code(r).await, "not_cached");
+    assert_eq!(r.status, 504);
+    assert_eq!(r.error_code(), "not_cached");
     assert_eq!(origin.hits("/never.jpg"), 0);
 }
 
@@ -53,23 +43,19 @@ async fn no_cache_max_age_and_min_fresh_send_the_request_to_the_origin() {
     {
         let r = get_with(&proxy, &origin.url("/a.jpg"), cache_control).await;
         assert_eq!(
-            cache_status(&r),
+            r.cache_status(),
             "imgedge; fwd=uri-miss; stored",
             "{cache_control}"
         );
-        r.bytes().await.unwrap();
         assert_eq!(origin.hits("/a.jpg"), n + 2, "{cache_control}");
     }
     let r = get_with(&proxy, &origin.url("/a.jpg"), "max-age=600, min-fresh=10").await;
-    assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
+    assert_eq!(r.cache_status(), "imgedge; hit; detail=memory");
+    let target = image_path(&origin.url("/a.jpg"));
     let pragma = proxy
-        .client
-        .get(proxy.image_url(&origin.url("/a.jpg")))
-        .header("Pragma", "no-cache")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(cache_status(&pragma), "imgedge; fwd=uri-miss; stored");
+        .send(Method::GET, &target, &[("Pragma", "no-cache")])
+        .await;
+    assert_eq!(pragma.cache_status(), "imgedge; fwd=uri-miss; stored");
 }
 
 #[tokio::test]
@@ -82,12 +68,12 @@ async fn a_no_store_request_is_answered_but_not_stored() {
     let proxy = TestProxy::for_origin(&origin, "").await;
     let r = get_with(&proxy, &origin.url("/b.jpg"), "no-store").await;
     assert_eq!(
-        cache_status(&r),
+        r.cache_status(),
         "imgedge; fwd=uri-miss; detail=request-no-store"
     );
-    assert_eq!(r.text().await.unwrap(), "v1");
+    assert_eq!(r.text(), "v1");
     let r = proxy.get_image(&origin.url("/b.jpg")).await;
-    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(r.cache_status(), "imgedge; fwd=uri-miss; stored");
 }
 
 fn header_sent(origin: &TestOrigin, path: &str, name: &str) -> Option<String> {
@@ -106,12 +92,7 @@ async fn a_304_refreshes_the_stored_headers_and_serves_the_stored_body() {
             .header("Last-Modified", "Tue, 01 Sep 2026 10:00:00 GMT"),
     );
     let proxy = TestProxy::for_origin(&origin, "").await;
-    proxy
-        .get_image(&origin.url("/v.jpg"))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+    proxy.get_image(&origin.url("/v.jpg")).await;
     origin.route(
         "/v.jpg",
         Reply::ok("")
@@ -121,14 +102,14 @@ async fn a_304_refreshes_the_stored_headers_and_serves_the_stored_body() {
     );
     for directive in ["no-cache", "max-age=0"] {
         let r = get_with(&proxy, &origin.url("/v.jpg"), directive).await;
-        assert_eq!(r.status(), 200, "{directive}");
-        assert_eq!(cache_status(&r), "imgedge; fwd=request; fwd-status=304");
+        assert_eq!(r.status, 200, "{directive}");
+        assert_eq!(r.cache_status(), "imgedge; fwd=request; fwd-status=304");
         assert_eq!(
-            header(&r, "cache-control"),
+            r.header("cache-control"),
             "max-age=900",
             "updated from the 304"
         );
-        assert_eq!(r.text().await.unwrap(), "version one");
+        assert_eq!(r.text(), "version one");
         assert_eq!(
             header_sent(&origin, "/v.jpg", "if-none-match").as_deref(),
             Some("\"v1\"")
@@ -139,9 +120,9 @@ async fn a_304_refreshes_the_stored_headers_and_serves_the_stored_body() {
         );
     }
     let r = proxy.get_image(&origin.url("/v.jpg")).await;
-    assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
-    assert_eq!(header(&r, "cache-control"), "max-age=900");
-    assert_eq!(r.text().await.unwrap(), "version one");
+    assert_eq!(r.cache_status(), "imgedge; hit; detail=memory");
+    assert_eq!(r.header("cache-control"), "max-age=900");
+    assert_eq!(r.text(), "version one");
     assert_eq!(origin.hits("/v.jpg"), 3);
 }
 
@@ -155,12 +136,7 @@ async fn a_full_response_to_revalidation_replaces_the_stored_one() {
             .header("ETag", "\"1\""),
     );
     let proxy = TestProxy::for_origin(&origin, "").await;
-    proxy
-        .get_image(&origin.url("/w.jpg"))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+    proxy.get_image(&origin.url("/w.jpg")).await;
     origin.route(
         "/w.jpg",
         Reply::ok("new")
@@ -168,12 +144,12 @@ async fn a_full_response_to_revalidation_replaces_the_stored_one() {
             .header("ETag", "\"2\""),
     );
     let r = get_with(&proxy, &origin.url("/w.jpg"), "no-cache").await;
-    assert_eq!(cache_status(&r), "imgedge; fwd=uri-miss; stored");
-    assert_eq!(r.text().await.unwrap(), "new");
+    assert_eq!(r.cache_status(), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(r.text(), "new");
     let r = proxy.get_image(&origin.url("/w.jpg")).await;
-    assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
+    assert_eq!(r.cache_status(), "imgedge; hit; detail=memory");
     assert_eq!(
-        (header(&r, "etag"), r.text().await.unwrap()),
+        (r.header("etag"), r.text()),
         ("\"2\"".to_owned(), "new".to_owned())
     );
 }
@@ -190,26 +166,20 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once_in_the_backgroun
     let origin = TestOrigin::start().await;
     origin.route("/s.jpg", stale_reply("v1", "stale-while-revalidate=600"));
     let proxy = TestProxy::for_origin(&origin, "").await;
-    proxy
-        .get_image(&origin.url("/s.jpg"))
-        .await
-        .bytes()
-        .await
-        .unwrap();
+    proxy.get_image(&origin.url("/s.jpg")).await;
     origin.route(
         "/s.jpg",
         Reply::ok("v2").header("Cache-Control", "max-age=600"),
     );
     let r = proxy.get_image(&origin.url("/s.jpg")).await;
     assert_eq!(
-        cache_status(&r),
+        r.cache_status(),
         "imgedge; hit; detail=stale-while-revalidate"
     );
-    assert_eq!(r.text().await.unwrap(), "v1");
+    assert_eq!(r.text(), "v1");
     let mut body = String::new();
     for _ in 0..100 {
-        let r = proxy.get_image(&origin.url("/s.jpg")).await;
-        body = r.text().await.unwrap();
+        body = proxy.get_image(&origin.url("/s.jpg")).await.text();
         if body == "v2" {
             break;
         }
@@ -229,12 +199,7 @@ async fn stale_if_error_stands_in_for_a_failing_origin_unless_must_revalidate() 
     );
     let proxy = TestProxy::for_origin(&origin, "").await;
     for path in ["/e.jpg", "/m.jpg"] {
-        proxy
-            .get_image(&origin.url(path))
-            .await
-            .bytes()
-            .await
-            .unwrap();
+        proxy.get_image(&origin.url(path)).await;
     }
     for failure in [
         Reply::ok("boom").status(500),
@@ -242,15 +207,15 @@ async fn stale_if_error_stands_in_for_a_failing_origin_unless_must_revalidate() 
     ] {
         origin.route("/e.jpg", failure.clone());
         let r = proxy.get_image(&origin.url("/e.jpg")).await;
-        assert_eq!(r.status(), 200);
+        assert_eq!(r.status, 200);
         assert_eq!(
-            cache_status(&r),
+            r.cache_status(),
             "imgedge; fwd=stale; detail=stale-if-error"
         );
-        assert_eq!(r.text().await.unwrap(), "kept");
+        assert_eq!(r.text(), "kept");
         origin.route("/m.jpg", failure);
         let r = proxy.get_image(&origin.url("/m.jpg")).await;
-        assert_ne!(r.status(), 200, "must-revalidate forbids serving stale");
+        assert_ne!(r.status, 200, "must-revalidate forbids serving stale");
     }
 }
 
@@ -262,38 +227,36 @@ async fn a_single_range_on_a_stored_object_is_answered_206_from_the_cache() {
         Reply::ok("0123456789abcdef").header("ETag", "\"r1\""),
     );
     let proxy = TestProxy::for_origin(&origin, "").await;
-    let url = proxy.image_url(&origin.url("/r.jpg"));
-    let get = |range: &'static str, if_range: Option<&'static str>| {
-        let mut rb = proxy.client.get(&url).header("Range", range);
-        if let Some(v) = if_range {
-            rb = rb.header("If-Range", v);
-        }
-        rb.send()
+    let target = image_path(&origin.url("/r.jpg"));
+    let get = async |range, if_range: Option<&str>| {
+        let mut headers = vec![("Range", range)];
+        headers.extend(if_range.map(|v| ("If-Range", v)));
+        proxy.send(Method::GET, &target, &headers).await
     };
     // A miss fetches and returns the whole object (the Range is not sent upstream).
-    let r = get("bytes=0-3", None).await.unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.text().await.unwrap(), "0123456789abcdef");
+    let r = get("bytes=0-3", None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "0123456789abcdef");
     for (range, body, content_range) in [
         ("bytes=0-3", "0123", "bytes 0-3/16"),
         ("bytes=10-", "abcdef", "bytes 10-15/16"),
         ("bytes=-2", "ef", "bytes 14-15/16"),
     ] {
-        let r = get(range, None).await.unwrap();
-        assert_eq!(r.status(), 206, "{range}");
-        assert_eq!(header(&r, "content-range"), content_range);
-        assert_eq!(header(&r, "accept-ranges"), "bytes");
-        assert_eq!(cache_status(&r), "imgedge; hit; detail=memory");
-        assert_eq!(r.text().await.unwrap(), body);
+        let r = get(range, None).await;
+        assert_eq!(r.status, 206, "{range}");
+        assert_eq!(r.header("content-range"), content_range);
+        assert_eq!(r.header("accept-ranges"), "bytes");
+        assert_eq!(r.cache_status(), "imgedge; hit; detail=memory");
+        assert_eq!(r.text(), body);
     }
-    let r = get("bytes=16-", None).await.unwrap();
-    assert_eq!(r.status(), 416);
-    assert_eq!(header(&r, "content-range"), "bytes */16");
-    let r = get("bytes=0-3", Some("\"r1\"")).await.unwrap();
-    assert_eq!(r.status(), 206);
-    let r = get("bytes=0-3", Some("\"other\"")).await.unwrap();
-    assert_eq!(r.status(), 200, "If-Range mismatch sends everything");
-    assert_eq!(r.text().await.unwrap().len(), 16);
+    let r = get("bytes=16-", None).await;
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), "bytes */16");
+    let r = get("bytes=0-3", Some("\"r1\"")).await;
+    assert_eq!(r.status, 206);
+    let r = get("bytes=0-3", Some("\"other\"")).await;
+    assert_eq!(r.status, 200, "If-Range mismatch sends everything");
+    assert_eq!(r.text().len(), 16);
     assert_eq!(origin.hits("/r.jpg"), 1);
 }
 
@@ -320,34 +283,32 @@ async fn an_unreachable_origin_gets_stale_responses_unless_they_must_be_revalida
     let off = TestProxy::for_origin(&origin, "[cache]\nstale_if_unreachable = \"0s\"").await;
     for p in [&proxy, &off] {
         for path in ["/u.jpg", "/p.jpg", "/s.jpg"] {
-            p.get_image(&origin.url(path)).await.bytes().await.unwrap();
+            p.get_image(&origin.url(path)).await;
         }
     }
     // An origin that answers, even with an error, is not unreachable: its answer is passed on.
     origin.route("/u.jpg", Reply::ok("boom").status(500));
     let r = proxy.get_image(&origin.url("/u.jpg")).await;
     assert_eq!(
-        r.status(),
-        500,
+        r.status, 500,
         "a 5xx without stale-if-error is not replaced"
     );
-    assert_eq!(r.text().await.unwrap(), "boom");
+    assert_eq!(r.text(), "boom");
 
     for path in ["/u.jpg", "/p.jpg", "/s.jpg"] {
         origin.route(path, Reply::ok("").fault(Fault::ResetBeforeHead));
     }
     let r = proxy.get_image(&origin.url("/u.jpg")).await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(cache_status(&r), "imgedge; fwd=stale; detail=unreachable");
-    assert_eq!(r.text().await.unwrap(), "old");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.cache_status(), "imgedge; fwd=stale; detail=unreachable");
+    assert_eq!(r.text(), "old");
     for path in ["/p.jpg", "/s.jpg"] {
         let r = proxy.get_image(&origin.url(path)).await;
         assert_eq!(
-            r.status(),
-            502,
+            r.status, 502,
             "{path}: proxy-revalidate and s-maxage forbid it"
         );
     }
     let r = off.get_image(&origin.url("/u.jpg")).await;
-    assert_eq!(r.status(), 502, "stale_if_unreachable = 0s turns it off");
+    assert_eq!(r.status, 502, "stale_if_unreachable = 0s turns it off");
 }

@@ -1,5 +1,8 @@
 //! Test support: a scriptable HTTP/1.1 origin on 127.0.0.1:0 that counts hits and misbehaves on
-//! request, an in-process imgedge on 127.0.0.1:0, and a client.
+//! request, an in-process imgedge on 127.0.0.1:0, and a client whose requests come back as one
+//! [`Got`]: status, headers and the whole body. Tests that need the body as a stream (read in
+//! chunks, timed, expected to fail, or left unread) use [`TestProxy::stream_image`] or the raw
+//! `client`.
 //!
 //! The origin is written on raw TCP, not hyper, so that it can do what real servers do wrong:
 //! reset mid-body, close short of its Content-Length, stall after the head, send forever.
@@ -14,6 +17,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use imgedge::Config;
+pub use reqwest::Method;
+use reqwest::header::HeaderMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, oneshot};
@@ -423,19 +428,44 @@ impl TestProxy {
 
     /// `/image-proxy?url=` + the raw target URL.
     pub fn image_url(&self, target: &str) -> String {
-        self.url(&format!("/image-proxy?url={target}"))
+        self.url(&image_path(target))
     }
 
-    pub async fn get(&self, path_and_query: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path_and_query))
-            .send()
-            .await
-            .unwrap()
+    /// `method` `path_and_query` with `headers`, the body read to its end.
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Got {
+        send(&self.client, method, &self.url(path_and_query), headers).await
     }
 
-    /// GET `/image-proxy?url=<target>` (raw form).
-    pub async fn get_image(&self, target: &str) -> reqwest::Response {
+    /// As [`TestProxy::send`], with a request body.
+    pub async fn send_body(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> Got {
+        let request = request(&self.client, method, &self.url(path_and_query), headers);
+        Got::read(request.body(body).send().await.unwrap()).await
+    }
+
+    /// GET `path_and_query`, the body read to its end.
+    pub async fn get(&self, path_and_query: &str) -> Got {
+        self.send(Method::GET, path_and_query, &[]).await
+    }
+
+    /// GET `/image-proxy?url=<target>` (raw form), the body read to its end.
+    pub async fn get_image(&self, target: &str) -> Got {
+        self.get(&image_path(target)).await
+    }
+
+    /// GET `/image-proxy?url=<target>` (raw form), returned as soon as the head is in: the body
+    /// is the caller's to stream, time, watch fail, or leave unread.
+    pub async fn stream_image(&self, target: &str) -> reqwest::Response {
         self.client
             .get(self.image_url(target))
             .send()
@@ -487,24 +517,95 @@ fn merge_toml(base: &str, extra: &str) -> String {
     doc.to_string()
 }
 
-/// The `Cache-Status` header of a response.
+/// `/image-proxy?url=` + the raw target URL.
+pub fn image_path(target: &str) -> String {
+    format!("/image-proxy?url={target}")
+}
+
+/// A whole response: status, headers and the complete body.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    /// Reads the rest of `response`, whose head is in.
+    pub async fn read(response: reqwest::Response) -> Got {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap();
+        Got {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// The header's value, "" when absent.
+    pub fn header(&self, name: &str) -> String {
+        header_in(&self.headers, name)
+    }
+
+    /// The `Cache-Status` header.
+    pub fn cache_status(&self) -> String {
+        self.header("cache-status")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    /// The JSON error code of an error response.
+    pub fn error_code(&self) -> String {
+        assert_eq!(self.header("content-type"), "application/json");
+        let v = self.json();
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        v["error"].as_str().unwrap().to_owned()
+    }
+}
+
+/// `method` `url` with `headers` through `client`, the body read to its end.
+pub async fn send(
+    client: &reqwest::Client,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Got {
+    Got::read(request(client, method, url, headers).send().await.unwrap()).await
+}
+
+fn request(
+    client: &reqwest::Client,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::RequestBuilder {
+    headers
+        .iter()
+        .fold(client.request(method, url), |r, (k, v)| r.header(*k, *v))
+}
+
+/// The `Cache-Status` header of a streaming response.
 pub fn cache_status(r: &reqwest::Response) -> String {
     header(r, "cache-status")
 }
 
+/// A header of a streaming response, "" when absent.
 pub fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
+    header_in(r.headers(), name)
+}
+
+fn header_in(headers: &HeaderMap, name: &str) -> String {
+    headers
         .get(name)
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default()
-}
-
-/// The JSON error code of an error response.
-pub async fn error_code(r: reqwest::Response) -> String {
-    assert_eq!(header(&r, "content-type"), "application/json");
-    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-    v["error"].as_str().unwrap().to_owned()
 }
 
 /// Sends `GET {target}` exactly as given (no client-side URL normalization) and returns the
