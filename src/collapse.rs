@@ -32,6 +32,7 @@ use tracing::Instrument;
 
 use crate::cache::CacheKey;
 use crate::error::ProxyError;
+use crate::tasks::Tasks;
 use crate::tee::StoreTarget;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
@@ -58,9 +59,10 @@ pub struct SharedHead {
 }
 
 /// The in-flight fills, by cache key.
-#[derive(Default)]
 pub struct Collapser {
     fills: Mutex<HashMap<CacheKey, Arc<Fill>>>,
+    /// Where the fill tasks run.
+    tasks: Tasks,
 }
 
 /// One in-flight fetch that followers can join.
@@ -115,6 +117,14 @@ pub enum Role {
 }
 
 impl Collapser {
+    /// No fills yet; their tasks will be spawned on `tasks`.
+    pub fn new(tasks: Tasks) -> Self {
+        Collapser {
+            fills: Mutex::default(),
+            tasks,
+        }
+    }
+
     /// Joins the fill for `key`, or starts one.
     pub fn join(self: &Arc<Self>, key: &CacheKey) -> Role {
         let mut fills = self.lock();
@@ -221,7 +231,8 @@ impl Leader {
         let collapser = self.collapser.clone();
         // The fill outlives the leader's request but logs as part of it.
         let span = tracing::Span::current();
-        tokio::spawn(run_fill(fill.clone(), collapser, body, store).instrument(span));
+        let tasks = collapser.tasks.clone();
+        tasks.spawn(run_fill(fill.clone(), collapser, body, store).instrument(span));
         self.fill
             .outcome
             .send_replace(Outcome::Shared(Arc::new(head)));
@@ -358,6 +369,31 @@ impl SharedReader {
             total,
             finished: false,
         }
+    }
+
+    /// The whole body, once every byte arrived and the object was stored: the fill's own
+    /// buffer (no copy), however far this reader had read.
+    ///
+    /// # Errors
+    /// The fill's failure, as a reader sees it.
+    pub async fn complete(self) -> Result<Bytes, UpstreamError> {
+        poll_fn(|cx| {
+            let mut buffer = self.fill.lock();
+            if let Some(e) = &buffer.failed {
+                return Poll::Ready(Err(UpstreamError::Body {
+                    received_bytes: buffer.readable as u64,
+                    reason: format!("shared fill failed: {e}"),
+                }));
+            }
+            if let Some(body) = &buffer.frozen
+                && buffer.readable == buffer.total
+            {
+                return Poll::Ready(Ok(body.clone()));
+            }
+            buffer.wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// Bytes still to come.

@@ -479,41 +479,6 @@ fn http_date(v: &http::HeaderValue) -> Option<SystemTime> {
     httpdate::parse_http_date(v.to_str().ok()?).ok()
 }
 
-/// The one byte range a `Range: bytes=...` header asks of a representation of `total` bytes, as
-/// inclusive `(first, last)` offsets (RFC 9110 §14.1.2): `Some(Err(()))` when it cannot be
-/// satisfied (416), `None` when the header is not a single, well-formed byte range (then the
-/// whole representation is sent, as §14.2 allows).
-pub fn single_byte_range(range: &http::HeaderValue, total: u64) -> Option<Result<(u64, u64), ()>> {
-    let spec = range.to_str().ok()?.trim().strip_prefix("bytes=")?.trim();
-    if spec.contains(',') {
-        return None;
-    }
-    let (first, last) = spec.split_once('-')?;
-    let (first, last) = (first.trim(), last.trim());
-    let range = if first.is_empty() {
-        let suffix: u64 = last.parse().ok()?;
-        if suffix == 0 || total == 0 {
-            return Some(Err(()));
-        }
-        (total.saturating_sub(suffix), total - 1)
-    } else {
-        let first: u64 = first.parse().ok()?;
-        let last = if last.is_empty() {
-            u64::MAX
-        } else {
-            last.parse().ok()?
-        };
-        if last < first {
-            return None;
-        }
-        if first >= total {
-            return Some(Err(()));
-        }
-        (first, last.min(total - 1))
-    };
-    Some(Ok(range))
-}
-
 /// The request header names a response varies on (RFC 9110 §12.5.5), lower-cased, in order;
 /// empty without `Vary`, `None` for `Vary: *` (never matches). Unparsable names are ignored.
 pub fn vary_names(headers: &HeaderMap) -> Option<Vec<http::HeaderName>> {
@@ -532,16 +497,6 @@ pub fn vary_names(headers: &HeaderMap) -> Option<Vec<http::HeaderName>> {
         }
     }
     Some(names)
-}
-
-/// Weak comparison of a request's `If-None-Match` against an entity tag (RFC 9110 §13.1.2):
-/// `*` matches anything, otherwise any listed tag equal to `etag` with `W/` ignored on both.
-pub fn if_none_match_matches(if_none_match: &str, etag: &str) -> bool {
-    let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-    let etag = weak(etag);
-    if_none_match
-        .split(',')
-        .any(|t| t.trim() == "*" || weak(t) == etag)
 }
 
 #[cfg(test)]
@@ -875,28 +830,5 @@ mod tests {
             ]),
             Err(NotStorable::Stale)
         );
-    }
-
-    #[test]
-    fn single_byte_ranges_are_resolved_against_the_length() {
-        let r = |s: &str| single_byte_range(&HeaderValue::from_str(s).unwrap(), 100);
-        assert_eq!(r("bytes=0-9"), Some(Ok((0, 9))));
-        assert_eq!(r("bytes=90-"), Some(Ok((90, 99))));
-        assert_eq!(r("bytes=-10"), Some(Ok((90, 99))));
-        assert_eq!(r("bytes=95-200"), Some(Ok((95, 99))));
-        assert_eq!(r("bytes=100-"), Some(Err(())));
-        assert_eq!(r("bytes=-0"), Some(Err(())));
-        for ignored in ["bytes=0-1,5-6", "bytes=5-1", "items=0-1", "bytes=a-b"] {
-            assert_eq!(r(ignored), None, "{ignored}");
-        }
-    }
-
-    #[test]
-    fn if_none_match_uses_weak_comparison() {
-        assert!(if_none_match_matches("\"a\"", "\"a\""));
-        assert!(if_none_match_matches("W/\"a\"", "\"a\""));
-        assert!(if_none_match_matches("\"x\", \"a\"", "W/\"a\""));
-        assert!(if_none_match_matches("*", "\"a\""));
-        assert!(!if_none_match_matches("\"b\"", "\"a\""));
     }
 }

@@ -1,25 +1,30 @@
 //! imgedge: a streaming image proxy and CDN-style edge cache.
 //!
 //! `GET /image-proxy?url=...` and `GET /storage/v1/object/public/...` (a reverse proxy in front of
-//! Supabase Storage) are answered from a memory tier of recent, small, fresh responses, or
-//! streamed from the origin chunk by chunk while small storable bodies are teed into the tier.
+//! Supabase Storage) are answered from a memory tier of recent, small, fresh responses, a disk
+//! tier behind it, or streamed from the origin chunk by chunk while small storable bodies are
+//! teed into the tiers.
 //!
 //! Modules, in reading order:
 //! - [`config`]: defaults + file + environment → a validated [`Config`].
-//! - [`http`]: routes, request parsing, error rendering, `/health`, `/metrics`, access log.
-//! - [`proxy`]: one request: cache key → memory tier → upstream → streamed response.
+//! - [`app`]: builds the process (tiers, monitor, relief, upstream, proxy, router) and ends it.
+//! - [`http`]: the router: routes, admission, `/health`, `/metrics`, purge, errors as JSON, the
+//!   access log.
+//! - [`proxy`]: one request: cache key → tiers → revalidation or upstream → streamed response.
 //! - [`collapse`]: collapsed forwarding: one fetch per key, shared while it fills.
-//! - [`tee`]: the body of an unshared miss, teed into the tier once complete.
-//! - [`cache`]: cache key, stored object, the moka memory tier.
+//! - [`tee`]: the body of an unshared miss, teed into the tiers once complete.
+//! - [`cache`]: cache key, stored object, the memory tier, the storage seam and the disk tier.
 //! - [`freshness`]: RFC 9111 storability, freshness and age.
 //! - [`upstream`]: hyper-util connection pools, the SSRF guard at connect time, timeouts, body
 //!   limits.
 //! - [`target`]: the `url=` parameter, `allowed_hosts`, non-global addresses.
 //! - [`pressure`]: RSS against the memory budget → a pressure level on a watch channel.
 //! - [`relief`]: what the tiers and fills give up at each level (evict, clear, abort).
+//! - [`tasks`]: the one owner of every task imgedge spawns.
 //! - [`error`], [`body`], [`metrics`], [`rss`]: the error→status mapping, the response body, the
 //!   metrics registry, the process RSS.
 
+pub mod app;
 pub mod body;
 pub mod cache;
 pub mod collapse;
@@ -43,11 +48,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+pub use app::App;
 pub use config::Config;
 
 /// How long a client may take to send a request head (HTTP/1.1).
@@ -62,24 +68,25 @@ const CLIENT_SEND_BUFFER_BYTES: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot start: {0}")]
-    Setup(#[from] http::SetupError),
+    Setup(#[from] app::SetupError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until `shutdown` completes. Then it
 /// drains: `/health/ready` answers 503 while it keeps serving for `[server] drain_delay`; then it
-/// stops accepting and gives open connections `[server] shutdown_grace` to finish.
+/// stops accepting and gives open connections `[server] shutdown_grace` to finish. When it
+/// returns, every task it started has ended.
 ///
 /// # Errors
-/// [`ServeError::Setup`] when the upstream clients cannot be built; accept errors are logged
-/// and retried, never returned.
+/// [`ServeError::Setup`] when the process cannot be set up (see [`app::SetupError`]); accept
+/// errors are logged and retried, never returned.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let rss = rss::ProcessRss::new().ok_or(http::SetupError::NoRss)?;
+    let rss = rss::ProcessRss::new().ok_or(app::SetupError::NoRss)?;
     serve_with_rss(listener, config, Arc::new(rss), shutdown).await
 }
 
@@ -94,8 +101,21 @@ pub async fn serve_with_rss(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (drain_delay, shutdown_grace) = (config.server.drain_delay, config.server.shutdown_grace);
-    let app = Arc::new(http::App::new(config, rss).await?);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let app = App::build(config, rss).await?;
+    let served = accept(listener, &app, drain_delay, shutdown_grace, shutdown).await;
+    app.shutdown().await;
+    served
+}
+
+/// The accept loop, then the drain and the grace period for open connections.
+async fn accept(
+    listener: TcpListener,
+    app: &App,
+    drain_delay: Duration,
+    shutdown_grace: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let mut builder = auto::Builder::new(app.tasks().clone());
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -117,7 +137,7 @@ pub async fn serve_with_rss(
                 None => (&mut shutdown).await,
             }
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -138,16 +158,16 @@ pub async fn serve_with_rss(
             }
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
+        let router = app.router().clone();
         let service = service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(app.handle(req).await) }
+            let router = router.clone();
+            async move { Ok::<_, Infallible>(router.handle(req, peer).await) }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        app.tasks().spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -159,7 +179,7 @@ pub async fn serve_with_rss(
         .await
         .is_err()
     {
-        tracing::warn!("connections still open after the shutdown grace period");
+        tracing::warn!("connections still open after the shutdown grace period: closing them");
     }
     Ok(())
 }

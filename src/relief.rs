@@ -20,9 +20,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::cache::TieredCache;
+use crate::collapse::Collapser;
 use crate::metrics::{self, Metrics};
-use crate::pressure::{Level, Reading};
-use crate::proxy::Proxy;
+use crate::pressure::{Level, Reading, ReservationPool};
 
 /// How long evicted bytes are expected to take to leave RSS at most; past it, what has not
 /// left is assumed to stay (still held by responses in flight, or fragmentation) and eviction
@@ -70,21 +71,34 @@ impl Eviction {
     }
 }
 
-/// Acts on every reading until the monitor ends. `evict_to` is the fraction of the budget
-/// eviction brings RSS down to; `fill_line` the fraction below which fills may reserve bytes
-/// (the `bypass` threshold: [`crate::pressure::ReservationPool::set_headroom`]).
-pub async fn run(
-    mut pressure: watch::Receiver<Reading>,
-    proxy: Arc<Proxy>,
-    metrics: Arc<Metrics>,
-    evict_to: f64,
-    fill_line: f64,
-) {
+/// What relief acts on: the same handles the proxy and `/health` use.
+pub struct Relief {
+    pub tier: TieredCache,
+    pub fills: Arc<ReservationPool>,
+    pub collapser: Arc<Collapser>,
+    pub metrics: Arc<Metrics>,
+    /// The fraction of the budget eviction brings RSS down to (`[memory] evict_to`).
+    pub evict_to: f64,
+    /// The fraction below which fills may reserve bytes (the `bypass` threshold:
+    /// [`ReservationPool::set_headroom`]).
+    pub fill_line: f64,
+}
+
+/// Acts on every reading until the monitor ends (or the app shuts down).
+pub async fn run(mut pressure: watch::Receiver<Reading>, relief: Relief) {
+    let Relief {
+        tier,
+        fills,
+        collapser,
+        metrics,
+        evict_to,
+        fill_line,
+    } = relief;
     let mut level = pressure.borrow().level;
     let mut episode: Option<Eviction> = None;
     while pressure.changed().await.is_ok() {
         let reading = *pressure.borrow_and_update();
-        proxy.fills().set_headroom(
+        fills.set_headroom(
             reading.rss_bytes,
             (fill_line * reading.budget_bytes as f64) as u64,
         );
@@ -97,7 +111,7 @@ pub async fn run(
                 .inc();
         }
         if reading.level >= Level::Critical && level < Level::Critical {
-            proxy.tier().memory().clear().await;
+            tier.memory().clear().await;
             metrics.relieved("cleared", 1);
             tracing::warn!(
                 rss_bytes = reading.rss_bytes,
@@ -105,8 +119,8 @@ pub async fn run(
             );
         }
         if reading.level == Level::Emergency && level < Level::Emergency {
-            proxy.tier().drop_queued_writes();
-            let aborted = proxy.abort_unread_fills();
+            tier.drop_queued_writes();
+            let aborted = collapser.abort_unread();
             metrics.relieved("aborted_fills", aborted as u64);
             tracing::warn!(
                 rss_bytes = reading.rss_bytes,
@@ -136,7 +150,7 @@ pub async fn run(
             // Enough is evicted; waiting for the allocator to give it back.
             continue;
         }
-        let (entries, bytes) = proxy.tier().memory().evict_lru(excess_bytes).await;
+        let (entries, bytes) = tier.memory().evict_lru(excess_bytes).await;
         if entries == 0 {
             // Nothing left to evict: what remains is not the tier's.
             episode = None;

@@ -20,6 +20,7 @@ use http::HeaderMap;
 use crate::cache::{CacheKey, CachedObject, PassMarker, TieredCache};
 use crate::freshness::Freshness;
 use crate::pressure::Reservation;
+use crate::tasks::Tasks;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// Where a complete body goes, and what it is stored with.
@@ -38,6 +39,8 @@ pub struct StoreTarget {
     pub too_large: PassMarker,
     /// The in-flight bytes this fill may collect: its Content-Length, or grown as chunks come.
     pub reservation: Reservation,
+    /// Where a too-large body's pass marker is recorded from.
+    pub tasks: Tasks,
 }
 
 impl StoreTarget {
@@ -187,6 +190,7 @@ impl TeeBody {
             key,
             mut too_large,
             max_cacheable_bytes,
+            tasks,
             ..
         } = c.target;
         tracing::info!(
@@ -196,7 +200,7 @@ impl TeeBody {
             "too large to store"
         );
         too_large.length_bytes = Some(size);
-        tokio::spawn(async move { tier.mark_pass(key, too_large).await });
+        tasks.spawn(async move { tier.mark_pass(key, too_large).await });
     }
 
     /// Turns the collected bytes into an object and starts inserting it, unless they disagree

@@ -32,13 +32,14 @@ use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::time::{Instant, Sleep};
 use url::Url;
 
 use crate::config::UpstreamConfig;
 use crate::freshness::ResponseTimes;
 use crate::target::{HostPolicy, TargetError, is_global};
+use crate::tasks::Tasks;
 
 /// Size of each HTTP/1.1 connection's read buffer, in bytes: the most an origin connection holds
 /// in user space, and the largest chunk handed to a client.
@@ -183,12 +184,12 @@ pub struct UpstreamHead {
 }
 
 impl Upstream {
-    /// Builds both connection pools.
+    /// Builds both connection pools; their connection tasks run on `tasks`.
     ///
     /// # Errors
     /// [`SetupError::Tls`] when the TLS configuration cannot be built, [`SetupError::UserAgent`]
     /// when `[upstream] user_agent` is not a valid header value.
-    pub fn new(config: &UpstreamConfig) -> Result<Self, SetupError> {
+    pub fn new(config: &UpstreamConfig, tasks: &Tasks) -> Result<Self, SetupError> {
         let policy = Arc::new(HostPolicy::new(
             config.allowed_hosts.clone(),
             config.allow_private_networks,
@@ -205,7 +206,7 @@ impl Upstream {
                 .enable_http1()
                 .enable_http2()
                 .wrap_connector(http);
-            Client::builder(TokioExecutor::new())
+            Client::builder(tasks.clone())
                 .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 .pool_timer(TokioTimer::new())
                 .http1_read_buf_exact_size(READ_BUFFER_BYTES)

@@ -5,16 +5,20 @@
 //! miss and a removal, so a disk read checks its bytes once, with foyer's checksum, not ours
 //! too; a value that is not an entry of our format version is the same: a miss and a removal.
 //! Entries are written from the object and read into it directly through foyer's `Code` (one
-//! copy out of foyer's read buffer, into a body of exactly its length). See
-//! docs/foyer-disk-tier.md for the foyer traps this design avoids.
+//! copy out of foyer's read buffer, into a body of exactly its length).
+//!
+//! foyer runs its tasks on a runtime of its own (`FoyerRuntime`): its flusher tasks hold
+//! handles that keep each other alive, so they never end on their own; shutting that runtime
+//! down at close (or drop) is what ends them and frees their buffers. See
+//! docs/foyer-disk-tier.md for the other foyer traps this design avoids.
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use foyer::{
     BlockEngineConfig, Code, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
-    HybridCachePolicy, PsyncIoEngineConfig, RecoverMode,
+    HybridCachePolicy, PsyncIoEngineConfig, RecoverMode, Spawner,
 };
 
 use super::tier::{Backend, BackendError, BoxFuture};
@@ -77,12 +81,56 @@ pub enum OpenError {
         dir: std::path::PathBuf,
         source: foyer::Error,
     },
+    #[error("starting the disk tier's runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// The runtime foyer's tasks run on: one worker, and blocking threads for its file I/O.
+/// Shut down (its tasks dropped, not awaited) at close or when the backend is dropped.
+struct FoyerRuntime(Mutex<Option<tokio::runtime::Runtime>>);
+
+impl FoyerRuntime {
+    fn start() -> std::io::Result<FoyerRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(16)
+            .thread_name("imgedge-disk")
+            .enable_all()
+            .build()?;
+        Ok(FoyerRuntime(Mutex::new(Some(runtime))))
+    }
+
+    fn spawner(&self) -> Spawner {
+        let runtime = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Spawner::from(
+            runtime
+                .as_ref()
+                .expect("spawned before shutdown")
+                .handle()
+                .clone(),
+        )
+    }
+
+    /// Drops every task of the runtime; allowed inside async code, unlike dropping it.
+    fn shutdown(&self) {
+        let runtime = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(runtime) = runtime {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for FoyerRuntime {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
 
 /// The foyer store. Its calls are made by the seam, inside tasks of their own.
 pub struct DiskBackend {
     store: Store,
     capacity_bytes: u64,
+    runtime: Arc<FoyerRuntime>,
 }
 
 impl DiskBackend {
@@ -91,7 +139,7 @@ impl DiskBackend {
     ///
     /// # Errors
     /// [`OpenError::Create`] when the directory cannot be created, [`OpenError::Open`] when
-    /// foyer cannot open it.
+    /// foyer cannot open it, [`OpenError::Runtime`] when its runtime cannot start.
     pub async fn open(dir: &Path, capacity_bytes: u64) -> Result<DiskBackend, OpenError> {
         let open = |source| OpenError::Open {
             dir: dir.to_owned(),
@@ -102,6 +150,7 @@ impl DiskBackend {
             source,
         })?;
         restrict(dir);
+        let runtime = Arc::new(FoyerRuntime::start().map_err(OpenError::Runtime)?);
         let device = FsDeviceBuilder::new(dir)
             .with_capacity(capacity_bytes as usize)
             .build()
@@ -121,6 +170,7 @@ impl DiskBackend {
             // foyer's own memory part keeps nothing: the moka tier is the memory tier.
             .with_filter(|_: &String, _: &DiskValue| false)
             .storage()
+            .with_spawner(runtime.spawner())
             .with_io_engine_config(PsyncIoEngineConfig::new())
             .with_engine_config(engine)
             .with_recover_mode(RecoverMode::Quiet)
@@ -130,6 +180,7 @@ impl DiskBackend {
         Ok(DiskBackend {
             store,
             capacity_bytes,
+            runtime,
         })
     }
 }
@@ -172,11 +223,12 @@ impl Backend for DiskBackend {
     }
 
     fn close(&self) -> BoxFuture<()> {
-        let store = self.store.clone();
+        let (store, runtime) = (self.store.clone(), self.runtime.clone());
         Box::pin(async move {
             if let Err(e) = store.close().await {
                 tracing::warn!(error = %e, "closing the disk tier");
             }
+            runtime.shutdown();
         })
     }
 }

@@ -37,7 +37,7 @@ pub enum EntryError {
     Truncated(#[from] io::Error),
 }
 
-/// The size of `object`'s entry in bytes, as [`write`] writes it.
+/// The size of `object`'s entry in bytes, as [`write()`] writes it.
 pub fn encoded_len(object: &CachedObject) -> usize {
     let headers: usize = object
         .headers

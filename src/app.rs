@@ -1,0 +1,179 @@
+//! Building the process, in one place: configuration → memory budget → pressure monitor →
+//! tiers → fill reservations and collapser → relief → upstream clients → proxy → router. And
+//! ending it: every task started here (monitor, relief, tier writers, fills, refreshes,
+//! connections) belongs to the app's [`Tasks`] and is gone when [`App::shutdown`] returns.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use crate::cache::disk::DiskBackend;
+use crate::cache::{MemoryTier, Tier, TieredCache};
+use crate::collapse::Collapser;
+use crate::config::{Config, MemoryBudgetError};
+use crate::http::access_log::RequestIds;
+use crate::http::{Admin, Admission, Router, Routes};
+use crate::metrics::Metrics;
+use crate::pressure::{Monitor, ReservationPool, detect_budget_bytes};
+use crate::proxy::{Proxy, ProxyParts};
+use crate::relief::{self, Relief};
+use crate::rss::RssSource;
+use crate::tasks::Tasks;
+use crate::upstream::{self, Upstream};
+
+/// Why the process could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot detect the memory budget: set [memory] budget_bytes")]
+    NoBudget,
+    #[error(transparent)]
+    MemoryBudget(#[from] MemoryBudgetError),
+    #[error("cannot read this process's RSS")]
+    NoRss,
+    #[error(transparent)]
+    Upstream(#[from] upstream::SetupError),
+}
+
+/// A running imgedge, before and after its listener: the router and what it owns.
+pub struct App {
+    router: Arc<Router>,
+    /// The tiers, closed at shutdown (once their writers have stopped).
+    tier: TieredCache,
+    tasks: Tasks,
+}
+
+impl App {
+    /// Builds everything for `config`, reading RSS from `rss`, and starts the background tasks.
+    ///
+    /// # Errors
+    /// [`SetupError`]: the memory budget cannot be detected or leaves the memory tier too little
+    /// room, or the upstream clients cannot be built. Nothing is left running then. A disk tier
+    /// that cannot be opened is logged and left out, never an error.
+    pub async fn build(config: Config, rss: Arc<dyn RssSource>) -> Result<App, SetupError> {
+        let tasks = Tasks::new();
+        match Self::build_on(config, rss, &tasks).await {
+            Ok((router, tier)) => Ok(App {
+                router,
+                tier,
+                tasks,
+            }),
+            Err(e) => {
+                tasks.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build_on(
+        config: Config,
+        rss: Arc<dyn RssSource>,
+        tasks: &Tasks,
+    ) -> Result<(Arc<Router>, TieredCache), SetupError> {
+        let metrics = Arc::new(Metrics::default());
+        let budget_bytes = match config.memory.budget_bytes {
+            0 => detect_budget_bytes().ok_or(SetupError::NoBudget)?,
+            b => b,
+        };
+        config.check_memory_budget(budget_bytes)?;
+        let (monitor, pressure) = Monitor::new(
+            rss,
+            budget_bytes,
+            config.memory.thresholds,
+            config.memory.sample_interval,
+        );
+        tasks.spawn(monitor.run());
+        tracing::info!(budget_bytes, "memory budget");
+
+        let mut lower = Vec::new();
+        if let Some(dir) = &config.cache.disk_dir {
+            // A disk that cannot be opened costs the disk tier, never the service.
+            match DiskBackend::open(dir, config.cache.disk_capacity_bytes).await {
+                Ok(disk) => {
+                    tracing::info!(dir = %dir.display(), capacity_bytes = config.cache.disk_capacity_bytes, "disk tier open");
+                    lower.push(Tier::new("disk", disk, tasks));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "disk tier unavailable: serving from memory and upstream")
+                }
+            }
+        }
+        let tier = TieredCache::new(
+            MemoryTier::new(
+                config.cache.memory_capacity_bytes,
+                config.cache.stale_retention,
+            ),
+            lower,
+        );
+        let fills = ReservationPool::new(match config.memory.inflight_fill_bytes {
+            0 => budget_bytes / 4,
+            n => n,
+        });
+        let collapser = Arc::new(Collapser::new(tasks.clone()));
+        tasks.spawn(relief::run(
+            pressure.clone(),
+            Relief {
+                tier: tier.clone(),
+                fills: fills.clone(),
+                collapser: collapser.clone(),
+                metrics: metrics.clone(),
+                evict_to: config.memory.evict_to,
+                fill_line: config.memory.thresholds.bypass,
+            },
+        ));
+        let upstream = Arc::new(Upstream::new(&config.upstream, tasks)?);
+        let proxy = Arc::new(Proxy::new(ProxyParts {
+            tier: tier.clone(),
+            collapser,
+            fills: fills.clone(),
+            upstream: upstream.clone(),
+            metrics: metrics.clone(),
+            cache: config.cache.clone(),
+            pressure: pressure.clone(),
+            tasks: tasks.clone(),
+        }));
+        let router = Router {
+            routes: Routes::new(&config),
+            admission: Admission {
+                pressure: pressure.clone(),
+                metrics: metrics.clone(),
+            },
+            admin: Admin {
+                tier: tier.clone(),
+                fills,
+                upstream,
+                pressure,
+                metrics: metrics.clone(),
+                token: config.admin.token.clone(),
+                draining: AtomicBool::new(false),
+                started: Instant::now(),
+            },
+            proxy,
+            metrics,
+            request_ids: RequestIds::new(),
+            access_log: config.log.access,
+        };
+        Ok((Arc::new(router), tier))
+    }
+
+    /// What answers requests.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Where connection tasks are spawned, so that they end with the app.
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    /// From now on `/health/ready` answers 503 `draining`; serving goes on.
+    pub fn start_draining(&self) {
+        self.router.admin.start_draining();
+    }
+
+    /// Stops every task (cancelling what still runs: fills, refreshes, queued tier writes,
+    /// connections past the grace period) and closes the tiers.
+    pub async fn shutdown(self) {
+        self.tasks.shutdown().await;
+        self.tier.close().await;
+    }
+}

@@ -1,0 +1,253 @@
+//! The operator's endpoints: purging (`PURGE` on a proxied path, `POST /_imgedge/purge`),
+//! `/health`, `/health/live`, `/health/ready` and `/metrics`. They read the same handles the
+//! proxy and relief act on (the tiers, the fill reservation pool, the upstream clients, the
+//! pressure readings), never the proxy itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+use url::Url;
+
+use super::json_response;
+use crate::body::ProxyBody;
+use crate::cache::{CacheKey, Tier, TierUsage, TieredCache};
+use crate::error::ProxyError;
+use crate::metrics::{self, Metrics};
+use crate::pressure::{Level, Reading, ReservationPool};
+use crate::upstream::{BoxError, Upstream};
+
+/// The bulk purge endpoint.
+pub const PURGE_PATH: &str = "/_imgedge/purge";
+/// Largest accepted bulk purge body, in bytes.
+const PURGE_BODY_BYTES: usize = 1 << 20;
+/// In-flight fetches listed by `/health`, oldest first.
+const HEALTH_INFLIGHT_LISTED: usize = 20;
+
+/// What the admin endpoints read.
+pub struct Admin {
+    pub tier: TieredCache,
+    pub fills: Arc<ReservationPool>,
+    pub upstream: Arc<Upstream>,
+    pub pressure: watch::Receiver<Reading>,
+    pub metrics: Arc<Metrics>,
+    /// `[admin] token`: purging needs it; without one, purging is off.
+    pub token: Option<String>,
+    /// Set when shutdown begins: `/health/ready` answers 503 from then on.
+    pub draining: AtomicBool,
+    pub started: Instant,
+}
+
+impl Admin {
+    /// Marks the instance as draining (shutting down): `/health/ready` answers 503 `draining`.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Checks `Authorization: Bearer <[admin] token>` for purging.
+    ///
+    /// # Errors
+    /// [`ProxyError::NotFound`] when purging is disabled, [`ProxyError::Unauthorized`] when the
+    /// token is missing or wrong.
+    pub fn authorize_purge(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
+        let Some(token) = &self.token else {
+            return Err(ProxyError::NotFound(
+                "purging is disabled: [admin] token is not set".into(),
+            ));
+        };
+        let given = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Compared in constant time: the comparison must not reveal how much of a guess matched.
+        let equal = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if equal {
+            Ok(())
+        } else {
+            Err(ProxyError::Unauthorized)
+        }
+    }
+
+    /// Removes the object and any pass marker under `key` from every tier; returns whether an
+    /// object was stored in any.
+    pub async fn purge(&self, key: &CacheKey) -> bool {
+        let existed = self.tier.contains(key);
+        self.tier.invalidate(key).await;
+        tracing::info!(key = key.as_str(), existed, "purged");
+        existed
+    }
+
+    /// `PURGE` of one object: `{"purged": 0|1}`.
+    pub async fn purge_one(&self, key: &CacheKey) -> Response<ProxyBody> {
+        let purged = self.purge(key).await;
+        json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "purged": purged as u32 }),
+        )
+    }
+
+    /// `POST /_imgedge/purge` with `{"urls": ["http://...", ...]}`: purges `/image-proxy` targets.
+    ///
+    /// # Errors
+    /// [`ProxyError::MethodNotAllowed`], the purge authorization's, and
+    /// [`ProxyError::BadRequest`] for a body that is not that JSON (nothing is purged then).
+    pub async fn purge_urls<B>(&self, req: Request<B>) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if req.method() != Method::POST {
+            return Err(ProxyError::MethodNotAllowed(req.method().clone()));
+        }
+        self.authorize_purge(req.headers())?;
+        let body = http_body_util::Limited::new(req.into_body(), PURGE_BODY_BYTES)
+            .collect()
+            .await
+            .map_err(|e| ProxyError::BadRequest(format!("cannot read the body: {e}")))?
+            .to_bytes();
+        #[derive(serde::Deserialize)]
+        struct Purge {
+            urls: Vec<String>,
+        }
+        let purge: Purge = serde_json::from_slice(&body)
+            .map_err(|e| ProxyError::BadRequest(format!("expected {{\"urls\": [...]}}: {e}")))?;
+        let mut keys = Vec::with_capacity(purge.urls.len());
+        for url in &purge.urls {
+            let url = Url::parse(url)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    ProxyError::BadRequest(format!("not an absolute http(s) URL: {url:?}"))
+                })?;
+            keys.push(CacheKey::for_url(&url));
+        }
+        let mut purged = 0u32;
+        for key in &keys {
+            purged += self.purge(key).await as u32;
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "purged": purged, "urls": keys.len() }),
+        ))
+    }
+
+    /// `/health/live` (the process answers), `/health/ready` (503 while draining or shedding
+    /// load) or `/health` (everything: pressure, in-flight fetches and fills, every tier).
+    pub async fn health(&self, path: &str) -> Response<ProxyBody> {
+        let level = self.pressure.borrow().level;
+        match path {
+            "/health/live" => {
+                json_response(StatusCode::OK, &serde_json::json!({ "status": "live" }))
+            }
+            "/health/ready" if self.draining.load(Ordering::Relaxed) => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "status": "draining", "level": level }),
+            ),
+            "/health/ready" if level.sheds() => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "status": "not-ready", "level": level }),
+            ),
+            "/health/ready" => json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "status": "ready", "level": level }),
+            ),
+            _ => self.health_report().await,
+        }
+    }
+
+    async fn health_report(&self) -> Response<ProxyBody> {
+        let memory = self.tier.memory().usage().await;
+        let reading = *self.pressure.borrow();
+        // Every tier by name; `disk` always, all zero when there is none.
+        let mut cache = serde_json::json!({ "memory": memory, "disk": TierUsage::default() });
+        for tier in self.tier.lower() {
+            cache[tier.name()] = serde_json::json!(tier.usage());
+        }
+        let (inflight_count, inflight_oldest) = self.upstream.inflight(HEALTH_INFLIGHT_LISTED);
+        let (status, code) = match reading.level {
+            l if l.sheds() => ("critical", StatusCode::SERVICE_UNAVAILABLE),
+            l if l >= Level::Warning => ("degraded", StatusCode::OK),
+            _ => ("ok", StatusCode::OK),
+        };
+        let body = serde_json::json!({
+            "status": status,
+            "memory": reading,
+            "inflight": {
+                "count": inflight_count,
+                "oldest": inflight_oldest
+                    .iter()
+                    .map(|(url, age)| serde_json::json!({ "url": url.as_ref(), "age_ms": age.as_millis() as u64 }))
+                    .collect::<Vec<_>>(),
+            },
+            "fills": {
+                "reserved_bytes": self.fills.used_bytes(),
+                "capacity_bytes": self.fills.capacity_bytes(),
+                "limit_bytes": self.fills.limit_bytes(),
+            },
+            "cache": cache,
+            "draining": self.draining.load(Ordering::Relaxed),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        json_response(code, &body)
+    }
+
+    /// `/metrics`: the registry, with the gauges read now (tiers, RSS, budget, in-flight
+    /// fetches, pressure level).
+    pub async fn metrics_text(&self) -> Response<ProxyBody> {
+        let memory = self.tier.memory().usage().await;
+        let lower: Vec<TierUsage> = self.tier.lower().iter().map(Tier::usage).collect();
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let tiers = std::iter::once(("memory", memory.bytes, memory.entries))
+            .chain(lower.iter().map(|t| (t.name, t.bytes, t.entries)));
+        for (tier, bytes, entries) in tiers {
+            let tier = metrics::TierLabels { tier };
+            self.metrics
+                .cache_bytes
+                .get_or_create(&tier)
+                .set(gauge(bytes));
+            self.metrics
+                .cache_entries
+                .get_or_create(&tier)
+                .set(gauge(entries));
+        }
+        let reading = *self.pressure.borrow();
+        self.metrics.rss_bytes.set(gauge(reading.rss_bytes));
+        self.metrics.budget_bytes.set(gauge(reading.budget_bytes));
+        self.metrics
+            .inflight_upstream
+            .set(self.upstream.inflight(0).0 as i64);
+        self.metrics.pressure_level.set(reading.level.as_number());
+        if let Some(disk) = lower.iter().find(|t| t.name == "disk") {
+            for (event, n) in [
+                ("writes", disk.writes),
+                ("write_drops", disk.write_drops),
+                ("errors", disk.errors),
+            ] {
+                self.metrics
+                    .disk_events
+                    .get_or_create(&metrics::DiskEventLabels { event })
+                    .set(gauge(n));
+            }
+        }
+        let mut response = Response::new(ProxyBody::full(self.metrics.encode()));
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(metrics::CONTENT_TYPE),
+        );
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}

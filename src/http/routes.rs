@@ -1,0 +1,248 @@
+//! The route table: which route serves a path (built-in paths, then the longest `[[routes]]`
+//! prefix), and how a request on a proxy route becomes a [`ProxyRequest`] (its upstream URL, its
+//! guard, which headers it forwards; the Supabase credentials rule) or a forwarded request.
+
+use http::header::{AUTHORIZATION, COOKIE, IF_NONE_MATCH, IF_RANGE, RANGE};
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, Method, Uri};
+use percent_encoding::percent_decode_str;
+use std::time::Duration;
+use url::Url;
+
+use crate::cache::CacheKey;
+use crate::config::{Config, RouteConfig};
+use crate::error::ProxyError;
+use crate::freshness::RequestDirectives;
+use crate::proxy::{Forwarding, ProxyRequest, end_to_end};
+use crate::target;
+use crate::upstream::Guard;
+
+/// Prefix of Supabase Storage's public object route.
+pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
+
+/// Supabase's `apikey` request header: a credential, like `Authorization`.
+static APIKEY: HeaderName = HeaderName::from_static("apikey");
+
+/// What a request is for. The built-in paths win over `[[routes]]` prefixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    ImageProxy,
+    Health,
+    Metrics,
+    /// `config.routes[index]`, named `name` in logs and metrics.
+    Proxied {
+        index: usize,
+        name: &'static str,
+    },
+    Other,
+}
+
+impl Route {
+    /// The route's name in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::ImageProxy => "image-proxy",
+            Route::Health => "health",
+            Route::Metrics => "metrics",
+            Route::Proxied { name, .. } => name,
+            Route::Other => "other",
+        }
+    }
+
+    /// Whether the route proxies (and so passes admission first).
+    pub fn proxies(self) -> bool {
+        matches!(self, Route::ImageProxy | Route::Proxied { .. })
+    }
+}
+
+/// A request on a proxy route, resolved.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "lives on the stack for one match; boxing would cost an allocation per request"
+)]
+pub enum Proxied {
+    /// GET or HEAD: looked up, fetched, stored.
+    Cacheable(ProxyRequest),
+    /// Any other method (routes only): forwarded with its body, never stored.
+    Forward {
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+    },
+}
+
+/// The routes of one configuration.
+pub struct Routes {
+    routes: Vec<RouteConfig>,
+    /// `[server] max_url_bytes`: the longest `url=` target accepted.
+    max_url_bytes: usize,
+    /// `[cache] default_ttl`: `/image-proxy`'s freshness for responses that state none.
+    default_ttl: Duration,
+}
+
+impl Routes {
+    pub fn new(config: &Config) -> Self {
+        Routes {
+            routes: config.routes.clone(),
+            max_url_bytes: config.server.max_url_bytes,
+            default_ttl: config.cache.default_ttl,
+        }
+    }
+
+    /// Which route serves `path`: a built-in path, else the route with the longest matching
+    /// prefix.
+    pub fn route_of(&self, path: &str) -> Route {
+        match path {
+            "/image-proxy" => Route::ImageProxy,
+            "/health" | "/health/live" | "/health/ready" => Route::Health,
+            "/metrics" => Route::Metrics,
+            _ => self
+                .routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| path.starts_with(&r.prefix))
+                .max_by_key(|(_, r)| r.prefix.len())
+                .map_or(Route::Other, |(index, r)| Route::Proxied {
+                    index,
+                    name: r.name,
+                }),
+        }
+    }
+
+    /// The request on a proxy route, resolved: its target, guard and forwarding.
+    ///
+    /// # Errors
+    /// [`ProxyError::Target`] for a bad `/image-proxy` target, [`ProxyError::BadPath`] for a
+    /// route path that would climb out of its prefix, [`ProxyError::MethodNotAllowed`] for other
+    /// than GET or HEAD on `/image-proxy`; [`ProxyError::NotFound`] for a route that does not
+    /// proxy.
+    pub fn resolve(&self, route: Route, parts: &Parts) -> Result<Proxied, ProxyError> {
+        match route {
+            Route::ImageProxy => {
+                let head = get_or_head(&parts.method)?;
+                let url = target::parse_image_url(parts.uri.query(), self.max_url_bytes)?;
+                Ok(Proxied::Cacheable(proxy_request(
+                    parts,
+                    url,
+                    Some(self.default_ttl),
+                    Guard::Guarded,
+                    head,
+                    Forwarding::Bare,
+                )))
+            }
+            Route::Proxied { index, name } => {
+                let route = &self.routes[index];
+                let url = route_url(&route.upstream, &parts.uri)?;
+                // Public Supabase objects need no credentials, and supabase-js sends its key with
+                // every request: dropping them keeps public objects storable (RFC 9111 §3.5).
+                let public_object =
+                    name == "supabase" && parts.uri.path().starts_with(SUPABASE_PUBLIC_PREFIX);
+                let credentials = [AUTHORIZATION, APIKEY.clone(), COOKIE];
+                let dropped: &[HeaderName] = if public_object { &credentials } else { &[] };
+                let headers = end_to_end(&parts.headers, dropped);
+                match parts.method {
+                    Method::GET | Method::HEAD => {
+                        let forwarding = Forwarding::Headers {
+                            headers,
+                            strip_set_cookie: public_object,
+                        };
+                        Ok(Proxied::Cacheable(proxy_request(
+                            parts,
+                            url,
+                            route.default_ttl,
+                            Guard::Trusted,
+                            parts.method == Method::HEAD,
+                            forwarding,
+                        )))
+                    }
+                    _ => Ok(Proxied::Forward {
+                        method: parts.method.clone(),
+                        url,
+                        headers,
+                    }),
+                }
+            }
+            _ => Err(ProxyError::NotFound(format!(
+                "no route for {}",
+                parts.uri.path()
+            ))),
+        }
+    }
+
+    /// The cache key a `PURGE` of `uri` on `route` names.
+    ///
+    /// # Errors
+    /// As [`Routes::resolve`]; [`ProxyError::NotFound`] on a route that stores nothing.
+    pub fn purge_key(&self, route: Route, uri: &Uri) -> Result<CacheKey, ProxyError> {
+        match route {
+            Route::ImageProxy => Ok(CacheKey::for_url(&target::parse_image_url(
+                uri.query(),
+                self.max_url_bytes,
+            )?)),
+            Route::Proxied { index, .. } => Ok(CacheKey::for_url(&route_url(
+                &self.routes[index].upstream,
+                uri,
+            )?)),
+            _ => Err(ProxyError::NotFound(
+                "nothing cacheable at this path".into(),
+            )),
+        }
+    }
+}
+
+/// `false` for GET, `true` for HEAD.
+///
+/// # Errors
+/// [`ProxyError::MethodNotAllowed`] for any other method.
+pub fn get_or_head(method: &Method) -> Result<bool, ProxyError> {
+    match *method {
+        Method::GET => Ok(false),
+        Method::HEAD => Ok(true),
+        ref m => Err(ProxyError::MethodNotAllowed(m.clone())),
+    }
+}
+
+fn proxy_request(
+    parts: &Parts,
+    url: Url,
+    default_ttl: Option<Duration>,
+    guard: Guard,
+    head: bool,
+    forwarding: Forwarding,
+) -> ProxyRequest {
+    ProxyRequest {
+        key: CacheKey::for_url(&url),
+        primary: CacheKey::for_url(&url),
+        url,
+        guard,
+        head,
+        if_none_match: parts.headers.get(IF_NONE_MATCH).cloned(),
+        range: parts.headers.get(RANGE).cloned(),
+        if_range: parts.headers.get(IF_RANGE).cloned(),
+        directives: RequestDirectives::parse(&parts.headers),
+        default_ttl,
+        forwarding,
+    }
+}
+
+/// `upstream` + the request's path and query.
+///
+/// # Errors
+/// [`ProxyError::BadPath`] for `.`/`..` segments (raw or percent-encoded) and backslashes: URL
+/// parsing would resolve them, letting a path climb out of its route's prefix upstream.
+fn route_url(upstream: &Url, uri: &Uri) -> Result<Url, ProxyError> {
+    for segment in uri.path().split('/') {
+        let decoded = percent_decode_str(segment).decode_utf8_lossy();
+        if decoded == "." || decoded == ".." || decoded.contains('\\') {
+            return Err(ProxyError::BadPath(format!(
+                "path segment {segment:?} is not allowed"
+            )));
+        }
+    }
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    let joined = format!(
+        "{}{path_and_query}",
+        upstream.as_str().trim_end_matches('/')
+    );
+    Url::parse(&joined).map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))
+}

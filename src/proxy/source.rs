@@ -1,0 +1,269 @@
+//! A complete object for work that needs every byte of it before it can start (image transforms
+//! decode from the whole source), obtained the way a client's GET would be — tiers,
+//! revalidation, collapsed forwarding, storing — but read to its end here instead of streamed
+//! to a client.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+use super::{Proxy, ProxyRequest};
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use crate::pressure::Reservation;
+use crate::tee::TeeBody;
+
+/// A whole response: what `GET` of the object would have served.
+#[derive(Debug)]
+pub struct SourceObject {
+    /// 200, or whatever the origin (or the tier) answered: a stored 404 is a `SourceObject` too.
+    pub status: StatusCode,
+    /// The headers a client would have been served, `Cache-Status` included.
+    pub headers: HeaderMap,
+    /// Every byte of the body.
+    pub body: Bytes,
+    /// The in-flight bytes this body holds when it was collected for this caller alone (not a
+    /// hit, not a shared fill that went into the tiers); returned to the pool when dropped, so
+    /// hold it as long as the body.
+    pub reservation: Option<Reservation>,
+}
+
+impl Proxy {
+    /// `req`'s object, complete, as a `GET` without validators or ranges gets it: from a tier,
+    /// from a fill in flight (collapsed forwarding: concurrent callers and clients share one
+    /// origin request), or from the origin, storing it as any miss is. A shared fill's body is
+    /// its own buffer (no copy); any other miss is read into one buffer reserved from the fill
+    /// reservation pool before it is held.
+    ///
+    /// # Errors
+    /// What [`Proxy::handle`] returns; [`ProxyError::TooLarge`] when the body is (or announces)
+    /// more than `max_bytes`; [`ProxyError::Overloaded`] when the pool cannot hold it;
+    /// [`ProxyError::Upstream`] when the body fails before its end.
+    pub async fn source(
+        self: &Arc<Self>,
+        mut req: ProxyRequest,
+        max_bytes: u64,
+    ) -> Result<SourceObject, ProxyError> {
+        req.head = false;
+        req.if_none_match = None;
+        req.range = None;
+        req.if_range = None;
+        let (parts, body) = self.handle(req).await?.into_parts();
+        let too_large = |bytes: u64| {
+            ProxyError::TooLarge(format!(
+                "the source is {bytes} bytes or more, over the limit of {max_bytes}"
+            ))
+        };
+        let (body, reservation) = match body {
+            ProxyBody::Full(bytes) => (bytes.unwrap_or_default(), None),
+            ProxyBody::Shared(reader) => {
+                if reader.remaining_bytes() > max_bytes {
+                    return Err(too_large(reader.remaining_bytes()));
+                }
+                (reader.complete().await?, None)
+            }
+            ProxyBody::Tee(tee) => {
+                let (body, reservation) = self.collect(*tee, max_bytes, too_large).await?;
+                (body, Some(reservation))
+            }
+        };
+        Ok(SourceObject {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            reservation,
+        })
+    }
+
+    /// Reads a streaming body to its end into one buffer, reserving its bytes first (all of
+    /// them when the length is known, else as they come).
+    async fn collect(
+        &self,
+        mut tee: TeeBody,
+        max_bytes: u64,
+        too_large: impl Fn(u64) -> ProxyError,
+    ) -> Result<(Bytes, Reservation), ProxyError> {
+        let announced = tee.remaining_bytes();
+        if let Some(n) = announced.filter(|&n| n > max_bytes) {
+            return Err(too_large(n));
+        }
+        let mut reservation = self
+            .fills
+            .try_reserve(announced.unwrap_or(0))
+            .ok_or(ProxyError::Overloaded)?;
+        let mut body = Vec::with_capacity(announced.unwrap_or(0) as usize);
+        while let Some(chunk) = poll_fn(|cx| tee.poll_chunk(cx)).await {
+            let chunk = chunk?;
+            let size = (body.len() + chunk.len()) as u64;
+            if size > max_bytes {
+                return Err(too_large(size));
+            }
+            if announced.is_none() && !reservation.grow(chunk.len() as u64) {
+                return Err(ProxyError::Overloaded);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((Bytes::from(body), reservation))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::cache::{MemoryTier, TieredCache};
+    use crate::collapse::Collapser;
+    use crate::config::Config;
+    use crate::freshness::RequestDirectives;
+    use crate::metrics::Metrics;
+    use crate::pressure::{Level, Reading, ReservationPool};
+    use crate::proxy::{Forwarding, ProxyParts};
+    use crate::tasks::Tasks;
+    use crate::upstream::{Guard, Upstream};
+
+    /// An origin on loopback answering every request with `body` (announced with
+    /// `Content-Length` or chunked) after `delay`, counting requests.
+    async fn origin(body: Vec<u8>, length: bool, delay: Duration) -> (url::Url, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            url::Url::parse(&format!("http://{}/a.jpg", listener.local_addr().unwrap())).unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut head = [0u8; 4096];
+                    let _ = stream.read(&mut head).await;
+                    tokio::time::sleep(delay).await;
+                    let framing = if length {
+                        format!("Content-Length: {}", body.len())
+                    } else {
+                        "Transfer-Encoding: chunked".to_owned()
+                    };
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nCache-Control: max-age=600\r\n{framing}\r\nConnection: close\r\n\r\n"
+                    );
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    if length {
+                        let _ = stream.write_all(&body).await;
+                    } else {
+                        let _ = stream
+                            .write_all(format!("{:x}\r\n", body.len()).as_bytes())
+                            .await;
+                        let _ = stream.write_all(&body).await;
+                        let _ = stream.write_all(b"\r\n0\r\n\r\n").await;
+                    }
+                });
+            }
+        });
+        (url, hits)
+    }
+
+    fn proxy(tasks: &Tasks, max_cacheable_bytes: u64, fill_bytes: u64) -> Arc<Proxy> {
+        let config = Config::from_toml(&format!(
+            "[cache]\nmax_cacheable_bytes = {max_cacheable_bytes}"
+        ))
+        .unwrap();
+        let (_tx, pressure) = tokio::sync::watch::channel(Reading {
+            level: Level::Normal,
+            rss_bytes: 0,
+            budget_bytes: 1 << 30,
+        });
+        Arc::new(Proxy::new(ProxyParts {
+            tier: TieredCache::new(MemoryTier::new(64 << 20, Duration::ZERO), Vec::new()),
+            collapser: Arc::new(Collapser::new(tasks.clone())),
+            fills: ReservationPool::new(fill_bytes),
+            upstream: Arc::new(Upstream::new(&config.upstream, tasks).unwrap()),
+            metrics: Arc::new(Metrics::default()),
+            cache: config.cache,
+            pressure,
+            tasks: tasks.clone(),
+        }))
+    }
+
+    fn request(url: &url::Url) -> ProxyRequest {
+        ProxyRequest {
+            key: crate::cache::CacheKey::for_url(url),
+            primary: crate::cache::CacheKey::for_url(url),
+            url: url.clone(),
+            guard: Guard::Trusted,
+            head: true,
+            if_none_match: Some(http::HeaderValue::from_static("*")),
+            range: Some(http::HeaderValue::from_static("bytes=0-1")),
+            if_range: None,
+            directives: RequestDirectives::default(),
+            default_ttl: None,
+            forwarding: Forwarding::Bare,
+        }
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_fetch_and_the_next_is_a_hit() {
+        let tasks = Tasks::new();
+        let body = pattern(300_000);
+        let (url, hits) = origin(body.clone(), true, Duration::from_millis(100)).await;
+        let proxy = proxy(&tasks, 5 << 20, 64 << 20);
+        let (a, b) = tokio::join!(
+            proxy.source(request(&url), 1 << 20),
+            proxy.source(request(&url), 1 << 20)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "one origin request");
+        assert_eq!((a.status, &a.body[..]), (StatusCode::OK, &body[..]));
+        assert_eq!(b.body, a.body);
+        assert!(a.reservation.is_none() && b.reservation.is_none());
+        let c = proxy.source(request(&url), 1 << 20).await.unwrap();
+        assert_eq!(c.headers["cache-status"], "imgedge; hit; detail=memory");
+        assert_eq!(c.body, a.body);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        tasks.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_unstorable_source_is_collected_whole_under_a_reservation() {
+        let tasks = Tasks::new();
+        // Over max_cacheable_bytes and without a length: streamed, not stored, collected here.
+        let body = pattern(200_000);
+        let (url, hits) = origin(body.clone(), false, Duration::ZERO).await;
+        let proxy = proxy(&tasks, 100_000, 1 << 20);
+        let got = proxy.source(request(&url), 1 << 20).await.unwrap();
+        assert_eq!(&got.body[..], &body[..]);
+        assert_eq!(proxy.fills.used_bytes(), 200_000, "held while the body is");
+        drop(got);
+        assert_eq!(proxy.fills.used_bytes(), 0);
+        proxy.source(request(&url), 1 << 20).await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 2, "not stored: fetched again");
+        tasks.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_source_over_the_limit_or_the_pool_is_refused() {
+        let tasks = Tasks::new();
+        let (announced, _) = origin(pattern(50_000), true, Duration::ZERO).await;
+        let (chunked, _) = origin(pattern(50_000), false, Duration::ZERO).await;
+        let proxy = proxy(&tasks, 10_000, 1 << 20);
+        for url in [&announced, &chunked] {
+            let e = proxy.source(request(url), 40_000).await.unwrap_err();
+            assert!(matches!(e, ProxyError::TooLarge(_)), "{url}: {e:?}");
+        }
+        let small_pool = self::proxy(&tasks, 10_000, 1_000);
+        for url in [&announced, &chunked] {
+            let e = small_pool.source(request(url), 1 << 20).await.unwrap_err();
+            assert!(matches!(e, ProxyError::Overloaded), "{url}: {e:?}");
+        }
+        tasks.shutdown().await;
+    }
+}
