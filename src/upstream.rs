@@ -14,31 +14,33 @@
 //! URL. Route fetches (operator-configured upstreams) are not checked and never follow redirects.
 //! Nothing here knows about caching or the status codes sent to clients.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, LOCATION, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
-use http_body::Body as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_rustls::{ConfigBuilderExt, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioTimer;
-use tokio::time::{Instant, Sleep};
 use url::Url;
+
+mod body;
+mod inflight;
+mod resolver;
+
+pub use body::UpstreamBody;
+
+use inflight::{InflightGuard, InflightRegistry};
+use resolver::GuardedResolver;
 
 use crate::config::UpstreamConfig;
 use crate::freshness::ResponseTimes;
-use crate::target::{HostPolicy, TargetError, is_global};
+use crate::target::{HostPolicy, TargetError};
 use crate::tasks::Tasks;
 
 /// Size of each HTTP/1.1 connection's read buffer, in bytes: the most an origin connection holds
@@ -430,58 +432,8 @@ fn tls_config() -> Result<rustls::ClientConfig, SetupError> {
     Ok(config)
 }
 
-/// Every upstream fetch in flight, from sending its request until its body is dropped.
-#[derive(Default)]
-struct InflightRegistry {
-    next: std::sync::atomic::AtomicU64,
-    entries: std::sync::Mutex<std::collections::HashMap<u64, (Arc<str>, Instant)>>,
-}
-
-impl InflightRegistry {
-    fn register(self: &Arc<Self>, url: &str) -> InflightGuard {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let started = Instant::now();
-        self.lock().insert(id, (Arc::from(url), started));
-        InflightGuard {
-            registry: self.clone(),
-            id,
-            started,
-        }
-    }
-
-    fn snapshot(&self, oldest: usize) -> (usize, Vec<(Arc<str>, Duration)>) {
-        let entries = self.lock();
-        let mut all: Vec<_> = entries
-            .values()
-            .map(|(u, s)| (u.clone(), s.elapsed()))
-            .collect();
-        all.sort_by_key(|entry| std::cmp::Reverse(entry.1));
-        all.truncate(oldest);
-        (entries.len(), all)
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, (Arc<str>, Instant)>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Removes a fetch from the in-flight list when dropped.
-struct InflightGuard {
-    registry: Arc<InflightRegistry>,
-    id: u64,
-    started: Instant,
-}
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
-    }
-}
-
 /// `outer: inner: innermost`, skipping repeats.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(err) = source {
@@ -495,178 +447,5 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// Resolves names for the connector. With a policy (guarded fetches) it keeps only global
-/// addresses unless the host is trusted; when nothing is left the connection fails with
-/// [`TargetError::PrivateAddress`]. Without one (route fetches) it resolves plainly.
-#[derive(Clone)]
-struct GuardedResolver {
-    policy: Option<Arc<HostPolicy>>,
-}
-
 /// A boxed error, as bodies and resolvers report them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<Name> for GuardedResolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, name: Name) -> Self::Future {
-        let policy = self.policy.clone();
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let addrs = match policy {
-                Some(policy) if !policy.trusts(&host) => {
-                    addrs.into_iter().filter(|a| is_global(a.ip())).collect()
-                }
-                _ => addrs,
-            };
-            if addrs.is_empty() {
-                return Err(Box::new(TargetError::PrivateAddress(host)) as BoxError);
-            }
-            Ok(addrs.into_iter())
-        })
-    }
-}
-
-/// An origin's response body as a stream of chunks, exactly as they arrive (at most
-/// [`READ_BUFFER_BYTES`] each; never coalesced or buffered here). It fails rather than ends when
-/// the body is incomplete: a stall longer than `idle_timeout`, more than `max_object_bytes`, a
-/// length other than `Content-Length`, or a connection error. Reading is driven by the consumer,
-/// so a slow client slows the origin read.
-pub struct UpstreamBody {
-    incoming: Incoming,
-    /// Fires `total_timeout` after the request was sent: no fetch lasts longer.
-    deadline: Pin<Box<Sleep>>,
-    total_timeout: Duration,
-    /// Keeps the fetch in the in-flight list until the body is dropped.
-    _inflight: InflightGuard,
-    /// Fires when the origin has sent nothing for `idle_timeout` while we were waiting for it.
-    idle: Pin<Box<Sleep>>,
-    idle_timeout: Duration,
-    /// Whether the last poll found the origin with nothing to give (the idle timer is running).
-    waiting: bool,
-    received_bytes: u64,
-    /// `Content-Length`, or 0 for bodyless responses.
-    expected_bytes: Option<u64>,
-    max_bytes: u64,
-    done: bool,
-}
-
-impl UpstreamBody {
-    /// Bytes received so far.
-    pub fn received_bytes(&self) -> u64 {
-        self.received_bytes
-    }
-
-    /// The length this body must have, when announced.
-    pub fn expected_bytes(&self) -> Option<u64> {
-        self.expected_bytes
-    }
-
-    /// Whether nothing more will come: finished, failed, every announced byte received (hyper
-    /// stops polling a body once its `Content-Length` is written), or a bodyless response.
-    pub fn is_end_stream(&self) -> bool {
-        self.done || self.is_complete()
-    }
-
-    /// Whether every announced byte has arrived (always false without a `Content-Length`).
-    pub fn is_complete(&self) -> bool {
-        self.expected_bytes == Some(self.received_bytes)
-    }
-
-    /// Polls the next chunk: `Some(Ok)` data, `Some(Err)` a failure (after which it is done),
-    /// `None` a complete body.
-    pub fn poll_chunk(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Bytes, UpstreamError>>> {
-        loop {
-            if self.is_end_stream() {
-                self.done = true;
-                return Poll::Ready(None);
-            }
-            let frame = match Pin::new(&mut self.incoming).poll_frame(cx) {
-                Poll::Ready(frame) => {
-                    self.waiting = false;
-                    frame
-                }
-                Poll::Pending => {
-                    if self.deadline.as_mut().poll(cx).is_ready() {
-                        return self.fail(UpstreamError::TotalTimeout(self.total_timeout));
-                    }
-                    // The timer measures the origin's silence, not the client's: it starts when
-                    // we begin waiting, not when the previous chunk arrived.
-                    if !self.waiting {
-                        self.waiting = true;
-                        self.idle.as_mut().reset(Instant::now() + self.idle_timeout);
-                    }
-                    ready!(self.idle.as_mut().poll(cx));
-                    return self.fail(UpstreamError::Stalled(self.idle_timeout));
-                }
-            };
-            return match frame {
-                // An origin that never pauses long enough to stall still meets the deadline.
-                Some(Ok(_)) if Instant::now() >= self.deadline.deadline() => {
-                    self.fail(UpstreamError::TotalTimeout(self.total_timeout))
-                }
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(chunk) => self.accept(chunk),
-                    Err(_trailers) => continue,
-                },
-                Some(Err(e)) => match self.expected_bytes {
-                    Some(expected) => self.fail(UpstreamError::LengthMismatch {
-                        received_bytes: self.received_bytes,
-                        expected_bytes: expected,
-                    }),
-                    None => self.fail(UpstreamError::Body {
-                        received_bytes: self.received_bytes,
-                        reason: error_chain(&e),
-                    }),
-                },
-                None => match self.expected_bytes {
-                    Some(expected) if expected != self.received_bytes => {
-                        self.fail(UpstreamError::LengthMismatch {
-                            received_bytes: self.received_bytes,
-                            expected_bytes: expected,
-                        })
-                    }
-                    _ => {
-                        self.done = true;
-                        Poll::Ready(None)
-                    }
-                },
-            };
-        }
-    }
-
-    /// Counts a chunk against the announced length or `max_object_bytes`.
-    fn accept(&mut self, chunk: Bytes) -> Poll<Option<Result<Bytes, UpstreamError>>> {
-        self.received_bytes += chunk.len() as u64;
-        match self.expected_bytes {
-            Some(expected) if self.received_bytes > expected => {
-                self.fail(UpstreamError::LengthMismatch {
-                    received_bytes: self.received_bytes,
-                    expected_bytes: expected,
-                })
-            }
-            None if self.received_bytes > self.max_bytes => {
-                self.fail(UpstreamError::BodyTooLarge {
-                    max_bytes: self.max_bytes,
-                })
-            }
-            _ => Poll::Ready(Some(Ok(chunk))),
-        }
-    }
-
-    fn fail(&mut self, e: UpstreamError) -> Poll<Option<Result<Bytes, UpstreamError>>> {
-        self.done = true;
-        Poll::Ready(Some(Err(e)))
-    }
-}

@@ -1,0 +1,420 @@
+//! How the configuration is read: field by field from the merged sources, each problem
+//! collected (never the first only), then the rules that relate fields.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Value};
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use super::*;
+use crate::target::HostPattern;
+
+/// `[[routes]]` entries as written.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: String,
+    upstream: String,
+    default_ttl: Option<String>,
+}
+
+impl Config {
+    pub(super) fn figment(file: Option<&Path>, env: Env) -> Figment {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment.merge(env)
+    }
+
+    pub(super) fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let mut f = Fields::new(&figment);
+        let mut config = Config {
+            server: ServerConfig {
+                listen: f
+                    .parse("server.listen", |s: String| {
+                        s.parse::<SocketAddr>()
+                            .map(Some)
+                            .map_err(|e| format!("{e} (expected IP:PORT)"))
+                    })
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+                max_url_bytes: f.range("server.max_url_bytes", 16, 1 << 20),
+                drain_delay: f.duration_or_zero("server.drain_delay"),
+                shutdown_grace: f.duration("server.shutdown_grace"),
+            },
+            upstream: UpstreamConfig {
+                allowed_hosts: f.parse("upstream.allowed_hosts", parse_host_patterns),
+                allow_private_networks: f.get("upstream.allow_private_networks"),
+                connect_timeout: f.duration("upstream.connect_timeout"),
+                header_timeout: f.duration("upstream.header_timeout"),
+                idle_timeout: f.duration("upstream.idle_timeout"),
+                total_timeout: f.duration("upstream.total_timeout"),
+                max_object_bytes: f.range("upstream.max_object_bytes", 1, u64::MAX),
+                max_redirects: f.range("upstream.max_redirects", 0, 20),
+                user_agent: f.parse("upstream.user_agent", |s: String| {
+                    http::HeaderValue::from_str(&s)
+                        .map(|_| s)
+                        .map_err(|_| "not a valid header value".to_owned())
+                }),
+            },
+            supabase: SupabaseConfig {
+                upstream: f.parse("supabase.upstream", parse_route_upstream),
+            },
+            routes: f.parse_optional("routes", parse_routes),
+            cache: CacheConfig {
+                max_cacheable_bytes: f.range("cache.max_cacheable_bytes", 0, u64::from(u32::MAX)),
+                memory_capacity_bytes: f.get("cache.memory_capacity_bytes"),
+                default_ttl: f.duration("cache.default_ttl"),
+                lock_timeout: f.duration("cache.lock_timeout"),
+                max_heuristic_ttl: f.duration("cache.max_heuristic_ttl"),
+                negative_ttl: f.duration("cache.negative_ttl"),
+                stale_retention: f.duration("cache.stale_retention"),
+                stale_if_unreachable: f.duration_or_zero("cache.stale_if_unreachable"),
+                disk_dir: f.parse("cache.disk_dir", |s: String| {
+                    Ok(Some(s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .map(std::path::PathBuf::from))
+                }),
+                disk_capacity_bytes: f.range("cache.disk_capacity_bytes", 64 << 20, u64::MAX),
+            },
+            admin: AdminConfig {
+                token: f.parse("admin.token", |s: String| match s.trim() {
+                    "" => Ok(None),
+                    t if t.len() < 16 => {
+                        Err("must be at least 16 characters (or empty)".to_owned())
+                    }
+                    t => Ok(Some(t.to_owned())),
+                }),
+            },
+            memory: MemoryConfig {
+                budget_bytes: f.get("memory.budget_bytes"),
+                sample_interval: f.duration("memory.sample_interval"),
+                thresholds: crate::pressure::Thresholds {
+                    evicting: f.range("memory.evicting", 0.05, 1.0),
+                    warning: f.range("memory.warning", 0.05, 1.0),
+                    bypass: f.range("memory.bypass", 0.05, 1.0),
+                    critical: f.range("memory.critical", 0.05, 1.0),
+                    emergency: f.range("memory.emergency", 0.05, 1.0),
+                    hysteresis: f.range("memory.hysteresis", 0.0, 0.5),
+                },
+                inflight_fill_bytes: f.get("memory.inflight_fill_bytes"),
+                evict_to: f.range("memory.evict_to", 0.05, 1.0),
+            },
+            log: LogConfig {
+                format: f.parse("log.format", |s: String| match s.as_str() {
+                    "text" => Ok(LogFormat::Text),
+                    "json" => Ok(LogFormat::Json),
+                    _ => Err("expected \"text\" or \"json\"".to_owned()),
+                }),
+                level: f.parse("log.level", |s: String| {
+                    tracing_subscriber::EnvFilter::try_new(&s)
+                        .map(|_| s)
+                        .map_err(|e| e.to_string())
+                }),
+                access: f.get("log.access"),
+            },
+        };
+        f.check_unknown_keys();
+        let mut problems = f.into_problems();
+        if problems.is_empty() {
+            problems = config.cross_checks();
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Rules that relate two fields; run only once every field parsed.
+    fn cross_checks(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let t = &self.memory.thresholds;
+        if self.memory.evict_to >= t.evicting {
+            problems.push(format!(
+                "memory.evict_to ({}) must be below memory.evicting ({})",
+                self.memory.evict_to, t.evicting
+            ));
+        }
+        if !(t.evicting <= t.warning
+            && t.warning <= t.bypass
+            && t.bypass <= t.critical
+            && t.critical <= t.emergency)
+        {
+            problems.push(
+                "memory: thresholds must not decrease: evicting <= warning <= bypass <= critical <= emergency"
+                    .to_owned(),
+            );
+        }
+        if let Err(e) = self.check_memory_budget(self.memory.budget_bytes) {
+            problems.push(e.to_string());
+        }
+        if let Some(upstream) = &self.supabase.upstream {
+            if self.routes.iter().any(|r| r.prefix == SUPABASE_PREFIX) {
+                problems.push(format!(
+                    "routes: prefix {SUPABASE_PREFIX:?} is taken by [supabase] upstream"
+                ));
+            }
+            self.routes.push(RouteConfig {
+                prefix: SUPABASE_PREFIX.to_owned(),
+                upstream: upstream.clone(),
+                name: "supabase",
+                default_ttl: Some(self.cache.default_ttl),
+            });
+        }
+        let cache = &self.cache;
+        if cache.max_cacheable_bytes > cache.memory_capacity_bytes {
+            problems.push(format!(
+                "cache.max_cacheable_bytes ({}) exceeds cache.memory_capacity_bytes ({})",
+                cache.max_cacheable_bytes, cache.memory_capacity_bytes
+            ));
+        }
+        if cache.max_cacheable_bytes > self.upstream.max_object_bytes {
+            problems.push(format!(
+                "cache.max_cacheable_bytes ({}) exceeds upstream.max_object_bytes ({})",
+                cache.max_cacheable_bytes, self.upstream.max_object_bytes
+            ));
+        }
+        problems
+    }
+}
+
+/// Reads keys one at a time from a figment, recording every failure instead of stopping at the
+/// first, and remembering which keys were read so that the rest can be reported as unknown.
+struct Fields<'a> {
+    figment: &'a Figment,
+    read: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(figment: &'a Figment) -> Self {
+        Fields {
+            figment,
+            read: BTreeSet::new(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// Describes where the value of `key` came from, e.g. "in /etc/imgedge.toml".
+    fn source(&self, key: &str) -> String {
+        match self.figment.find_metadata(key) {
+            Some(meta) => match &meta.source {
+                Some(source) => format!(" (from {source})"),
+                None => format!(" (from {})", meta.name),
+            },
+            None => String::new(),
+        }
+    }
+
+    fn get<T: DeserializeOwned + Default>(&mut self, key: &str) -> T {
+        self.read.insert(key.to_owned());
+        match self.figment.extract_inner::<T>(key) {
+            Ok(value) => value,
+            Err(e) => {
+                let detail = e.to_string();
+                let detail = detail
+                    .split(" for key")
+                    .next()
+                    .unwrap_or(&detail)
+                    .to_owned();
+                self.problems
+                    .push(format!("{key}: {detail}{}", self.source(key)));
+                T::default()
+            }
+        }
+    }
+
+    /// Like [`Fields::parse`], for a key that may be absent (then `T::default()`).
+    fn parse_optional<R: DeserializeOwned + Default, T: Default>(
+        &mut self,
+        key: &str,
+        parse: impl FnOnce(R) -> Result<T, String>,
+    ) -> T {
+        if self.figment.find_value(key).is_err() {
+            self.read.insert(key.to_owned());
+            return T::default();
+        }
+        self.parse(key, parse)
+    }
+
+    fn parse<R: DeserializeOwned + Default, T: Default>(
+        &mut self,
+        key: &str,
+        parse: impl FnOnce(R) -> Result<T, String>,
+    ) -> T {
+        let before = self.problems.len();
+        let raw: R = self.get(key);
+        if self.problems.len() > before {
+            return T::default();
+        }
+        parse(raw).unwrap_or_else(|e| {
+            self.problems
+                .push(format!("{key}: {e}{}", self.source(key)));
+            T::default()
+        })
+    }
+
+    fn duration(&mut self, key: &str) -> Duration {
+        self.parse(key, |s: String| match parse_duration(&s) {
+            Ok(d) if d.is_zero() => Err("must be greater than zero".to_owned()),
+            other => other,
+        })
+    }
+
+    /// A duration that may be zero ("0s" turns the thing it times off).
+    fn duration_or_zero(&mut self, key: &str) -> Duration {
+        self.parse(key, |s: String| parse_duration(&s))
+    }
+
+    fn range<T>(&mut self, key: &str, min: T, max: T) -> T
+    where
+        T: DeserializeOwned + Default + PartialOrd + fmt::Display + Copy,
+    {
+        self.parse(key, |v: T| {
+            if v < min || v > max {
+                Err(format!("{v} is out of range {min}..={max}"))
+            } else {
+                Ok(v)
+            }
+        })
+    }
+
+    /// Records every `section.key` present in the merged sources that no field read.
+    fn check_unknown_keys(&mut self) {
+        let Ok(root) = self.figment.extract::<Dict>() else {
+            return;
+        };
+        for (section, value) in &root {
+            if self.read.contains(section.as_str()) {
+                continue;
+            }
+            match value {
+                Value::Dict(_, keys) => {
+                    for key in keys.keys() {
+                        let path = format!("{section}.{key}");
+                        if !self.read.contains(&path) {
+                            let source = self.source(&path);
+                            self.problems.push(format!("{path}: unknown key{source}"));
+                        }
+                    }
+                }
+                _ => {
+                    let source = self.source(section);
+                    self.problems
+                        .push(format!("{section}: unknown section{source}"));
+                }
+            }
+        }
+    }
+
+    fn into_problems(self) -> Vec<String> {
+        self.problems
+    }
+}
+
+/// Accepts a list of patterns, or one comma-separated string (handy in environment variables).
+#[derive(serde::Deserialize, Default)]
+#[serde(untagged)]
+enum StringList {
+    List(Vec<String>),
+    Csv(String),
+    #[default]
+    Empty,
+}
+
+fn parse_host_patterns(list: StringList) -> Result<Vec<HostPattern>, String> {
+    let entries: Vec<String> = match list {
+        StringList::List(v) => v,
+        StringList::Csv(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        StringList::Empty => Vec::new(),
+    };
+    let mut bad = Vec::new();
+    let mut patterns = Vec::new();
+    for entry in entries {
+        match entry.parse::<HostPattern>() {
+            Ok(p) => patterns.push(p),
+            Err(e) => bad.push(format!("{entry:?}: {e}")),
+        }
+    }
+    if bad.is_empty() {
+        Ok(patterns)
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
+/// Validates `[[routes]]`: each prefix starts with `/` and appears once; each upstream is an
+/// http(s) URL.
+fn parse_routes(raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, String> {
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut bad = Vec::new();
+    for (i, r) in raw.into_iter().enumerate() {
+        if !r.prefix.starts_with('/') {
+            bad.push(format!("[{i}] prefix {:?} must start with /", r.prefix));
+        }
+        if !seen.insert(r.prefix.clone()) {
+            bad.push(format!("[{i}] prefix {:?} appears twice", r.prefix));
+        }
+        let default_ttl = match r.default_ttl.as_deref().map(humantime::parse_duration) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                bad.push(format!("[{i}] default_ttl: {e}"));
+                None
+            }
+        };
+        match parse_route_upstream(r.upstream.clone()) {
+            Ok(Some(upstream)) => routes.push(RouteConfig {
+                prefix: r.prefix,
+                upstream,
+                name: "route",
+                default_ttl,
+            }),
+            Ok(None) => bad.push(format!("[{i}] upstream is empty")),
+            Err(e) => bad.push(format!("[{i}] upstream {e}")),
+        }
+    }
+    if bad.is_empty() {
+        Ok(routes)
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
+/// Parses an operator-set route upstream: empty means off; otherwise an http(s) URL with no
+/// query, fragment or userinfo, stored without a trailing slash.
+fn parse_route_upstream(s: String) -> Result<Option<Url>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let url = Url::parse(s.trim_end_matches('/')).map_err(|e| format!("{s:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{s:?}: scheme must be http or https"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?}: must not have a query or fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{s:?}: must not contain credentials"));
+    }
+    Ok(Some(url))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected a duration such as \"5s\" or \"250ms\")"))
+}

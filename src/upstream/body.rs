@@ -1,0 +1,150 @@
+//! [`UpstreamBody`]: an origin's response body, read at the consumer's pace, that fails rather
+//! than ends when it is incomplete.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Body as _;
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::inflight::InflightGuard;
+use super::{UpstreamError, error_chain};
+
+/// An origin's response body as a stream of chunks, exactly as they arrive (at most
+/// [`READ_BUFFER_BYTES`](super::READ_BUFFER_BYTES) each; never coalesced or buffered here). It fails rather than ends when
+/// the body is incomplete: a stall longer than `idle_timeout`, more than `max_object_bytes`, a
+/// length other than `Content-Length`, or a connection error. Reading is driven by the consumer,
+/// so a slow client slows the origin read.
+pub struct UpstreamBody {
+    pub(super) incoming: Incoming,
+    /// Fires `total_timeout` after the request was sent: no fetch lasts longer.
+    pub(super) deadline: Pin<Box<Sleep>>,
+    pub(super) total_timeout: Duration,
+    /// Keeps the fetch in the in-flight list until the body is dropped.
+    pub(super) _inflight: InflightGuard,
+    /// Fires when the origin has sent nothing for `idle_timeout` while we were waiting for it.
+    pub(super) idle: Pin<Box<Sleep>>,
+    pub(super) idle_timeout: Duration,
+    /// Whether the last poll found the origin with nothing to give (the idle timer is running).
+    pub(super) waiting: bool,
+    pub(super) received_bytes: u64,
+    /// `Content-Length`, or 0 for bodyless responses.
+    pub(super) expected_bytes: Option<u64>,
+    pub(super) max_bytes: u64,
+    pub(super) done: bool,
+}
+
+impl UpstreamBody {
+    /// Bytes received so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.received_bytes
+    }
+
+    /// The length this body must have, when announced.
+    pub fn expected_bytes(&self) -> Option<u64> {
+        self.expected_bytes
+    }
+
+    /// Whether nothing more will come: finished, failed, every announced byte received (hyper
+    /// stops polling a body once its `Content-Length` is written), or a bodyless response.
+    pub fn is_end_stream(&self) -> bool {
+        self.done || self.is_complete()
+    }
+
+    /// Whether every announced byte has arrived (always false without a `Content-Length`).
+    pub fn is_complete(&self) -> bool {
+        self.expected_bytes == Some(self.received_bytes)
+    }
+
+    /// Polls the next chunk: `Some(Ok)` data, `Some(Err)` a failure (after which it is done),
+    /// `None` a complete body.
+    pub fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, UpstreamError>>> {
+        loop {
+            if self.is_end_stream() {
+                self.done = true;
+                return Poll::Ready(None);
+            }
+            let frame = match Pin::new(&mut self.incoming).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    self.waiting = false;
+                    frame
+                }
+                Poll::Pending => {
+                    if self.deadline.as_mut().poll(cx).is_ready() {
+                        return self.fail(UpstreamError::TotalTimeout(self.total_timeout));
+                    }
+                    // The timer measures the origin's silence, not the client's: it starts when
+                    // we begin waiting, not when the previous chunk arrived.
+                    if !self.waiting {
+                        self.waiting = true;
+                        self.idle.as_mut().reset(Instant::now() + self.idle_timeout);
+                    }
+                    ready!(self.idle.as_mut().poll(cx));
+                    return self.fail(UpstreamError::Stalled(self.idle_timeout));
+                }
+            };
+            return match frame {
+                // An origin that never pauses long enough to stall still meets the deadline.
+                Some(Ok(_)) if Instant::now() >= self.deadline.deadline() => {
+                    self.fail(UpstreamError::TotalTimeout(self.total_timeout))
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(chunk) => self.accept(chunk),
+                    Err(_trailers) => continue,
+                },
+                Some(Err(e)) => match self.expected_bytes {
+                    Some(expected) => self.fail(UpstreamError::LengthMismatch {
+                        received_bytes: self.received_bytes,
+                        expected_bytes: expected,
+                    }),
+                    None => self.fail(UpstreamError::Body {
+                        received_bytes: self.received_bytes,
+                        reason: error_chain(&e),
+                    }),
+                },
+                None => match self.expected_bytes {
+                    Some(expected) if expected != self.received_bytes => {
+                        self.fail(UpstreamError::LengthMismatch {
+                            received_bytes: self.received_bytes,
+                            expected_bytes: expected,
+                        })
+                    }
+                    _ => {
+                        self.done = true;
+                        Poll::Ready(None)
+                    }
+                },
+            };
+        }
+    }
+
+    /// Counts a chunk against the announced length or `max_object_bytes`.
+    fn accept(&mut self, chunk: Bytes) -> Poll<Option<Result<Bytes, UpstreamError>>> {
+        self.received_bytes += chunk.len() as u64;
+        match self.expected_bytes {
+            Some(expected) if self.received_bytes > expected => {
+                self.fail(UpstreamError::LengthMismatch {
+                    received_bytes: self.received_bytes,
+                    expected_bytes: expected,
+                })
+            }
+            None if self.received_bytes > self.max_bytes => {
+                self.fail(UpstreamError::BodyTooLarge {
+                    max_bytes: self.max_bytes,
+                })
+            }
+            _ => Poll::Ready(Some(Ok(chunk))),
+        }
+    }
+
+    fn fail(&mut self, e: UpstreamError) -> Poll<Option<Result<Bytes, UpstreamError>>> {
+        self.done = true;
+        Poll::Ready(Some(Err(e)))
+    }
+}
