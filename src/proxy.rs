@@ -23,7 +23,6 @@ use http::header::{CONTENT_LENGTH, ETAG, LAST_MODIFIED, VARY, X_CONTENT_TYPE_OPT
 use http::{HeaderMap, HeaderValue, Method, Response};
 use http_body_util::BodyExt;
 use tokio::sync::watch;
-use tracing::field::display;
 use tracing::{Instrument, Span};
 use url::Url;
 
@@ -168,7 +167,7 @@ impl Proxy {
             if usability == Some(Usability::StaleWhileRevalidate) {
                 self.refresh_in_background(&req, object.clone());
             }
-            Span::current().record("cache", display(cache_status));
+            cache_status.record_in_span();
             return Ok(hit_response(object, &req, now, cache_status));
         }
         if req.directives.only_if_cached {
@@ -203,7 +202,7 @@ impl Proxy {
         } else {
             return result;
         };
-        Span::current().record("cache", display(cache_status));
+        cache_status.record_in_span();
         Ok(hit_response(&object, &req, now, cache_status))
     }
 
@@ -263,7 +262,7 @@ impl Proxy {
             Role::Follower(fill) => match fill.wait_outcome(self.cache.lock_timeout).await {
                 Some(Outcome::Shared(head)) => {
                     self.metrics.collapsed.inc();
-                    Span::current().record("cache", display(CacheStatus::MISS_COLLAPSED));
+                    CacheStatus::MISS_COLLAPSED.record_in_span();
                     let mut response =
                         Response::new(ProxyBody::Shared(Box::new(SharedReader::new(fill))));
                     *response.status_mut() = head.status;
@@ -318,7 +317,7 @@ impl Proxy {
         }
         headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         let (cache_status, mut store) = self.plan(&req, &head, &headers).await;
-        Span::current().record("cache", display(cache_status));
+        cache_status.record_in_span();
         // A bodyless response (a 204, say) is complete already, and hyper never polls an empty
         // body, so a tee would never see its end: store it now.
         if body.is_end_stream()

@@ -122,6 +122,11 @@ impl CacheStatus {
     /// A method that is never looked up (POST, PUT, DELETE, ...), forwarded on a route.
     pub const FORWARD_METHOD: Self = Self::forward(Fwd::Method);
 
+    /// Records it as the current request span's `cache` field (the access line's), as a string.
+    pub fn record_in_span(self) {
+        tracing::Span::current().record("cache", self.to_string().as_str());
+    }
+
     /// The field value.
     pub fn header_value(&self) -> HeaderValue {
         HeaderValue::try_from(self.to_string()).expect("cache status is ASCII")

@@ -39,10 +39,7 @@ impl Proxy {
         self.count_fetch(&fetched);
         let UpstreamResponse { head, body } = fetched?;
         Span::current().record("upstream_status", head.status.as_u16());
-        Span::current().record(
-            "cache",
-            tracing::field::display(CacheStatus::FORWARD_METHOD),
-        );
+        CacheStatus::FORWARD_METHOD.record_in_span();
         if !head.status.is_client_error() && !head.status.is_server_error() {
             self.tier.invalidate(&CacheKey::for_url(&url)).await;
             for name in [LOCATION, CONTENT_LOCATION] {

@@ -72,7 +72,7 @@ impl Proxy {
         } else {
             CacheStatus::REVALIDATED
         };
-        Span::current().record("cache", tracing::field::display(cache_status));
+        cache_status.record_in_span();
         let refreshed = CachedObject {
             status: object.status,
             headers: merged,
