@@ -147,8 +147,8 @@ impl CacheStatus {
 }
 
 /// The values every hit and most misses send, as text written once: rendering them per response
-/// (a `String` grown by `fmt`) cost about 1 000 instructions per hit, 2% of a small memory hit.
-/// A test checks each against the rendering.
+/// (a `String` grown by `fmt`, twice) cost about 2 800 instructions per hit, 5% of a small memory
+/// hit's user-space work (`loadtest/perhit.sh`). A test checks each against the rendering.
 const RENDERED: [(CacheStatus, &str); 9] = [
     (CacheStatus::hit("memory"), "imgedge; hit; detail=memory"),
     (CacheStatus::hit("disk"), "imgedge; hit; detail=disk"),
