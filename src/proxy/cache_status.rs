@@ -123,7 +123,7 @@ impl CacheStatus {
     /// A method that is never looked up (POST, PUT, DELETE, ...), forwarded on a route.
     pub const FORWARD_METHOD: Self = Self::forward(Fwd::Method);
 
-    /// The field value as text: from [`RENDERED`] for the values on the hot paths (no
+    /// The field value as text: from `RENDERED` for the values on the hot paths (no
     /// allocation), rendered now for any other.
     pub fn text(&self) -> Cow<'static, str> {
         match RENDERED.iter().find(|(status, _)| status == self) {
