@@ -138,8 +138,21 @@ impl PassMarker {
 
 /// How long a [`PassMarker`] is kept.
 const PASS_TTL: Duration = Duration::from_secs(120);
-/// How many [`PassMarker`]s are kept at most.
-const PASS_MARKERS: u64 = 100_000;
+/// How long a [`VaryIndex`] is kept unused: its variants expire on their own; an index found
+/// gone is rebuilt by the next response that varies.
+const VARY_INDEX_IDLE: Duration = Duration::from_secs(3600);
+/// The bytes pass markers may take, and the bytes `Vary` indexes may take, each: their keys are
+/// client-chosen URLs (up to `max_url_bytes`), so they are weighed by bytes, not counted.
+pub const INDEX_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
+/// Bytes charged per pass marker or `Vary` index on top of its key.
+const INDEX_ENTRY_OVERHEAD_BYTES: u32 = 160;
+
+/// The weight of an index entry under `key`: the key's bytes and a fixed overhead.
+fn index_weight(key: &CacheKey) -> u32 {
+    u32::try_from(key.as_str().len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(INDEX_ENTRY_OVERHEAD_BYTES)
+}
 
 /// Where a lookup found an object: the memory tier (0) or a tier below it (1, 2, ...: the order
 /// of [`TieredCache::tier_names`]).
@@ -169,14 +182,23 @@ impl TieredCache {
     /// `memory` in front of `lower`, looked up in that order.
     pub fn new(memory: MemoryTier, lower: Vec<Tier>) -> Self {
         let passes = Cache::builder()
-            .max_capacity(PASS_MARKERS)
+            .max_capacity(INDEX_CAPACITY_BYTES)
+            .weigher(|k: &CacheKey, _: &PassMarker| index_weight(k))
             .time_to_live(PASS_TTL)
+            .build();
+        let variants = Cache::builder()
+            .max_capacity(INDEX_CAPACITY_BYTES)
+            .weigher(|k: &CacheKey, v: &VaryIndex| {
+                let names: usize = v.names.iter().map(|n| n.as_str().len()).sum();
+                index_weight(k).saturating_add(u32::try_from(names).unwrap_or(u32::MAX))
+            })
+            .time_to_idle(VARY_INDEX_IDLE)
             .build();
         TieredCache {
             memory,
             lower: lower.into(),
             passes,
-            variants: Cache::builder().max_capacity(PASS_MARKERS).build(),
+            variants,
             next_generation: Arc::default(),
         }
     }
@@ -238,6 +260,27 @@ impl TieredCache {
             tier.store(key.clone(), object.clone());
         }
         self.memory.insert(key, object).await;
+    }
+
+    /// Drops every object from the memory tier (the lower tiers keep them) and every pass marker
+    /// and `Vary` index, releasing them now: for critical memory pressure.
+    pub async fn clear_memory(&self) {
+        self.memory.clear().await;
+        self.passes.invalidate_all();
+        self.variants.invalidate_all();
+        self.passes.run_pending_tasks().await;
+        self.variants.run_pending_tasks().await;
+    }
+
+    /// Pass markers and `Vary` indexes held, and their weighted bytes (pending maintenance run
+    /// first).
+    pub async fn index_usage(&self) -> (u64, u64) {
+        self.passes.run_pending_tasks().await;
+        self.variants.run_pending_tasks().await;
+        (
+            self.passes.entry_count() + self.variants.entry_count(),
+            self.passes.weighted_size() + self.variants.weighted_size(),
+        )
     }
 
     /// Discards the writes queued for every lower tier; see [`Tier::drop_queued_writes`].
@@ -394,6 +437,27 @@ mod tests {
         tier.invalidate(&b).await;
         assert!(tier.memory().get(&a).await.is_none());
         assert!(tier.pass_marker(&b).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn pass_markers_and_vary_indexes_are_bounded_by_bytes_and_cleared_with_memory() {
+        let tier = memory_only(1 << 20, Duration::ZERO);
+        let long = "x".repeat(4000);
+        for i in 0..6000 {
+            let k = key(&format!("http://h/{long}/{i}"));
+            let marker = PassMarker {
+                reason: "no-store",
+                length_bytes: None,
+            };
+            tier.mark_pass(k.clone(), marker).await;
+            tier.set_vary_index(&k, vec![http::header::ACCEPT]).await;
+        }
+        let (entries, bytes) = tier.index_usage().await;
+        // 6000 of each at about 4.2 KB would be 50 MB.
+        assert!(bytes <= 2 * INDEX_CAPACITY_BYTES, "{bytes} bytes");
+        assert!(entries < 2 * 6000, "{entries} entries");
+        tier.clear_memory().await;
+        assert_eq!(tier.index_usage().await, (0, 0));
     }
 
     #[tokio::test]

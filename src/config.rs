@@ -279,6 +279,7 @@ mod tests {
             allowed_hosts = ["ok.example", "bad host"]
             [cache]
             default_ttl = 3
+            negative_ttl = "100years"
             colour = "blue"
             [log]
             format = "xml"
@@ -294,13 +295,14 @@ mod tests {
             "upstream.connect_timeout",
             "upstream.allowed_hosts",
             "cache.default_ttl",
+            "cache.negative_ttl",
             "cache.colour: unknown key",
             "log.format",
             "extra.x: unknown key",
         ] {
             assert!(text.contains(key), "{key} missing from:\n{text}");
         }
-        assert_eq!(err.problems.len(), 8, "{text}");
+        assert_eq!(err.problems.len(), 9, "{text}");
     }
 
     #[test]

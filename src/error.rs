@@ -39,6 +39,16 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The message the client sees: the error's own, except for upstream failures, whose
+    /// details (an error chain naming addresses, resolution, refusals, TLS) go to the log only,
+    /// so that a prober cannot map what lies behind the proxy. Timeouts keep their phase.
+    pub fn client_message(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            ProxyError::Upstream(_) => "the upstream request failed".into(),
+            e => e.to_string().into(),
+        }
+    }
+
     /// The status and stable error code the client sees. The codes are part of the API:
     /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
     /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,

@@ -6,6 +6,31 @@ use std::time::{Duration, SystemTime};
 use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES, LAST_MODIFIED};
 use http::{HeaderMap, StatusCode};
 
+/// The greatest delta-seconds value imgedge represents, 2^31 seconds (about 68 years): a larger
+/// one, or any age or lifetime calculation past it, counts as this (RFC 9111 §1.2.2). Every
+/// lifetime, age and stale window here is at most this, so no sum of them overflows.
+pub const MAX_DELTA_SECONDS: u64 = 1 << 31;
+
+/// [`MAX_DELTA_SECONDS`] as a duration.
+pub const MAX_DELTA: Duration = Duration::from_secs(MAX_DELTA_SECONDS);
+
+/// A delta-seconds argument (RFC 9111 §1.2.2): `None` unless it is all digits; a value too large
+/// to represent (or past 2^31) is 2^31.
+fn delta_seconds(arg: &str) -> Option<u64> {
+    if arg.is_empty() || !arg.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        arg.parse::<u64>()
+            .map_or(MAX_DELTA_SECONDS, |s| s.min(MAX_DELTA_SECONDS)),
+    )
+}
+
+/// `seconds` as a duration, at most [`MAX_DELTA`].
+fn delta(seconds: u64) -> Duration {
+    Duration::from_secs(seconds.min(MAX_DELTA_SECONDS))
+}
+
 /// The response `Cache-Control` directives a shared cache acts on (RFC 9111 §5.2.2).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ResponseDirectives {
@@ -27,12 +52,13 @@ pub struct ResponseDirectives {
 }
 
 impl ResponseDirectives {
-    /// Parses every `Cache-Control` field line of `headers`. Unknown directives are ignored and a
-    /// malformed delta-seconds is treated as 0 (stale), as §4.2.1 asks of invalid freshness.
+    /// Parses every `Cache-Control` field line of `headers`. Unknown directives are ignored, a
+    /// malformed delta-seconds is treated as 0 (stale), as §4.2.1 asks of invalid freshness, and
+    /// one too large is 2^31 (§1.2.2).
     pub fn parse(headers: &HeaderMap) -> Self {
         let mut d = ResponseDirectives::default();
         for (name, arg) in directives(headers, CACHE_CONTROL.as_str()) {
-            let seconds = || arg.map(|a| a.parse::<u64>().unwrap_or(0));
+            let seconds = || arg.map(|a| delta_seconds(a).unwrap_or(0));
             match name.as_str() {
                 "no-store" => d.no_store = true,
                 // A qualified `private="field"` or `no-cache="field"` is treated as
@@ -92,7 +118,7 @@ impl SurrogateDirectives {
             }
             match name.as_str() {
                 "no-store" => d.no_store = true,
-                "max-age" => d.max_age = Some(arg.and_then(|a| a.parse().ok()).unwrap_or(0)),
+                "max-age" => d.max_age = Some(arg.and_then(delta_seconds).unwrap_or(0)),
                 _ => {}
             }
         }
@@ -186,9 +212,12 @@ impl Freshness {
         self.lifetime.saturating_sub(self.initial_age)
     }
 
-    /// `current_age` (§4.2.3) at `now` of a response received at `response_time`.
+    /// `current_age` (§4.2.3) at `now` of a response received at `response_time`; at most
+    /// [`MAX_DELTA`].
     pub fn current_age(&self, response_time: SystemTime, now: SystemTime) -> Duration {
-        self.initial_age + now.duration_since(response_time).unwrap_or_default()
+        self.initial_age
+            .saturating_add(now.duration_since(response_time).unwrap_or_default())
+            .min(MAX_DELTA)
     }
 }
 
@@ -265,7 +294,7 @@ pub fn storable(
     }
     let lifetime = surrogate
         .max_age
-        .map(Duration::from_secs)
+        .map(delta)
         .or_else(|| explicit_lifetime(&d, headers, times.response_time))
         .or_else(|| heuristic_lifetime(status, headers, times.response_time, policy))
         .ok_or(if HEURISTIC_STATUSES.contains(&status.as_u16()) {
@@ -278,8 +307,8 @@ pub fn storable(
         initial_age: initial_age(headers, times),
         // s-maxage implies proxy-revalidate for a shared cache (§5.2.2.10).
         must_revalidate: d.must_revalidate || d.s_maxage.is_some(),
-        stale_while_revalidate: Duration::from_secs(d.stale_while_revalidate.unwrap_or(0)),
-        stale_if_error: Duration::from_secs(d.stale_if_error.unwrap_or(0)),
+        stale_while_revalidate: delta(d.stale_while_revalidate.unwrap_or(0)),
+        stale_if_error: delta(d.stale_if_error.unwrap_or(0)),
     };
     // Stale on arrival is still worth keeping when it can be revalidated or served stale.
     let usable_stale = headers.contains_key(http::header::ETAG)
@@ -299,7 +328,7 @@ fn explicit_lifetime(
     response_time: SystemTime,
 ) -> Option<Duration> {
     if let Some(s) = d.s_maxage.or(d.max_age) {
-        return Some(Duration::from_secs(s));
+        return Some(delta(s));
     }
     let expires = headers.get(EXPIRES)?;
     // An invalid Expires, such as "0", means already expired (§5.3).
@@ -307,7 +336,12 @@ fn explicit_lifetime(
         return Some(Duration::ZERO);
     };
     let date = date_or(headers, response_time);
-    Some(expires.duration_since(date).unwrap_or_default())
+    Some(
+        expires
+            .duration_since(date)
+            .unwrap_or_default()
+            .min(MAX_DELTA),
+    )
 }
 
 /// The response's `Date`, or `response_time` when it has no valid one (RFC 9110 §6.6.1).
@@ -361,8 +395,9 @@ impl RequestDirectives {
         let mut any = false;
         for (name, arg) in directives(headers, CACHE_CONTROL.as_str()) {
             any = true;
-            // An unparsable number is ignored rather than read as 0 (§5.2.1).
-            let seconds = || arg.and_then(|a| a.parse::<u64>().ok());
+            // An unparsable number is ignored rather than read as 0 (§5.2.1); one too large is
+            // 2^31 (§1.2.2).
+            let seconds = || arg.and_then(delta_seconds);
             match name.as_str() {
                 "no-cache" => d.no_cache = true,
                 "no-store" => d.no_store = true,
@@ -405,15 +440,12 @@ pub fn usability(freshness: &Freshness, age: Duration, request: &RequestDirectiv
     if request.no_cache {
         return Usability::NeedsValidation;
     }
-    if request
-        .max_age
-        .is_some_and(|m| age > Duration::from_secs(m))
-    {
+    if request.max_age.is_some_and(|m| age > delta(m)) {
         return Usability::NeedsValidation;
     }
     let fresh_for = freshness.lifetime.saturating_sub(age);
     if let Some(min_fresh) = request.min_fresh
-        && fresh_for < Duration::from_secs(min_fresh)
+        && fresh_for < delta(min_fresh)
     {
         return Usability::NeedsValidation;
     }
@@ -426,7 +458,7 @@ pub fn usability(freshness: &Freshness, age: Duration, request: &RequestDirectiv
     }
     if request
         .max_stale
-        .is_some_and(|limit| limit.is_none_or(|s| stale_for <= Duration::from_secs(s)))
+        .is_some_and(|limit| limit.is_none_or(|s| stale_for <= delta(s)))
     {
         return Usability::StaleAccepted;
     }
@@ -441,7 +473,7 @@ fn initial_age(headers: &HeaderMap, t: ResponseTimes) -> Duration {
     let age_value = match age_value(headers) {
         Ok(age) => age,
         // An invalid Age makes the response stale on arrival (§5.1).
-        Err(()) => return Duration::MAX / 4,
+        Err(()) => return MAX_DELTA,
     };
     let apparent_age = headers
         .get(DATE)
@@ -452,7 +484,9 @@ fn initial_age(headers: &HeaderMap, t: ResponseTimes) -> Duration {
         .response_time
         .duration_since(t.request_time)
         .unwrap_or_default();
-    apparent_age.max(age_value + response_delay)
+    apparent_age
+        .max(age_value.saturating_add(response_delay))
+        .min(MAX_DELTA)
 }
 
 /// The `Age` field (§5.1): absent is zero; anything but one field line holding one non-negative
@@ -466,13 +500,8 @@ fn age_value(headers: &HeaderMap) -> Result<Duration, ()> {
         return Err(());
     }
     let value = value.to_str().map_err(|_| ())?.trim();
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(());
-    }
-    // An integer too large to represent is "the largest positive integer" (§1.2.2).
-    Ok(Duration::from_secs(
-        value.parse::<u64>().unwrap_or(u32::MAX.into()),
-    ))
+    // An integer too large to represent is 2^31 (§1.2.2).
+    delta_seconds(value).map(delta).ok_or(())
 }
 
 fn http_date(v: &http::HeaderValue) -> Option<SystemTime> {
@@ -790,6 +819,54 @@ mod tests {
         ] {
             assert_eq!(decide_age(bad).unwrap_err(), NotStorable::Stale, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn delta_seconds_past_2_pow_31_count_as_2_pow_31_and_nothing_overflows() {
+        assert_eq!(delta_seconds("60"), Some(60));
+        assert_eq!(delta_seconds("2147483649"), Some(MAX_DELTA_SECONDS));
+        assert_eq!(
+            delta_seconds("18446744073709551615"),
+            Some(MAX_DELTA_SECONDS)
+        );
+        assert_eq!(
+            delta_seconds("99999999999999999999999"),
+            Some(MAX_DELTA_SECONDS)
+        );
+        for bad in ["", "-1", "1.5", "12a", " 1"] {
+            assert_eq!(delta_seconds(bad), None, "{bad:?}");
+        }
+        let huge = "18446744073709551615";
+        let f = decide(&[
+            ("cache-control", format!("max-age={huge}")),
+            ("age", huge.to_owned()),
+        ]);
+        // Stale on arrival (an Age of 2^31 is not below a lifetime of 2^31), but no panic.
+        assert_eq!(f.unwrap_err(), NotStorable::Stale);
+        let kept = decide(&[
+            (
+                "cache-control",
+                format!("max-age=1, stale-while-revalidate={huge}"),
+            ),
+            ("age", huge.to_owned()),
+        ])
+        .unwrap();
+        assert_eq!(kept.stale_while_revalidate, MAX_DELTA);
+        assert_eq!(kept.initial_age, MAX_DELTA);
+        let f = decide(&[("cache-control", format!("s-maxage=9{huge}"))]).unwrap();
+        assert_eq!(f.lifetime, MAX_DELTA);
+        assert_eq!(f.current_age(at(0), at(u64::from(u32::MAX))), MAX_DELTA);
+        let far = decide(&[("expires", "Fri, 31 Dec 9999 23:59:59 GMT".to_owned())]).unwrap();
+        assert_eq!(far.lifetime, MAX_DELTA);
+        let request = RequestDirectives::parse(&headers(&[(
+            "cache-control",
+            format!("max-stale={huge}, min-fresh=9{huge}"),
+        )]));
+        assert_eq!(request.max_stale, Some(Some(MAX_DELTA_SECONDS)));
+        assert_eq!(
+            usability(&f, MAX_DELTA, &request),
+            Usability::NeedsValidation
+        );
     }
 
     #[test]

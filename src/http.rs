@@ -111,7 +111,7 @@ impl Router {
         match route {
             Route::Health => {
                 get_or_head(req.method())?;
-                Ok(self.admin.health(req.uri().path()).await)
+                Ok(self.admin.health(req.uri().path(), req.headers()).await)
             }
             Route::Metrics => {
                 get_or_head(req.method())?;
@@ -143,7 +143,7 @@ impl Router {
 /// `{"error": code, "message": text}` with the error's status; never cached downstream.
 fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     let (status, code) = e.status();
-    let body = serde_json::json!({ "error": code, "message": e.to_string() });
+    let body = serde_json::json!({ "error": code, "message": e.client_message() });
     let mut response = json_response(status, &body);
     if matches!(e, ProxyError::Overloaded) {
         response

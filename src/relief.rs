@@ -7,7 +7,7 @@
 //!   returns freed pages to the system over seconds (jemalloc's background threads, over its
 //!   10 s `dirty_decay_ms`), so bytes just evicted are counted as on their way out
 //!   ([`Eviction`]) rather than evicted again against a reading that cannot have moved yet.
-//! - entering **critical**: the memory tier is cleared.
+//! - entering **critical**: the memory tier, its pass markers and `Vary` indexes are cleared.
 //! - entering **emergency**: also the disk tier's write queue is dropped and the fills no client
 //!   is reading are aborted.
 //!
@@ -111,7 +111,7 @@ pub async fn run(mut pressure: watch::Receiver<Reading>, relief: Relief) {
                 .inc();
         }
         if reading.level >= Level::Critical && level < Level::Critical {
-            tier.memory().clear().await;
+            tier.clear_memory().await;
             metrics.relieved("cleared", 1);
             tracing::warn!(
                 rss_bytes = reading.rss_bytes,

@@ -184,8 +184,9 @@ impl HostPolicy {
     }
 
     /// Checks a URL before it is fetched (and every redirect target): the host must be allowed,
-    /// and a literal IP address must be global unless trusted. Names are checked once resolved,
-    /// by the resolver, because a literal address never reaches it.
+    /// and a literal IP address must be global, and a name not a localhost name, unless trusted.
+    /// Other names are checked once resolved, by the resolver, because a literal address never
+    /// reaches it.
     ///
     /// # Errors
     /// [`TargetError::HostNotAllowed`] or [`TargetError::PrivateAddress`].
@@ -198,19 +199,26 @@ impl HostPolicy {
                 None => host.to_owned(),
             }));
         }
-        let literal = match url.host() {
-            Some(Host::Ipv4(a)) => Some(IpAddr::V4(a)),
-            Some(Host::Ipv6(a)) => Some(IpAddr::V6(a)),
-            _ => None,
+        // Known without asking DNS: a literal non-global address, or a localhost name (RFC 6761
+        // §6.3: always the loopback).
+        let local = match url.host() {
+            Some(Host::Ipv4(a)) => !is_global(IpAddr::V4(a)),
+            Some(Host::Ipv6(a)) => !is_global(IpAddr::V6(a)),
+            Some(Host::Domain(d)) => is_localhost(d),
+            None => false,
         };
-        if let Some(ip) = literal
-            && !is_global(ip)
-            && !self.trusts(host)
-        {
+        if local && !self.trusts(host) {
             return Err(TargetError::PrivateAddress(host.to_owned()));
         }
         Ok(())
     }
+}
+
+/// Whether `name` is `localhost` or a name under it (RFC 6761 §6.3), in any case, with or
+/// without a trailing dot.
+fn is_localhost(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
 }
 
 /// Whether `ip` is a globally routable unicast address: not unspecified, loopback, private

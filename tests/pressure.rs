@@ -189,16 +189,22 @@ async fn a_fetch_past_total_timeout_is_aborted_and_in_flight_fetches_are_listed(
     let origin = TestOrigin::start().await;
     // 100 pieces 50 ms apart: about 5 s, never silent for the 1 s idle timeout.
     origin.route(
-        "/drip.jpg",
+        "/drip.jpg?token=secret",
         Reply::pattern(100_000)
             .header("Cache-Control", "max-age=600")
             .fault(Fault::Drip(Duration::from_millis(50))),
     );
-    let config = test_config(&origin, "[upstream]\ntotal_timeout = \"600ms\"");
+    let config = test_config(
+        &origin,
+        "[upstream]\ntotal_timeout = \"600ms\"\n[admin]\ntoken = \"t0k-0123456789abcdef\"",
+    );
     let proxy = TestProxy::start(config).await;
-    let mut r = proxy.stream_image(&origin.url("/drip.jpg")).await;
+    let mut r = proxy
+        .stream_image(&origin.url("/drip.jpg?token=secret"))
+        .await;
     r.chunk().await.unwrap();
 
+    // Listed without its query string (signed URLs carry tokens there), unless the admin asks.
     let health = proxy.get("/health").await.json();
     assert_eq!(health["inflight"]["count"], 1, "{health}");
     assert_eq!(
@@ -206,6 +212,18 @@ async fn a_fetch_past_total_timeout_is_aborted_and_in_flight_fetches_are_listed(
         origin.url("/drip.jpg")
     );
     assert!(health["inflight"]["oldest"][0]["age_ms"].as_u64().is_some());
+    let admin = proxy
+        .send(
+            Method::GET,
+            "/health",
+            &[("Authorization", "Bearer t0k-0123456789abcdef")],
+        )
+        .await
+        .json();
+    assert_eq!(
+        admin["inflight"]["oldest"][0]["url"],
+        origin.url("/drip.jpg?token=secret")
+    );
 
     let started = std::time::Instant::now();
     let rest = async {
@@ -225,7 +243,9 @@ async fn a_fetch_past_total_timeout_is_aborted_and_in_flight_fetches_are_listed(
     let health = proxy.get("/health").await.json();
     assert_eq!(health["inflight"]["count"], 0, "{health}");
     // Only the head: this fetch drips past total_timeout too.
-    let again = proxy.stream_image(&origin.url("/drip.jpg")).await;
+    let again = proxy
+        .stream_image(&origin.url("/drip.jpg?token=secret"))
+        .await;
     assert_ne!(
         cache_status(&again),
         "imgedge; hit; detail=memory",

@@ -10,6 +10,7 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use super::{CacheKey, CachedObject};
+use crate::freshness::MAX_DELTA;
 
 /// A memory-tier entry: the object and when it was last used.
 struct Entry {
@@ -35,7 +36,12 @@ impl Expiry<CacheKey, Arc<Entry>> for FreshnessExpiry {
         let elapsed = SystemTime::now()
             .duration_since(object.response_time)
             .unwrap_or_default();
-        Some((object.freshness.time_to_live() + self.stale_retention).saturating_sub(elapsed))
+        // Saturating and capped: an entry from an older disk may carry any lifetime, and moka
+        // adds this to its clock.
+        let kept = (object.freshness.time_to_live())
+            .saturating_add(self.stale_retention)
+            .saturating_sub(elapsed);
+        Some(kept.min(MAX_DELTA))
     }
 }
 

@@ -414,7 +414,13 @@ fn parse_route_upstream(s: String) -> Result<Option<Url>, String> {
     Ok(Some(url))
 }
 
+/// A duration such as `"5s"`; at most 2^31 seconds (about 68 years), so that no sum of
+/// configured and stated durations overflows.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{e} (expected a duration such as \"5s\" or \"250ms\")"))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected a duration such as \"5s\" or \"250ms\")"))?;
+    if d > crate::freshness::MAX_DELTA {
+        return Err(format!("{s} is longer than the most allowed, 68 years"));
+    }
+    Ok(d)
 }

@@ -16,7 +16,7 @@ use url::Url;
 
 use super::json_response;
 use crate::body::ProxyBody;
-use crate::cache::{CacheKey, Tier, TierUsage, TieredCache};
+use crate::cache::{CacheKey, INDEX_CAPACITY_BYTES, Tier, TierUsage, TieredCache};
 use crate::error::ProxyError;
 use crate::metrics::{self, Metrics};
 use crate::pressure::{Level, Reading, ReservationPool};
@@ -55,10 +55,22 @@ impl Admin {
     /// [`ProxyError::NotFound`] when purging is disabled, [`ProxyError::Unauthorized`] when the
     /// token is missing or wrong.
     pub fn authorize_purge(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
-        let Some(token) = &self.token else {
+        if self.token.is_none() {
             return Err(ProxyError::NotFound(
                 "purging is disabled: [admin] token is not set".into(),
             ));
+        }
+        if self.is_admin(headers) {
+            Ok(())
+        } else {
+            Err(ProxyError::Unauthorized)
+        }
+    }
+
+    /// Whether `headers` carry `Authorization: Bearer <[admin] token>` (false without a token).
+    fn is_admin(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return false;
         };
         let given = headers
             .get(AUTHORIZATION)
@@ -66,17 +78,12 @@ impl Admin {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
         // Compared in constant time: the comparison must not reveal how much of a guess matched.
-        let equal = given.len() == token.len()
+        given.len() == token.len()
             && given
                 .bytes()
                 .zip(token.bytes())
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if equal {
-            Ok(())
-        } else {
-            Err(ProxyError::Unauthorized)
-        }
+                == 0
     }
 
     /// Removes the object and any pass marker under `key` from every tier; returns whether an
@@ -143,8 +150,10 @@ impl Admin {
     }
 
     /// `/health/live` (the process answers), `/health/ready` (503 while draining or shedding
-    /// load) or `/health` (everything: pressure, in-flight fetches and fills, every tier).
-    pub async fn health(&self, path: &str) -> Response<ProxyBody> {
+    /// load) or `/health` (everything: pressure, in-flight fetches and fills, every tier; the
+    /// in-flight URLs without their query strings, which can hold tokens, unless `headers` carry
+    /// the admin token).
+    pub async fn health(&self, path: &str, headers: &HeaderMap) -> Response<ProxyBody> {
         let level = self.pressure.borrow().level;
         match path {
             "/health/live" => {
@@ -162,15 +171,24 @@ impl Admin {
                 StatusCode::OK,
                 &serde_json::json!({ "status": "ready", "level": level }),
             ),
-            _ => self.health_report().await,
+            _ => self.health_report(self.is_admin(headers)).await,
         }
     }
 
-    async fn health_report(&self) -> Response<ProxyBody> {
+    async fn health_report(&self, admin: bool) -> Response<ProxyBody> {
         let memory = self.tier.memory().usage().await;
+        let (index_entries, index_bytes) = self.tier.index_usage().await;
         let reading = *self.pressure.borrow();
         // Every tier by name; `disk` always, all zero when there is none.
-        let mut cache = serde_json::json!({ "memory": memory, "disk": TierUsage::default() });
+        let mut cache = serde_json::json!({
+            "memory": memory,
+            "disk": TierUsage::default(),
+            "indexes": {
+                "entries": index_entries,
+                "bytes": index_bytes,
+                "capacity_bytes": 2 * INDEX_CAPACITY_BYTES,
+            },
+        });
         for tier in self.tier.lower() {
             cache[tier.name()] = serde_json::json!(tier.usage());
         }
@@ -187,7 +205,10 @@ impl Admin {
                 "count": inflight_count,
                 "oldest": inflight_oldest
                     .iter()
-                    .map(|(url, age)| serde_json::json!({ "url": url.as_ref(), "age_ms": age.as_millis() as u64 }))
+                    .map(|(url, age)| {
+                        let url = if admin { url } else { url.split('?').next().unwrap_or_default() };
+                        serde_json::json!({ "url": url, "age_ms": age.as_millis() as u64 })
+                    })
                     .collect::<Vec<_>>(),
             },
             "fills": {

@@ -10,11 +10,12 @@ use std::task::{Context, Poll};
 use hyper_util::client::legacy::connect::dns::Name;
 
 use super::BoxError;
-use crate::target::{HostPolicy, TargetError, is_global};
+use crate::target::{HostPolicy, is_global};
 
 /// Resolves names for the connector. With a policy (guarded fetches) it keeps only global
-/// addresses unless the host is trusted; when nothing is left the connection fails with
-/// [`TargetError::PrivateAddress`]. Without one (route fetches) it resolves plainly.
+/// addresses unless the host is trusted; when nothing is left the connection fails as a name
+/// that does not resolve fails: a client must not learn which internal names exist (the log
+/// says which it was). Without one (route fetches) it resolves plainly.
 #[derive(Clone)]
 pub(super) struct GuardedResolver {
     pub(super) policy: Option<Arc<HostPolicy>>,
@@ -42,9 +43,45 @@ impl tower_service::Service<Name> for GuardedResolver {
                 _ => addrs,
             };
             if addrs.is_empty() {
-                return Err(Box::new(TargetError::PrivateAddress(host)) as BoxError);
+                let why = format!("{host} resolves only to non-global addresses");
+                return Err(Box::new(std::io::Error::other(why)) as BoxError);
             }
             Ok(addrs.into_iter())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use tower_service::Service;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_name_that_resolves_only_to_private_addresses_fails_like_one_that_does_not_resolve() {
+        let mut guarded = GuardedResolver {
+            policy: Some(Arc::new(HostPolicy::default())),
+        };
+        let e = guarded
+            .call(Name::from_str("localhost").unwrap())
+            .await
+            .unwrap_err();
+        // Not a refusal the client would see as `private_address`: an I/O error, as a failed
+        // lookup is, with the reason for the log.
+        assert!(e.downcast_ref::<crate::target::TargetError>().is_none());
+        assert!(
+            e.to_string()
+                .contains("resolves only to non-global addresses"),
+            "{e}"
+        );
+        let mut plain = GuardedResolver { policy: None };
+        let addrs: Vec<_> = plain
+            .call(Name::from_str("localhost").unwrap())
+            .await
+            .unwrap()
+            .collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
     }
 }
