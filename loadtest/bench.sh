@@ -19,7 +19,7 @@
 #                  ${CARGO_TARGET_DIR:-target}/release/imgedge
 #   IMGEDGE_*      any imgedge configuration override (e.g. IMGEDGE_LOG__LEVEL=info); wins over
 #                  the bench defaults: SERVER__LISTEN=127.0.0.1:18083,
-#                  UPSTREAM__ALLOWED_HOSTS=["127.0.0.1:18080"], SUPABASE__UPSTREAM=
+#                  UPSTREAM__ALLOWED_HOSTS and UPSTREAM__TRUSTED_PRIVATE_HOSTS=["127.0.0.1:18080"], SUPABASE__UPSTREAM=
 #                  http://127.0.0.1:18080, CACHE__MEMORY_CAPACITY_BYTES=1073741824, LOG__LEVEL=warn
 #   BENCH_TARGETS  targets and their order (default "nginx varnish imgedge")
 #   BENCH_TOOLS    the shared tools (default <repo>/../shared/bench)
@@ -65,6 +65,7 @@ peers_run=/tmp/imgproxy-peers # fixed in peers.sh
 def_allowed='["127.0.0.1:18080"]'
 export IMGEDGE_SERVER__LISTEN=${IMGEDGE_SERVER__LISTEN:-127.0.0.1:18083}
 export IMGEDGE_UPSTREAM__ALLOWED_HOSTS=${IMGEDGE_UPSTREAM__ALLOWED_HOSTS:-$def_allowed}
+export IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS=${IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS:-$def_allowed}
 export IMGEDGE_SUPABASE__UPSTREAM=${IMGEDGE_SUPABASE__UPSTREAM:-http://127.0.0.1:18080}
 export IMGEDGE_CACHE__MEMORY_CAPACITY_BYTES=${IMGEDGE_CACHE__MEMORY_CAPACITY_BYTES:-1073741824}
 export IMGEDGE_LOG__LEVEL=${IMGEDGE_LOG__LEVEL:-warn}

@@ -142,6 +142,7 @@ run_probe() {
 # -- imgedge ------------------------------------------------------------------------------------
 IMGEDGE_SERVER__LISTEN=127.0.0.1:$EPORT \
   IMGEDGE_UPSTREAM__ALLOWED_HOSTS=127.0.0.1:$OPORT \
+  IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS=127.0.0.1:$OPORT \
   IMGEDGE_LOG__LEVEL=warn \
   "$EDGE_BIN" >"$TMP/imgedge.log" 2>&1 &
 EDGE_PID=$!

@@ -96,6 +96,11 @@ pub struct ServerConfig {
 pub struct UpstreamConfig {
     /// Hosts `/image-proxy` may fetch from; empty means any host.
     pub allowed_hosts: Vec<HostPattern>,
+    /// Hosts whose addresses may be private (internal origins): the address check is skipped
+    /// for them. A `host:port` entry also allows that port.
+    pub trusted_private_hosts: Vec<HostPattern>,
+    /// Whether a guarded redirect may go from https to http.
+    pub allow_https_downgrade: bool,
     /// Whether `/image-proxy` may connect to non-global (loopback, private, link-local) addresses.
     pub allow_private_networks: bool,
     /// Limit on establishing the connection (TCP and TLS).

@@ -36,6 +36,9 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("memory pressure is critical: try again shortly")]
     Overloaded,
+    /// A guarded redirect that imgedge will not follow: not to http(s), or https to http.
+    #[error("{0}")]
+    BadRedirect(String),
 }
 
 impl ProxyError {
@@ -52,13 +55,13 @@ impl ProxyError {
     /// The status and stable error code the client sees. The codes are part of the API:
     /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
     /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,
-    /// `unauthorized`, `bad_request`, `overloaded`.
+    /// `unauthorized`, `bad_request`, `overloaded`, `bad_redirect`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::Target(TargetError::BadUrl(_)) => (StatusCode::BAD_REQUEST, "bad_url"),
-            ProxyError::Target(TargetError::HostNotAllowed(_)) => {
-                (StatusCode::FORBIDDEN, "host_not_allowed")
-            }
+            ProxyError::Target(
+                TargetError::HostNotAllowed(_) | TargetError::PortNotAllowed { .. },
+            ) => (StatusCode::FORBIDDEN, "host_not_allowed"),
             ProxyError::Target(TargetError::PrivateAddress(_)) => {
                 (StatusCode::FORBIDDEN, "private_address")
             }
@@ -74,6 +77,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed(_) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
+            ProxyError::BadRedirect(_) => (StatusCode::BAD_GATEWAY, "bad_redirect"),
         }
     }
 }
@@ -84,6 +88,7 @@ impl From<UpstreamError> for ProxyError {
             UpstreamError::Refused(t) => t.into(),
             UpstreamError::Timeout { .. } => ProxyError::UpstreamTimeout(e.to_string()),
             UpstreamError::TooLarge { .. } => ProxyError::TooLarge(e.to_string()),
+            UpstreamError::BadRedirect(why) => ProxyError::BadRedirect(why),
             e => ProxyError::Upstream(e.to_string()),
         }
     }

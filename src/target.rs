@@ -1,5 +1,6 @@
 //! What `/image-proxy` may fetch: parsing the `url=` parameter into a normalized target, the
-//! `[upstream] allowed_hosts` patterns, and which IP addresses count as non-global.
+//! `[upstream] allowed_hosts` and `trusted_private_hosts` patterns, the ports allowed, and which
+//! IP addresses count as non-global (the IANA special-purpose registries).
 //!
 //! Pure functions and data; the connect-time enforcement lives in `upstream.rs`, which calls
 //! [`HostPolicy`] from its resolver and redirect policy.
@@ -20,8 +21,16 @@ pub enum TargetError {
     /// `host[:port]` matches no `[upstream] allowed_hosts` entry.
     #[error("host {0} is not in upstream.allowed_hosts")]
     HostNotAllowed(String),
-    /// The host is, or resolves only to, a non-global address.
-    #[error("{0} is a loopback, private, link-local or otherwise non-global address")]
+    /// A port other than 80 and 443 that no `allowed_hosts` or `trusted_private_hosts` entry
+    /// names.
+    #[error(
+        "port {port} of {host} is not allowed: only 80 and 443 are, unless upstream.allowed_hosts names {host}:{port}"
+    )]
+    PortNotAllowed { host: String, port: u16 },
+    /// The host is a non-global address literal or a localhost name.
+    #[error(
+        "{0} is a loopback, private, link-local or otherwise non-global address (list it in upstream.trusted_private_hosts to allow it)"
+    )]
     PrivateAddress(String),
 }
 
@@ -79,7 +88,21 @@ pub fn parse_image_url(query: Option<&str>, max_url_bytes: usize) -> Result<Url,
         return Err(bad("the url must not contain userinfo"));
     }
     url.set_fragment(None);
+    normalize_host(&mut url);
     Ok(url)
+}
+
+/// Drops a domain's trailing dot (`localhost.`, `img.example.`): the same host for DNS, so the
+/// same host for the allow-lists, the address guard and the cache key.
+pub fn normalize_host(url: &mut Url) {
+    if let Some(Host::Domain(d)) = url.host()
+        && let Some(bare) = d.strip_suffix('.')
+        && !bare.is_empty()
+    {
+        let bare = bare.to_owned();
+        // A domain that parsed with its dot parses without it.
+        let _ = url.set_host(Some(&bare));
+    }
 }
 
 /// A raw value starts with a literal scheme separator; an encoded one has `%3A` there instead.
@@ -126,15 +149,17 @@ impl FromStr for HostPattern {
     }
 }
 
-/// Normalizes a host the way [`Url::host_str`] prints it, or `None` when it is not a host.
+/// Normalizes a host the way [`Url::host_str`] prints it (a trailing dot dropped), or `None`
+/// when it is not a host.
 fn valid_host(host: &str) -> Option<String> {
     if host.is_empty() {
         return None;
     }
-    Url::parse(&format!("http://{host}/"))
+    let mut url = Url::parse(&format!("http://{host}/"))
         .ok()
-        .filter(|u| u.port().is_none() && u.path() == "/")
-        .and_then(|u| u.host_str().map(str::to_owned))
+        .filter(|u| u.port().is_none() && u.path() == "/")?;
+    normalize_host(&mut url);
+    url.host_str().map(str::to_owned)
 }
 
 impl fmt::Display for HostPattern {
@@ -147,53 +172,89 @@ impl fmt::Display for HostPattern {
     }
 }
 
-/// The rules for where `/image-proxy` may connect: `allowed_hosts` and the non-global address
-/// check. Shared by the request path, the DNS resolver and the redirect policy.
+/// Ports an `/image-proxy` target may use without an allow-list entry naming its port.
+pub const DEFAULT_PORTS: [u16; 2] = [80, 443];
+
+impl HostPattern {
+    /// Whether the pattern covers `host`, on any of the ports it allows.
+    fn covers(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Host(h) | HostPattern::HostPort(h, _) => h == host,
+            HostPattern::Subdomains(d) => host.ends_with(d.as_str()),
+        }
+    }
+
+    /// Whether the pattern covers `host` on `port`: a `host:port` entry on its port, any other
+    /// entry on the default ports only.
+    fn covers_port(&self, host: &str, port: u16) -> bool {
+        self.covers(host)
+            && match self {
+                HostPattern::HostPort(_, p) => *p == port,
+                _ => DEFAULT_PORTS.contains(&port),
+            }
+    }
+}
+
+/// The rules for where `/image-proxy` may connect: `allowed_hosts`, the ports, and the
+/// non-global address check with its exceptions (`trusted_private_hosts`,
+/// `allow_private_networks`). Shared by the request path, the DNS resolver and the redirect
+/// policy.
 #[derive(Debug, Clone, Default)]
 pub struct HostPolicy {
     allowed: Vec<HostPattern>,
+    trusted_private: Vec<HostPattern>,
     allow_private_networks: bool,
 }
 
 impl HostPolicy {
-    pub fn new(allowed: Vec<HostPattern>, allow_private_networks: bool) -> Self {
+    pub fn new(
+        allowed: Vec<HostPattern>,
+        trusted_private: Vec<HostPattern>,
+        allow_private_networks: bool,
+    ) -> Self {
         HostPolicy {
             allowed,
+            trusted_private,
             allow_private_networks,
         }
     }
 
-    /// Whether `host` on `port` matches `allowed_hosts` (always true when the list is empty).
-    pub fn allows(&self, host: &str, port: u16) -> bool {
-        self.allowed.is_empty()
-            || self.allowed.iter().any(|p| match p {
-                HostPattern::Host(h) => h == host,
-                HostPattern::HostPort(h, pp) => h == host && *pp == port,
-                HostPattern::Subdomains(d) => host.ends_with(d.as_str()),
-            })
+    /// Whether `host` matches `allowed_hosts` (always true when the list is empty), whatever
+    /// the port.
+    pub fn allows(&self, host: &str) -> bool {
+        self.allowed.is_empty() || self.allowed.iter().any(|p| p.covers(host))
     }
 
-    /// Whether connections to `host` skip the address check: private networks are allowed, or
-    /// an exact (non-wildcard) `allowed_hosts` entry names it.
+    /// Whether `port` may be used on `host`: 80 and 443, or a port an `allowed_hosts` or
+    /// `trusted_private_hosts` entry names for it.
+    pub fn allows_port(&self, host: &str, port: u16) -> bool {
+        DEFAULT_PORTS.contains(&port)
+            || self
+                .allowed
+                .iter()
+                .chain(&self.trusted_private)
+                .any(|p| p.covers_port(host, port))
+    }
+
+    /// Whether connections to `host` skip the address check: private networks are allowed, or a
+    /// `trusted_private_hosts` entry covers it. (`allowed_hosts` says where imgedge may fetch,
+    /// not that an address may be private.)
     pub fn trusts(&self, host: &str) -> bool {
-        self.allow_private_networks
-            || self.allowed.iter().any(|p| match p {
-                HostPattern::Host(h) | HostPattern::HostPort(h, _) => h == host,
-                HostPattern::Subdomains(_) => false,
-            })
+        self.allow_private_networks || self.trusted_private.iter().any(|p| p.covers(host))
     }
 
     /// Checks a URL before it is fetched (and every redirect target): the host must be allowed,
-    /// and a literal IP address must be global, and a name not a localhost name, unless trusted.
-    /// Other names are checked once resolved, by the resolver, because a literal address never
-    /// reaches it.
+    /// a literal IP address must be global and a name not a localhost name, unless trusted, and
+    /// the port must be allowed. Other names are checked once resolved, by the resolver, because
+    /// a literal address never reaches it.
     ///
     /// # Errors
-    /// [`TargetError::HostNotAllowed`] or [`TargetError::PrivateAddress`].
+    /// [`TargetError::HostNotAllowed`], [`TargetError::PrivateAddress`] or
+    /// [`TargetError::PortNotAllowed`], in that order of precedence.
     pub fn check_url(&self, url: &Url) -> Result<(), TargetError> {
         let host = url.host_str().unwrap_or_default();
         let port = url.port_or_known_default().unwrap_or(0);
-        if !self.allows(host, port) {
+        if !self.allows(host) {
             return Err(TargetError::HostNotAllowed(match url.port() {
                 Some(p) => format!("{host}:{p}"),
                 None => host.to_owned(),
@@ -209,6 +270,12 @@ impl HostPolicy {
         };
         if local && !self.trusts(host) {
             return Err(TargetError::PrivateAddress(host.to_owned()));
+        }
+        if !self.allows_port(host, port) {
+            return Err(TargetError::PortNotAllowed {
+                host: host.to_owned(),
+                port,
+            });
         }
         Ok(())
     }
@@ -246,14 +313,28 @@ fn is_global_v4(a: Ipv4Addr) -> bool {
         || b0 >= 240) // reserved 240/4 and broadcast
 }
 
+/// IPv6, after the IANA IPv6 Special-Purpose Address Registry: addresses that carry an IPv4
+/// address (mapped, NAT64, 6to4, Teredo) are judged by it; the other special-purpose blocks are
+/// not global.
 fn is_global_v6(a: Ipv6Addr) -> bool {
     if let Some(v4) = a.to_ipv4_mapped() {
         return is_global_v4(v4);
     }
     let s = a.segments();
+    let [.., o12, o13, o14, o15] = a.octets();
+    let last_v4 = Ipv4Addr::new(o12, o13, o14, o15);
+    // NAT64 well-known prefix 64:ff9b::/96 (RFC 6052).
     if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-        let [.., a, b, c, d] = a.octets();
+        return is_global_v4(last_v4);
+    }
+    // 6to4 2002::/16 (RFC 3056): the IPv4 address in bits 16-47.
+    if s[0] == 0x2002 {
+        let [_, _, a, b, c, d, ..] = a.octets();
         return is_global_v4(Ipv4Addr::new(a, b, c, d));
+    }
+    // Teredo 2001::/32 (RFC 4380): the client's IPv4 address, inverted, in the last 32 bits.
+    if s[0] == 0x2001 && s[1] == 0 {
+        return is_global_v4(Ipv4Addr::from(!u32::from(last_v4)));
     }
     !(a.is_unspecified()
         || a.is_loopback()
@@ -262,7 +343,14 @@ fn is_global_v6(a: Ipv6Addr) -> bool {
         || a.is_unicast_link_local()            // fe80::/10
         || (s[0] & 0xffc0) == 0xfec0            // deprecated site-local fec0::/10
         || (s[0] == 0x2001 && s[1] == 0x0db8)   // documentation 2001:db8::/32
-        || (s[0] == 0 && s[1..5] == [0, 0, 0, 0])) // IPv4-compatible and other ::/64 forms
+        || (s[0] & 0xfff0) == 0x3ff0            // documentation 3fff::/20 (RFC 9637)
+        || (s[0] == 0 && s[1..5] == [0, 0, 0, 0]) // IPv4-compatible and other ::/64 forms
+        || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local-use NAT64 64:ff9b:1::/48
+        || (s[0] == 0x100 && s[1..3] == [0, 0] && s[3] <= 1) // discard-only 100::/64, dummy 100:0:0:1::/64
+        || (s[0] == 0x2001 && s[1] == 2 && s[2] == 0) // benchmarking 2001:2::/48
+        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x10) // ORCHID 2001:10::/28
+        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x20) // ORCHIDv2 2001:20::/28
+        || s[0] == 0x5f00) // SRv6 SIDs 5f00::/16
 }
 
 #[cfg(test)]
@@ -323,26 +411,34 @@ mod tests {
         let p = |s: &str| s.parse::<HostPattern>().unwrap();
         let policy = HostPolicy::new(
             vec![
-                p("Img.Example"),
+                p("Img.Example."),
                 p("127.0.0.1:8080"),
                 p("*.cdn.example"),
                 p("[::1]:9"),
             ],
+            vec![p("127.0.0.1:8080")],
             false,
         );
-        assert!(policy.allows("img.example", 443));
-        assert!(policy.allows("127.0.0.1", 8080));
-        assert!(!policy.allows("127.0.0.1", 8081));
-        assert!(policy.allows("a.b.cdn.example", 80));
-        assert!(!policy.allows("cdn.example", 80));
-        assert!(!policy.allows("evilcdn.example", 80));
-        assert!(policy.allows("[::1]", 9));
+        assert!(policy.allows("img.example"));
+        assert!(policy.allows_port("img.example", 443));
+        assert!(!policy.allows_port("img.example", 8443));
+        assert!(policy.allows_port("127.0.0.1", 8080));
+        assert!(!policy.allows_port("127.0.0.1", 8081));
+        assert!(policy.allows("a.b.cdn.example"));
+        assert!(!policy.allows_port("a.b.cdn.example", 8080));
+        assert!(!policy.allows("cdn.example"));
+        assert!(!policy.allows("evilcdn.example"));
+        assert!(policy.allows_port("[::1]", 9));
+        // Allowed is not trusted with private addresses: only trusted_private_hosts is.
         assert!(policy.trusts("127.0.0.1"));
-        assert!(!policy.trusts("a.cdn.example"));
+        assert!(!policy.trusts("img.example"));
+        assert!(!policy.trusts("[::1]"));
         for bad in ["", "a b", "h:99999", "*.", "http://x"] {
             assert!(bad.parse::<HostPattern>().is_err(), "{bad:?}");
         }
-        assert!(HostPolicy::default().allows("anything", 1));
+        let any = HostPolicy::default();
+        assert!(any.allows("anything") && any.allows_port("anything", 80));
+        assert!(!any.allows_port("anything", 8080));
     }
 
     #[test]
@@ -357,6 +453,8 @@ mod tests {
             "http://[::ffff:192.168.0.1]/",
             "http://0.0.0.0/",
             "http://2130706433/",
+            "http://localhost/",
+            "http://api.localhost/",
         ] {
             assert!(
                 matches!(
@@ -367,8 +465,50 @@ mod tests {
             );
         }
         assert!(policy.check_url(&url("http://93.184.215.14/")).is_ok());
-        let open = HostPolicy::new(vec![], true);
+        assert!(matches!(
+            policy.check_url(&url("http://93.184.215.14:8080/")),
+            Err(TargetError::PortNotAllowed { port: 8080, .. })
+        ));
+        let open = HostPolicy::new(vec![], vec![], true);
         assert!(open.check_url(&url("http://127.0.0.1/")).is_ok());
+        let trusted = HostPolicy::new(vec![], vec!["127.0.0.1:9000".parse().unwrap()], false);
+        assert!(trusted.check_url(&url("http://127.0.0.1:9000/")).is_ok());
+        assert!(trusted.check_url(&url("http://[::1]:9000/")).is_err());
+    }
+
+    #[test]
+    fn every_spelling_of_loopback_is_refused() {
+        let policy = HostPolicy::default();
+        for q in [
+            "url=http://0177.0.0.1/a",
+            "url=http://127.1/a",
+            "url=http://0x7f.1/a",
+            "url=http://[::7f00:1]/a",
+            "url=http://[::ffff:7f00:1]/a",
+            "url=http://localhost./a",
+            "url=http://LOCALHOST./a",
+            "url=http://[2002:7f00:1::1]/a",
+            "url=http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/a",
+            "url=http://[64:ff9b:1::a00:1]/a",
+            "url=http://[64:ff9b::7f00:1]/a",
+            "url=http://[100::1]/a",
+            "url=http://[3fff::1]/a",
+        ] {
+            let url = parse_image_url(Some(q), 4096).unwrap();
+            assert!(
+                matches!(policy.check_url(&url), Err(TargetError::PrivateAddress(_))),
+                "{q} -> {url}"
+            );
+        }
+        // 6to4 and Teredo carrying a global address are global.
+        for a in ["2002:808:808::1", "2001:0:4136:e378:8000:63bf:f7f7:f7f7"] {
+            assert!(is_global(a.parse().unwrap()), "{a}");
+        }
+        // The trailing dot goes from the cache key too.
+        assert_eq!(
+            parse("url=http://Img.Example./a.jpg").unwrap(),
+            "http://img.example/a.jpg"
+        );
     }
 
     #[test]

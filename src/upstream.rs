@@ -71,6 +71,10 @@ pub enum UpstreamError {
     /// More redirects than `max_redirects`.
     #[error("upstream redirected more than {0} times")]
     TooManyRedirects(usize),
+    /// A guarded redirect not followed: its `Location` is not an http(s) URL, or it goes from
+    /// https to http without `allow_https_downgrade`.
+    #[error("{0}")]
+    BadRedirect(String),
     /// The announced `Content-Length` exceeds `max_object_bytes`.
     #[error(
         "upstream object is {length_bytes} bytes, over upstream.max_object_bytes ({max_bytes})"
@@ -165,6 +169,7 @@ pub struct Upstream {
     total_timeout: Duration,
     max_object_bytes: u64,
     max_redirects: usize,
+    allow_https_downgrade: bool,
     inflight: Arc<InflightRegistry>,
 }
 
@@ -194,6 +199,7 @@ impl Upstream {
     pub fn new(config: &UpstreamConfig, tasks: &Tasks) -> Result<Self, SetupError> {
         let policy = Arc::new(HostPolicy::new(
             config.allowed_hosts.clone(),
+            config.trusted_private_hosts.clone(),
             config.allow_private_networks,
         ));
         let tls = tls_config()?;
@@ -231,6 +237,7 @@ impl Upstream {
             total_timeout: config.total_timeout,
             max_object_bytes: config.max_object_bytes,
             max_redirects: config.max_redirects,
+            allow_https_downgrade: config.allow_https_downgrade,
             inflight: Arc::default(),
         })
     }
@@ -277,7 +284,13 @@ impl Upstream {
             let response = self
                 .send(&self.guarded, &method, &url, &headers, empty_body())
                 .await?;
-            let Some(next) = redirect_target(&url, &response) else {
+            let next = redirect_target(
+                &url,
+                response.status(),
+                response.headers(),
+                self.allow_https_downgrade,
+            )?;
+            let Some(next) = next else {
                 return self.receive(response, &method, request_time, inflight);
             };
             if hops == self.max_redirects {
@@ -399,18 +412,45 @@ impl Upstream {
     }
 }
 
-/// Where a guarded fetch goes next: the resolved `Location` of a 301, 302, 303, 307 or 308.
-/// `None` means "deliver this response": not a redirect, or one without a usable http(s)
-/// `Location`, which the client then sees as it is.
-fn redirect_target(url: &Url, response: &http::Response<Incoming>) -> Option<Url> {
-    let redirect = matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308);
-    if !redirect {
-        return None;
+/// Where a guarded fetch goes next: the resolved `Location` of a 301, 302, 303, 307 or 308
+/// (its host normalized as targets are). `None` means "deliver this response": not a redirect,
+/// or a redirect without `Location`.
+///
+/// # Errors
+/// [`UpstreamError::BadRedirect`] for a `Location` that is not a valid http(s) URL (`file:`,
+/// `data:`, `gopher:`, garbage: passing it on would make imgedge's origin an open redirect) or
+/// that goes from https to http unless `allow_downgrade`.
+fn redirect_target(
+    url: &Url,
+    status: StatusCode,
+    headers: &HeaderMap,
+    allow_downgrade: bool,
+) -> Result<Option<Url>, UpstreamError> {
+    let redirect = matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308);
+    let Some(location) = headers.get(LOCATION).filter(|_| redirect) else {
+        return Ok(None);
+    };
+    let bad = |why: String| UpstreamError::BadRedirect(why);
+    let mut next = location
+        .to_str()
+        .ok()
+        .and_then(|l| url.join(l).ok())
+        .ok_or_else(|| bad("the origin redirected to an invalid Location".to_owned()))?;
+    if !matches!(next.scheme(), "http" | "https") {
+        return Err(bad(format!(
+            "the origin redirected to a {}: URL; only http and https are followed",
+            next.scheme()
+        )));
     }
-    let location = response.headers().get(LOCATION)?.to_str().ok()?;
-    let mut next = url.join(location).ok()?;
+    if url.scheme() == "https" && next.scheme() == "http" && !allow_downgrade {
+        return Err(bad(
+            "the origin redirected from https to http (upstream.allow_https_downgrade is off)"
+                .to_owned(),
+        ));
+    }
     next.set_fragment(None);
-    matches!(next.scheme(), "http" | "https").then_some(next)
+    crate::target::normalize_host(&mut next);
+    Ok(Some(next))
 }
 
 /// rustls with ring and the system's root certificates. Without readable roots, https origins
@@ -449,3 +489,72 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// A boxed error, as bodies and resolvers report them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redirect(
+        from: &str,
+        status: u16,
+        location: Option<&str>,
+        downgrade: bool,
+    ) -> Result<Option<String>, String> {
+        let mut headers = HeaderMap::new();
+        if let Some(l) = location {
+            headers.insert(LOCATION, HeaderValue::from_str(l).unwrap());
+        }
+        redirect_target(
+            &Url::parse(from).unwrap(),
+            StatusCode::from_u16(status).unwrap(),
+            &headers,
+            downgrade,
+        )
+        .map(|u| u.map(|u| u.to_string()))
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn redirects_go_only_to_http_urls_and_never_down_from_https_unless_allowed() {
+        assert_eq!(
+            redirect("http://a.example/x", 302, Some("/y#frag"), false),
+            Ok(Some("http://a.example/y".to_owned()))
+        );
+        assert_eq!(
+            redirect(
+                "http://a.example/x",
+                301,
+                Some("https://B.example./z"),
+                false
+            ),
+            Ok(Some("https://b.example/z".to_owned()))
+        );
+        // Not a redirect, or no Location: delivered as it is.
+        assert_eq!(
+            redirect("http://a.example/x", 200, Some("/y"), false),
+            Ok(None)
+        );
+        assert_eq!(redirect("http://a.example/x", 302, None, false), Ok(None));
+        for bad in [
+            "file:///etc/passwd",
+            "gopher://a.example/",
+            "data:text/html,<b>x</b>",
+            "javascript:alert(1)",
+        ] {
+            let e = redirect("http://a.example/x", 302, Some(bad), false).unwrap_err();
+            assert!(e.contains("only http and https"), "{bad}: {e}");
+        }
+        let e = redirect(
+            "https://a.example/x",
+            307,
+            Some("http://a.example/x"),
+            false,
+        )
+        .unwrap_err();
+        assert!(e.contains("https to http"), "{e}");
+        assert_eq!(
+            redirect("https://a.example/x", 307, Some("http://a.example/x"), true),
+            Ok(Some("http://a.example/x".to_owned()))
+        );
+    }
+}

@@ -112,6 +112,10 @@ async fn logs_a_line_per_request_and_per_stored_or_too_large_object() {
     origin.route("/large.jpg", Reply::ok(vec![2u8; 3000]));
     let bin = Binary::start(&[
         ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
+        (
+            "IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS",
+            origin.addr.to_string(),
+        ),
         ("IMGEDGE_CACHE__MAX_CACHEABLE_BYTES", "2000".into()),
         ("IMGEDGE_LOG__FORMAT", "json".into()),
     ])
@@ -183,6 +187,10 @@ async fn thirty_two_slow_clients_on_a_64_mib_body_grow_rss_by_less_than_16_mib()
 
     let bin = Binary::start(&[
         ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
+        (
+            "IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS",
+            origin.addr.to_string(),
+        ),
         ("IMGEDGE_UPSTREAM__IDLE_TIMEOUT", "60s".into()),
         (
             "IMGEDGE_UPSTREAM__MAX_OBJECT_BYTES",
@@ -310,6 +318,10 @@ async fn wait_for_disk_writes(base: &str, n: u64) {
 fn disk_env(origin: &TestOrigin, dir: &TempDir) -> Vec<(&'static str, String)> {
     vec![
         ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
+        (
+            "IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS",
+            origin.addr.to_string(),
+        ),
         ("IMGEDGE_UPSTREAM__IDLE_TIMEOUT", "60s".into()),
         ("IMGEDGE_CACHE__DISK_DIR", dir.0.display().to_string()),
         (
@@ -534,6 +546,10 @@ async fn a_small_budget_under_load_evicts_bypasses_and_sheds_with_health_answeri
     }
     let bin = Binary::start(&[
         ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
+        (
+            "IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS",
+            origin.addr.to_string(),
+        ),
         ("IMGEDGE_LOG__LEVEL", "warn".into()),
         ("IMGEDGE_MEMORY__BUDGET_BYTES", (64u64 << 20).to_string()),
         ("IMGEDGE_MEMORY__SAMPLE_INTERVAL", "50ms".into()),

@@ -109,3 +109,249 @@ async fn upstream_failures_are_generic_for_the_client() {
         assert_eq!(r.error_code(), "private_address", "{host}");
     }
 }
+
+/// One bad input: the request as sent (no client-side normalization), the answer expected, and
+/// whether the origin may be contacted for it.
+struct Row {
+    what: &'static str,
+    method: &'static str,
+    target: String,
+    status: u16,
+    code: &'static str,
+}
+
+/// Every refusal is a clear JSON error, answered at once, and a refused target contacts nothing.
+#[tokio::test]
+async fn bad_inputs_get_a_clear_error_and_refused_targets_contact_nothing() {
+    let origin = TestOrigin::start().await;
+    origin.route("/a.jpg", Reply::ok("image"));
+    for (path, location) in [
+        ("/to-file", "file:///etc/passwd"),
+        ("/to-data", "data:text/html,<script>alert(1)</script>"),
+        ("/to-gopher", "gopher://127.0.0.1:70/"),
+    ] {
+        origin.route(path, Reply::ok("").status(302).header("Location", location));
+    }
+    let port = origin.addr.port();
+    let config = |upstream: &str| {
+        imgedge::Config::from_toml(&format!(
+            "[upstream]\n{upstream}\n[supabase]\nupstream = \"http://{}\"\n[log]\naccess = false",
+            origin.addr
+        ))
+        .unwrap()
+    };
+    // The origin's address allowed (in every spelling below), on the origin's port too, but not
+    // trusted with a private address: each must be refused before a connection is made.
+    let guarded = TestProxy::start(config(&format!(
+        "allowed_hosts = [\"127.0.0.1:{port}\", \"localhost:{port}\", \"[::1]:{port}\", \"0.0.0.0:{port}\", \"[::7f00:1]:{port}\", \"[::ffff:7f00:1]:{port}\", \"other.example\"]"
+    )))
+    .await;
+    // Trusted with its private address, but its port not named anywhere.
+    let port_unnamed = TestProxy::start(config("trusted_private_hosts = [\"127.0.0.1\"]")).await;
+    let image = |target: &str| format!("/image-proxy?url={target}");
+    let row = |what, method, target: String, status, code| Row {
+        what,
+        method,
+        target,
+        status,
+        code,
+    };
+    let long = format!("http://h.example/{}", "a".repeat(5000));
+    let on_guarded = vec![
+        row("no url", "GET", "/image-proxy".into(), 400, "bad_url"),
+        row("empty url", "GET", image(""), 400, "bad_url"),
+        row("relative url", "GET", image("/a.jpg"), 400, "bad_url"),
+        row(
+            "ftp url",
+            "GET",
+            image("ftp://127.0.0.1/a.jpg"),
+            400,
+            "bad_url",
+        ),
+        row(
+            "file url",
+            "GET",
+            image("file:///etc/passwd"),
+            400,
+            "bad_url",
+        ),
+        row(
+            "userinfo",
+            "GET",
+            image(&format!("http://u:p@127.0.0.1:{port}/a.jpg")),
+            400,
+            "bad_url",
+        ),
+        row("bad encoding", "GET", image("%FF%FE"), 400, "bad_url"),
+        row("too long", "GET", image(&long), 400, "bad_url"),
+        row(
+            "loopback",
+            "GET",
+            image(&format!("http://127.0.0.1:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "octal loopback",
+            "GET",
+            image(&format!("http://0177.0.0.1:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "short loopback",
+            "GET",
+            image(&format!("http://127.1:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "hex loopback",
+            "GET",
+            image(&format!("http://0x7f.1:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "v4-compatible",
+            "GET",
+            image(&format!("http://[::7f00:1]:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "v4-mapped",
+            "GET",
+            image(&format!("http://[::ffff:7f00:1]:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "v6 loopback",
+            "GET",
+            image(&format!("http://[::1]:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "unspecified",
+            "GET",
+            image(&format!("http://0.0.0.0:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "localhost.",
+            "GET",
+            image(&format!("http://localhost.:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "LOCALHOST.",
+            "GET",
+            image(&format!("http://LOCALHOST.:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "host not allowed",
+            "GET",
+            image("http://else.example/a.jpg"),
+            403,
+            "host_not_allowed",
+        ),
+        row(
+            "port not allowed",
+            "GET",
+            image("http://other.example:8080/a.jpg"),
+            403,
+            "host_not_allowed",
+        ),
+        row(
+            "method",
+            "POST",
+            image(&format!("http://127.0.0.1:{port}/a.jpg")),
+            405,
+            "method_not_allowed",
+        ),
+        row(
+            "dot-dot path",
+            "GET",
+            "/storage/v1/object/public/b/../../../a.jpg".into(),
+            400,
+            "bad_path",
+        ),
+        row(
+            "encoded dot-dot",
+            "GET",
+            "/storage/v1/object/public/b/%2e%2e/%2E%2E/a.jpg".into(),
+            400,
+            "bad_path",
+        ),
+        row(
+            "backslash",
+            "GET",
+            "/storage/v1/object/public/b/..%5c..%5ca.jpg".into(),
+            400,
+            "bad_path",
+        ),
+        row("no route", "GET", "/nothing/here".into(), 404, "not_found"),
+    ];
+    let on_port_unnamed = vec![row(
+        "trusted, port not named",
+        "GET",
+        image(&format!("http://127.0.0.1:{port}/a.jpg")),
+        403,
+        "host_not_allowed",
+    )];
+    for (proxy, rows) in [(&guarded, on_guarded), (&port_unnamed, on_port_unnamed)] {
+        for r in rows {
+            let started = std::time::Instant::now();
+            let (status, body) = raw_request(proxy.addr, r.method, &r.target, "").await;
+            let elapsed = started.elapsed();
+            assert_refused(&r, status, &body);
+            assert_eq!(
+                origin.hits("/a.jpg"),
+                0,
+                "{}: the origin was contacted",
+                r.what
+            );
+            assert!(
+                elapsed < std::time::Duration::from_secs(1),
+                "{}: took {elapsed:?}",
+                r.what
+            );
+        }
+    }
+    // Redirects are only known once the origin answers; what imgedge does not follow is refused.
+    let trusted = TestProxy::for_origin(&origin, "").await;
+    for (what, path) in [
+        ("redirect to file:", "/to-file"),
+        ("redirect to data:", "/to-data"),
+        ("redirect to gopher:", "/to-gopher"),
+    ] {
+        let r = row(what, "GET", image(&origin.url(path)), 502, "bad_redirect");
+        let (status, body) = raw_request(trusted.addr, r.method, &r.target, "").await;
+        assert_refused(&r, status, &body);
+        assert_eq!(origin.hits(path), 1, "{what}");
+    }
+    // Still serving.
+    assert_eq!(trusted.get_image(&origin.url("/a.jpg")).await.status, 200);
+}
+
+fn assert_refused(r: &Row, status: u16, body: &str) {
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {body}", r.what));
+    assert_eq!(
+        (status, json["error"].as_str().unwrap_or("")),
+        (r.status, r.code),
+        "{}: {body}",
+        r.what
+    );
+    assert!(
+        json["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}: {body}",
+        r.what
+    );
+}

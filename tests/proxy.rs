@@ -462,11 +462,22 @@ async fn private_addresses_get_403_private_address() {
     }
     assert_eq!(origin.hits("/a.jpg"), 0);
 
-    // A wildcard entry is not trusted with private addresses; allow_private_networks is.
+    // Being allowed is not being trusted with a private address; allow_private_networks (or
+    // trusted_private_hosts) is. A port other than 80 and 443 must be named by an entry.
+    let allowed_only = TestProxy::start(
+        imgedge::Config::from_toml(&format!(
+            "[upstream]\nallowed_hosts = [\"127.0.0.1:{port}\"]\n[log]\naccess = false"
+        ))
+        .unwrap(),
+    )
+    .await;
+    let r = allowed_only.get_image(&origin.url("/a.jpg")).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.error_code(), "private_address");
     let open = TestProxy::start(
-        imgedge::Config::from_toml(
-            "[upstream]\nallow_private_networks = true\n[log]\naccess = false",
-        )
+        imgedge::Config::from_toml(&format!(
+            "[upstream]\nallow_private_networks = true\nallowed_hosts = [\"127.0.0.1:{port}\"]\n[log]\naccess = false"
+        ))
         .unwrap(),
     )
     .await;
@@ -566,7 +577,7 @@ async fn origin_failures_before_the_head_get_502_upstream_error() {
         .unwrap();
     let refused = TestProxy::start(
         imgedge::Config::from_toml(&format!(
-            "[upstream]\nallowed_hosts = [\"{closed}\"]\n[log]\naccess = false"
+            "[upstream]\nallowed_hosts = [\"{closed}\"]\ntrusted_private_hosts = [\"{closed}\"]\n[log]\naccess = false"
         ))
         .unwrap(),
     )
@@ -602,7 +613,7 @@ async fn a_connect_timeout_gets_504_upstream_timeout() {
     }
     let proxy = TestProxy::start(
         imgedge::Config::from_toml(&format!(
-            "[upstream]\nallowed_hosts = [\"{addr}\"]\nconnect_timeout = \"300ms\"\nheader_timeout = \"5s\"\n[log]\naccess = false"
+            "[upstream]\nallowed_hosts = [\"{addr}\"]\ntrusted_private_hosts = [\"{addr}\"]\nconnect_timeout = \"300ms\"\nheader_timeout = \"5s\"\n[log]\naccess = false"
         ))
         .unwrap(),
     )

@@ -50,6 +50,9 @@ impl Config {
             },
             upstream: UpstreamConfig {
                 allowed_hosts: f.parse("upstream.allowed_hosts", parse_host_patterns),
+                trusted_private_hosts: f
+                    .parse("upstream.trusted_private_hosts", parse_host_patterns),
+                allow_https_downgrade: f.get("upstream.allow_https_downgrade"),
                 allow_private_networks: f.get("upstream.allow_private_networks"),
                 connect_timeout: f.duration("upstream.connect_timeout"),
                 header_timeout: f.duration("upstream.header_timeout"),

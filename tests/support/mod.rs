@@ -409,7 +409,8 @@ impl TestProxy {
         }
     }
 
-    /// Starts a proxy allowed to fetch from `origin` (an exact, trusted `allowed_hosts` entry),
+    /// Starts a proxy allowed to fetch from `origin` (in `allowed_hosts` and
+    /// `trusted_private_hosts`),
     /// with the Supabase route pointing at it, short timeouts, and `extra` TOML merged on top.
     pub async fn for_origin(origin: &TestOrigin, extra: &str) -> Self {
         Self::start(test_config(origin, extra)).await
@@ -488,6 +489,7 @@ pub fn test_config(origin: &TestOrigin, extra: &str) -> Config {
         r#"
         [upstream]
         allowed_hosts = ["{addr}"]
+        trusted_private_hosts = ["{addr}"]
         connect_timeout = "1s"
         header_timeout = "1s"
         idle_timeout = "1s"
@@ -611,8 +613,20 @@ fn header_in(headers: &HeaderMap, name: &str) -> String {
 /// Sends `GET {target}` exactly as given (no client-side URL normalization) and returns the
 /// status and body.
 pub async fn raw_get(addr: SocketAddr, target: &str) -> (u16, String) {
+    raw_request(addr, "GET", target, "").await
+}
+
+/// Sends `{method} {target}` exactly as given, with `extra` header lines (each ending in CRLF),
+/// and returns the status and body.
+pub async fn raw_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    extra: &str,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
