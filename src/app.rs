@@ -15,6 +15,7 @@ use crate::http::access_log::RequestIds;
 use crate::http::{Admin, Admission, Router, Routes};
 use crate::metrics::Metrics;
 use crate::pressure::{Monitor, ReservationPool, detect_budget_bytes};
+use crate::proxy::content::ContentPolicy;
 use crate::proxy::{Proxy, ProxyParts};
 use crate::relief::{self, Relief};
 use crate::rss::RssSource;
@@ -130,6 +131,7 @@ impl App {
             cache: config.cache.clone(),
             pressure: pressure.clone(),
             tasks: tasks.clone(),
+            content: ContentPolicy::new(&config.upstream),
         }));
         let router = Router {
             routes: Routes::new(&config),

@@ -101,6 +101,12 @@ pub struct UpstreamConfig {
     pub trusted_private_hosts: Vec<HostPattern>,
     /// Whether a guarded redirect may go from https to http.
     pub allow_https_downgrade: bool,
+    /// Media types `/image-proxy` serves (`image/...`, lower-case, no parameters); a body must
+    /// also start with the signature of its type, when imgedge knows one.
+    pub allowed_content_types: Vec<String>,
+    /// Whether `/image-proxy` serves `image/svg+xml` (then with a stricter
+    /// `Content-Security-Policy`).
+    pub allow_svg: bool,
     /// Whether `/image-proxy` may connect to non-global (loopback, private, link-local) addresses.
     pub allow_private_networks: bool,
     /// Limit on establishing the connection (TCP and TLS).

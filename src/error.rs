@@ -39,6 +39,9 @@ pub enum ProxyError {
     /// A guarded redirect that imgedge will not follow: not to http(s), or https to http.
     #[error("{0}")]
     BadRedirect(String),
+    /// An `/image-proxy` response that is not an allowed image (type, coding or signature).
+    #[error("{0}")]
+    NotAnImage(String),
 }
 
 impl ProxyError {
@@ -55,7 +58,7 @@ impl ProxyError {
     /// The status and stable error code the client sees. The codes are part of the API:
     /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
     /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,
-    /// `unauthorized`, `bad_request`, `overloaded`, `bad_redirect`.
+    /// `unauthorized`, `bad_request`, `overloaded`, `bad_redirect`, `not_an_image`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::Target(TargetError::BadUrl(_)) => (StatusCode::BAD_REQUEST, "bad_url"),
@@ -78,6 +81,7 @@ impl ProxyError {
                 (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
             }
             ProxyError::BadRedirect(_) => (StatusCode::BAD_GATEWAY, "bad_redirect"),
+            ProxyError::NotAnImage(_) => (StatusCode::BAD_GATEWAY, "not_an_image"),
         }
     }
 }

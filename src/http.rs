@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::header::{
+    ALLOW, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_SECURITY_POLICY, CONTENT_TYPE, RETRY_AFTER,
+};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tracing::Instrument;
 use tracing::field::Empty;
@@ -27,7 +29,7 @@ pub use routes::{Route, Routes, SUPABASE_PUBLIC_PREFIX};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, content};
 use crate::upstream::BoxError;
 use access_log::{AccessLog, REQUEST_ID, RequestIds};
 use routes::{Proxied, get_or_head};
@@ -74,6 +76,9 @@ impl Router {
             }
         };
         response.headers_mut().insert(REQUEST_ID.clone(), id);
+        if route == Route::ImageProxy {
+            image_proxy_headers(response.headers_mut());
+        }
         let status = response.status().as_u16();
         self.metrics.request(route.name(), status);
         response.map(|inner| LoggedBody {
@@ -138,6 +143,22 @@ impl Router {
             }
         }
     }
+}
+
+/// What every `/image-proxy` response carries, hits, misses and errors alike, whatever was
+/// stored: a `Content-Security-Policy` under which nothing loads or runs (an SVG keeps its inline
+/// styles), and no `Content-Disposition`.
+fn image_proxy_headers(headers: &mut HeaderMap) {
+    headers.remove(CONTENT_DISPOSITION);
+    let svg = headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(content::SVG.as_bytes()));
+    let csp = if svg {
+        &content::SVG_CSP
+    } else {
+        &content::IMAGE_CSP
+    };
+    headers.insert(CONTENT_SECURITY_POLICY, csp.clone());
 }
 
 /// `{"error": code, "message": text}` with the error's status; never cached downstream.

@@ -10,6 +10,7 @@
 //! errors (`http.rs`), nor judge freshness (`freshness.rs`).
 
 mod cache_status;
+pub mod content;
 mod forward;
 mod forwarding;
 mod hit;
@@ -41,6 +42,7 @@ use crate::pressure::{Reading, ReservationPool};
 use crate::tasks::Tasks;
 use crate::tee::TeeBody;
 use crate::upstream::{Guard, Upstream, UpstreamError, UpstreamRequest, UpstreamResponse};
+use content::ContentPolicy;
 use hit::hit_response;
 
 /// A GET or HEAD for a cacheable upstream object, as a route resolved it.
@@ -83,6 +85,8 @@ pub struct ProxyParts {
     pub pressure: watch::Receiver<Reading>,
     /// Where background refreshes (and the pass markers of fills) are spawned.
     pub tasks: Tasks,
+    /// What `/image-proxy` may serve.
+    pub content: ContentPolicy,
 }
 
 /// The proxy core: the tiers, the in-flight fills and the upstream clients.
@@ -97,6 +101,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     cache: CacheConfig,
     tasks: Tasks,
+    content: ContentPolicy,
 }
 
 impl Proxy {
@@ -110,6 +115,7 @@ impl Proxy {
             cache,
             pressure,
             tasks,
+            content,
         } = parts;
         Proxy {
             tier,
@@ -121,6 +127,7 @@ impl Proxy {
             metrics,
             cache,
             tasks,
+            content,
         }
     }
 
@@ -298,19 +305,35 @@ impl Proxy {
                 return Err(e);
             }
         };
-        Ok(self.respond(req, upstream, leader).await)
+        self.respond(req, upstream, leader).await
     }
 
     /// Builds the streamed response for an origin response to `req`; as `leader`, shares the fill
-    /// or releases the followers.
+    /// or releases the followers. On `/image-proxy`, an origin's error status is answered with
+    /// imgedge's own body, and anything else must be an image (`content.rs`).
+    ///
+    /// # Errors
+    /// [`ProxyError::NotAnImage`] on `/image-proxy`; what reading the first bytes fails with.
     async fn respond(
         &self,
         req: ProxyRequest,
-        upstream: UpstreamResponse,
+        mut upstream: UpstreamResponse,
         leader: Option<Leader>,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        Span::current().record("upstream_status", upstream.head.status.as_u16());
+        if matches!(req.forwarding, Forwarding::Bare) {
+            if !upstream.head.status.is_success() {
+                return Ok(self.origin_error(&req, &upstream.head, leader).await);
+            }
+            if let Err(e) = self.check_image(&req, &mut upstream).await {
+                tracing::info!(url = req.url.as_str(), error = %e, "not an image: refused");
+                if let Some(leader) = leader {
+                    leader.fail(e.clone());
+                }
+                return Err(e);
+            }
+        }
         let UpstreamResponse { head, body } = upstream;
-        Span::current().record("upstream_status", head.status.as_u16());
         let mut headers = req.forwarding.response_headers(&head.headers);
         if let Some(length) = head.content_length {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
@@ -350,6 +373,66 @@ impl Proxy {
             }
         };
         let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.headers_mut() = headers;
+        Ok(response)
+    }
+
+    /// Checks that an `/image-proxy` response is an image: its head, then (unless it has no
+    /// body) its first bytes, read ahead without being sent.
+    async fn check_image(
+        &self,
+        req: &ProxyRequest,
+        upstream: &mut UpstreamResponse,
+    ) -> Result<(), ProxyError> {
+        let signature = self.content.check_head(&upstream.head.headers)?;
+        let bodyless = req.head
+            || matches!(
+                upstream.head.status,
+                http::StatusCode::NO_CONTENT | http::StatusCode::RESET_CONTENT
+            );
+        if !bodyless {
+            let first = upstream.body.peek(content::SIGNATURE_BYTES).await?;
+            ContentPolicy::check_signature(signature, &first)?;
+        }
+        Ok(())
+    }
+
+    /// An origin's error (or any non-2xx it did not redirect) on `/image-proxy`: its status is
+    /// kept, but its body (an HTML page, perhaps) is never served from imgedge's origin; the
+    /// answer is imgedge's JSON, stored as the origin's would have been (negative caching).
+    async fn origin_error(
+        &self,
+        req: &ProxyRequest,
+        head: &crate::upstream::UpstreamHead,
+        leader: Option<Leader>,
+    ) -> Response<ProxyBody> {
+        if let Some(leader) = leader {
+            leader.pass();
+        }
+        let body = bytes::Bytes::from(format!(
+            "{{\"error\":\"origin_status\",\"message\":\"the origin answered {}\"}}\n",
+            head.status
+        ));
+        let mut headers = req.forwarding.response_headers(&head.headers);
+        headers.remove(http::header::CONTENT_TYPE);
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        let (cache_status, store) = self.plan(req, head, &headers).await;
+        cache_status.record_in_span();
+        if let Some(target) = store {
+            target.store(body.clone()).await;
+        }
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        headers.insert(CACHE_STATUS.clone(), cache_status.header_value());
+        let mut response = Response::new(if req.head {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::full(body)
+        });
         *response.status_mut() = head.status;
         *response.headers_mut() = headers;
         response

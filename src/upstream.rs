@@ -370,6 +370,7 @@ impl Upstream {
             expected_bytes: if bodyless { Some(0) } else { content_length },
             max_bytes: self.max_object_bytes,
             done: false,
+            peeked: None,
         };
         Ok(UpstreamResponse {
             head: UpstreamHead {

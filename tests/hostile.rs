@@ -355,3 +355,171 @@ fn assert_refused(r: &Row, status: u16, body: &str) {
         r.what
     );
 }
+
+const JPEG: &[u8] = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00 the rest of a jpeg";
+const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR the rest of a png";
+const SVG: &[u8] = b"<?xml version=\"1.0\"?><svg xmlns=\"http://www.w3.org/2000/svg\"/>";
+
+/// Response header lines, as written.
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
+/// A reply with exactly these headers (the test origin adds only the framing).
+fn reply(body: &'static [u8], headers: &[(&str, &str)]) -> Reply {
+    let mut r = Reply::ok(body);
+    r.headers = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    r
+}
+
+/// `/image-proxy` serves images only: anything else is 502 `not_an_image`, decided before a
+/// byte of it is sent, never stored; what it serves carries a CSP under which nothing runs.
+#[tokio::test]
+async fn image_proxy_serves_images_only() {
+    let origin = TestOrigin::start().await;
+    let refused: &[(&str, &[u8], Headers)] = &[
+        (
+            "/page.jpg",
+            b"<html><script>alert(1)</script></html>",
+            &[("Content-Type", "text/html")],
+        ),
+        (
+            "/script.jpg",
+            b"alert(1)",
+            &[("Content-Type", "application/javascript")],
+        ),
+        ("/none.jpg", JPEG, &[]),
+        (
+            "/lying.png",
+            b"<html><script>alert(1)</script></html>",
+            &[("Content-Type", "image/png")],
+        ),
+        ("/mismatch.png", JPEG, &[("Content-Type", "image/png")]),
+        ("/svg.svg", SVG, &[("Content-Type", "image/svg+xml")]),
+        (
+            "/gzip.png",
+            PNG,
+            &[("Content-Type", "image/png"), ("Content-Encoding", "gzip")],
+        ),
+        (
+            "/two.png",
+            PNG,
+            &[("Content-Type", "image/png"), ("Content-Type", "text/html")],
+        ),
+        ("/empty.png", b"", &[("Content-Type", "image/png")]),
+    ];
+    for (path, body, headers) in refused {
+        origin.route(
+            path,
+            reply(body, headers).header("Cache-Control", "max-age=600"),
+        );
+    }
+    origin.route(
+        "/cat.jpg",
+        reply(
+            JPEG,
+            &[
+                ("Content-Type", "image/jpeg"),
+                ("Content-Disposition", "attachment; filename=\"evil.html\""),
+                ("Cache-Control", "max-age=600"),
+            ],
+        ),
+    );
+    origin.route(
+        "/cat.png",
+        reply(PNG, &[("Content-Type", "image/png; charset=binary")]),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    for (path, _, _) in refused {
+        for attempt in 1..=2 {
+            let r = proxy.get_image(&origin.url(path)).await;
+            assert_eq!(r.status, 502, "{path}");
+            assert_eq!(r.error_code(), "not_an_image", "{path}");
+            assert_eq!(r.header("content-type"), "application/json", "{path}");
+            assert_eq!(
+                r.header("content-security-policy"),
+                "default-src 'none'; sandbox"
+            );
+            assert_eq!(origin.hits(path), attempt, "{path}: nothing stored");
+        }
+    }
+    for (path, body) in [("/cat.jpg", JPEG), ("/cat.png", PNG)] {
+        for expected in [
+            "imgedge; fwd=uri-miss; stored",
+            "imgedge; hit; detail=memory",
+        ] {
+            let r = proxy.get_image(&origin.url(path)).await;
+            assert_eq!((r.status, &r.body[..]), (200, body), "{path}");
+            assert_eq!(r.cache_status(), expected, "{path}");
+            assert_eq!(
+                r.header("content-security-policy"),
+                "default-src 'none'; sandbox"
+            );
+            assert_eq!(r.header("x-content-type-options"), "nosniff");
+            assert_eq!(r.header("content-disposition"), "", "{path}");
+        }
+    }
+    // Upstreams are asked for the plain bytes.
+    let asked = origin.last_request("/cat.png");
+    assert!(
+        asked
+            .iter()
+            .any(|(k, v)| k == "accept-encoding" && v == "identity"),
+        "{asked:?}"
+    );
+
+    // SVG only when allowed, then with its own CSP.
+    let svg_origin = TestOrigin::start().await;
+    svg_origin.route(
+        "/logo.svg",
+        reply(SVG, &[("Content-Type", "image/svg+xml")]),
+    );
+    svg_origin.route(
+        "/fake.svg",
+        reply(b"<html><svg/></html>", &[("Content-Type", "image/svg+xml")]),
+    );
+    let svg = TestProxy::for_origin(&svg_origin, "[upstream]\nallow_svg = true").await;
+    let r = svg.get_image(&svg_origin.url("/logo.svg")).await;
+    assert_eq!((r.status, &r.body[..]), (200, SVG));
+    assert_eq!(
+        r.header("content-security-policy"),
+        "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+    );
+    let r = svg.get_image(&svg_origin.url("/fake.svg")).await;
+    assert_eq!(r.error_code(), "not_an_image");
+}
+
+/// Followers of a fetch that turns out not to be an image get the same refusal, from one
+/// origin request.
+#[tokio::test]
+async fn collapsed_followers_share_the_refusal() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/slow.jpg",
+        reply(b"<html></html>", &[("Content-Type", "text/html")])
+            .head_delay(std::time::Duration::from_millis(300)),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let target = origin.url("/slow.jpg");
+    let all = futures_join(&proxy, &target, 8).await;
+    for r in all {
+        assert_eq!((r.status, r.error_code()), (502, "not_an_image".to_owned()));
+    }
+    assert_eq!(origin.hits("/slow.jpg"), 1);
+}
+
+async fn futures_join(proxy: &TestProxy, target: &str, n: usize) -> Vec<Got> {
+    let mut handles = Vec::new();
+    for _ in 0..n {
+        let (client, url) = (proxy.client.clone(), proxy.url(&image_path(target)));
+        handles.push(tokio::spawn(async move {
+            send(&client, Method::GET, &url, &[]).await
+        }));
+    }
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

@@ -53,6 +53,9 @@ impl Config {
                 trusted_private_hosts: f
                     .parse("upstream.trusted_private_hosts", parse_host_patterns),
                 allow_https_downgrade: f.get("upstream.allow_https_downgrade"),
+                allowed_content_types: f
+                    .parse("upstream.allowed_content_types", parse_content_types),
+                allow_svg: f.get("upstream.allow_svg"),
                 allow_private_networks: f.get("upstream.allow_private_networks"),
                 connect_timeout: f.duration("upstream.connect_timeout"),
                 header_timeout: f.duration("upstream.header_timeout"),
@@ -332,17 +335,54 @@ enum StringList {
     Empty,
 }
 
+impl StringList {
+    fn entries(self) -> Vec<String> {
+        match self {
+            StringList::List(v) => v,
+            StringList::Csv(s) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            StringList::Empty => Vec::new(),
+        }
+    }
+}
+
+/// `[upstream] allowed_content_types`: media types of the `image/` family, lower-cased, without
+/// parameters; SVG is not among them (it has its own switch, `allow_svg`).
+fn parse_content_types(list: StringList) -> Result<Vec<String>, String> {
+    let mut bad = Vec::new();
+    let mut types = Vec::new();
+    for entry in list.entries() {
+        let t = entry.trim().to_ascii_lowercase();
+        let subtype = t.strip_prefix("image/").unwrap_or_default();
+        if t == "image/svg+xml" {
+            bad.push(format!(
+                "{entry:?}: SVG is allowed with upstream.allow_svg, not here"
+            ));
+        } else if subtype.is_empty()
+            || !subtype
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        {
+            bad.push(format!(
+                "{entry:?}: expected an image/ media type such as \"image/png\""
+            ));
+        } else {
+            types.push(t);
+        }
+    }
+    if bad.is_empty() {
+        Ok(types)
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
 fn parse_host_patterns(list: StringList) -> Result<Vec<HostPattern>, String> {
-    let entries: Vec<String> = match list {
-        StringList::List(v) => v,
-        StringList::Csv(s) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        StringList::Empty => Vec::new(),
-    };
+    let entries = list.entries();
     let mut bad = Vec::new();
     let mut patterns = Vec::new();
     for entry in entries {

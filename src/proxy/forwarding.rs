@@ -4,7 +4,7 @@
 
 use http::HeaderMap;
 use http::header::{
-    AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_DISPOSITION, CONTENT_ENCODING,
+    ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING,
     CONTENT_LANGUAGE, CONTENT_LENGTH, CONTENT_TYPE, ETAG, EXPIRES, HOST, HeaderName, IF_MATCH,
     IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, LOCATION,
     PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, RANGE, RETRY_AFTER, SET_COOKIE, TE, TRAILER,
@@ -16,9 +16,10 @@ use crate::freshness::RequestFacts;
 /// `Surrogate-Control`: caching directives for surrogates such as this one.
 pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
 
-/// Origin response headers passed to clients; everything else (hop-by-hop, `Set-Cookie`,
-/// server internals) is dropped. `Age` is forwarded on a miss but never stored.
-const FORWARDED: [HeaderName; 11] = [
+/// Origin response headers passed to `/image-proxy` clients; everything else (hop-by-hop,
+/// `Set-Cookie`, `Content-Disposition` (a download or a file name is not an image proxy's to
+/// pass on), server internals) is dropped. `Age` is forwarded on a miss but never stored.
+const FORWARDED: [HeaderName; 10] = [
     CONTENT_TYPE,
     ETAG,
     LAST_MODIFIED,
@@ -26,7 +27,6 @@ const FORWARDED: [HeaderName; 11] = [
     EXPIRES,
     CONTENT_ENCODING,
     CONTENT_LANGUAGE,
-    CONTENT_DISPOSITION,
     LOCATION,
     RETRY_AFTER,
     AGE,
@@ -86,7 +86,11 @@ pub enum Forwarding {
 impl Forwarding {
     pub(super) fn upstream_headers(&self) -> HeaderMap {
         match self {
-            Forwarding::Bare => HeaderMap::new(),
+            // Asks for the plain bytes: a content-coded body would be refused (content.rs).
+            Forwarding::Bare => HeaderMap::from_iter([(
+                ACCEPT_ENCODING,
+                http::HeaderValue::from_static("identity"),
+            )]),
             Forwarding::Headers { headers, .. } => headers.clone(),
         }
     }

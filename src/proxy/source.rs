@@ -150,7 +150,7 @@ mod tests {
                         "Transfer-Encoding: chunked".to_owned()
                     };
                     let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nCache-Control: max-age=600\r\n{framing}\r\nConnection: close\r\n\r\n"
+                        "HTTP/1.1 200 OK\r\nContent-Type: image/x-test\r\nCache-Control: max-age=600\r\n{framing}\r\nConnection: close\r\n\r\n"
                     );
                     let _ = stream.write_all(head.as_bytes()).await;
                     if length {
@@ -170,7 +170,7 @@ mod tests {
 
     fn proxy(tasks: &Tasks, max_cacheable_bytes: u64, fill_bytes: u64) -> Arc<Proxy> {
         let config = Config::from_toml(&format!(
-            "[cache]\nmax_cacheable_bytes = {max_cacheable_bytes}"
+            "[cache]\nmax_cacheable_bytes = {max_cacheable_bytes}\n[upstream]\nallowed_content_types = [\"image/x-test\"]"
         ))
         .unwrap();
         let (_tx, pressure) = tokio::sync::watch::channel(Reading {
@@ -187,6 +187,7 @@ mod tests {
             cache: config.cache,
             pressure,
             tasks: tasks.clone(),
+            content: crate::proxy::content::ContentPolicy::new(&config.upstream),
         }))
     }
 

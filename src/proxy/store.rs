@@ -41,7 +41,7 @@ impl Proxy {
         }
         let upstream = self.send(&req, headers).await?;
         if upstream.head.status != StatusCode::NOT_MODIFIED {
-            return Ok(self.respond(req, upstream, None).await);
+            return self.respond(req, upstream, None).await;
         }
         Span::current().record("upstream_status", 304);
         let was_fresh = object.is_fresh(now);

@@ -35,12 +35,15 @@ pub struct UpstreamBody {
     pub(super) expected_bytes: Option<u64>,
     pub(super) max_bytes: u64,
     pub(super) done: bool,
+    /// The first bytes, read ahead by [`UpstreamBody::peek`] and handed out first.
+    pub(super) peeked: Option<Bytes>,
 }
 
 impl UpstreamBody {
-    /// Bytes received so far.
+    /// Bytes handed out so far: received from the origin, less what [`UpstreamBody::peek`]
+    /// holds to hand out again.
     pub fn received_bytes(&self) -> u64 {
-        self.received_bytes
+        self.received_bytes - self.peeked.as_ref().map_or(0, |p| p.len() as u64)
     }
 
     /// The length this body must have, when announced.
@@ -48,15 +51,48 @@ impl UpstreamBody {
         self.expected_bytes
     }
 
-    /// Whether nothing more will come: finished, failed, every announced byte received (hyper
-    /// stops polling a body once its `Content-Length` is written), or a bodyless response.
+    /// Whether nothing more will come: finished, failed, every announced byte received and
+    /// handed out (hyper stops polling a body once its `Content-Length` is written), or a
+    /// bodyless response.
     pub fn is_end_stream(&self) -> bool {
-        self.done || self.is_complete()
+        self.peeked.is_none() && self.origin_done()
     }
 
-    /// Whether every announced byte has arrived (always false without a `Content-Length`).
+    /// Whether every announced byte has arrived and been handed out (always false without a
+    /// `Content-Length`).
     pub fn is_complete(&self) -> bool {
-        self.expected_bytes == Some(self.received_bytes)
+        self.peeked.is_none() && self.expected_bytes == Some(self.received_bytes)
+    }
+
+    /// Whether the origin has nothing more to send.
+    fn origin_done(&self) -> bool {
+        self.done || self.expected_bytes == Some(self.received_bytes)
+    }
+
+    /// Reads ahead until at least `bytes` bytes have arrived or the body ended, and returns them
+    /// (fewer for a shorter body); they are handed out again, first, by `poll_chunk`. For checks
+    /// that must see the first bytes before any is served. At most one chunk more than `bytes`
+    /// is held, and chunks are joined only while fewer than `bytes` have arrived.
+    ///
+    /// # Errors
+    /// What reading the body fails with.
+    pub async fn peek(&mut self, bytes: usize) -> Result<Bytes, UpstreamError> {
+        let mut seen = self.peeked.take().unwrap_or_default();
+        while seen.len() < bytes {
+            match std::future::poll_fn(|cx| self.poll_origin(cx)).await {
+                Some(Ok(chunk)) if seen.is_empty() => seen = chunk,
+                Some(Ok(chunk)) => {
+                    let mut joined = Vec::with_capacity(seen.len() + chunk.len());
+                    joined.extend_from_slice(&seen);
+                    joined.extend_from_slice(&chunk);
+                    seen = joined.into();
+                }
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        self.peeked = (!seen.is_empty()).then(|| seen.clone());
+        Ok(seen)
     }
 
     /// Polls the next chunk: `Some(Ok)` data, `Some(Err)` a failure (after which it is done),
@@ -65,8 +101,16 @@ impl UpstreamBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, UpstreamError>>> {
+        if let Some(peeked) = self.peeked.take() {
+            return Poll::Ready(Some(Ok(peeked)));
+        }
+        self.poll_origin(cx)
+    }
+
+    /// The next chunk from the origin.
+    fn poll_origin(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, UpstreamError>>> {
         loop {
-            if self.is_end_stream() {
+            if self.origin_done() {
                 self.done = true;
                 return Poll::Ready(None);
             }

@@ -23,6 +23,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, oneshot};
 
+/// The `Content-Type` of test bodies that are not real images: allowed by the test proxies, and
+/// without a signature imgedge checks.
+pub const TEST_CONTENT_TYPE: &str = "image/x-imgedge-test";
+
+/// `[upstream] allowed_content_types` of the test proxies (TOML array): the defaults and
+/// [`TEST_CONTENT_TYPE`].
+pub const TEST_CONTENT_TYPES: &str = r#"["image/jpeg", "image/png", "image/gif", "image/webp", "image/avif", "image/x-imgedge-test"]"#;
+
 /// What the origin sends for one path.
 #[derive(Clone)]
 pub struct Reply {
@@ -67,12 +75,20 @@ pub enum Fault {
 }
 
 impl Reply {
-    /// 200 with `body`, `Content-Type: image/jpeg` and `Content-Length`.
+    /// 200 with `body`, `Content-Length` and a `Content-Type` for it: `image/jpeg` when it
+    /// starts with the JPEG signature, else [`TEST_CONTENT_TYPE`] (a type the test proxies
+    /// allow and imgedge knows no signature for, so any body passes `/image-proxy`'s check).
     pub fn ok(body: impl Into<Bytes>) -> Self {
+        let body = body.into();
+        let content_type = if body.starts_with(b"\xff\xd8\xff") {
+            "image/jpeg"
+        } else {
+            TEST_CONTENT_TYPE
+        };
         Reply {
             status: 200,
-            headers: vec![("Content-Type".into(), "image/jpeg".into())],
-            body: BodySpec::Bytes(body.into()),
+            headers: vec![("Content-Type".into(), content_type.into())],
+            body: BodySpec::Bytes(body),
             content_length: true,
             head_delay: Duration::ZERO,
             fault: Fault::None,
@@ -490,6 +506,7 @@ pub fn test_config(origin: &TestOrigin, extra: &str) -> Config {
         [upstream]
         allowed_hosts = ["{addr}"]
         trusted_private_hosts = ["{addr}"]
+        allowed_content_types = {types}
         connect_timeout = "1s"
         header_timeout = "1s"
         idle_timeout = "1s"
@@ -498,7 +515,8 @@ pub fn test_config(origin: &TestOrigin, extra: &str) -> Config {
         [log]
         access = false
         "#,
-        addr = origin.addr
+        addr = origin.addr,
+        types = TEST_CONTENT_TYPES,
     );
     let merged = merge_toml(&base, extra);
     Config::from_toml(&merged).unwrap_or_else(|e| panic!("test config:\n{e}\n{merged}"))
