@@ -23,15 +23,20 @@ use crate::freshness::Freshness;
 pub use memory::{MemoryTier, MemoryUsage};
 pub use tier::{Tier, TierUsage};
 
-/// What identifies a stored response: the normalized absolute upstream URL, for now. Later
-/// variants (transforms, `Vary`) extend it; every lookup and insert goes through this type.
+/// What identifies a stored response: the namespace of the route that fetched it and the
+/// normalized absolute upstream URL, `"{namespace} {url}"` (a URL holds no space, so no two pairs
+/// share a key). Namespaces keep routes apart: an object fetched through `/image-proxy` is never
+/// served through a `[[routes]]` entry or the other way round, and each route's storage rules
+/// apply to its own objects only. `Vary` variants extend the key; every lookup and insert goes
+/// through this type.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey(Arc<str>);
 
 impl CacheKey {
-    /// The key of a GET for `url`, which must already be normalized (a parsed [`url::Url`]).
-    pub fn for_url(url: &url::Url) -> Self {
-        CacheKey(Arc::from(url.as_str()))
+    /// The key of a GET for `url` (already normalized: a parsed [`url::Url`]) through the route
+    /// whose namespace is `namespace` (`image-proxy`, or a route's prefix).
+    pub fn new(namespace: &str, url: &url::Url) -> Self {
+        CacheKey(Arc::from(format!("{namespace} {url}")))
     }
 
     pub fn as_str(&self) -> &str {
@@ -364,7 +369,7 @@ mod tests {
     }
 
     fn key(s: &str) -> CacheKey {
-        CacheKey::for_url(&url::Url::parse(s).unwrap())
+        CacheKey::new("test", &url::Url::parse(s).unwrap())
     }
 
     fn memory_only(capacity_bytes: u64, stale_retention: Duration) -> TieredCache {
@@ -377,7 +382,10 @@ mod tests {
         tier.insert(key("http://h/a"), object(4_000, 60)).await;
         let u = tier.memory().usage().await;
         assert_eq!(u.entries, 1);
-        assert_eq!(u.bytes, 4_000 + 256 + "http://h/a".len() as u64);
+        assert_eq!(
+            u.bytes,
+            4_000 + 256 + key("http://h/a").as_str().len() as u64
+        );
         for i in 0..10 {
             tier.insert(key(&format!("http://h/{i}")), object(4_000, 60))
                 .await;

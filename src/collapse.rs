@@ -453,7 +453,7 @@ mod tests {
     fn fill_with(buffer: SharedBuffer) -> Arc<Fill> {
         let (outcome, _) = watch::channel(Outcome::Waiting);
         let fill = Fill::new(
-            CacheKey::for_url(&url::Url::parse("http://h/a").unwrap()),
+            CacheKey::new("test", &url::Url::parse("http://h/a").unwrap()),
             outcome,
         );
         *fill.body.lock().unwrap() = buffer;

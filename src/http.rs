@@ -111,7 +111,7 @@ impl Router {
             return Ok(self.admin.purge_one(&key).await);
         }
         if req.uri().path() == PURGE_PATH {
-            return self.admin.purge_urls(req).await;
+            return self.admin.purge_urls(req, &self.routes).await;
         }
         match route {
             Route::Health => {
@@ -132,12 +132,15 @@ impl Router {
                 match self.routes.resolve(admitted.route, &parts)? {
                     Proxied::Cacheable(request) => self.proxy.handle(request).await,
                     Proxied::Forward {
+                        namespace,
                         method,
                         url,
                         headers,
                     } => {
                         let body = body.map_err(Into::into).boxed_unsync();
-                        self.proxy.forward(method, url, headers, body).await
+                        self.proxy
+                            .forward(&namespace, method, url, headers, body)
+                            .await
                     }
                 }
             }

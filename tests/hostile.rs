@@ -523,3 +523,60 @@ async fn futures_join(proxy: &TestProxy, target: &str, n: usize) -> Vec<Got> {
     }
     out
 }
+
+/// Each route has its own cache namespace: the same upstream URL fetched through
+/// `/image-proxy` and through a route is two objects, so neither can plant what the other
+/// serves; purge names the route.
+#[tokio::test]
+async fn routes_never_serve_each_others_objects() {
+    let origin = TestOrigin::start().await;
+    let path = "/storage/v1/object/public/b/shared.jpg";
+    origin.route(path, Reply::ok(JPEG).header("Cache-Control", "max-age=600"));
+    let token = "purge-token-0123456789";
+    let proxy = TestProxy::for_origin(&origin, &format!("[admin]\ntoken = \"{token}\"")).await;
+    let via_proxy = proxy.get_image(&origin.url(path)).await;
+    assert_eq!(via_proxy.cache_status(), "imgedge; fwd=uri-miss; stored");
+    // The same upstream URL through the Supabase route: a miss of its own, not the stored one.
+    let via_route = proxy.get(path).await;
+    assert_eq!(via_route.cache_status(), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(origin.hits(path), 2);
+    for _ in 0..2 {
+        assert_eq!(
+            proxy.get_image(&origin.url(path)).await.cache_status(),
+            "imgedge; hit; detail=memory"
+        );
+        assert_eq!(
+            proxy.get(path).await.cache_status(),
+            "imgedge; hit; detail=memory"
+        );
+    }
+    // Purging the route's object leaves /image-proxy's.
+    let bearer = format!("Bearer {token}");
+    let purged = proxy
+        .send_body(
+            Method::POST,
+            "/_imgedge/purge",
+            &[("Authorization", bearer.as_str())],
+            format!("{{\"paths\": [\"{path}\"]}}"),
+        )
+        .await;
+    assert_eq!(purged.json()["purged"], 1, "{}", purged.text());
+    assert_eq!(
+        proxy.get(path).await.cache_status(),
+        "imgedge; fwd=uri-miss; stored"
+    );
+    assert_eq!(
+        proxy.get_image(&origin.url(path)).await.cache_status(),
+        "imgedge; hit; detail=memory"
+    );
+    // A path no route serves is refused, and nothing is purged.
+    let bad = proxy
+        .send_body(
+            Method::POST,
+            "/_imgedge/purge",
+            &[("Authorization", bearer.as_str())],
+            "{\"paths\": [\"/nowhere/x.jpg\"]}".to_owned(),
+        )
+        .await;
+    assert_eq!(bad.error_code(), "bad_request");
+}

@@ -342,7 +342,7 @@ mod tests {
     use super::*;
 
     fn key(s: &str) -> CacheKey {
-        CacheKey::for_url(&url::Url::parse(s).unwrap())
+        CacheKey::new("test", &url::Url::parse(s).unwrap())
     }
 
     #[test]

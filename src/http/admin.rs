@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use url::Url;
 
 use super::json_response;
+use super::routes::{IMAGE_PROXY_NAMESPACE, Routes};
 use crate::body::ProxyBody;
 use crate::cache::{CacheKey, INDEX_CAPACITY_BYTES, Tier, TierUsage, TieredCache};
 use crate::error::ProxyError;
@@ -104,12 +105,20 @@ impl Admin {
         )
     }
 
-    /// `POST /_imgedge/purge` with `{"urls": ["http://...", ...]}`: purges `/image-proxy` targets.
+    /// `POST /_imgedge/purge` with `{"urls": ["http://...", ...], "paths": ["/...", ...]}`
+    /// (either may be left out): purges `/image-proxy` targets (`urls`) and the objects the
+    /// routes of `routes` serve at `paths` (a request path and query, as a client sends it:
+    /// `/storage/v1/object/public/b/a.jpg`, `/image-proxy?url=...`).
     ///
     /// # Errors
     /// [`ProxyError::MethodNotAllowed`], the purge authorization's, and
-    /// [`ProxyError::BadRequest`] for a body that is not that JSON (nothing is purged then).
-    pub async fn purge_urls<B>(&self, req: Request<B>) -> Result<Response<ProxyBody>, ProxyError>
+    /// [`ProxyError::BadRequest`] for a body that is not that JSON, or an entry that names no
+    /// stored object (nothing is purged then).
+    pub async fn purge_urls<B>(
+        &self,
+        req: Request<B>,
+        routes: &Routes,
+    ) -> Result<Response<ProxyBody>, ProxyError>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -124,12 +133,19 @@ impl Admin {
             .map_err(|e| ProxyError::BadRequest(format!("cannot read the body: {e}")))?
             .to_bytes();
         #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
         struct Purge {
+            #[serde(default)]
             urls: Vec<String>,
+            #[serde(default)]
+            paths: Vec<String>,
         }
-        let purge: Purge = serde_json::from_slice(&body)
-            .map_err(|e| ProxyError::BadRequest(format!("expected {{\"urls\": [...]}}: {e}")))?;
-        let mut keys = Vec::with_capacity(purge.urls.len());
+        let purge: Purge = serde_json::from_slice(&body).map_err(|e| {
+            ProxyError::BadRequest(format!(
+                "expected {{\"urls\": [...], \"paths\": [...]}}: {e}"
+            ))
+        })?;
+        let mut keys = Vec::with_capacity(purge.urls.len() + purge.paths.len());
         for url in &purge.urls {
             let url = Url::parse(url)
                 .ok()
@@ -137,7 +153,19 @@ impl Admin {
                 .ok_or_else(|| {
                     ProxyError::BadRequest(format!("not an absolute http(s) URL: {url:?}"))
                 })?;
-            keys.push(CacheKey::for_url(&url));
+            keys.push(CacheKey::new(IMAGE_PROXY_NAMESPACE, &url));
+        }
+        for path in &purge.paths {
+            let bad = |why: String| ProxyError::BadRequest(format!("path {path:?}: {why}"));
+            let uri = path
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|u| u.scheme().is_none() && path.starts_with('/'))
+                .ok_or_else(|| bad("not a request path".to_owned()))?;
+            let key = routes
+                .purge_key(routes.route_of(uri.path()), &uri)
+                .map_err(|e| bad(e.to_string()))?;
+            keys.push(key);
         }
         let mut purged = 0u32;
         for key in &keys {

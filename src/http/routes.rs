@@ -20,6 +20,10 @@ use crate::upstream::Guard;
 /// Prefix of Supabase Storage's public object route.
 pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
 
+/// The cache namespace of `/image-proxy`'s objects (a route's is its prefix, which starts with
+/// `/`: the two never meet).
+pub const IMAGE_PROXY_NAMESPACE: &str = "image-proxy";
+
 /// Supabase's `apikey` request header: a credential, like `Authorization`.
 static APIKEY: HeaderName = HeaderName::from_static("apikey");
 
@@ -56,15 +60,13 @@ impl Route {
 }
 
 /// A request on a proxy route, resolved.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "lives on the stack for one match; boxing would cost an allocation per request"
-)]
 pub enum Proxied {
     /// GET or HEAD: looked up, fetched, stored.
     Cacheable(ProxyRequest),
     /// Any other method (routes only): forwarded with its body, never stored.
     Forward {
+        /// The route's cache namespace, where a successful request invalidates.
+        namespace: String,
         method: Method,
         url: Url,
         headers: HeaderMap,
@@ -123,6 +125,7 @@ impl Routes {
                 let url = target::parse_image_url(parts.uri.query(), self.max_url_bytes)?;
                 Ok(Proxied::Cacheable(proxy_request(
                     parts,
+                    IMAGE_PROXY_NAMESPACE,
                     url,
                     Some(self.default_ttl),
                     Guard::Guarded,
@@ -148,6 +151,7 @@ impl Routes {
                         };
                         Ok(Proxied::Cacheable(proxy_request(
                             parts,
+                            &route.prefix,
                             url,
                             route.default_ttl,
                             Guard::Trusted,
@@ -156,6 +160,7 @@ impl Routes {
                         )))
                     }
                     _ => Ok(Proxied::Forward {
+                        namespace: route.prefix.clone(),
                         method: parts.method.clone(),
                         url,
                         headers,
@@ -169,20 +174,23 @@ impl Routes {
         }
     }
 
-    /// The cache key a `PURGE` of `uri` on `route` names.
+    /// The cache key a `PURGE` of `uri` on `route` names: the object of that route.
     ///
     /// # Errors
     /// As [`Routes::resolve`]; [`ProxyError::NotFound`] on a route that stores nothing.
     pub fn purge_key(&self, route: Route, uri: &Uri) -> Result<CacheKey, ProxyError> {
         match route {
-            Route::ImageProxy => Ok(CacheKey::for_url(&target::parse_image_url(
-                uri.query(),
-                self.max_url_bytes,
-            )?)),
-            Route::Proxied { index, .. } => Ok(CacheKey::for_url(&route_url(
-                &self.routes[index].upstream,
-                uri,
-            )?)),
+            Route::ImageProxy => Ok(CacheKey::new(
+                IMAGE_PROXY_NAMESPACE,
+                &target::parse_image_url(uri.query(), self.max_url_bytes)?,
+            )),
+            Route::Proxied { index, .. } => {
+                let route = &self.routes[index];
+                Ok(CacheKey::new(
+                    &route.prefix,
+                    &route_url(&route.upstream, uri)?,
+                ))
+            }
             _ => Err(ProxyError::NotFound(
                 "nothing cacheable at this path".into(),
             )),
@@ -204,6 +212,7 @@ pub fn get_or_head(method: &Method) -> Result<bool, ProxyError> {
 
 fn proxy_request(
     parts: &Parts,
+    namespace: &str,
     url: Url,
     default_ttl: Option<Duration>,
     guard: Guard,
@@ -211,8 +220,8 @@ fn proxy_request(
     forwarding: Forwarding,
 ) -> ProxyRequest {
     ProxyRequest {
-        key: CacheKey::for_url(&url),
-        primary: CacheKey::for_url(&url),
+        key: CacheKey::new(namespace, &url),
+        primary: CacheKey::new(namespace, &url),
         url,
         guard,
         head,

@@ -17,12 +17,13 @@ impl Proxy {
     /// Forwards a request whose method is never looked up or stored (RFC 9111 §2: only GET and
     /// HEAD are cached here), streaming its body upstream and the response back. A non-error
     /// response invalidates the stored response for the URI and for a same-origin `Location` or
-    /// `Content-Location` (RFC 9111 §4.4).
+    /// `Content-Location` (RFC 9111 §4.4), in the route's `namespace`.
     ///
     /// # Errors
     /// A [`ProxyError`] for anything that fails before the response head.
     pub async fn forward(
         &self,
+        namespace: &str,
         method: Method,
         url: Url,
         headers: HeaderMap,
@@ -41,7 +42,7 @@ impl Proxy {
         Span::current().record("upstream_status", head.status.as_u16());
         CacheStatus::FORWARD_METHOD.record_in_span();
         if !head.status.is_client_error() && !head.status.is_server_error() {
-            self.tier.invalidate(&CacheKey::for_url(&url)).await;
+            self.tier.invalidate(&CacheKey::new(namespace, &url)).await;
             for name in [LOCATION, CONTENT_LOCATION] {
                 let target = head
                     .headers
@@ -49,7 +50,9 @@ impl Proxy {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| url.join(v).ok());
                 if let Some(target) = target.filter(|t| t.origin() == url.origin()) {
-                    self.tier.invalidate(&CacheKey::for_url(&target)).await;
+                    self.tier
+                        .invalidate(&CacheKey::new(namespace, &target))
+                        .await;
                 }
             }
         }

@@ -193,8 +193,8 @@ mod tests {
 
     fn request(url: &url::Url) -> ProxyRequest {
         ProxyRequest {
-            key: crate::cache::CacheKey::for_url(url),
-            primary: crate::cache::CacheKey::for_url(url),
+            key: crate::cache::CacheKey::new("image-proxy", url),
+            primary: crate::cache::CacheKey::new("image-proxy", url),
             url: url.clone(),
             guard: Guard::Trusted,
             head: true,
