@@ -150,6 +150,9 @@ listen = "127.0.0.1:$PORT"
 [[routes]]
 prefix = "/"
 upstream = "$ORIGIN"
+# RFC 9111 lets a shared cache store Set-Cookie, and the suite checks it does; imgedge's
+# default (off) is the safer choice for a public edge.
+store_set_cookie = true
 
 [log]
 level = "warn"

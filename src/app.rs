@@ -138,6 +138,7 @@ impl App {
             admission: Admission {
                 pressure: pressure.clone(),
                 metrics: metrics.clone(),
+                trusted_proxies: config.server.trusted_proxies.clone(),
             },
             admin: Admin {
                 tier: tier.clone(),

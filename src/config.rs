@@ -72,6 +72,9 @@ pub struct RouteConfig {
     /// `Last-Modified`. `None` (the default for `[[routes]]`): not stored, as RFC 9111 has it;
     /// the Supabase route uses `[cache] default_ttl`.
     pub default_ttl: Option<Duration>,
+    /// Whether responses carrying `Set-Cookie` are stored (and the cookie replayed to others).
+    /// Off by default, and for the Supabase route.
+    pub store_set_cookie: bool,
 }
 
 /// The prefix of the Supabase Storage API, proxied when `[supabase] upstream` is set.
@@ -89,6 +92,9 @@ pub struct ServerConfig {
     pub drain_delay: Duration,
     /// Then, with the listener closed: how long open connections get to finish.
     pub shutdown_grace: Duration,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` name the client (a CDN's edges, a load
+    /// balancer); from any other peer, the peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// `[upstream]`: how origins are fetched.

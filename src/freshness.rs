@@ -52,6 +52,12 @@ pub struct ResponseDirectives {
 }
 
 impl ResponseDirectives {
+    /// Whether the response says it may be shared even with a request that carried credentials:
+    /// `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5).
+    pub fn shareable(&self) -> bool {
+        self.public || self.s_maxage.is_some() || self.must_revalidate
+    }
+
     /// Parses every `Cache-Control` field line of `headers`. Unknown directives are ignored, a
     /// malformed delta-seconds is treated as 0 (stale), as §4.2.1 asks of invalid freshness, and
     /// one too large is 2^31 (§1.2.2).
@@ -142,11 +148,14 @@ pub enum NotStorable {
     NoFreshness,
     /// Its freshness lifetime is zero or already used up by its age.
     Stale,
-    /// The request carried `Authorization` and the response did not allow sharing it with
-    /// `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5).
+    /// The request carried credentials (`Authorization`, a cookie, an API key) and the response
+    /// did not allow sharing it with `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5).
     Authorization,
     /// It carries `Vary: *` (and the request forwarded client headers): no request can match it.
     Vary,
+    /// It sets a cookie, which storing would replay to every client, and its route does not
+    /// allow that (`[[routes]] store_set_cookie`).
+    SetCookie,
 }
 
 impl NotStorable {
@@ -161,6 +170,7 @@ impl NotStorable {
             NotStorable::NoFreshness => "no-freshness",
             NotStorable::Authorization => "authorization",
             NotStorable::Vary => "vary",
+            NotStorable::SetCookie => "set-cookie",
         }
     }
 }
@@ -277,7 +287,7 @@ pub fn storable(
     if cc_applies && d.private {
         return Err(NotStorable::Private);
     }
-    if request.authorized && !(d.public || d.s_maxage.is_some() || d.must_revalidate) {
+    if request.authorized && !d.shareable() {
         return Err(NotStorable::Authorization);
     }
     if request.forwarded_client_headers && vary_names(headers).is_none() {

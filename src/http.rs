@@ -23,7 +23,7 @@ use tracing::field::Empty;
 
 pub use access_log::LoggedBody;
 pub use admin::{Admin, PURGE_PATH};
-pub use admit::{Admission, Admitted};
+pub use admit::{Admission, Admitted, Client};
 pub use routes::{Route, Routes, SUPABASE_PUBLIC_PREFIX};
 
 use crate::body::ProxyBody;
@@ -56,16 +56,18 @@ impl Router {
         let start = Instant::now();
         let route = self.routes.route_of(req.uri().path());
         let id = self.request_ids.of(req.headers());
+        let client = self.admission.client(req.headers(), peer);
         let span = tracing::info_span!(
             "request",
             id = %id.to_str().unwrap_or_default(),
+            client = %client.ip,
             route = route.name(),
             method = %req.method(),
             cache = Empty,
             upstream_status = Empty,
         );
         let result = self
-            .dispatch(route, req, peer)
+            .dispatch(route, req, client)
             .instrument(span.clone())
             .await;
         let (mut response, error) = match result {
@@ -99,7 +101,7 @@ impl Router {
         &self,
         route: Route,
         req: Request<B>,
-        peer: SocketAddr,
+        client: Client,
     ) -> Result<Response<ProxyBody>, ProxyError>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -128,8 +130,11 @@ impl Router {
             ))),
             Route::ImageProxy | Route::Proxied { .. } => {
                 let (parts, body) = req.into_parts();
-                let admitted = self.admission.admit(route, &parts, peer)?;
-                match self.routes.resolve(admitted.route, &parts)? {
+                let admitted = self.admission.admit(route, &parts, client)?;
+                match self
+                    .routes
+                    .resolve(admitted.route, &parts, &admitted.client)?
+                {
                     Proxied::Cacheable(request) => self.proxy.handle(request).await,
                     Proxied::Forward {
                         namespace,

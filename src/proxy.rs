@@ -28,7 +28,9 @@ use tracing::{Instrument, Span};
 use url::Url;
 
 pub use cache_status::{CACHE_STATUS, CacheStatus, Fwd, Kind};
-pub use forwarding::{Forwarding, SURROGATE_CONTROL, end_to_end};
+pub use forwarding::{
+    APIKEY, CREDENTIALS, Forwarding, SURROGATE_CONTROL, end_to_end, route_request_headers,
+};
 pub use source::SourceObject;
 
 use crate::body::ProxyBody;
@@ -147,7 +149,13 @@ impl Proxy {
             req.key = req.primary.variant(&index, headers);
         }
         let now = SystemTime::now();
-        let found = self.tier.lookup(&req.key).await;
+        // A request with credentials is answered from the cache only by a response marked
+        // shareable (RFC 9111 §3.5): one stored for anonymous requests may differ from what the
+        // origin would tell this client.
+        let credentialed = req.forwarding.facts().authorized;
+        let found = self.tier.lookup(&req.key).await.filter(|f| {
+            !credentialed || freshness::ResponseDirectives::parse(&f.object.headers).shareable()
+        });
         let found_in = found.as_ref().map(|f| f.tier);
         let found_name = found.as_ref().map(|f| f.tier_name);
         let cached = found.map(|f| f.object);

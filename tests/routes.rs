@@ -132,7 +132,8 @@ async fn a_successful_unsafe_method_invalidates_the_uri_and_its_location() {
 
 #[tokio::test]
 async fn authorized_vary_and_set_cookie_responses_follow_the_shared_cache_rules() {
-    // Authorization (§3.5) and Vary: * are refused; Vary and Set-Cookie are stored.
+    // Credentials (§3.5) and Vary: * are refused; Vary is stored; Set-Cookie only where the
+    // route allows it.
     let origin = TestOrigin::start().await;
     origin.route(
         "/auth",
@@ -161,46 +162,156 @@ async fn authorized_vary_and_set_cookie_responses_follow_the_shared_cache_rules(
             .header("Set-Cookie", "s=1"),
     );
     let proxy = route_proxy(&origin).await;
-    let get = |path: &'static str, auth: bool| {
-        let headers: &[(&str, &str)] = if auth {
-            &[("Authorization", "Bearer token")]
-        } else {
-            &[]
-        };
-        proxy.send(Method::GET, path, headers)
-    };
-    for (path, auth, first, second) in [
+    for (path, credential, first, second) in [
         (
             "/auth",
-            true,
+            Some(("Authorization", "Bearer token")),
             "detail=authorization",
             "detail=authorization",
         ),
-        ("/auth-public", true, "stored", "hit"),
-        ("/vary", false, "stored", "hit"),
-        ("/vary-star", false, "detail=vary", "detail=vary"),
-        // RFC 9111 lets a shared cache store Set-Cookie, and a route replays it.
-        ("/cookie", false, "stored", "hit"),
+        (
+            "/auth",
+            Some(("Cookie", "session=1")),
+            "detail=authorization",
+            "detail=authorization",
+        ),
+        (
+            "/auth",
+            Some(("apikey", "k")),
+            "detail=authorization",
+            "detail=authorization",
+        ),
+        (
+            "/auth-public",
+            Some(("Cookie", "session=1")),
+            "stored",
+            "hit",
+        ),
+        ("/vary", None, "stored", "hit"),
+        ("/vary-star", None, "detail=vary", "detail=vary"),
+        // Storing would replay the cookie to everyone: not stored (the client still gets it).
+        ("/cookie", None, "detail=set-cookie", "detail=set-cookie"),
     ] {
-        let r = get(path, auth).await;
+        let headers: Vec<(&str, &str)> = credential.into_iter().collect();
+        let r = proxy.send(Method::GET, path, &headers).await;
         assert!(
             r.cache_status().ends_with(first),
-            "{path}: {}",
+            "{path} {credential:?}: {}",
             r.cache_status()
         );
         if path == "/cookie" {
             assert_eq!(r.header("set-cookie"), "s=1", "a route forwards Set-Cookie");
         }
-        let r = get(path, auth).await;
+        let r = proxy.send(Method::GET, path, &headers).await;
         assert!(
             r.cache_status().contains(second),
-            "{path}: {}",
+            "{path} {credential:?}: {}",
             r.cache_status()
         );
-        if path == "/cookie" {
-            assert_eq!(r.header("set-cookie"), "s=1", "replayed from the cache");
-        }
     }
+    // A route that allows it stores Set-Cookie and replays it.
+    let storing = TestProxy::for_origin(
+        &origin,
+        &format!(
+            "[[routes]]\nprefix = \"/\"\nupstream = \"http://{}\"\nstore_set_cookie = true\n",
+            origin.addr
+        ),
+    )
+    .await;
+    let r = storing.get("/cookie").await;
+    assert_eq!(r.cache_status(), "imgedge; fwd=uri-miss; stored");
+    let r = storing.get("/cookie").await;
+    assert_eq!(r.cache_status(), "imgedge; hit; detail=memory");
+    assert_eq!(r.header("set-cookie"), "s=1", "replayed from the cache");
+}
+
+/// A request with credentials is answered from the cache only by a response marked shareable,
+/// and never joins another request's fetch.
+#[tokio::test]
+async fn credentialed_requests_are_not_answered_with_anonymous_responses() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/profile",
+        Reply::ok("anonymous view").header("Cache-Control", "max-age=60"),
+    );
+    let proxy = route_proxy(&origin).await;
+    let r = proxy.get("/profile").await;
+    assert_eq!(r.cache_status(), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(
+        proxy.get("/profile").await.cache_status(),
+        "imgedge; hit; detail=memory"
+    );
+    for credential in [
+        ("Authorization", "Bearer t"),
+        ("Cookie", "session=abc"),
+        ("apikey", "key"),
+    ] {
+        let r = proxy.send(Method::GET, "/profile", &[credential]).await;
+        assert!(
+            r.cache_status().starts_with("imgedge; fwd=uri-miss"),
+            "{credential:?}: {}",
+            r.cache_status()
+        );
+    }
+    assert_eq!(origin.hits("/profile"), 4);
+    // And the stored anonymous response is still there for anonymous requests.
+    assert_eq!(
+        proxy.get("/profile").await.cache_status(),
+        "imgedge; hit; detail=memory"
+    );
+}
+
+/// What a client says about proxies never reaches the origin: imgedge says who the client is.
+#[tokio::test]
+async fn client_forwarding_headers_are_replaced_by_imgedge_s_own() {
+    let origin = TestOrigin::start().await;
+    origin.route("/who", Reply::ok("w"));
+    let spoofing = [
+        ("X-Forwarded-For", "1.2.3.4"),
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Proto", "https"),
+        ("Forwarded", "for=1.2.3.4;host=evil.example"),
+        ("X-Real-IP", "1.2.3.4"),
+        ("X-Original-URL", "/admin"),
+        ("X-Rewrite-URL", "/admin"),
+        ("X-HTTP-Method-Override", "DELETE"),
+    ];
+    let direct = route_proxy(&origin).await;
+    direct.send(Method::GET, "/who", &spoofing).await;
+    let seen = origin.last_request("/who");
+    let value = |name: &str| {
+        seen.iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(value("x-forwarded-for"), ["127.0.0.1"], "{seen:?}");
+    assert_eq!(value("forwarded"), ["for=127.0.0.1"], "{seen:?}");
+    for name in [
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+    ] {
+        assert!(value(name).is_empty(), "{name} passed: {seen:?}");
+    }
+    // Behind a trusted proxy (here: loopback), the client it names is the client.
+    let behind_cdn =
+        route_proxy_with(&origin, "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n").await;
+    behind_cdn
+        .send(
+            Method::GET,
+            "/who",
+            &[("X-Forwarded-For", "198.51.100.7, 127.0.0.2")],
+        )
+        .await;
+    let seen = origin.last_request("/who");
+    assert!(
+        seen.contains(&("x-forwarded-for".to_owned(), "198.51.100.7".to_owned())),
+        "{seen:?}"
+    );
 }
 
 #[tokio::test]

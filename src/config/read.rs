@@ -22,6 +22,7 @@ struct RawRoute {
     prefix: String,
     upstream: String,
     default_ttl: Option<String>,
+    store_set_cookie: Option<bool>,
 }
 
 impl Config {
@@ -47,6 +48,7 @@ impl Config {
                 max_url_bytes: f.range("server.max_url_bytes", 16, 1 << 20),
                 drain_delay: f.duration_or_zero("server.drain_delay"),
                 shutdown_grace: f.duration("server.shutdown_grace"),
+                trusted_proxies: f.parse("server.trusted_proxies", parse_networks),
             },
             upstream: UpstreamConfig {
                 allowed_hosts: f.parse("upstream.allowed_hosts", parse_host_patterns),
@@ -172,6 +174,7 @@ impl Config {
                 upstream: upstream.clone(),
                 name: "supabase",
                 default_ttl: Some(self.cache.default_ttl),
+                store_set_cookie: false,
             });
         }
         let cache = &self.cache;
@@ -350,6 +353,29 @@ impl StringList {
     }
 }
 
+/// `[server] trusted_proxies`: networks (`10.0.0.0/8`, `2001:db8::/32`) or single addresses.
+fn parse_networks(list: StringList) -> Result<Vec<ipnet::IpNet>, String> {
+    let mut bad = Vec::new();
+    let mut nets = Vec::new();
+    for entry in list.entries() {
+        let entry = entry.trim();
+        match entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        {
+            Ok(net) => nets.push(net.trunc()),
+            Err(_) => bad.push(format!(
+                "{entry:?}: expected a CIDR such as \"10.0.0.0/8\" or an address"
+            )),
+        }
+    }
+    if bad.is_empty() {
+        Ok(nets)
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
 /// `[upstream] allowed_content_types`: media types of the `image/` family, lower-cased, without
 /// parameters; SVG is not among them (it has its own switch, `allow_svg`).
 fn parse_content_types(list: StringList) -> Result<Vec<String>, String> {
@@ -425,6 +451,7 @@ fn parse_routes(raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, String> {
                 upstream,
                 name: "route",
                 default_ttl,
+                store_set_cookie: r.store_set_cookie.unwrap_or(false),
             }),
             Ok(None) => bad.push(format!("[{i}] upstream is empty")),
             Err(e) => bad.push(format!("[{i}] upstream {e}")),

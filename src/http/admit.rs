@@ -1,12 +1,14 @@
 //! Admission: the one step every proxied request passes before any work is done for it (no
 //! parsing of its target, no lookup, no connection). Today it sheds load at critical memory
-//! pressure; request signatures, per-client rate limits and the client address behind trusted
-//! proxies belong here too.
+//! pressure; request signatures and per-client rate limits belong here too. Also who the client
+//! is: the peer, or behind `[server] trusted_proxies` the address they name.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use http::HeaderMap;
 use http::request::Parts;
+use ipnet::IpNet;
 use tokio::sync::watch;
 
 use super::routes::Route;
@@ -14,12 +16,20 @@ use crate::error::ProxyError;
 use crate::metrics::{self, Metrics};
 use crate::pressure::Reading;
 
+/// Who a request comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Client {
+    /// The peer of the connection the request came on.
+    pub peer: SocketAddr,
+    /// The client it is for: the peer, unless the peer is a trusted proxy that named another.
+    pub ip: IpAddr,
+}
+
 /// A request that may proceed, with what admission learned about it.
 #[derive(Debug, Clone, Copy)]
 pub struct Admitted {
     pub route: Route,
-    /// The peer of the connection the request came on.
-    pub peer: SocketAddr,
+    pub client: Client,
 }
 
 /// What admission decides with.
@@ -27,10 +37,12 @@ pub struct Admission {
     /// The memory monitor's readings: requests are shed while the level sheds.
     pub pressure: watch::Receiver<Reading>,
     pub metrics: Arc<Metrics>,
+    /// `[server] trusted_proxies`.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Admission {
-    /// Admits a request for a proxy `route`, with head `parts`, from `peer`.
+    /// Admits a request for a proxy `route`, with head `parts`, from `client`.
     ///
     /// # Errors
     /// [`ProxyError::Overloaded`] (503, `Retry-After: 1`) while memory pressure is critical or
@@ -39,7 +51,7 @@ impl Admission {
         &self,
         route: Route,
         _parts: &Parts,
-        peer: SocketAddr,
+        client: Client,
     ) -> Result<Admitted, ProxyError> {
         if self.pressure.borrow().level.sheds() {
             self.metrics
@@ -48,6 +60,158 @@ impl Admission {
                 .inc();
             return Err(ProxyError::Overloaded);
         }
-        Ok(Admitted { route, peer })
+        Ok(Admitted { route, client })
+    }
+
+    /// The client of a request with `headers` from `peer`: the peer itself, unless the peer is
+    /// in `trusted_proxies`; then the rightmost address of `X-Forwarded-For` (else of
+    /// `Forwarded`'s `for=`) that is not a trusted proxy, or the leftmost when all are. What an
+    /// untrusted peer says about clients is ignored.
+    pub fn client(&self, headers: &HeaderMap, peer: SocketAddr) -> Client {
+        let ip = peer.ip().to_canonical();
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
+        if !trusted(&ip) {
+            return Client { peer, ip };
+        }
+        let mut chain = forwarded_for(headers);
+        if chain.is_empty() {
+            return Client { peer, ip };
+        }
+        let first = chain[0];
+        while let Some(hop) = chain.pop() {
+            if !trusted(&hop) {
+                return Client { peer, ip: hop };
+            }
+        }
+        Client { peer, ip: first }
+    }
+}
+
+/// The addresses `X-Forwarded-For` lists (all lines, in order), or when it is absent those of
+/// `Forwarded`'s `for=` parameters (RFC 7239); entries that are not addresses (`unknown`,
+/// obfuscated names) are skipped.
+fn forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
+    let values = |name: &str| -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_owned())
+            .collect()
+    };
+    let xff = values("x-forwarded-for");
+    if !xff.is_empty() {
+        return xff.iter().filter_map(|s| address(s)).collect();
+    }
+    values("forwarded")
+        .iter()
+        .filter_map(|element| {
+            element.split(';').find_map(|pair| {
+                let (name, value) = pair.split_once('=')?;
+                name.trim()
+                    .eq_ignore_ascii_case("for")
+                    .then(|| address(value.trim().trim_matches('"')))
+                    .flatten()
+            })
+        })
+        .collect()
+}
+
+/// An address as forwarding headers write it: `192.0.2.1`, `192.0.2.1:80`, `2001:db8::1`,
+/// `[2001:db8::1]` or `[2001:db8::1]:80`.
+fn address(s: &str) -> Option<IpAddr> {
+    s.parse::<IpAddr>()
+        .ok()
+        .or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            s.strip_prefix('[')
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|r| r.parse().ok())
+        })
+        .map(|ip: IpAddr| ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pressure::Level;
+
+    fn admission(trusted: &[&str]) -> Admission {
+        let (_tx, pressure) = watch::channel(Reading {
+            level: Level::Normal,
+            rss_bytes: 0,
+            budget_bytes: 1,
+        });
+        Admission {
+            pressure,
+            metrics: Arc::default(),
+            trusted_proxies: trusted.iter().map(|s| s.parse().unwrap()).collect(),
+        }
+    }
+
+    fn client(a: &Admission, peer: &str, headers: &[(&'static str, &str)]) -> String {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(*k, v.parse().unwrap());
+        }
+        a.client(&h, peer.parse().unwrap()).ip.to_string()
+    }
+
+    #[test]
+    fn only_trusted_proxies_name_the_client() {
+        let direct = admission(&[]);
+        // An untrusted peer cannot say who the client is.
+        assert_eq!(
+            client(
+                &direct,
+                "203.0.113.7:5000",
+                &[("x-forwarded-for", "1.2.3.4")]
+            ),
+            "203.0.113.7"
+        );
+        let cdn = admission(&["10.0.0.0/8", "2001:db8::/32"]);
+        // The rightmost address that is not a trusted proxy: what the CDN's edge saw.
+        assert_eq!(
+            client(
+                &cdn,
+                "10.1.1.1:443",
+                &[("x-forwarded-for", "6.6.6.6, 198.51.100.9, 10.2.2.2")]
+            ),
+            "198.51.100.9"
+        );
+        assert_eq!(
+            client(
+                &cdn,
+                "10.1.1.1:443",
+                &[
+                    ("x-forwarded-for", "10.3.3.3"),
+                    ("x-forwarded-for", "10.2.2.2")
+                ]
+            ),
+            "10.3.3.3",
+            "all trusted: the leftmost"
+        );
+        assert_eq!(
+            client(
+                &cdn,
+                "[::ffff:10.1.1.1]:443",
+                &[(
+                    "forwarded",
+                    "for=\"[2001:db8::1]:80\", for=192.0.2.60;proto=https"
+                )]
+            ),
+            "192.0.2.60"
+        );
+        assert_eq!(
+            client(
+                &cdn,
+                "10.1.1.1:443",
+                &[("x-forwarded-for", "unknown, garbage")]
+            ),
+            "10.1.1.1",
+            "nothing usable: the peer"
+        );
+        assert_eq!(client(&cdn, "10.1.1.1:443", &[]), "10.1.1.1");
     }
 }

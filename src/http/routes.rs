@@ -2,18 +2,19 @@
 //! prefix), and how a request on a proxy route becomes a [`ProxyRequest`] (its upstream URL, its
 //! guard, which headers it forwards; the Supabase credentials rule) or a forwarded request.
 
-use http::header::{AUTHORIZATION, COOKIE, IF_NONE_MATCH, IF_RANGE, RANGE};
+use http::header::{IF_NONE_MATCH, IF_RANGE, RANGE};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, Method, Uri};
 use percent_encoding::percent_decode_str;
 use std::time::Duration;
 use url::Url;
 
+use super::admit::Client;
 use crate::cache::CacheKey;
 use crate::config::{Config, RouteConfig};
 use crate::error::ProxyError;
 use crate::freshness::RequestDirectives;
-use crate::proxy::{Forwarding, ProxyRequest, end_to_end};
+use crate::proxy::{CREDENTIALS, Forwarding, ProxyRequest, route_request_headers};
 use crate::target;
 use crate::upstream::Guard;
 
@@ -23,9 +24,6 @@ pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
 /// The cache namespace of `/image-proxy`'s objects (a route's is its prefix, which starts with
 /// `/`: the two never meet).
 pub const IMAGE_PROXY_NAMESPACE: &str = "image-proxy";
-
-/// Supabase's `apikey` request header: a credential, like `Authorization`.
-static APIKEY: HeaderName = HeaderName::from_static("apikey");
 
 /// What a request is for. The built-in paths win over `[[routes]]` prefixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +116,12 @@ impl Routes {
     /// route path that would climb out of its prefix, [`ProxyError::MethodNotAllowed`] for other
     /// than GET or HEAD on `/image-proxy`; [`ProxyError::NotFound`] for a route that does not
     /// proxy.
-    pub fn resolve(&self, route: Route, parts: &Parts) -> Result<Proxied, ProxyError> {
+    pub fn resolve(
+        &self,
+        route: Route,
+        parts: &Parts,
+        client: &Client,
+    ) -> Result<Proxied, ProxyError> {
         match route {
             Route::ImageProxy => {
                 let head = get_or_head(&parts.method)?;
@@ -140,14 +143,14 @@ impl Routes {
                 // every request: dropping them keeps public objects storable (RFC 9111 §3.5).
                 let public_object =
                     name == "supabase" && parts.uri.path().starts_with(SUPABASE_PUBLIC_PREFIX);
-                let credentials = [AUTHORIZATION, APIKEY.clone(), COOKIE];
-                let dropped: &[HeaderName] = if public_object { &credentials } else { &[] };
-                let headers = end_to_end(&parts.headers, dropped);
+                let dropped: &[HeaderName] = if public_object { &CREDENTIALS } else { &[] };
+                let headers = route_request_headers(&parts.headers, dropped, client.ip);
                 match parts.method {
                     Method::GET | Method::HEAD => {
                         let forwarding = Forwarding::Headers {
                             headers,
                             strip_set_cookie: public_object,
+                            store_set_cookie: route.store_set_cookie,
                         };
                         Ok(Proxied::Cacheable(proxy_request(
                             parts,

@@ -2,7 +2,8 @@
 //! `/image-proxy`, end-to-end headers for routes) and [`end_to_end`] (hop-by-hop filtering,
 //! RFC 9110 §7.6.1).
 
-use http::HeaderMap;
+use std::net::IpAddr;
+
 use http::header::{
     ACCEPT_ENCODING, AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING,
     CONTENT_LANGUAGE, CONTENT_LENGTH, CONTENT_TYPE, ETAG, EXPIRES, HOST, HeaderName, IF_MATCH,
@@ -10,8 +11,63 @@ use http::header::{
     PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, RANGE, RETRY_AFTER, SET_COOKIE, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
+use http::header::{COOKIE, FORWARDED};
+use http::{HeaderMap, HeaderValue};
 
 use crate::freshness::RequestFacts;
+
+/// Supabase's `apikey` request header: a credential, like `Authorization`.
+pub static APIKEY: HeaderName = HeaderName::from_static("apikey");
+
+/// Request headers that carry credentials: a request with any of them is answered from or
+/// stored into the shared cache only with a response marked shareable (RFC 9111 §3.5, which
+/// names `Authorization`; a cookie or an API key is the same thing).
+pub static CREDENTIALS: [HeaderName; 3] =
+    [AUTHORIZATION, COOKIE, HeaderName::from_static("apikey")];
+
+/// Request headers a client could use to pose as a proxy (`X-Forwarded-*` are dropped by
+/// prefix too) or to rewrite the request behind imgedge: never passed upstream from a client.
+static CLIENT_FORWARDING: [HeaderName; 5] = [
+    FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+];
+
+/// The request headers a route forwards: end-to-end ones (see [`end_to_end`]), less `dropped`
+/// and anything a client could use to pose as a proxy (`X-Forwarded-*`, `Forwarded`,
+/// `X-Real-IP`, `X-Original-URL`, `X-Rewrite-URL`, `X-HTTP-Method-Override`); then imgedge says
+/// who the client is, `X-Forwarded-For: <client>` and `Forwarded: for=<client>` (RFC 7239).
+pub fn route_request_headers(
+    headers: &HeaderMap,
+    dropped: &[HeaderName],
+    client: IpAddr,
+) -> HeaderMap {
+    let mut out = end_to_end(headers, dropped);
+    let posing: Vec<HeaderName> = out
+        .keys()
+        .filter(|n| CLIENT_FORWARDING.contains(n) || n.as_str().starts_with("x-forwarded-"))
+        .cloned()
+        .collect();
+    for name in posing {
+        out.remove(&name);
+    }
+    let ip = client.to_string();
+    let forwarded = match client {
+        IpAddr::V4(_) => format!("for={ip}"),
+        IpAddr::V6(_) => format!("for=\"[{ip}]\""),
+    };
+    out.insert(
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderValue::from_str(&ip).expect("an address is a header value"),
+    );
+    out.insert(
+        FORWARDED,
+        HeaderValue::from_str(&forwarded).expect("an address is a header value"),
+    );
+    out
+}
 
 /// `Surrogate-Control`: caching directives for surrogates such as this one.
 pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
@@ -19,7 +75,7 @@ pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-co
 /// Origin response headers passed to `/image-proxy` clients; everything else (hop-by-hop,
 /// `Set-Cookie`, `Content-Disposition` (a download or a file name is not an image proxy's to
 /// pass on), server internals) is dropped. `Age` is forwarded on a miss but never stored.
-const FORWARDED: [HeaderName; 10] = [
+const IMAGE_RESPONSE_HEADERS: [HeaderName; 10] = [
     CONTENT_TYPE,
     ETAG,
     LAST_MODIFIED,
@@ -73,13 +129,15 @@ pub fn end_to_end(headers: &HeaderMap, also: &[HeaderName]) -> HeaderMap {
 #[derive(Debug, Clone)]
 pub enum Forwarding {
     /// `/image-proxy`: no client header goes upstream, so a stored response is valid for every
-    /// client; response headers are allowlisted (`FORWARDED`).
+    /// client; response headers are allowlisted (`IMAGE_RESPONSE_HEADERS`).
     Bare,
     /// A route: these request headers go upstream (end-to-end ones, already filtered), and every
     /// end-to-end response header comes back, less `Set-Cookie` when `strip_set_cookie`.
     Headers {
         headers: HeaderMap,
         strip_set_cookie: bool,
+        /// Whether a response with `Set-Cookie` may be stored (`[[routes]] store_set_cookie`).
+        store_set_cookie: bool,
     },
 }
 
@@ -113,14 +171,26 @@ impl Forwarding {
         match self {
             Forwarding::Bare => RequestFacts::default(),
             Forwarding::Headers { headers, .. } => RequestFacts {
-                authorized: headers.contains_key(AUTHORIZATION),
+                authorized: CREDENTIALS.iter().any(|h| headers.contains_key(h)),
                 forwarded_client_headers: true,
             },
         }
     }
 
-    /// Whether the request asks for the plain object: no validator or range goes upstream, so
-    /// its response may be shared with followers and may decide hit-for-pass.
+    /// Whether a response that carries `Set-Cookie` (after forwarding) may be stored.
+    pub(super) fn stores_set_cookie(&self) -> bool {
+        matches!(
+            self,
+            Forwarding::Headers {
+                store_set_cookie: true,
+                ..
+            }
+        )
+    }
+
+    /// Whether the request asks for the plain, anonymous object: no validator, range or
+    /// credential goes upstream, so its response may be shared with followers, may decide
+    /// hit-for-pass, and a fill of another request may answer it.
     pub(super) fn is_plain(&self) -> bool {
         match self {
             Forwarding::Bare => true,
@@ -133,6 +203,7 @@ impl Forwarding {
                 RANGE,
             ]
             .iter()
+            .chain(&CREDENTIALS)
             .any(|h| headers.contains_key(h)),
         }
     }
@@ -140,8 +211,8 @@ impl Forwarding {
 
 /// The allowlisted end-to-end headers of an origin response.
 pub(super) fn allowlisted(upstream: &HeaderMap) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(FORWARDED.len() + 4);
-    for name in &FORWARDED {
+    let mut headers = HeaderMap::with_capacity(IMAGE_RESPONSE_HEADERS.len() + 4);
+    for name in &IMAGE_RESPONSE_HEADERS {
         for value in upstream.get_all(name) {
             headers.append(name.clone(), value.clone());
         }

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use http::header::{
     AGE, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH,
-    LAST_MODIFIED,
+    LAST_MODIFIED, SET_COOKIE,
 };
 use http::{HeaderMap, Response, StatusCode};
 use tracing::Span;
@@ -104,13 +104,23 @@ impl Proxy {
             reason,
             length_bytes,
         };
-        let freshness = match freshness::storable(
+        let decided = freshness::storable(
             upstream.status,
             &upstream.headers,
             req.forwarding.facts(),
             upstream.times,
             self.cache.freshness_policy(req.default_ttl),
-        ) {
+        )
+        .and_then(|f| {
+            // Judged on what would be stored: a cookie /image-proxy or a public Supabase object
+            // drops never reaches the tier.
+            if headers.contains_key(SET_COOKIE) && !req.forwarding.stores_set_cookie() {
+                Err(freshness::NotStorable::SetCookie)
+            } else {
+                Ok(f)
+            }
+        });
+        let freshness = match decided {
             Ok(f) => f,
             Err(reason) => {
                 if req.forwarding.is_plain() {
