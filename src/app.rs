@@ -19,6 +19,7 @@ use crate::proxy::content::ContentPolicy;
 use crate::proxy::{Proxy, ProxyParts};
 use crate::relief::{self, Relief};
 use crate::rss::RssSource;
+use crate::signing::Signer;
 use crate::tasks::Tasks;
 use crate::upstream::{self, Upstream};
 
@@ -139,6 +140,7 @@ impl App {
                 pressure: pressure.clone(),
                 metrics: metrics.clone(),
                 trusted_proxies: config.server.trusted_proxies.clone(),
+                signer: Signer::new(config.signing.keys.clone()),
             },
             admin: Admin {
                 tier: tier.clone(),

@@ -32,8 +32,27 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub cache: CacheConfig,
     pub admin: AdminConfig,
+    pub signing: SigningConfig,
     pub memory: MemoryConfig,
     pub log: LogConfig,
+}
+
+/// `[signing]`: signed `/image-proxy` URLs.
+#[derive(Clone, Default)]
+pub struct SigningConfig {
+    /// HMAC-SHA256 keys (each at least 16 bytes); with any, `/image-proxy` requires a signature
+    /// under one of them; the first signs (`imgedge sign`). Never printed.
+    pub keys: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for SigningConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SigningConfig {{ keys: {} (not shown) }}",
+            self.keys.len()
+        )
+    }
 }
 
 /// `[memory]`: the memory budget and the pressure levels.

@@ -42,6 +42,9 @@ pub enum ProxyError {
     /// An `/image-proxy` response that is not an allowed image (type, coding or signature).
     #[error("{0}")]
     NotAnImage(String),
+    /// A request to `/image-proxy` without a valid signature while `[signing] keys` are set.
+    #[error(transparent)]
+    BadSignature(#[from] crate::signing::SignatureError),
 }
 
 impl ProxyError {
@@ -58,7 +61,8 @@ impl ProxyError {
     /// The status and stable error code the client sees. The codes are part of the API:
     /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
     /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,
-    /// `unauthorized`, `bad_request`, `overloaded`, `bad_redirect`, `not_an_image`.
+    /// `unauthorized`, `bad_request`, `overloaded`, `bad_redirect`, `not_an_image`,
+    /// `bad_signature`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::Target(TargetError::BadUrl(_)) => (StatusCode::BAD_REQUEST, "bad_url"),
@@ -82,6 +86,7 @@ impl ProxyError {
             }
             ProxyError::BadRedirect(_) => (StatusCode::BAD_GATEWAY, "bad_redirect"),
             ProxyError::NotAnImage(_) => (StatusCode::BAD_GATEWAY, "not_an_image"),
+            ProxyError::BadSignature(_) => (StatusCode::FORBIDDEN, "bad_signature"),
         }
     }
 }

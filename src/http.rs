@@ -129,8 +129,8 @@ impl Router {
                 req.uri().path()
             ))),
             Route::ImageProxy | Route::Proxied { .. } => {
-                let (parts, body) = req.into_parts();
-                let admitted = self.admission.admit(route, &parts, client)?;
+                let (mut parts, body) = req.into_parts();
+                let admitted = self.admission.admit(route, &mut parts, client)?;
                 match self
                     .routes
                     .resolve(admitted.route, &parts, &admitted.client)?

@@ -20,6 +20,7 @@
 //! - [`target`]: the `url=` parameter, `allowed_hosts`, non-global addresses.
 //! - [`pressure`]: RSS against the memory budget → a pressure level on a watch channel.
 //! - [`relief`]: what the tiers and fills give up at each level (evict, clear, abort).
+//! - [`signing`]: signed `/image-proxy` URLs (HMAC-SHA256).
 //! - [`tasks`]: the one owner of every task imgedge spawns.
 //! - [`error`], [`body`], [`metrics`], [`rss`]: the error→status mapping, the response body, the
 //!   metrics registry, the process RSS.
@@ -37,6 +38,7 @@ pub mod pressure;
 pub mod proxy;
 pub mod relief;
 pub mod rss;
+pub mod signing;
 pub mod target;
 pub mod tasks;
 pub mod tee;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use imgedge::Config;
 use imgedge::config::LogFormat;
 use tracing_subscriber::EnvFilter;
@@ -31,6 +31,20 @@ struct Cli {
     /// Validate the configuration, print it, and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the signed /image-proxy path for URL, with the first of [signing] keys.
+    Sign {
+        /// The image URL (http or https).
+        url: String,
+        /// A further query parameter, after url= (repeatable), e.g. --param w=300.
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,6 +56,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Sign { url, params }) = cli.command {
+        return sign(&config, &url, &params);
+    }
     if cli.check_config {
         println!("imgedge: configuration ok\n{config:#?}");
         return ExitCode::SUCCESS;
@@ -55,6 +72,39 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `imgedge sign`: prints the signed target, or says why it cannot.
+fn sign(config: &Config, url: &str, params: &[String]) -> ExitCode {
+    let signer = imgedge::signing::Signer::new(config.signing.keys.clone());
+    if !signer.is_on() {
+        eprintln!(
+            "imgedge sign: no [signing] keys are configured (set signing.keys or IMGEDGE_SIGNING__KEYS)"
+        );
+        return ExitCode::from(2);
+    }
+    let query = format!("url={url}");
+    if let Err(e) = imgedge::target::parse_image_url(Some(&query), config.server.max_url_bytes) {
+        eprintln!("imgedge sign: {e}");
+        return ExitCode::from(2);
+    }
+    let mut pairs = Vec::with_capacity(params.len());
+    for p in params {
+        match p.split_once('=') {
+            Some((name, value)) if !name.is_empty() && name != "s" && name != "url" => {
+                pairs.push((name.to_owned(), value.to_owned()))
+            }
+            _ => {
+                eprintln!("imgedge sign: --param {p:?}: expected NAME=VALUE (not url or s)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    println!(
+        "{}",
+        imgedge::signing::image_proxy_target(url, &pairs, &signer)
+    );
+    ExitCode::SUCCESS
 }
 
 fn init_logging(config: &Config) {

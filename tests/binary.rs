@@ -105,6 +105,67 @@ async fn invalid_configuration_exits_non_zero_naming_every_bad_field() {
     assert_eq!(missing.status.code(), Some(2));
 }
 
+/// `imgedge sign` prints a path the server (with the same key) accepts, and refuses to run
+/// without a key.
+#[tokio::test]
+async fn the_sign_command_prints_a_path_the_server_accepts() {
+    let key = "a1b2c3d4e5f60718293a4b5c6d7e8f90";
+    let origin = TestOrigin::start().await;
+    origin.route("/s.jpg", Reply::ok(vec![7u8; 100]));
+    let sign = |key: Option<&str>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge"));
+        command.args(["sign", &origin.url("/s.jpg"), "--param", "w=300"]);
+        if let Some(key) = key {
+            command.env("IMGEDGE_SIGNING__KEYS", key);
+        }
+        command.output()
+    };
+    let out = sign(Some(key)).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(
+        path.starts_with("/image-proxy?url=") && path.contains("&w=300&s="),
+        "{path}"
+    );
+    let none = sign(None).await.unwrap();
+    assert_eq!(none.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("signing"));
+
+    let bin = Binary::start(&[
+        ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
+        (
+            "IMGEDGE_UPSTREAM__ALLOWED_CONTENT_TYPES",
+            TEST_CONTENT_TYPES.to_owned(),
+        ),
+        (
+            "IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS",
+            origin.addr.to_string(),
+        ),
+        ("IMGEDGE_SIGNING__KEYS", key.to_owned()),
+    ])
+    .await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = send(&client, Method::GET, &format!("{}{path}", bin.base), &[]).await;
+    assert_eq!(r.status, 200);
+    let unsigned = path.rsplit_once("&s=").unwrap().0;
+    let r = send(
+        &client,
+        Method::GET,
+        &format!("{}{unsigned}", bin.base),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (403, "bad_signature".to_owned())
+    );
+    bin.stop().await;
+}
+
 #[tokio::test]
 async fn logs_a_line_per_request_and_per_stored_or_too_large_object() {
     let origin = TestOrigin::start().await;

@@ -580,3 +580,65 @@ async fn routes_never_serve_each_others_objects() {
         .await;
     assert_eq!(bad.error_code(), "bad_request");
 }
+
+/// With `[signing] keys`, `/image-proxy` answers only requests signed with one of them; a
+/// refusal contacts nothing.
+#[tokio::test]
+async fn image_proxy_requires_a_valid_signature_when_keys_are_set() {
+    use imgedge::signing::{Signer, image_proxy_target};
+    let origin = TestOrigin::start().await;
+    origin.route("/a.jpg", Reply::ok(JPEG));
+    origin.route("/q.jpg?x=1&y=2", Reply::ok(JPEG));
+    let (old, new) = (
+        "00112233445566778899aabbccddeeff",
+        "ffeeddccbbaa99887766554433221100",
+    );
+    let proxy = TestProxy::for_origin(
+        &origin,
+        &format!("[signing]\nkeys = [\"{new}\", \"{old}\"]"),
+    )
+    .await;
+    let hex = |h: &str| {
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+            .collect::<Vec<u8>>()
+    };
+    let signed_old = Signer::new(vec![hex(old)]);
+    let other = Signer::new(vec![b"not the right key at all".to_vec()]);
+    let url = origin.url("/a.jpg");
+    let good = image_proxy_target(&url, &[("w".into(), "300".into())], &signed_old);
+    let r = proxy.get(&good).await;
+    assert_eq!(
+        (r.status, &r.body[..]),
+        (200, JPEG),
+        "signed with a listed (older) key"
+    );
+    // The raw form, whose URL keeps its own query: signed up to &s=.
+    let raw = format!("/image-proxy?url={}", origin.url("/q.jpg?x=1&y=2"));
+    let raw_signed = format!("{raw}&s={}", signed_old.sign(&raw));
+    let (status, _) = raw_request(proxy.addr, "GET", &raw_signed, "").await;
+    assert_eq!(status, 200, "{raw_signed}");
+    let hits = origin.hits("/a.jpg");
+    for (what, target) in [
+        ("unsigned", format!("/image-proxy?url={url}")),
+        ("wrong key", image_proxy_target(&url, &[], &other)),
+        ("altered", good.replace("w=300", "w=3000")),
+        ("signature not last", format!("{good}&w=1")),
+        ("garbage signature", format!("/image-proxy?url={url}&s=!!!")),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, body) = raw_request(proxy.addr, "GET", &target, "").await;
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (status, json["error"].as_str().unwrap()),
+            (403, "bad_signature"),
+            "{what}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{what}"
+        );
+    }
+    assert_eq!(origin.hits("/a.jpg"), hits, "refusals contact nothing");
+}

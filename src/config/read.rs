@@ -100,6 +100,9 @@ impl Config {
                     t => Ok(Some(t.to_owned())),
                 }),
             },
+            signing: SigningConfig {
+                keys: f.parse("signing.keys", parse_keys),
+            },
             memory: MemoryConfig {
                 budget_bytes: f.get("memory.budget_bytes"),
                 sample_interval: f.duration("memory.sample_interval"),
@@ -350,6 +353,38 @@ impl StringList {
                 .collect(),
             StringList::Empty => Vec::new(),
         }
+    }
+}
+
+/// `[signing] keys`: hex strings of at least [`crate::signing::MIN_KEY_BYTES`] bytes (errors
+/// name the entry's position, never its value).
+fn parse_keys(list: StringList) -> Result<Vec<Vec<u8>>, String> {
+    let mut bad = Vec::new();
+    let mut keys = Vec::new();
+    for (i, entry) in list.entries().iter().enumerate() {
+        let hex = entry.trim();
+        let bytes: Option<Vec<u8>> = (hex.len() % 2 == 0)
+            .then(|| {
+                (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                    .collect()
+            })
+            .flatten();
+        match bytes {
+            Some(b) if b.len() >= crate::signing::MIN_KEY_BYTES => keys.push(b),
+            Some(_) => bad.push(format!(
+                "key {i}: at least {} bytes ({} hex digits) are needed",
+                crate::signing::MIN_KEY_BYTES,
+                2 * crate::signing::MIN_KEY_BYTES
+            )),
+            None => bad.push(format!("key {i}: not a hex string")),
+        }
+    }
+    if bad.is_empty() {
+        Ok(keys)
+    } else {
+        Err(bad.join("; "))
     }
 }
 

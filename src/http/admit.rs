@@ -1,7 +1,7 @@
 //! Admission: the one step every proxied request passes before any work is done for it (no
-//! parsing of its target, no lookup, no connection). Today it sheds load at critical memory
-//! pressure; request signatures and per-client rate limits belong here too. Also who the client
-//! is: the peer, or behind `[server] trusted_proxies` the address they name.
+//! parsing of its target, no lookup, no connection): load shedding at critical memory pressure,
+//! signatures on `/image-proxy` (`[signing] keys`); per-client rate limits belong here too. Also
+//! who the client is: the peer, or behind `[server] trusted_proxies` the address they name.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use super::routes::Route;
 use crate::error::ProxyError;
 use crate::metrics::{self, Metrics};
 use crate::pressure::Reading;
+use crate::signing::Signer;
 
 /// Who a request comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,18 +40,24 @@ pub struct Admission {
     pub metrics: Arc<Metrics>,
     /// `[server] trusted_proxies`.
     pub trusted_proxies: Vec<IpNet>,
+    /// `[signing] keys`: when set, `/image-proxy` requests must be signed.
+    pub signer: Signer,
 }
 
 impl Admission {
-    /// Admits a request for a proxy `route`, with head `parts`, from `client`.
+    /// Admits a request for a proxy `route`, with head `parts`, from `client`. A signed
+    /// `/image-proxy` target has its signature removed from `parts.uri`: what follows sees the
+    /// target that was signed.
     ///
     /// # Errors
     /// [`ProxyError::Overloaded`] (503, `Retry-After: 1`) while memory pressure is critical or
-    /// worse: the request is counted as shed and nothing else is done for it.
+    /// worse: the request is counted as shed and nothing else is done for it;
+    /// [`ProxyError::BadSignature`] (403) for an `/image-proxy` request whose signature is
+    /// missing or wrong while keys are set.
     pub fn admit(
         &self,
         route: Route,
-        _parts: &Parts,
+        parts: &mut Parts,
         client: Client,
     ) -> Result<Admitted, ProxyError> {
         if self.pressure.borrow().level.sheds() {
@@ -59,6 +66,13 @@ impl Admission {
                 .get_or_create(&metrics::ReasonLabels { reason: "memory" })
                 .inc();
             return Err(ProxyError::Overloaded);
+        }
+        if route == Route::ImageProxy && self.signer.is_on() {
+            let target = parts.uri.path_and_query().map_or("", |p| p.as_str());
+            let unsigned = self.signer.verify(target)?;
+            parts.uri = unsigned
+                .parse()
+                .map_err(|_| crate::signing::SignatureError::Mismatch)?;
         }
         Ok(Admitted { route, client })
     }
@@ -147,6 +161,7 @@ mod tests {
             pressure,
             metrics: Arc::default(),
             trusted_proxies: trusted.iter().map(|s| s.parse().unwrap()).collect(),
+            signer: Signer::default(),
         }
     }
 
