@@ -12,6 +12,7 @@ use crate::cache::{MemoryTier, Tier, TieredCache};
 use crate::collapse::Collapser;
 use crate::config::{Config, MemoryBudgetError};
 use crate::http::access_log::RequestIds;
+use crate::http::rate::{self, RateLimits};
 use crate::http::{Admin, Admission, Router, Routes};
 use crate::metrics::Metrics;
 use crate::pressure::{Monitor, ReservationPool, detect_budget_bytes};
@@ -123,6 +124,11 @@ impl App {
             },
         ));
         let upstream = Arc::new(Upstream::new(&config.upstream, tasks)?);
+        let rate =
+            RateLimits::new(config.limits.per_ip_per_second, config.limits.burst).map(Arc::new);
+        if let Some(rate) = &rate {
+            tasks.spawn(rate::retain_loop(rate.clone()));
+        }
         let proxy = Arc::new(Proxy::new(ProxyParts {
             tier: tier.clone(),
             collapser,
@@ -141,6 +147,7 @@ impl App {
                 metrics: metrics.clone(),
                 trusted_proxies: config.server.trusted_proxies.clone(),
                 signer: Signer::new(config.signing.keys.clone()),
+                rate: rate.clone(),
             },
             admin: Admin {
                 tier: tier.clone(),

@@ -33,6 +33,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub admin: AdminConfig,
     pub signing: SigningConfig,
+    pub limits: LimitsConfig,
     pub memory: MemoryConfig,
     pub log: LogConfig,
 }
@@ -198,6 +199,16 @@ impl CacheConfig {
             negative_ttl: self.negative_ttl,
         }
     }
+}
+
+/// `[limits]`: per-client request rates on the proxy routes (`/health` and `/metrics` are
+/// exempt).
+#[derive(Debug, Clone, Copy)]
+pub struct LimitsConfig {
+    /// Requests a second each client may make, sustained; 0 turns limits off.
+    pub per_ip_per_second: u32,
+    /// Requests a client may make at once before the rate applies; 0 means `per_ip_per_second`.
+    pub burst: u32,
 }
 
 /// `[log]`: tracing output.

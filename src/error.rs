@@ -45,6 +45,9 @@ pub enum ProxyError {
     /// A request to `/image-proxy` without a valid signature while `[signing] keys` are set.
     #[error(transparent)]
     BadSignature(#[from] crate::signing::SignatureError),
+    /// The client is over `[limits] per_ip_per_second`; it may try again after `retry_after`.
+    #[error("too many requests from this client: try again in {retry_after:?}")]
+    RateLimited { retry_after: std::time::Duration },
 }
 
 impl ProxyError {
@@ -62,7 +65,7 @@ impl ProxyError {
     /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
     /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,
     /// `unauthorized`, `bad_request`, `overloaded`, `bad_redirect`, `not_an_image`,
-    /// `bad_signature`.
+    /// `bad_signature`, `rate_limited`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::Target(TargetError::BadUrl(_)) => (StatusCode::BAD_REQUEST, "bad_url"),
@@ -87,6 +90,7 @@ impl ProxyError {
             ProxyError::BadRedirect(_) => (StatusCode::BAD_GATEWAY, "bad_redirect"),
             ProxyError::NotAnImage(_) => (StatusCode::BAD_GATEWAY, "not_an_image"),
             ProxyError::BadSignature(_) => (StatusCode::FORBIDDEN, "bad_signature"),
+            ProxyError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         }
     }
 }

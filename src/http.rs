@@ -6,6 +6,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod admit;
+pub mod rate;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -178,6 +179,13 @@ fn error_response(e: &ProxyError) -> Response<ProxyBody> {
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if let ProxyError::RateLimited { retry_after } = e {
+        // Whole seconds, rounded up: never 0, which would invite an immediate retry.
+        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
     }
     if matches!(e, ProxyError::MethodNotAllowed(_)) {
         response

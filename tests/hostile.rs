@@ -642,3 +642,61 @@ async fn image_proxy_requires_a_valid_signature_when_keys_are_set() {
     }
     assert_eq!(origin.hits("/a.jpg"), hits, "refusals contact nothing");
 }
+
+/// `[limits]`: each client gets its burst, then 429 `rate_limited` with `Retry-After`; the
+/// health and metrics endpoints are exempt; behind a trusted proxy each named client is
+/// limited on its own.
+#[tokio::test]
+async fn clients_over_their_rate_get_429_with_retry_after() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/a.jpg",
+        Reply::ok(JPEG).header("Cache-Control", "max-age=600"),
+    );
+    let proxy = TestProxy::for_origin(
+        &origin,
+        "[limits]\nper_ip_per_second = 1\nburst = 2\n[server]\ntrusted_proxies = [\"127.0.0.1\"]",
+    )
+    .await;
+    let target = image_path(&origin.url("/a.jpg"));
+    let from = |client: &'static str| [("X-Forwarded-For", client)];
+    for _ in 0..2 {
+        let r = proxy
+            .send(Method::GET, &target, &from("198.51.100.1"))
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let r = proxy
+        .send(Method::GET, &target, &from("198.51.100.1"))
+        .await;
+    assert_eq!((r.status, r.error_code()), (429, "rate_limited".to_owned()));
+    let retry: u64 = r.header("retry-after").parse().unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    // Another client has a bucket of its own.
+    let r = proxy
+        .send(Method::GET, &target, &from("198.51.100.2"))
+        .await;
+    assert_eq!(r.status, 200);
+    // /health and /metrics are not limited.
+    for _ in 0..10 {
+        assert_eq!(
+            proxy
+                .send(Method::GET, "/health", &from("198.51.100.1"))
+                .await
+                .status,
+            200
+        );
+        assert_eq!(
+            proxy
+                .send(Method::GET, "/metrics", &from("198.51.100.1"))
+                .await
+                .status,
+            200
+        );
+    }
+    let metrics = proxy.get("/metrics").await.text();
+    assert!(
+        metrics.contains("imgedge_shed_total{reason=\"rate\"} 1"),
+        "{metrics}"
+    );
+}

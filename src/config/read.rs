@@ -103,6 +103,10 @@ impl Config {
             signing: SigningConfig {
                 keys: f.parse("signing.keys", parse_keys),
             },
+            limits: LimitsConfig {
+                per_ip_per_second: f.range("limits.per_ip_per_second", 0, 1_000_000),
+                burst: f.range("limits.burst", 0, 1_000_000),
+            },
             memory: MemoryConfig {
                 budget_bytes: f.get("memory.budget_bytes"),
                 sample_interval: f.duration("memory.sample_interval"),

@@ -1,6 +1,6 @@
 //! Admission: the one step every proxied request passes before any work is done for it (no
 //! parsing of its target, no lookup, no connection): load shedding at critical memory pressure,
-//! signatures on `/image-proxy` (`[signing] keys`); per-client rate limits belong here too. Also
+//! per-client rate limits (`[limits]`), signatures on `/image-proxy` (`[signing] keys`). Also
 //! who the client is: the peer, or behind `[server] trusted_proxies` the address they name.
 
 use std::net::{IpAddr, SocketAddr};
@@ -11,6 +11,7 @@ use http::request::Parts;
 use ipnet::IpNet;
 use tokio::sync::watch;
 
+use super::rate::RateLimits;
 use super::routes::Route;
 use crate::error::ProxyError;
 use crate::metrics::{self, Metrics};
@@ -42,6 +43,8 @@ pub struct Admission {
     pub trusted_proxies: Vec<IpNet>,
     /// `[signing] keys`: when set, `/image-proxy` requests must be signed.
     pub signer: Signer,
+    /// `[limits]`: requests per client, when on.
+    pub rate: Option<Arc<RateLimits>>,
 }
 
 impl Admission {
@@ -52,6 +55,7 @@ impl Admission {
     /// # Errors
     /// [`ProxyError::Overloaded`] (503, `Retry-After: 1`) while memory pressure is critical or
     /// worse: the request is counted as shed and nothing else is done for it;
+    /// [`ProxyError::RateLimited`] (429, `Retry-After`) when the client is over `[limits]`;
     /// [`ProxyError::BadSignature`] (403) for an `/image-proxy` request whose signature is
     /// missing or wrong while keys are set.
     pub fn admit(
@@ -66,6 +70,15 @@ impl Admission {
                 .get_or_create(&metrics::ReasonLabels { reason: "memory" })
                 .inc();
             return Err(ProxyError::Overloaded);
+        }
+        if let Some(rate) = &self.rate
+            && let Err(wait) = rate.check(client.ip)
+        {
+            self.metrics
+                .shed
+                .get_or_create(&metrics::ReasonLabels { reason: "rate" })
+                .inc();
+            return Err(ProxyError::RateLimited { retry_after: wait });
         }
         if route == Route::ImageProxy && self.signer.is_on() {
             let target = parts.uri.path_and_query().map_or("", |p| p.as_str());
@@ -162,6 +175,7 @@ mod tests {
             metrics: Arc::default(),
             trusted_proxies: trusted.iter().map(|s| s.parse().unwrap()).collect(),
             signer: Signer::default(),
+            rate: None,
         }
     }
 
