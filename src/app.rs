@@ -20,6 +20,7 @@ use crate::proxy::content::ContentPolicy;
 use crate::proxy::{Proxy, ProxyParts};
 use crate::relief::{self, Relief};
 use crate::rss::RssSource;
+use crate::server::Connections;
 use crate::signing::Signer;
 use crate::tasks::Tasks;
 use crate::upstream::{self, Upstream};
@@ -158,6 +159,7 @@ impl App {
                 token: config.admin.token.clone(),
                 draining: AtomicBool::new(false),
                 started: Instant::now(),
+                connections: Connections::new(config.server.max_connections),
             },
             proxy,
             metrics,

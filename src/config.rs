@@ -115,6 +115,17 @@ pub struct ServerConfig {
     /// Peers whose `X-Forwarded-For` / `Forwarded` name the client (a CDN's edges, a load
     /// balancer); from any other peer, the peer is the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Open connections at most; beyond it new connections are closed at once.
+    pub max_connections: usize,
+    /// How long a new connection has to send its first request head (protocol detection
+    /// included), and an HTTP/1.1 request its head.
+    pub header_read_timeout: Duration,
+    /// How long a connection with nothing in flight stays open (keep-alive).
+    pub idle_timeout: Duration,
+    /// Longest request body forwarded upstream (413 beyond).
+    pub max_request_body_bytes: u64,
+    /// Longest pause between two reads of a request body (408 beyond).
+    pub request_body_timeout: Duration,
 }
 
 /// `[upstream]`: how origins are fetched.

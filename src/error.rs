@@ -7,7 +7,7 @@
 use http::StatusCode;
 
 use crate::target::TargetError;
-use crate::upstream::UpstreamError;
+use crate::upstream::{UploadError, UpstreamError};
 
 /// A request that fails before any response byte is sent. Rendered as
 /// `{"error": "<code>", "message": "<text>"}` with [`ProxyError::status`].
@@ -48,6 +48,15 @@ pub enum ProxyError {
     /// The client is over `[limits] per_ip_per_second`; it may try again after `retry_after`.
     #[error("too many requests from this client: try again in {retry_after:?}")]
     RateLimited { retry_after: std::time::Duration },
+    /// A route's path and query longer than `[server] max_url_bytes`.
+    #[error("the request target is {length_bytes} bytes, over server.max_url_bytes ({max_bytes})")]
+    UriTooLong {
+        length_bytes: usize,
+        max_bytes: usize,
+    },
+    /// A request body that could not be forwarded whole (see [`UploadError`]).
+    #[error(transparent)]
+    Upload(#[from] UploadError),
 }
 
 impl ProxyError {
@@ -65,7 +74,7 @@ impl ProxyError {
     /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
     /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,
     /// `unauthorized`, `bad_request`, `overloaded`, `bad_redirect`, `not_an_image`,
-    /// `bad_signature`, `rate_limited`.
+    /// `bad_signature`, `rate_limited`, `uri_too_long`, `payload_too_large`, `request_timeout`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::Target(TargetError::BadUrl(_)) => (StatusCode::BAD_REQUEST, "bad_url"),
@@ -91,6 +100,14 @@ impl ProxyError {
             ProxyError::NotAnImage(_) => (StatusCode::BAD_GATEWAY, "not_an_image"),
             ProxyError::BadSignature(_) => (StatusCode::FORBIDDEN, "bad_signature"),
             ProxyError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ProxyError::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            ProxyError::Upload(UploadError::TooLarge { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            ProxyError::Upload(UploadError::Stalled(_)) => {
+                (StatusCode::REQUEST_TIMEOUT, "request_timeout")
+            }
+            ProxyError::Upload(UploadError::Failed(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
         }
     }
 }
@@ -102,6 +119,7 @@ impl From<UpstreamError> for ProxyError {
             UpstreamError::Timeout { .. } => ProxyError::UpstreamTimeout(e.to_string()),
             UpstreamError::TooLarge { .. } => ProxyError::TooLarge(e.to_string()),
             UpstreamError::BadRedirect(why) => ProxyError::BadRedirect(why),
+            UpstreamError::Upload(e) => ProxyError::Upload(e),
             e => ProxyError::Upstream(e.to_string()),
         }
     }

@@ -18,7 +18,6 @@ use http::header::{
     ALLOW, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_SECURITY_POLICY, CONTENT_TYPE, RETRY_AFTER,
 };
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use tracing::Instrument;
 use tracing::field::Empty;
 
@@ -31,7 +30,7 @@ use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, content};
-use crate::upstream::BoxError;
+use crate::upstream::{BoxError, Upload};
 use access_log::{AccessLog, REQUEST_ID, RequestIds};
 use routes::{Proxied, get_or_head};
 
@@ -142,10 +141,11 @@ impl Router {
                         method,
                         url,
                         headers,
+                        upload,
                     } => {
-                        let body = body.map_err(Into::into).boxed_unsync();
+                        let upload = Upload::new(body, &parts.headers, upload)?;
                         self.proxy
-                            .forward(&namespace, method, url, headers, body)
+                            .forward(&namespace, method, url, headers, upload)
                             .await
                     }
                 }

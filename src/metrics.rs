@@ -78,6 +78,11 @@ pub struct Metrics {
     /// at evicting), `cleared` (memory tier cleared, at critical), `aborted_fills` (fills no
     /// client was reading, at emergency).
     pub relief: Family<ActionLabels, Counter>,
+    /// `imgedge_connections_open`: client connections open, set at scrape.
+    pub connections_open: Gauge,
+    /// `imgedge_connections_refused_total`: connections closed on accept because
+    /// `[server] max_connections` were open.
+    pub connections_refused: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -120,6 +125,8 @@ impl Default for Metrics {
             shed: Family::default(),
             disk_events: Family::default(),
             relief: Family::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Counter::default(),
             registry: Registry::default(),
         };
         // The text encoder appends `_total` to counters.
@@ -202,6 +209,16 @@ impl Default for Metrics {
             "imgedge_memory_relief",
             "What memory pressure made the tiers and fills give up, by action",
             m.relief.clone(),
+        );
+        registry.register(
+            "imgedge_connections_open",
+            "Client connections open",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "imgedge_connections_refused",
+            "Connections closed on accept because server.max_connections were open",
+            m.connections_refused.clone(),
         );
         Metrics { registry, ..m }
     }

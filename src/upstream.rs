@@ -32,11 +32,13 @@ use url::Url;
 mod body;
 mod inflight;
 mod resolver;
+mod upload;
 
 pub use body::UpstreamBody;
 
 use inflight::{InflightGuard, InflightRegistry};
 use resolver::GuardedResolver;
+pub use upload::{Upload, UploadError, UploadLimits, UploadProgress};
 
 use crate::config::UpstreamConfig;
 use crate::freshness::ResponseTimes;
@@ -101,6 +103,9 @@ pub enum UpstreamError {
     /// The connection failed mid-body (reset, protocol error).
     #[error("upstream body failed after {received_bytes} bytes: {reason}")]
     Body { received_bytes: u64, reason: String },
+    /// The client's request body could not be sent: too large, stalled, or cut off.
+    #[error(transparent)]
+    Upload(#[from] UploadError),
 }
 
 /// Which rules a fetch follows.
@@ -132,6 +137,9 @@ pub struct UpstreamRequest {
     pub headers: HeaderMap,
     /// Sent as is; a guarded fetch must have an empty body (redirects re-send it).
     pub body: RequestBody,
+    /// For a client's body ([`Upload`]): its progress, so that `header_timeout` starts once it
+    /// has been sent and its failure is reported as such.
+    pub upload: Option<UploadProgress>,
     pub guard: Guard,
 }
 
@@ -143,6 +151,7 @@ impl UpstreamRequest {
             url,
             headers: HeaderMap::new(),
             body: empty_body(),
+            upload: None,
             guard,
         }
     }
@@ -268,6 +277,7 @@ impl Upstream {
             mut url,
             headers,
             body,
+            upload,
             guard,
         } = request;
         let mut hops = 0;
@@ -275,14 +285,14 @@ impl Upstream {
         let inflight = self.inflight.register(url.as_str());
         if guard == Guard::Trusted {
             let response = self
-                .send(&self.trusted, &method, &url, &headers, body)
+                .send(&self.trusted, &method, &url, &headers, body, upload)
                 .await?;
             return self.receive(response, &method, request_time, inflight);
         }
         loop {
             self.check_target(&url)?;
             let response = self
-                .send(&self.guarded, &method, &url, &headers, empty_body())
+                .send(&self.guarded, &method, &url, &headers, empty_body(), None)
                 .await?;
             let next = redirect_target(
                 &url,
@@ -301,6 +311,8 @@ impl Upstream {
         }
     }
 
+    /// Sends one request and waits for its head: `header_timeout` from when the request (its
+    /// body included, for an upload) has been sent.
     async fn send(
         &self,
         client: &HttpClient,
@@ -308,6 +320,7 @@ impl Upstream {
         url: &Url,
         headers: &HeaderMap,
         body: RequestBody,
+        upload: Option<UploadProgress>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         let mut request = Request::builder()
             .method(method.clone())
@@ -320,13 +333,35 @@ impl Upstream {
                 .headers_mut()
                 .insert(USER_AGENT, self.user_agent.clone());
         }
-        match tokio::time::timeout(self.header_timeout, client.request(request)).await {
+        let response = client.request(request);
+        tokio::pin!(response);
+        if let Some(mut upload) = upload.clone() {
+            // While the body moves, its own limits apply; an origin may answer early.
+            tokio::select! {
+                result = &mut response => return self.head(result, upload.failure()),
+                sent = upload.sent() => sent?,
+            }
+        }
+        match tokio::time::timeout(self.header_timeout, response).await {
             Err(_) => Err(UpstreamError::Timeout {
                 phase: "response head",
                 after: self.header_timeout,
             }),
-            Ok(Err(e)) => Err(self.classify(&e)),
-            Ok(Ok(r)) => Ok(r),
+            Ok(result) => self.head(result, upload.and_then(|u| u.failure())),
+        }
+    }
+
+    /// The head, or why there is none: the upload's failure first (the client's fault, not
+    /// the origin's), then the client error's classification.
+    fn head(
+        &self,
+        result: Result<http::Response<Incoming>, hyper_util::client::legacy::Error>,
+        upload_failure: Option<UploadError>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        match (result, upload_failure) {
+            (Ok(r), _) => Ok(r),
+            (Err(_), Some(e)) => Err(e.into()),
+            (Err(e), None) => Err(self.classify(&e)),
         }
     }
 

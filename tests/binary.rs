@@ -760,7 +760,13 @@ async fn a_small_budget_under_load_evicts_bypasses_and_sheds_with_health_answeri
     eprintln!(
         "answered {answered} health probes (max RSS {max_rss}); {ok} ok, {bypassed} bypassed, {shed} shed; {evicted} entries evicted"
     );
-    assert!(evicted > 0, "no eviction:\n{metrics}");
+    // On a busy machine RSS can pass from below evicting to critical within one 50 ms sample:
+    // then the tier is cleared before eviction has anything to evict. Either gives memory back.
+    let cleared = counter("imgedge_memory_relief_total{action=\"cleared\"}");
+    assert!(
+        evicted > 0 || cleared > 0,
+        "the memory tier gave nothing back:\n{metrics}"
+    );
     assert!(bypassed > 0, "no bypass:\n{metrics}");
     assert!(shed > 0, "no shedding:\n{metrics}");
     assert!(answered >= 10, "{answered} /health probes");

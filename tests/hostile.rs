@@ -118,6 +118,8 @@ struct Row {
     target: String,
     status: u16,
     code: &'static str,
+    /// Header lines sent with the request, each ending in CRLF.
+    extra: &'static str,
 }
 
 /// Every refusal is a clear JSON error, answered at once, and a refused target contacts nothing.
@@ -155,6 +157,7 @@ async fn bad_inputs_get_a_clear_error_and_refused_targets_contact_nothing() {
         target,
         status,
         code,
+        extra: "",
     };
     let long = format!("http://h.example/{}", "a".repeat(5000));
     let on_guarded = vec![
@@ -297,6 +300,23 @@ async fn bad_inputs_get_a_clear_error_and_refused_targets_contact_nothing() {
             "bad_path",
         ),
         row("no route", "GET", "/nothing/here".into(), 404, "not_found"),
+        row(
+            "route target too long",
+            "GET",
+            format!("/storage/v1/object/public/b/{}", "a".repeat(5000)),
+            414,
+            "uri_too_long",
+        ),
+        Row {
+            extra: "Content-Length: 52428801\r\n",
+            ..row(
+                "upload too large",
+                "PUT",
+                "/storage/v1/object/b/a.jpg".into(),
+                413,
+                "payload_too_large",
+            )
+        },
     ];
     let on_port_unnamed = vec![row(
         "trusted, port not named",
@@ -308,11 +328,11 @@ async fn bad_inputs_get_a_clear_error_and_refused_targets_contact_nothing() {
     for (proxy, rows) in [(&guarded, on_guarded), (&port_unnamed, on_port_unnamed)] {
         for r in rows {
             let started = std::time::Instant::now();
-            let (status, body) = raw_request(proxy.addr, r.method, &r.target, "").await;
+            let (status, body) = raw_request(proxy.addr, r.method, &r.target, r.extra).await;
             let elapsed = started.elapsed();
             assert_refused(&r, status, &body);
             assert_eq!(
-                origin.hits("/a.jpg"),
+                origin.total_hits(),
                 0,
                 "{}: the origin was contacted",
                 r.what

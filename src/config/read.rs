@@ -49,6 +49,11 @@ impl Config {
                 drain_delay: f.duration_or_zero("server.drain_delay"),
                 shutdown_grace: f.duration("server.shutdown_grace"),
                 trusted_proxies: f.parse("server.trusted_proxies", parse_networks),
+                max_connections: f.range("server.max_connections", 1, 1_000_000),
+                header_read_timeout: f.duration("server.header_read_timeout"),
+                idle_timeout: f.duration("server.idle_timeout"),
+                max_request_body_bytes: f.range("server.max_request_body_bytes", 0, u64::MAX),
+                request_body_timeout: f.duration("server.request_body_timeout"),
             },
             upstream: UpstreamConfig {
                 allowed_hosts: f.parse("upstream.allowed_hosts", parse_host_patterns),

@@ -21,6 +21,7 @@ use crate::cache::{CacheKey, INDEX_CAPACITY_BYTES, Tier, TierUsage, TieredCache}
 use crate::error::ProxyError;
 use crate::metrics::{self, Metrics};
 use crate::pressure::{Level, Reading, ReservationPool};
+use crate::server::Connections;
 use crate::upstream::{BoxError, Upstream};
 
 /// The bulk purge endpoint.
@@ -42,6 +43,8 @@ pub struct Admin {
     /// Set when shutdown begins: `/health/ready` answers 503 from then on.
     pub draining: AtomicBool,
     pub started: Instant,
+    /// The open client connections: `/health/ready` answers 503 `full` at the limit.
+    pub connections: Arc<Connections>,
 }
 
 impl Admin {
@@ -177,8 +180,8 @@ impl Admin {
         ))
     }
 
-    /// `/health/live` (the process answers), `/health/ready` (503 while draining or shedding
-    /// load) or `/health` (everything: pressure, in-flight fetches and fills, every tier; the
+    /// `/health/live` (the process answers), `/health/ready` (503 `draining` while shutting
+    /// down, `full` while `max_connections` are open, `not-ready` while shedding load) or `/health` (everything: pressure, in-flight fetches and fills, every tier; the
     /// in-flight URLs without their query strings, which can hold tokens, unless `headers` carry
     /// the admin token).
     pub async fn health(&self, path: &str, headers: &HeaderMap) -> Response<ProxyBody> {
@@ -190,6 +193,14 @@ impl Admin {
             "/health/ready" if self.draining.load(Ordering::Relaxed) => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &serde_json::json!({ "status": "draining", "level": level }),
+            ),
+            "/health/ready" if self.connections.is_full() => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({
+                    "status": "full",
+                    "level": level,
+                    "connections": self.connections.open(),
+                }),
             ),
             "/health/ready" if level.sheds() => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -246,6 +257,10 @@ impl Admin {
             },
             "cache": cache,
             "draining": self.draining.load(Ordering::Relaxed),
+            "connections": {
+                "open": self.connections.open(),
+                "max": self.connections.max(),
+            },
             "uptime_seconds": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
         });
@@ -278,6 +293,9 @@ impl Admin {
             .inflight_upstream
             .set(self.upstream.inflight(0).0 as i64);
         self.metrics.pressure_level.set(reading.level.as_number());
+        self.metrics
+            .connections_open
+            .set(gauge(self.connections.open() as u64));
         if let Some(disk) = lower.iter().find(|t| t.name == "disk") {
             for (event, n) in [
                 ("writes", disk.writes),

@@ -16,7 +16,7 @@ use crate::error::ProxyError;
 use crate::freshness::RequestDirectives;
 use crate::proxy::{CREDENTIALS, Forwarding, ProxyRequest, route_request_headers};
 use crate::target;
-use crate::upstream::Guard;
+use crate::upstream::{Guard, UploadLimits};
 
 /// Prefix of Supabase Storage's public object route.
 pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
@@ -68,14 +68,18 @@ pub enum Proxied {
         method: Method,
         url: Url,
         headers: HeaderMap,
+        /// What its body is held to.
+        upload: UploadLimits,
     },
 }
 
 /// The routes of one configuration.
 pub struct Routes {
     routes: Vec<RouteConfig>,
-    /// `[server] max_url_bytes`: the longest `url=` target accepted.
+    /// `[server] max_url_bytes`: the longest `url=` target, and route path and query, accepted.
     max_url_bytes: usize,
+    /// `[server] max_request_body_bytes` and `request_body_timeout`.
+    upload: UploadLimits,
     /// `[cache] default_ttl`: `/image-proxy`'s freshness for responses that state none.
     default_ttl: Duration,
 }
@@ -85,6 +89,10 @@ impl Routes {
         Routes {
             routes: config.routes.clone(),
             max_url_bytes: config.server.max_url_bytes,
+            upload: UploadLimits {
+                max_bytes: config.server.max_request_body_bytes,
+                idle_timeout: config.server.request_body_timeout,
+            },
             default_ttl: config.cache.default_ttl,
         }
     }
@@ -113,7 +121,8 @@ impl Routes {
     ///
     /// # Errors
     /// [`ProxyError::Target`] for a bad `/image-proxy` target, [`ProxyError::BadPath`] for a
-    /// route path that would climb out of its prefix, [`ProxyError::MethodNotAllowed`] for other
+    /// route path that would climb out of its prefix, [`ProxyError::UriTooLong`] for a route
+    /// path and query over `max_url_bytes`, [`ProxyError::MethodNotAllowed`] for other
     /// than GET or HEAD on `/image-proxy`; [`ProxyError::NotFound`] for a route that does not
     /// proxy.
     pub fn resolve(
@@ -138,6 +147,13 @@ impl Routes {
             }
             Route::Proxied { index, name } => {
                 let route = &self.routes[index];
+                let target = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+                if target > self.max_url_bytes {
+                    return Err(ProxyError::UriTooLong {
+                        length_bytes: target,
+                        max_bytes: self.max_url_bytes,
+                    });
+                }
                 let url = route_url(&route.upstream, &parts.uri)?;
                 // Public Supabase objects need no credentials, and supabase-js sends its key with
                 // every request: dropping them keeps public objects storable (RFC 9111 §3.5).
@@ -167,6 +183,7 @@ impl Routes {
                         method: parts.method.clone(),
                         url,
                         headers,
+                        upload: self.upload,
                     }),
                 }
             }

@@ -11,11 +11,11 @@ use crate::body::ProxyBody;
 use crate::cache::CacheKey;
 use crate::error::ProxyError;
 use crate::tee::TeeBody;
-use crate::upstream::{Guard, RequestBody, UpstreamRequest, UpstreamResponse};
+use crate::upstream::{Guard, Upload, UpstreamRequest, UpstreamResponse};
 
 impl Proxy {
     /// Forwards a request whose method is never looked up or stored (RFC 9111 §2: only GET and
-    /// HEAD are cached here), streaming its body upstream and the response back. A non-error
+    /// HEAD are cached here), streaming its body upstream (under the [`Upload`] limits) and the response back. A non-error
     /// response invalidates the stored response for the URI and for a same-origin `Location` or
     /// `Content-Location` (RFC 9111 §4.4), in the route's `namespace`.
     ///
@@ -27,13 +27,14 @@ impl Proxy {
         method: Method,
         url: Url,
         headers: HeaderMap,
-        body: RequestBody,
+        upload: Upload,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let request = UpstreamRequest {
             method,
             url: url.clone(),
             headers,
-            body,
+            body: upload.body,
+            upload: Some(upload.progress),
             guard: Guard::Trusted,
         };
         let fetched = self.upstream.fetch(request).await;

@@ -195,6 +195,11 @@ impl TestOrigin {
             .unwrap_or(0)
     }
 
+    /// Requests received, all paths.
+    pub fn total_hits(&self) -> usize {
+        self.state.lock().unwrap().hits.values().sum()
+    }
+
     /// Headers of the last request for `path`.
     pub fn last_request(&self, path: &str) -> Vec<(String, String)> {
         self.state
