@@ -31,6 +31,7 @@ pub use cache_status::{CACHE_STATUS, CacheStatus, Fwd, Kind};
 pub use forwarding::{
     APIKEY, CREDENTIALS, Forwarding, SURROGATE_CONTROL, end_to_end, route_request_headers,
 };
+pub use hit::{if_none_match_matches, single_byte_range};
 pub use source::SourceObject;
 
 use crate::body::ProxyBody;

@@ -142,12 +142,34 @@ pub fn single_byte_range(range: &http::HeaderValue, total: u64) -> Option<Result
 
 /// Weak comparison of a request's `If-None-Match` against an entity tag (RFC 9110 §13.1.2):
 /// `*` matches anything, otherwise any listed tag equal to `etag` with `W/` ignored on both.
+/// The list is read as entity-tags (RFC 9110 §8.8.3), so a tag holding a comma is one tag; a
+/// list is read up to where it stops being entity-tags (the request is then answered in full).
 pub fn if_none_match_matches(if_none_match: &str, etag: &str) -> bool {
-    let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-    let etag = weak(etag);
-    if_none_match
-        .split(',')
-        .any(|t| t.trim() == "*" || weak(t) == etag)
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    let etag = opaque(etag);
+    let mut rest = if_none_match.trim();
+    if rest == "*" {
+        return true;
+    }
+    while !rest.is_empty() {
+        let tag = rest.strip_prefix("W/").unwrap_or(rest);
+        let Some(after) = tag.strip_prefix('"') else {
+            return false;
+        };
+        let Some(end) = after.find('"') else {
+            return false;
+        };
+        if tag[..end + 2] == etag {
+            return true;
+        }
+        rest = after[end + 1..].trim_start();
+        match rest.strip_prefix(',') {
+            Some(next) => rest = next.trim_start_matches([' ', '\t', ',']),
+            None if rest.is_empty() => break,
+            None => return false,
+        }
+    }
+    false
 }
 
 #[cfg(test)]
@@ -175,5 +197,12 @@ mod tests {
         assert!(if_none_match_matches("\"x\", \"a\"", "W/\"a\""));
         assert!(if_none_match_matches("*", "\"a\""));
         assert!(!if_none_match_matches("\"b\"", "\"a\""));
+        // A comma inside a tag is part of it (etagc, RFC 9110 §8.8.3).
+        assert!(if_none_match_matches("\"x\", W/\"a,b\"", "\"a,b\""));
+        assert!(!if_none_match_matches("\"a,b\"", "\"a\""));
+        // Nothing matches past where a list stops being entity-tags.
+        for bad in ["a", "\"a", "\"b\" junk \"a\"", "W/", "\"b\", *"] {
+            assert!(!if_none_match_matches(bad, "\"a\""), "{bad}");
+        }
     }
 }
