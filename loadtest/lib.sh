@@ -18,6 +18,7 @@
 #   lt_wait_peer_ports_free, lt_kv KEY LINE, lt_metrics_sum BASE METRIC [FILTER], lt_strip_ansi
 #
 # Knobs: CORPUS, EDGE_BIN, CARGO_TARGET_DIR, LT_WAIT_TRIES (x0.1 s, default 100),
+# LT_ALLOWED_HOSTS (lt_start's allowed_hosts, default only the origin),
 # LT_KEEP=1 keeps the log folder even on success (it is always kept on failure).
 
 LT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -139,7 +140,7 @@ lt_start() {
   lt_wait_http origin "$LT_ORIGIN_PID" "$ORIGIN/__up" "$LT_TMP/origin.log" || exit 1
 
   IMGEDGE_SERVER__LISTEN=127.0.0.1:$PORT \
-    IMGEDGE_UPSTREAM__ALLOWED_HOSTS='["127.0.0.1:'"$OPORT"'"]' \
+    IMGEDGE_UPSTREAM__ALLOWED_HOSTS=${LT_ALLOWED_HOSTS:-'["127.0.0.1:'"$OPORT"'"]'} \
     IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS='["127.0.0.1:'"$OPORT"'"]' \
     IMGEDGE_SUPABASE__UPSTREAM=$ORIGIN \
     IMGEDGE_CACHE__MEMORY_CAPACITY_BYTES=2147483648 \

@@ -325,7 +325,56 @@ async fn bad_inputs_get_a_clear_error_and_refused_targets_contact_nothing() {
         403,
         "host_not_allowed",
     )];
-    for (proxy, rows) in [(&guarded, on_guarded), (&port_unnamed, on_port_unnamed)] {
+    // Signed URLs required and a burst of three requests: the rate is checked first (so that
+    // a spray of bad signatures costs no HMAC past it), then the signature, then the target.
+    let key = "00112233445566778899aabbccddeeff";
+    let strict = TestProxy::start(config(&format!(
+        "trusted_private_hosts = [\"127.0.0.1:{port}\"]\n[signing]\nkeys = [\"{key}\"]\n[limits]\nper_ip_per_second = 1\nburst = 3"
+    )))
+    .await;
+    let signer = imgedge::signing::Signer::new(vec![vec![
+        0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee,
+        0xff,
+    ]]);
+    let signed = |target: &str| imgedge::signing::image_proxy_target(target, &[], &signer);
+    let on_strict = vec![
+        row(
+            "unsigned",
+            "GET",
+            image(&format!("http://127.0.0.1:{port}/a.jpg")),
+            403,
+            "bad_signature",
+        ),
+        row(
+            "wrong signature",
+            "GET",
+            format!(
+                "{}&s=AAAA",
+                image(&format!("http://127.0.0.1:{port}/a.jpg"))
+            ),
+            403,
+            "bad_signature",
+        ),
+        row(
+            "signed, private address",
+            "GET",
+            signed(&format!("http://localhost:{port}/a.jpg")),
+            403,
+            "private_address",
+        ),
+        row(
+            "signed, over the rate",
+            "GET",
+            signed(&format!("http://127.0.0.1:{port}/a.jpg")),
+            429,
+            "rate_limited",
+        ),
+    ];
+    for (proxy, rows) in [
+        (&guarded, on_guarded),
+        (&port_unnamed, on_port_unnamed),
+        (&strict, on_strict),
+    ] {
         for r in rows {
             let started = std::time::Instant::now();
             let (status, body) = raw_request(proxy.addr, r.method, &r.target, r.extra).await;
@@ -352,6 +401,44 @@ async fn bad_inputs_get_a_clear_error_and_refused_targets_contact_nothing() {
         ("redirect to gopher:", "/to-gopher"),
     ] {
         let r = row(what, "GET", image(&origin.url(path)), 502, "bad_redirect");
+        let (status, body) = raw_request(trusted.addr, r.method, &r.target, "").await;
+        assert_refused(&r, status, &body);
+        assert_eq!(origin.hits(path), 1, "{what}");
+    }
+    // What the origin answers that is not an image is refused once it has answered.
+    for (what, path, reply) in [
+        (
+            "HTML",
+            "/page.html",
+            self::reply(
+                b"<html><script>alert(1)</script>",
+                &[("Content-Type", "text/html")],
+            ),
+        ),
+        (
+            "HTML named a JPEG",
+            "/fake.jpg",
+            self::reply(
+                b"<html><script>alert(1)</script>",
+                &[("Content-Type", "image/jpeg")],
+            ),
+        ),
+        (
+            "compressed JPEG",
+            "/gz.jpg",
+            self::reply(
+                JPEG,
+                &[("Content-Type", "image/jpeg"), ("Content-Encoding", "gzip")],
+            ),
+        ),
+        (
+            "SVG without allow_svg",
+            "/a.svg",
+            self::reply(SVG, &[("Content-Type", "image/svg+xml")]),
+        ),
+    ] {
+        origin.route(path, reply);
+        let r = row(what, "GET", image(&origin.url(path)), 502, "not_an_image");
         let (status, body) = raw_request(trusted.addr, r.method, &r.target, "").await;
         assert_refused(&r, status, &body);
         assert_eq!(origin.hits(path), 1, "{what}");

@@ -239,9 +239,10 @@ fn proxy_request(
     head: bool,
     forwarding: Forwarding,
 ) -> ProxyRequest {
+    let key = CacheKey::new(namespace, &url);
     ProxyRequest {
-        key: CacheKey::new(namespace, &url),
-        primary: CacheKey::new(namespace, &url),
+        primary: key.clone(),
+        key,
         url,
         guard,
         head,
