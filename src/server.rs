@@ -407,10 +407,10 @@ async fn serve_connection(
     let timer = tokio::time::sleep_until(armed);
     tokio::pin!(timer);
     let mut closing = false;
-    // One task drives the connection and its timer: what moves the deadline (a request
-    // starting or ending on HTTP/1.1, a head's first byte) happens while the connection is
-    // polled, so the timer is re-armed right after; on HTTP/2, bodies end in their own tasks,
-    // which only moves the deadline later, seen when the timer fires.
+    // One task drives the connection and its timer: what brings the deadline closer (a head's
+    // first byte) happens while the connection is polled, so the timer is re-armed right after;
+    // what moves it later (a request ending, here or in an HTTP/2 stream's task) is seen when
+    // the timer fires.
     let ended = std::future::poll_fn(|cx| {
         loop {
             if let Poll::Ready(result) = connection.as_mut().poll(cx) {
@@ -424,8 +424,10 @@ async fn serve_connection(
                 connection.as_mut().graceful_shutdown();
                 continue;
             }
+            // Re-armed only when the deadline comes closer (a head starts arriving); one that
+            // moves later, as every request's end moves it, is found when the timer fires.
             if let Some(deadline) = activity.deadline(limits)
-                && deadline != armed
+                && deadline < armed
             {
                 armed = deadline;
                 timer.as_mut().reset(deadline);
