@@ -105,7 +105,8 @@ pub const SUPABASE_PREFIX: &str = "/storage/v1/";
 pub struct ServerConfig {
     /// Socket address to accept connections on.
     pub listen: SocketAddr,
-    /// Longest accepted `/image-proxy` target URL, in bytes after decoding.
+    /// Longest accepted `/image-proxy` target URL, in bytes after decoding, and longest path and
+    /// query on a route.
     pub max_url_bytes: usize,
     /// After a shutdown signal: how long to keep serving (and accepting) with `/health/ready`
     /// answering 503 `draining`, so load balancers stop sending new requests first.

@@ -81,6 +81,7 @@ impl Upload {
             limits,
             sent_bytes: 0,
             stall: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+            waiting: false,
             state,
         };
         Ok(Upload {
@@ -124,8 +125,10 @@ struct Guarded {
     inner: RequestBody,
     limits: UploadLimits,
     sent_bytes: u64,
-    /// Fires `idle_timeout` after the last chunk (or the start).
+    /// Fires `idle_timeout` after imgedge started waiting for the client's next chunk.
     stall: Pin<Box<Sleep>>,
+    /// Whether the last poll of the client's body was pending (the stall timer is running).
+    waiting: bool,
     state: watch::Sender<State>,
 }
 
@@ -150,11 +153,20 @@ impl Body for Guarded {
         }
         let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => {
+                // The pause counts from when imgedge starts waiting for the client, not from
+                // its last chunk: time the upstream took to accept that chunk is not the
+                // client's.
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = Instant::now() + this.limits.idle_timeout;
+                    this.stall.as_mut().reset(deadline);
+                }
                 ready!(this.stall.as_mut().poll(cx));
                 return this.fail(UploadError::Stalled(this.limits.idle_timeout));
             }
             Poll::Ready(frame) => frame,
         };
+        this.waiting = false;
         match frame {
             None => {
                 this.state.send_replace(State::Sent);
@@ -170,8 +182,6 @@ impl Body for Guarded {
                         });
                     }
                 }
-                let deadline = Instant::now() + this.limits.idle_timeout;
-                this.stall.as_mut().reset(deadline);
                 Poll::Ready(Some(Ok(frame)))
             }
         }
@@ -228,6 +238,39 @@ mod tests {
                 None => Poll::Pending,
             }
         }
+    }
+
+    /// Its one chunk becomes available at a set time.
+    struct Later(Option<Pin<Box<Sleep>>>);
+
+    impl Body for Later {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            let Some(at) = self.get_mut().0.as_mut() else {
+                return Poll::Ready(None);
+            };
+            ready!(at.as_mut().poll(cx));
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"late")))))
+        }
+    }
+
+    #[tokio::test]
+    async fn time_not_spent_waiting_for_the_client_is_not_a_pause() {
+        // The chunk comes 80 ms in; the pause limit is 50 ms; but nothing asks for it until
+        // 60 ms in (the upstream was slow to take the previous one): it waited 20 ms.
+        let started = Instant::now();
+        let body = Later(Some(Box::pin(tokio::time::sleep_until(
+            started + Duration::from_millis(80),
+        ))));
+        let mut upload = Upload::new(body, &HeaderMap::new(), limits(100)).unwrap();
+        tokio::time::sleep_until(started + Duration::from_millis(60)).await;
+        let frame = upload.body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"late"));
     }
 
     #[tokio::test]
