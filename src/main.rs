@@ -45,6 +45,14 @@ enum Command {
         #[arg(long = "param", value_name = "NAME=VALUE")]
         params: Vec<String>,
     },
+    /// Exit 0 when the imgedge configured here answers `/health/live` with 200 within 3 s, else
+    /// 1: a container HEALTHCHECK without curl.
+    Healthcheck {
+        /// What to ask instead (default: /health/live on server.listen, an unspecified address
+        /// as loopback).
+        #[arg(long, value_name = "http://HOST:PORT/PATH")]
+        url: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,8 +64,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(Command::Sign { url, params }) = cli.command {
-        return sign(&config, &url, &params);
+    match cli.command {
+        Some(Command::Sign { url, params }) => return sign(&config, &url, &params),
+        Some(Command::Healthcheck { url }) => return healthcheck(&config, url.as_deref()),
+        None => {}
     }
     if cli.check_config {
         println!("imgedge: configuration ok\n{config:#?}");
@@ -105,6 +115,68 @@ fn sign(config: &Config, url: &str, params: &[String]) -> ExitCode {
         imgedge::signing::image_proxy_target(url, &pairs, &signer)
     );
     ExitCode::SUCCESS
+}
+
+/// `imgedge healthcheck`: one plain HTTP/1.1 GET, its status line read; no HTTP client needed.
+fn healthcheck(config: &Config, url: Option<&str>) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let (addr, path) = match url {
+        None => {
+            let mut addr = config.server.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            (addr.to_string(), "/health/live".to_owned())
+        }
+        Some(u) => match url::Url::parse(u) {
+            Ok(u) if u.scheme() == "http" && u.host_str().is_some() => (
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or_default(),
+                    u.port_or_known_default().unwrap_or(80)
+                ),
+                u[url::Position::BeforePath..].to_owned(),
+            ),
+            _ => {
+                eprintln!("imgedge healthcheck: --url {u:?}: expected http://HOST:PORT/PATH");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let probe = || -> std::io::Result<String> {
+        use std::net::ToSocketAddrs;
+        let target = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let mut stream = std::net::TcpStream::connect_timeout(&target, TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_write_timeout(Some(TIMEOUT))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 64];
+        let n = stream.read(&mut head)?;
+        Ok(String::from_utf8_lossy(&head[..n]).into_owned())
+    };
+    match probe() {
+        Ok(head) if head.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(head) => {
+            let status = head.lines().next().unwrap_or_default();
+            eprintln!("imgedge healthcheck: http://{addr}{path} answered {status:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("imgedge healthcheck: http://{addr}{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(config: &Config) {

@@ -105,6 +105,38 @@ async fn invalid_configuration_exits_non_zero_naming_every_bad_field() {
     assert_eq!(missing.status.code(), Some(2));
 }
 
+/// `imgedge healthcheck` (the container's HEALTHCHECK) exits 0 while the server it is pointed at
+/// (through the same configuration) answers `/health/live`, and 1 once it is gone.
+#[tokio::test]
+async fn the_healthcheck_command_follows_the_server() {
+    let bin = Binary::start(&[]).await;
+    let listen = bin.base.trim_start_matches("http://").to_owned();
+    let check = |listen: String| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge"))
+            .arg("healthcheck")
+            .env("IMGEDGE_SERVER__LISTEN", listen)
+            .output()
+    };
+    let up = check(listen.clone()).await.unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    // An unspecified address (the container's 0.0.0.0) is asked on loopback.
+    let port = listen.rsplit_once(':').unwrap().1;
+    let any = check(format!("0.0.0.0:{port}")).await.unwrap();
+    assert!(
+        any.status.success(),
+        "{}",
+        String::from_utf8_lossy(&any.stderr)
+    );
+    bin.stop().await;
+    let down = check(listen).await.unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("/health/live"));
+}
+
 /// `imgedge sign` prints a path the server (with the same key) accepts, and refuses to run
 /// without a key.
 #[tokio::test]
