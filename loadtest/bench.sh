@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of imgedge against nginx proxy_cache and Varnish, on the same machine and
-# corpus, with the shared tools in ../shared/bench (peers.sh starts the origin and the two peers,
-# load.sh runs one wrk scenario against one target and measures the target's own CPU and RSS).
+# corpus, with loadtest/peers.sh (starts the origin and the two peers; loadtest/corpus.sh builds the
+# corpus when it is missing) and loadtest/load.sh (runs one wrk scenario against one target and
+# measures the target's own CPU and RSS).
 # Everything listens on and talks to 127.0.0.1 only.
 #
 # Usage (from anywhere):  bash loadtest/bench.sh [SCENARIO...]
@@ -22,7 +23,6 @@
 #                  UPSTREAM__ALLOWED_HOSTS and UPSTREAM__TRUSTED_PRIVATE_HOSTS=["127.0.0.1:18080"], SUPABASE__UPSTREAM=
 #                  http://127.0.0.1:18080, CACHE__MEMORY_CAPACITY_BYTES=1073741824, LOG__LEVEL=warn
 #   BENCH_TARGETS  targets and their order (default "nginx varnish imgedge")
-#   BENCH_TOOLS    the shared tools (default <repo>/../shared/bench)
 #   BENCH_LOG_DIR  where imgedge's log and the copy of the binary that runs go (default a new
 #                  /tmp/imgedge-bench.XXXXXX; kept, about 55 MB)
 #
@@ -55,8 +55,7 @@ read -r -a targets <<<"${BENCH_TARGETS:-nginx varnish imgedge}"
 for t in "${targets[@]}"; do
   case $t in nginx | varnish | imgedge) ;; *) die "unknown target '$t' in BENCH_TARGETS (nginx varnish imgedge)" ;; esac
 done
-tools=${BENCH_TOOLS:-$(cd "$root/.." && pwd)/shared/bench}
-[[ -x $tools/peers.sh && -x $tools/load.sh ]] || die "no peers.sh/load.sh in $tools"
+[[ -z ${BENCH_TOOLS:-} ]] || log "BENCH_TOOLS is ignored: the tools are loadtest/peers.sh and loadtest/load.sh"
 export SECONDS_RUN=${SECONDS_RUN:-10}
 export CORPUS=${CORPUS:-/tmp/imgproxy-corpus}
 manifest=$CORPUS/MANIFEST.tsv
@@ -99,7 +98,7 @@ cleanup() {
     imgedge_pid=
   fi
   if ((peers_started)); then
-    "$tools/peers.sh" stop || true
+    bash "$here/peers.sh" stop >&2 || true
     lt_wait_peer_ports_free || log "ports 18080-18082 still busy 10 s after peers.sh stop"
   fi
   if ((!finished && peers_started)); then
@@ -316,7 +315,7 @@ lt_release_bin "$logdir"
 
 # ---- 2. peers ----
 peers_started=1
-lt_peers_start "$tools"
+lt_peers_start "$CORPUS"
 [[ -s $manifest ]] || die "no corpus manifest at $manifest"
 for t in nginx varnish; do target_pids "$t" >/dev/null || die "$t is not running after peers.sh start"; done
 
@@ -354,7 +353,7 @@ for s in "${scenarios[@]}"; do
     load1[$s,$t]=$(cut -d' ' -f1 /proc/loadavg)
     log "$s -> $t (pids: $pids)"
     # shellcheck disable=SC2086
-    if out=$("$tools/load.sh" "${base[$t]}" "$s" $pids 2>"$logdir/load-$s-$t.err"); then
+    if out=$(bash "$here/load.sh" "${base[$t]}" "$s" $pids 2>"$logdir/load-$s-$t.err"); then
       line[$s,$t]=$out
       log "$out"
       e=$(lt_kv errors "$out")

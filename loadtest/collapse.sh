@@ -157,7 +157,7 @@ fi
 lt_stop "$EDGE_PID"
 EDGE_PID=''
 
-# -- nginx proxy_cache + proxy_cache_lock (as ../shared/bench/nginx.conf.in) -----------------------
+# -- nginx proxy_cache + proxy_cache_lock (as loadtest/peers/nginx.conf.in) -----------------------
 PEER_NOTE=''
 if [[ $PEERS == 1 ]] && command -v nginx >/dev/null; then
   mkdir -p "$TMP/nginx"
@@ -198,10 +198,10 @@ EOF
   lt_stop "$NGINX_PID"
   NGINX_PID=''
 elif [[ $PEERS == 1 ]]; then
-  PEER_NOTE+="nginx not installed (see ../shared/bench/peers.sh). "
+  PEER_NOTE+="nginx not installed (loadtest/peers.sh start installs it). "
 fi
 
-# -- Varnish, streaming (as ../shared/bench/varnish.vcl.in) ---------------------------------------
+# -- Varnish, streaming (as loadtest/peers/varnish.vcl.in) ---------------------------------------
 if [[ $PEERS == 1 ]] && command -v varnishd >/dev/null; then
   mkdir -p "$TMP/varnish"
   cat >"$TMP/varnish/collapse.vcl" <<EOF
@@ -237,7 +237,7 @@ EOF
   lt_stop "$VARNISH_PID"
   VARNISH_PID=''
 elif [[ $PEERS == 1 ]]; then
-  PEER_NOTE+="varnishd not installed (see ../shared/bench/peers.sh). "
+  PEER_NOTE+="varnishd not installed (loadtest/peers.sh start installs it). "
 fi
 
 # -- report -------------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ out.append("- When: $STAMP; binary \`$EDGE_BIN\` ($BIN_ID; repo HEAD now $COMMIT
 out.append("- Image: \`$NAME\`, $BYTES bytes (closest to $TARGET_BYTES that is ≤ $MAX_CACHEABLE), sha256 \`$SHA\`.")
 out.append("- Origin: \`loadtest/origin.py --rate $RATE\` (each response body paced to $RATE B/s, so the body takes about %.2f s)." % ($BYTES / $RATE))
 out.append("- Each target started fresh (cold) and measured alone; the origin's \`/__hits\` reset before each run and read after it.")
-out.append("- nginx: \`proxy_cache\` + \`proxy_cache_lock on\` (lock timeout left at its 5 s default), 2 workers, disk cache in a temp folder. Varnish: malloc 256 MB, \`do_stream\`, \`thread_pool_min=$VARNISH_POOL_MIN\` × 2 pools (../shared/bench uses 50: too few for $CLIENTS streaming clients on a cold varnishd, see loadtest/collapse.sh).")
+out.append("- nginx: \`proxy_cache\` + \`proxy_cache_lock on\` (lock timeout left at its 5 s default), 2 workers, disk cache in a temp folder. Varnish: malloc 256 MB, \`do_stream\`, \`thread_pool_min=$VARNISH_POOL_MIN\` × 2 pools (loadtest/peers.sh uses 50: too few for $CLIENTS streaming clients on a cold varnishd, see loadtest/collapse.sh).")
 out.append("- Client: \`loadtest/collapse.py\`: $CLIENTS connections opened first, then every request written in one tight loop; times are from each client's request being written.")
 out.append("")
 out.append("Command:")

@@ -8,8 +8,8 @@
 # Steps:
 #   1. binary: EDGE_BIN, else `cargo build --release --quiet` and target/release/imgedge (a copy
 #      runs, from the log folder, so a rebuild during the run changes nothing)
-#   2. origin: ../shared/bench/peers.sh start (nginx serving CORPUS at 127.0.0.1:18080/NAME; its
-#      nginx/Varnish caches on 18081/18082 are not used)
+#   2. origin: loadtest/peers.sh start (nginx serving CORPUS at 127.0.0.1:18080/NAME; its
+#      nginx/Varnish caches on 18081/18082 are not used; the corpus is built when missing)
 #   3. imgedge on a free 127.0.0.1 port; idle RSS (VmRSS) 2 s after /health first answers
 #   4. sampler, every 100 ms: `t_ms rss_kb health_status health_ms level` (RSS from
 #      /proc/PID/status; /health by curl -m 2, status 000 when curl fails; level = memory.level)
@@ -28,7 +28,6 @@
 # Env:
 #   EDGE_BIN             imgedge binary (default: build the release binary)
 #   CORPUS               image folder with MANIFEST.tsv (default /tmp/imgproxy-corpus)
-#   FC_TOOLS             the shared bench tools (default <repo>/../shared/bench)
 #   FC_LOG_DIR           logs, samples, wrk output, binary copy (default a new
 #                        /tmp/imgedge-flashcrowd.XXXXXX; always kept)
 #   FC_HITS              requests for the hits phase (default 1000000; 0 skips it)
@@ -58,8 +57,7 @@ cmdline=$(lt_cmdline '^(EDGE_BIN|CORPUS|CARGO_TARGET_DIR|FC_[A-Z_]+)=')
 # ---- knobs ----
 CORPUS=${CORPUS:-/tmp/imgproxy-corpus}
 manifest=$CORPUS/MANIFEST.tsv
-tools=${FC_TOOLS:-$(cd "$root/.." && pwd)/shared/bench}
-[[ -x $tools/peers.sh ]] || die "no peers.sh in $tools"
+[[ -z ${FC_TOOLS:-} ]] || log "FC_TOOLS is ignored: the origin is started with loadtest/peers.sh"
 hits_target=${FC_HITS:-1000000}
 hits_max_s=${FC_HITS_MAX_SECONDS:-300}
 hits_images=${FC_HITS_IMAGES:-16}
@@ -376,7 +374,7 @@ write_report() { # [status line]
     echo '```sh'
     echo "$cmdline"
     echo "# origin:"
-    echo "$tools/peers.sh start $CORPUS"
+    echo "bash loadtest/peers.sh start $CORPUS"
     echo "# imgedge:"
     echo "${cmd_imgedge:-?}"
     echo "# the crowd (PATHS: one /image-proxy?url=$origin/NAME line per manifest image):"
@@ -409,7 +407,7 @@ cleanup() {
   fi
   [[ -n $imgedge_pid ]] && { lt_stop "$imgedge_pid"; imgedge_pid=; }
   if ((peers_started)); then
-    "$tools/peers.sh" stop || true
+    bash "$here/peers.sh" stop >&2 || true
     lt_wait_peer_ports_free || log "ports 18080-18082 still busy 10 s after peers.sh stop"
   fi
   log "logs: $logdir"
@@ -430,7 +428,7 @@ lt_release_bin "$logdir"
 
 # ---- 2. origin (peers.sh) ----
 peers_started=1
-lt_peers_start "$tools" "$CORPUS"
+lt_peers_start "$CORPUS"
 [[ -s $manifest ]] || die "no corpus manifest at $manifest"
 first_name=$(sed -n 1p "$manifest" | cut -f1)
 curl -fsS -m 10 -o /dev/null "$origin/$first_name" || die "the origin does not serve $origin/$first_name"

@@ -2,7 +2,8 @@
 # Shared pieces of the loadtest scripts (sourced, not run): the start-up of smoke.sh and
 # smoke-k6.sh, and the binary provenance, peers and metrics helpers of bench.sh and flashcrowd.sh.
 #
-#   lt_ensure_corpus   sets CORPUS and MANIFEST, building the corpus with shared/bench/corpus.sh if needed
+#   lt_ensure_corpus   sets CORPUS and MANIFEST, building the corpus with loadtest/corpus.sh when
+#                      CORPUS/MANIFEST.tsv is missing
 #   lt_ensure_bin      sets EDGE_BIN, running `cargo build --quiet` if it was empty
 #   lt_start           starts origin.py and imgedge on two free 127.0.0.1 ports, waits for both,
 #                      sets OPORT, PORT, ORIGIN, BASE, LT_TMP (logs) and an EXIT trap that stops
@@ -11,7 +12,7 @@
 #   lt_release_bin DIR sets EDGE_BIN (building the release binary when empty), bin_source (how it
 #                      came to be), bin_sha, run_bin (a private copy in DIR, so a rebuild during a
 #                      benchmark cannot change what is measured) and bin_version
-#   lt_peers_start TOOLS [CORPUS]  (re)starts ../shared/bench/peers.sh, first waiting for the
+#   lt_peers_start [CORPUS]  (re)starts the peers with loadtest/peers.sh, first waiting for the
 #                      ports of any running peers to free
 #   lt_cmdline ENV_REGEX [ARG...]  the command that reproduces this run, for a report: cd to the
 #                      repository, the environment variables matching ENV_REGEX, the script, ARGs
@@ -34,10 +35,8 @@ lt_die() { lt_log "$*"; exit 1; }
 lt_ensure_corpus() {
   CORPUS=${CORPUS:-/tmp/imgproxy-corpus}
   if [[ ! -f $CORPUS/MANIFEST.tsv ]]; then
-    local gen=$LT_ROOT/../shared/bench/corpus.sh
-    [[ -f $gen ]] || lt_die "no $CORPUS/MANIFEST.tsv and no corpus builder at $gen"
     lt_log "building corpus in $CORPUS"
-    bash "$gen" "$CORPUS" || lt_die "corpus.sh failed"
+    bash "$LT_DIR/corpus.sh" "$CORPUS" >&2 || lt_die "loadtest/corpus.sh failed (or set CORPUS to a folder with a MANIFEST.tsv)"
   fi
   MANIFEST=$CORPUS/MANIFEST.tsv
   [[ -s $MANIFEST ]] || lt_die "empty manifest: $MANIFEST"
@@ -208,19 +207,19 @@ lt_peer_ports_busy() { # true while anything listens on the peers' ports (18080-
   ss -Hltn 2>/dev/null | awk '$4 ~ /^127\.0\.0\.1:1808[012]$/ {n++} END {exit n ? 0 : 1}'
 }
 
-lt_wait_peer_ports_free() { # peers.sh stop only signals: wait (up to 10 s) until they are gone
+lt_wait_peer_ports_free() { # wait (up to 10 s) until nothing listens on the peers' ports
   local i
   for ((i = 0; i < 100; i++)); do lt_peer_ports_busy || return 0; sleep 0.1; done
   return 1
 }
 
-# peers.sh start stops running peers itself but starts the new ones at once, racing the old ones
-# for the ports: stop them first and wait until they are gone.
-lt_peers_start() { # tools [corpus]
-  local tools=$1 run=/tmp/imgproxy-peers
-  if compgen -G "$run/*.pid" >/dev/null; then "$tools/peers.sh" stop; fi
+# Stops running peers and waits for their ports first, so that a port still held by something else
+# is reported here with what holds it.
+lt_peers_start() { # [corpus]
+  local run=/tmp/imgproxy-peers
+  if compgen -G "$run/*.pid" >/dev/null; then bash "$LT_DIR/peers.sh" stop >&2; fi
   lt_wait_peer_ports_free || lt_die "ports 18080-18082 are busy (not peers.sh peers?): $(ss -Hltnp 2>/dev/null | grep -E '127\.0\.0\.1:1808[012] ' | tr -s ' ' | cut -d' ' -f4,6 | tr '\n' ' ')"
-  "$tools/peers.sh" start ${2:+"$2"} >&2 || lt_die "peers.sh start failed"
+  bash "$LT_DIR/peers.sh" start ${1:+"$1"} >&2 || lt_die "peers.sh start failed"
 }
 
 lt_kv() { # key line -> value of key=value in a space-separated line, or empty
