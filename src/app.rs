@@ -184,9 +184,13 @@ impl App {
         self.router.admin.start_draining();
     }
 
-    /// Stops every task (cancelling what still runs: fills, refreshes, queued tier writes,
-    /// connections past the grace period) and closes the tiers.
-    pub async fn shutdown(self) {
+    /// Ends the app: first the writes queued for the lower tiers are written, until
+    /// `flush_deadline` at most (what was stored before the signal is found after a restart);
+    /// then every task is stopped (cancelling what still runs: fills no client reads,
+    /// refreshes, connections past the grace period) and the tiers are closed (foyer writes out
+    /// its buffers).
+    pub async fn shutdown(self, flush_deadline: tokio::time::Instant) {
+        self.tier.flush(flush_deadline).await;
         self.tasks.shutdown().await;
         self.tier.close().await;
     }

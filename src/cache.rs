@@ -301,6 +301,23 @@ impl TieredCache {
         }
     }
 
+    /// Waits until the writes queued for every lower tier have been written, at most until
+    /// `deadline` (see [`Tier::flush`]); returns how many were still waiting then.
+    pub async fn flush(&self, deadline: tokio::time::Instant) -> u64 {
+        let mut left = 0;
+        for tier in self.lower.iter() {
+            if let Err(n) = tier.flush(deadline).await {
+                tracing::warn!(
+                    tier = tier.name(),
+                    writes = n,
+                    "shutdown: writes not flushed in time"
+                );
+                left += n;
+            }
+        }
+        left
+    }
+
     /// Closes every lower tier (after their writers stopped).
     pub async fn close(&self) {
         for tier in self.lower.iter() {

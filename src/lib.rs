@@ -65,8 +65,9 @@ pub enum ServeError {
 
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until `shutdown` completes. Then it
 /// drains: `/health/ready` answers 503 while it keeps serving for `[server] drain_delay`; then it
-/// stops accepting and gives open connections `[server] shutdown_grace` to finish. When it
-/// returns, every task it started has ended.
+/// stops accepting and gives open connections `[server] shutdown_grace` to finish; what is left of
+/// it goes to writing out the disk writes still queued. When it returns, every task it started
+/// has ended.
 ///
 /// # Errors
 /// [`ServeError::Setup`] when the process cannot be set up (see [`app::SetupError`]); accept
@@ -93,6 +94,12 @@ pub async fn serve_with_rss(
     let server = config.server.clone();
     let app = App::build(config, rss).await?;
     let served = server::run(listener, &app, &server, shutdown).await;
-    app.shutdown().await;
-    Ok(served?)
+    // The grace period covers the connections and the disk writes they left queued; after an
+    // error, writes get the whole period.
+    let deadline = match served {
+        Ok(deadline) => deadline,
+        Err(_) => tokio::time::Instant::now() + server.shutdown_grace,
+    };
+    app.shutdown(deadline).await;
+    served.map(drop).map_err(Into::into)
 }

@@ -268,6 +268,8 @@ impl Body for TrackedBody {
 /// while serving goes on for `drain_delay`, then the listener closes and open connections get
 /// `shutdown_grace` to finish (what remains is cancelled with the app).
 ///
+/// Returns when the grace period ends: what is left of it is the disk writes'.
+///
 /// # Errors
 /// Only when the listener's address cannot be read; accept errors are logged and retried.
 pub async fn run(
@@ -275,7 +277,7 @@ pub async fn run(
     app: &App,
     config: &ServerConfig,
     shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+) -> std::io::Result<Instant> {
     let mut builder = auto::Builder::new(app.tasks().clone());
     builder
         .http1()
@@ -348,15 +350,16 @@ pub async fn run(
     }
     tracing::info!("shutting down");
     drop(listener);
+    let grace_ends = Instant::now() + config.shutdown_grace;
     stop.cancel();
     live.close();
-    if tokio::time::timeout(config.shutdown_grace, live.wait())
+    if tokio::time::timeout_at(grace_ends, live.wait())
         .await
         .is_err()
     {
         tracing::warn!("connections still open after the shutdown grace period: closing them");
     }
-    Ok(())
+    Ok(grace_ends)
 }
 
 #[derive(Debug, Clone, Copy)]

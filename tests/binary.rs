@@ -51,6 +51,14 @@ impl Binary {
         self.child.id().unwrap()
     }
 
+    /// Waits (up to `within`) for the process to exit; its exit status.
+    async fn wait(mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("imgedge still running after {within:?}"))
+            .unwrap()
+    }
+
     /// Stops the binary (SIGKILL) and returns what it wrote to stdout.
     async fn stop(mut self) -> String {
         let _ = self.child.kill().await;
@@ -539,6 +547,99 @@ async fn after_kill_9_during_fills_only_complete_objects_are_served() {
             assert_eq!(r.body, pattern(150_000 + i), "{path}");
         }
     }
+    bin.stop().await;
+}
+
+/// SIGTERM while a burst of fills is in flight: the fills complete (the connections drain), the
+/// disk writes they queued are flushed before the process exits, and after a restart every one
+/// of those objects is a disk hit. The origin holds back the second half of every body until
+/// after the signal and then sends them all at once, so the writes queue up together just as
+/// the connections close.
+#[tokio::test]
+async fn after_sigterm_during_a_burst_of_fills_every_object_comes_back_from_disk() {
+    const OBJECTS: u64 = 60;
+    const LEN: u64 = 256 << 10;
+    let origin = TestOrigin::start().await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let dir = TempDir::new("disk-sigterm");
+    let bin = Binary::start(&disk_env(&origin, &dir)).await;
+    let url = |base: &str, i: u64| {
+        format!(
+            "{base}/image-proxy?url={}",
+            origin.url(&format!("/burst{i}.jpg"))
+        )
+    };
+    let mut fills = Vec::new();
+    for i in 0..OBJECTS {
+        origin.route(
+            &format!("/burst{i}.jpg"),
+            Reply::pattern(LEN + i)
+                .header("Cache-Control", "max-age=600")
+                .fault(Fault::GateAfter(LEN / 2, gate.clone())),
+        );
+        let url = url(&bin.base, i);
+        fills.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder().no_proxy().build().unwrap();
+            send(&client, Method::GET, &url, &[]).await
+        }));
+    }
+    // Every body is half sent, held at the gate.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (0..OBJECTS).any(|i| origin.hits(&format!("/burst{i}.jpg")) == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "the burst did not reach the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = bin.pid().to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Opened for every body at once; again every 20 ms for any that reached the gate late.
+    let opener = tokio::spawn({
+        let gate = gate.clone();
+        async move {
+            loop {
+                gate.notify_waiters();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    for (i, fill) in fills.into_iter().enumerate() {
+        let r = fill.await.unwrap();
+        assert_eq!(r.status, 200, "/burst{i}.jpg");
+        assert_eq!(
+            r.cache_status(),
+            "imgedge; fwd=uri-miss; stored",
+            "/burst{i}.jpg"
+        );
+        assert_eq!(r.body.len() as u64, LEN + i as u64, "/burst{i}.jpg");
+    }
+    opener.abort();
+    let status = bin.wait(Duration::from_secs(15)).await;
+    assert!(status.success(), "exit after SIGTERM: {status}");
+
+    let bin = Binary::start(&disk_env(&origin, &dir)).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut missing = Vec::new();
+    for i in 0..OBJECTS {
+        let r = send(&client, Method::GET, &url(&bin.base, i), &[]).await;
+        assert_eq!(r.body, pattern(LEN + i), "/burst{i}.jpg");
+        if r.cache_status() != "imgedge; hit; detail=disk" {
+            missing.push(i);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {OBJECTS} objects not found on disk after the restart: {missing:?}",
+        missing.len()
+    );
     bin.stop().await;
 }
 

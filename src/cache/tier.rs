@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::{CacheKey, CachedObject};
 use crate::tasks::Tasks;
@@ -103,6 +103,10 @@ struct Shared {
     queued: AtomicU64,
     /// Queued writes numbered below this are discarded (emergency memory pressure).
     discard_below: AtomicU64,
+    /// Writes that entered the queue.
+    enqueued: AtomicU64,
+    /// Writes the writer has finished with (written, failed or discarded), for [`Tier::flush`].
+    completed: watch::Sender<u64>,
     /// [`CONCURRENT_READS`] permits.
     reads: Semaphore,
     holdings: Mutex<Holdings>,
@@ -126,6 +130,8 @@ impl Tier {
             backend: Box::new(backend),
             queued: AtomicU64::new(0),
             discard_below: AtomicU64::new(0),
+            enqueued: AtomicU64::new(0),
+            completed: watch::Sender::new(0),
             reads: Semaphore::new(CONCURRENT_READS),
             holdings: Mutex::default(),
             hits: AtomicU64::new(0),
@@ -182,8 +188,30 @@ impl Tier {
             return;
         }
         let seq = s.queued.fetch_add(1, Ordering::Relaxed);
+        // Counted before it is sent, so that the writer can never finish it first.
+        s.enqueued.fetch_add(1, Ordering::AcqRel);
         if self.writes.try_send((seq, key, object)).is_err() {
+            s.enqueued.fetch_sub(1, Ordering::AcqRel);
             s.write_drops.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until every write queued before the call has been written (or failed), at most
+    /// until `deadline`: at shutdown, so that a restart finds what was stored.
+    ///
+    /// # Errors
+    /// The number of those writes still waiting at the deadline.
+    pub async fn flush(&self, deadline: tokio::time::Instant) -> Result<(), u64> {
+        let s = &self.shared;
+        let target = s.enqueued.load(Ordering::Acquire);
+        let mut completed = s.completed.subscribe();
+        let done = tokio::time::timeout_at(deadline, completed.wait_for(|n| *n >= target))
+            .await
+            .is_ok();
+        if done {
+            Ok(())
+        } else {
+            Err(target.saturating_sub(*completed.borrow()))
         }
     }
 
@@ -259,6 +287,7 @@ impl Shared {
 /// silently when bursts outrun its buffers). Ends when every `Tier` is dropped, or at shutdown.
 async fn write_loop(shared: Arc<Shared>, mut queue: mpsc::Receiver<QueuedWrite>) {
     while let Some((seq, key, object)) = queue.recv().await {
+        let _done = Completed(&shared);
         if !shared.enabled() {
             continue;
         }
@@ -283,6 +312,15 @@ async fn write_loop(shared: Arc<Shared>, mut queue: mpsc::Receiver<QueuedWrite>)
             Ok(None) => return,
             Err(e) => shared.fail("write", &e),
         }
+    }
+}
+
+/// Counts one queued write as finished when dropped, however the writer got past it.
+struct Completed<'a>(&'a Shared);
+
+impl Drop for Completed<'_> {
+    fn drop(&mut self) {
+        self.0.completed.send_modify(|n| *n += 1);
     }
 }
 
@@ -365,6 +403,8 @@ mod tests {
     struct Flaky {
         objects: Arc<Mutex<HashMap<CacheKey, Arc<CachedObject>>>>,
         panic: Arc<AtomicBool>,
+        /// How long each write takes.
+        write_time: std::time::Duration,
     }
 
     impl Backend for Flaky {
@@ -384,8 +424,9 @@ mod tests {
             key: CacheKey,
             object: Arc<CachedObject>,
         ) -> BoxFuture<Result<u64, BackendError>> {
-            let objects = self.objects.clone();
+            let (objects, write_time) = (self.objects.clone(), self.write_time);
             Box::pin(async move {
+                tokio::time::sleep(write_time).await;
                 let bytes = object.body.len() as u64;
                 objects.lock().unwrap().insert(key, object);
                 Ok(bytes)
@@ -452,6 +493,37 @@ mod tests {
         assert!(tier.get(&k).await.is_none());
         tier.store(key("http://h/b"), object());
         assert_eq!(tier.usage().write_drops, 0);
+        tasks.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn flush_waits_for_the_queued_writes_until_its_deadline() {
+        use tokio::time::{Duration, Instant};
+        let tasks = Tasks::new();
+        let backend = Flaky {
+            write_time: Duration::from_millis(20),
+            ..Flaky::default()
+        };
+        let objects = backend.objects.clone();
+        let tier = Tier::new("test", backend, &tasks);
+        for i in 0..5 {
+            tier.store(key(&format!("http://h/{i}")), object());
+        }
+        assert_eq!(
+            tier.flush(Instant::now() + Duration::from_secs(5)).await,
+            Ok(())
+        );
+        assert_eq!(
+            objects.lock().unwrap().len(),
+            5,
+            "every queued write is done"
+        );
+        for i in 5..10 {
+            tier.store(key(&format!("http://h/{i}")), object());
+        }
+        // 100 ms of writes, 30 ms to wait: at least three are still queued.
+        let left = tier.flush(Instant::now() + Duration::from_millis(30)).await;
+        assert!(matches!(left, Err(n) if (3..=5).contains(&n)), "{left:?}");
         tasks.shutdown().await;
     }
 
