@@ -261,6 +261,28 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// A configuration file must exist and be TOML: one clear problem, naming its full path (and
+/// the line and column of a syntax error), rather than the same one for every key.
+fn check_file(path: &Path) -> Result<(), ConfigError> {
+    let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let problem = |what: String| ConfigError {
+        problems: vec![format!("{}: {what}", shown.display())],
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| problem(format!("cannot read the configuration file: {e}")))?;
+    if let Err(e) = text.parse::<toml::Table>() {
+        let at = e.span().map_or(String::new(), |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" at line {line}, column {column}")
+        });
+        let message = e.message().lines().collect::<Vec<_>>().join("; ");
+        return Err(problem(format!("not valid TOML{at}: {message}")));
+    }
+    Ok(())
+}
+
 /// The memory tier leaves the rest of the process too little of the memory budget.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -277,7 +299,41 @@ impl Config {
     /// # Errors
     /// A [`ConfigError`] naming every missing, malformed, out-of-range or unknown key.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        if let Some(path) = file {
+            check_file(path)?;
+        }
         Self::from_figment(Self::figment(file, Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    /// The configuration [`Config::load`] reads from the same sources, as TOML: every key with
+    /// the value that applies (default, file or environment), secrets (`admin.token`,
+    /// `signing.keys`) masked. What `imgedge --check-config` prints.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn effective_toml(file: Option<&Path>) -> Result<String, ConfigError> {
+        if let Some(path) = file {
+            check_file(path)?;
+        }
+        let figment = Self::figment(file, Env::prefixed(ENV_PREFIX).split("__"));
+        let mut table: toml::Table = figment.extract().map_err(|e| ConfigError {
+            problems: vec![e.to_string()],
+        })?;
+        const MASK: &str = "(set, not shown)";
+        if let Some(toml::Value::Table(admin)) = table.get_mut("admin")
+            && let Some(token) = admin.get_mut("token")
+            && token.as_str().is_some_and(|t| !t.trim().is_empty())
+        {
+            *token = MASK.into();
+        }
+        if let Some(toml::Value::Table(signing)) = table.get_mut("signing")
+            && let Some(toml::Value::Array(keys)) = signing.get_mut("keys")
+        {
+            keys.iter_mut().for_each(|k| *k = MASK.into());
+        }
+        toml::to_string_pretty(&table).map_err(|e| ConfigError {
+            problems: vec![format!("cannot print the configuration: {e}")],
+        })
     }
 
     /// Loads the defaults with `toml` merged over them, ignoring the environment (for tests).

@@ -28,7 +28,7 @@ struct Cli {
     /// override both).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Validate the configuration, print it, and exit.
+    /// Validate the configuration, print what is in effect as TOML (secrets masked), and exit.
     #[arg(long)]
     check_config: bool,
     #[command(subcommand)]
@@ -70,15 +70,24 @@ fn main() -> ExitCode {
         None => {}
     }
     if cli.check_config {
-        println!("imgedge: configuration ok\n{config:#?}");
-        return ExitCode::SUCCESS;
+        return match Config::effective_toml(cli.config.as_deref()) {
+            Ok(toml) => {
+                eprintln!("imgedge: configuration ok; in effect (secrets masked):");
+                print!("{toml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("imgedge: invalid configuration:\n{e}");
+                ExitCode::from(2)
+            }
+        };
     }
     init_logging(&config);
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("imgedge: {e:#}");
+            // Once, through the log (stdout, or the JSON stream a container collects).
+            tracing::error!("cannot start: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -204,7 +213,21 @@ fn run(config: Config) -> anyhow::Result<()> {
         let listen = config.server.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("binding {listen}"))?;
+            .map_err(|e| {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::AddrInUse => {
+                        " (is another imgedge running? choose another with server.listen or IMGEDGE_SERVER__LISTEN)"
+                    }
+                    std::io::ErrorKind::PermissionDenied => {
+                        " (ports below 1024 need privileges: use 8080 behind a proxy)"
+                    }
+                    std::io::ErrorKind::AddrNotAvailable => {
+                        " (no such address on this machine: 0.0.0.0 listens on all)"
+                    }
+                    _ => "",
+                };
+                anyhow::anyhow!("cannot listen on {listen}: {e}{hint}")
+            })?;
         imgedge::serve(listener, config, shutdown_signal()).await?;
         Ok(())
     })

@@ -111,6 +111,66 @@ async fn invalid_configuration_exits_non_zero_naming_every_bad_field() {
         .await
         .unwrap();
     assert_eq!(missing.status.code(), Some(2));
+    // One problem, naming the file by its full path; not one per key.
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(err.matches("\n  - ").count(), 1, "{err}");
+    assert!(
+        err.contains("/nonexistent/imgedge.toml: cannot read"),
+        "{err}"
+    );
+    let dir = TempDir::new("bad-toml");
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let file = dir.0.join("imgedge.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"127.0.0.1:1\"\nmax_url_bytes = [\n",
+    )
+    .unwrap();
+    let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge"))
+        .args(["--check-config", "--config"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(err.matches("\n  - ").count(), 1, "{err}");
+    assert!(err.contains("not valid TOML at line 4"), "{err}");
+}
+
+/// `--check-config` prints the configuration in effect as TOML that reads back, every source
+/// applied, secrets masked.
+#[tokio::test]
+async fn check_config_prints_the_effective_configuration_with_secrets_masked() {
+    let (token, key) = (
+        "an-admin-token-of-some-length",
+        "00112233445566778899aabbccddeeff",
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge"))
+        .arg("--check-config")
+        .env("IMGEDGE_SERVER__LISTEN", "0.0.0.0:9999")
+        .env("IMGEDGE_ADMIN__TOKEN", token)
+        .env("IMGEDGE_SIGNING__KEYS", format!("[\"{key}\"]"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.contains(token) && !text.contains(key),
+        "a secret printed:\n{text}"
+    );
+    let effective: toml::Table = text.parse().unwrap();
+    assert_eq!(effective["server"]["listen"].as_str(), Some("0.0.0.0:9999"));
+    assert_eq!(effective["cache"]["default_ttl"].as_str(), Some("1h"));
+    assert_eq!(
+        effective["admin"]["token"].as_str(),
+        Some("(set, not shown)")
+    );
 }
 
 /// `imgedge healthcheck` (the container's HEALTHCHECK) exits 0 while the server it is pointed at
