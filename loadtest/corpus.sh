@@ -11,10 +11,10 @@
 # Source: plasma-workspace-wallpapers, gnome-backgrounds and mate-backgrounds, fetched with
 # `apt-get download` (nothing is installed) and unpacked with dpkg-deb into a scratch folder inside
 # DIR. On Debian 12 (bookworm) that is a 173 MB download (173,233,104 bytes of .deb: 94.0 + 32.5 +
-# 46.6 MB) giving 118 images, 166 MiB; the whole build, download included, took 6-9 s on a 2-core
+# 46.6 MB) giving 118 images, 166 MiB; the whole build, download included, took 4-9 s on a 2-core
 # machine next to a fast mirror (a slower link sets the time: 173 MB at 10 Mbit/s is 2.5 minutes).
-# Peak disk use while building: about twice the corpus. Another Debian release packages other versions, hence
-# another corpus: the manifest records whatever was built.
+# Peak disk use while building: about twice the corpus. Another Debian release packages other
+# versions, hence another corpus: the manifest records whatever was built.
 # Root is not needed when apt's package lists are present; when they are not (a fresh container),
 # the script runs `apt-get update`, which needs root, and says so otherwise. Needs apt-get,
 # apt-cache, dpkg-deb and sha256sum (Debian or a derivative).
