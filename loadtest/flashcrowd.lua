@@ -1,5 +1,5 @@
 -- wrk script for loadtest/flashcrowd.sh: cycles through the request paths listed one per line in
--- the file named by $PATHS (like ../shared/bench/paths.lua), tallies the response statuses per
+-- the file named by $PATHS (like loadtest/paths.lua), tallies the response statuses per
 -- code, and prints one machine-readable RESULT line at the end:
 --   RESULT requests=N seconds=S bytes=B status_200=N status_503=N ... status_other=N
 --          connect=N read=N write=N timeout=N status_errors=N p50_ms=X p99_ms=X max_ms=X
