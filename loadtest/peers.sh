@@ -16,6 +16,8 @@
 #   stop    stops them (by the PIDs in /tmp/imgproxy-peers) and waits until they are gone
 #   status  prints which answer; exit 0 all three, 1 some, 3 none
 # Run files, logs and nginx's disk cache: /tmp/imgproxy-peers (fixed: bench.sh reads the PIDs there).
+# PEERS_UPSTREAM=127.0.0.1:PORT points both caches at another origin on loopback instead of the
+# static one (loadtest/run.sh points them at its counting origin.py); the static origin still runs.
 #
 # Needs nginx and varnishd: when either is missing it installs Debian's nginx-light and varnish with
 # apt-get (root needed; their services are kept from starting), else it says what to install. Run
@@ -33,6 +35,11 @@ names=(origin "nginx cache" varnish)
 cmd=${1:-}
 case $cmd in start | stop | status) ;; *) die "usage: bash loadtest/peers.sh start|stop|status [CORPUS_DIR]" ;; esac
 corpus=${2:-${CORPUS:-/tmp/imgproxy-corpus}}
+upstream=${PEERS_UPSTREAM:-127.0.0.1:18080}
+if ! [[ $upstream =~ ^127\.0\.0\.1:([0-9]{1,5})$ ]] || ((BASH_REMATCH[1] < 1 || BASH_REMATCH[1] > 65535)); then
+  die "PEERS_UPSTREAM=$upstream: want 127.0.0.1:PORT"
+fi
+upstream_port=${upstream#*:}
 
 up() { curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$1/__up" 2>/dev/null; }
 listeners() { # what listens on the peers' ports, one "address process" per line
@@ -110,9 +117,12 @@ rm -rf "$run"
 mkdir -p "$run/nginx-cache" "$run/varnish"
 tpl=$(<"$here/peers/nginx.conf.in")
 tpl=${tpl//@RUN@/"$run"}
+tpl=${tpl//@UPSTREAM@/"$upstream"}
 printf '%s\n' "${tpl//@CORPUS@/"$corpus"}" >"$run/nginx.conf"
 tpl=$(<"$here/peers/varnish.vcl.in")
-printf '%s\n' "${tpl//@RUN@/"$run"}" >"$run/varnish.vcl"
+tpl=${tpl//@RUN@/"$run"}
+tpl=${tpl//@UPSTREAM_PORT@/"$upstream_port"}
+printf '%s\n' "${tpl//@UPSTREAM_RE@/"127\\.0\\.0\\.1:$upstream_port"}" >"$run/varnish.vcl"
 
 fail() { # message: the logs, the peers stopped, exit 1
   local f
@@ -132,4 +142,4 @@ done
 first=$(sed -n 1p "$corpus/MANIFEST.tsv" | cut -f1)
 code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 "http://127.0.0.1:18080/$first" 2>/dev/null) || code=000
 [[ $code == 200 ]] || fail "the origin answers $code for /$first of $corpus (nginx's workers run as nobody when started as root: the folder and its parents must be world-readable)"
-echo "peers up: origin :18080, nginx cache :18081, varnish :18082, corpus $corpus (stop: bash loadtest/peers.sh stop)"
+echo "peers up: origin :18080, nginx cache :18081, varnish :18082 (both in front of $upstream), corpus $corpus (stop: bash loadtest/peers.sh stop)"
