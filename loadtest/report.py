@@ -116,8 +116,11 @@ def load_target(d: str) -> dict:
     if samples and window > 0:
         in_run = [s for s in samples if t0 - 1 <= s["t"] <= t1 + 1] or samples
         out["peak_rss"] = max(s["rss"] for s in in_run)
-        out["start_rss"] = interp(samples, t0, "rss")
-        out["end_rss"] = interp(samples, t1, "rss")
+        # the first and last samples taken while load requests ran (a warm-up just before t0
+        # can fill a cache between two samples: interpolating would invent a value)
+        during = [s for s in samples if t0 <= s["t"] <= t1] or in_run
+        out["start_rss"] = during[0]["rss"]
+        out["end_rss"] = during[-1]["rss"]
         out["peak_fds"] = max(s["fds"] for s in in_run)
         cpu = interp(samples, t1, "cpu") - interp(samples, t0, "cpu")
         out["cpu_s"] = cpu
@@ -245,7 +248,7 @@ def main() -> int:
     row("checks passed", lambda t: f"{t['checks_pass']} of {t['checks_pass'] + t['checks_fail']}")
     row("origin requests", lambda t: str(t["meta"].get("origin_requests", "–")))
     row("peak RSS MiB", lambda t: fmt(t.get("peak_rss", float("nan")) / 1048576))
-    row("RSS at start / end MiB", lambda t: f"{fmt(t.get('start_rss', float('nan')) / 1048576)} / "
+    row("RSS, first / last sample under load, MiB", lambda t: f"{fmt(t.get('start_rss', float('nan')) / 1048576)} / "
         f"{fmt(t.get('end_rss', float('nan')) / 1048576)}")
     row("CPU per request µs", lambda t: fmt(t.get("cpu_us_per_req", float("nan")), 0))
     row("CPU cores busy", lambda t: fmt(t.get("cores", float("nan")), 2))
@@ -264,6 +267,10 @@ def main() -> int:
              "process tree (nginx's master and workers, Varnish's manager and child), as sampled; CPU per request is the CPU time between the first and last load request divided "
              "by their number. k6 runs on the same two cores, so throughput is bounded by it as much "
              "as by the target; compare targets within one report.")
+    if "nginx" in names:
+        L.append("")
+        L.append("nginx's proxy_cache keeps objects in files: they live in the kernel's page cache, "
+                 "which is not in its RSS (imgedge's memory tier and Varnish's malloc storage are).")
     L.append("")
     if rss_png:
         L.append(f"![RSS over time]({os.path.basename(rss_png)})")
