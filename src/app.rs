@@ -13,7 +13,7 @@ use crate::collapse::Collapser;
 use crate::config::{Config, MemoryBudgetError};
 use crate::http::access_log::RequestIds;
 use crate::http::rate::{self, RateLimits};
-use crate::http::{Admin, Admission, Router, Routes};
+use crate::http::{Admin, Admission, Render, Router, Routes};
 use crate::metrics::Metrics;
 use crate::pressure::{Monitor, ReservationPool, detect_budget_bytes};
 use crate::proxy::content::ContentPolicy;
@@ -150,6 +150,7 @@ impl App {
                 signer: Signer::new(config.signing.keys.clone()),
                 rate: rate.clone(),
             },
+            render: Render::new(config.transform),
             admin: Admin {
                 tier: tier.clone(),
                 fills,

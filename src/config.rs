@@ -34,6 +34,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub signing: SigningConfig,
     pub limits: LimitsConfig,
+    pub transform: TransformConfig,
     pub memory: MemoryConfig,
     pub log: LogConfig,
 }
@@ -221,6 +222,22 @@ pub struct LimitsConfig {
     pub per_ip_per_second: u32,
     /// Requests a client may make at once before the rate applies; 0 means `per_ip_per_second`.
     pub burst: u32,
+}
+
+/// `[transform]`: image transforms on Supabase's render route.
+#[derive(Debug, Clone, Copy)]
+pub struct TransformConfig {
+    /// The largest `width` or `height` served, in pixels; larger requests are clamped to it.
+    pub max_dimension: u32,
+    /// Sources whose header announces more pixels are refused (422 `image_too_large`) before
+    /// any pixel is decoded.
+    pub max_source_pixels: u64,
+    /// Sources with more bytes are refused (413 `too_large`) without being held whole.
+    pub max_source_bytes: u64,
+    /// Transforms running at once, each on a blocking thread; 0 means the number of cores.
+    pub max_concurrent: usize,
+    /// How long a transform may wait for a turn before 503 `overloaded`.
+    pub queue_timeout: Duration,
 }
 
 /// `[log]`: tracing output.

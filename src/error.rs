@@ -54,6 +54,15 @@ pub enum ProxyError {
         length_bytes: usize,
         max_bytes: usize,
     },
+    /// A render parameter that is not valid (Supabase answers these 400 too).
+    #[error("{0}")]
+    BadParameter(String),
+    /// A render source whose header announces more than `[transform] max_source_pixels`.
+    #[error("{0}")]
+    ImageTooLarge(String),
+    /// A render source of more than `[transform] max_source_bytes`.
+    #[error("{0}")]
+    SourceTooLarge(String),
     /// A request body that could not be forwarded whole (see [`UploadError`]).
     #[error(transparent)]
     Upload(#[from] UploadError),
@@ -74,7 +83,8 @@ impl ProxyError {
     /// `bad_url`, `bad_path`, `host_not_allowed`, `private_address`, `too_large`,
     /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,
     /// `unauthorized`, `bad_request`, `overloaded`, `bad_redirect`, `not_an_image`,
-    /// `bad_signature`, `rate_limited`, `uri_too_long`, `payload_too_large`, `request_timeout`.
+    /// `bad_signature`, `rate_limited`, `uri_too_long`, `payload_too_large`, `request_timeout`,
+    /// `bad_parameter`, `image_too_large`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::Target(TargetError::BadUrl(_)) => (StatusCode::BAD_REQUEST, "bad_url"),
@@ -101,6 +111,9 @@ impl ProxyError {
             ProxyError::BadSignature(_) => (StatusCode::FORBIDDEN, "bad_signature"),
             ProxyError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ProxyError::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            ProxyError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_parameter"),
+            ProxyError::ImageTooLarge(_) => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_large"),
+            ProxyError::SourceTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ProxyError::Upload(UploadError::TooLarge { .. }) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }

@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod admin;
 pub mod admit;
 pub mod rate;
+pub mod render;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -24,7 +25,8 @@ use tracing::field::Empty;
 pub use access_log::LoggedBody;
 pub use admin::{Admin, PURGE_PATH};
 pub use admit::{Admission, Admitted, Client};
-pub use routes::{Route, Routes, SUPABASE_PUBLIC_PREFIX};
+pub use render::Render;
+pub use routes::{Route, Routes, SUPABASE_PUBLIC_PREFIX, SUPABASE_RENDER_PREFIX};
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
@@ -39,6 +41,7 @@ pub struct Router {
     pub routes: Routes,
     pub admission: Admission,
     pub admin: Admin,
+    pub render: Render,
     pub proxy: Arc<Proxy>,
     pub metrics: Arc<Metrics>,
     pub request_ids: RequestIds,
@@ -128,6 +131,13 @@ impl Router {
                 "no route for {}",
                 req.uri().path()
             ))),
+            Route::Render { index } => {
+                let (mut parts, _) = req.into_parts();
+                let admitted = self.admission.admit(route, &mut parts, client)?;
+                self.render
+                    .handle(&self.proxy, &self.routes, index, &parts, &admitted.client)
+                    .await
+            }
             Route::ImageProxy | Route::Proxied { .. } => {
                 let (mut parts, body) = req.into_parts();
                 let admitted = self.admission.admit(route, &mut parts, client)?;

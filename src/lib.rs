@@ -44,6 +44,7 @@ pub mod signing;
 pub mod target;
 pub mod tasks;
 pub mod tee;
+pub mod transform;
 pub mod upstream;
 
 use std::future::Future;

@@ -112,6 +112,13 @@ impl Config {
                 per_ip_per_second: f.range("limits.per_ip_per_second", 0, 1_000_000),
                 burst: f.range("limits.burst", 0, 1_000_000),
             },
+            transform: TransformConfig {
+                max_dimension: f.range("transform.max_dimension", 1, 16384),
+                max_source_pixels: f.range("transform.max_source_pixels", 1, 1 << 32),
+                max_source_bytes: f.range("transform.max_source_bytes", 1, 1 << 32),
+                max_concurrent: f.range("transform.max_concurrent", 0, 1024),
+                queue_timeout: f.duration("transform.queue_timeout"),
+            },
             memory: MemoryConfig {
                 budget_bytes: f.get("memory.budget_bytes"),
                 sample_interval: f.duration("memory.sample_interval"),

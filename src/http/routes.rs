@@ -21,6 +21,10 @@ use crate::upstream::{Guard, UploadLimits};
 /// Prefix of Supabase Storage's public object route.
 pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
 
+/// Prefix of Supabase Storage's public render route (image transforms), served by
+/// [`super::render`] from the public object route's cache.
+pub const SUPABASE_RENDER_PREFIX: &str = "/storage/v1/render/image/public/";
+
 /// The cache namespace of `/image-proxy`'s objects (a route's is its prefix, which starts with
 /// `/`: the two never meet).
 pub const IMAGE_PROXY_NAMESPACE: &str = "image-proxy";
@@ -31,6 +35,10 @@ pub enum Route {
     ImageProxy,
     Health,
     Metrics,
+    /// Supabase's public render route; `index` is the Supabase route's.
+    Render {
+        index: usize,
+    },
     /// `config.routes[index]`, named `name` in logs and metrics.
     Proxied {
         index: usize,
@@ -46,6 +54,7 @@ impl Route {
             Route::ImageProxy => "image-proxy",
             Route::Health => "health",
             Route::Metrics => "metrics",
+            Route::Render { .. } => "render",
             Route::Proxied { name, .. } => name,
             Route::Other => "other",
         }
@@ -53,7 +62,10 @@ impl Route {
 
     /// Whether the route proxies (and so passes admission first).
     pub fn proxies(self) -> bool {
-        matches!(self, Route::ImageProxy | Route::Proxied { .. })
+        matches!(
+            self,
+            Route::ImageProxy | Route::Render { .. } | Route::Proxied { .. }
+        )
     }
 }
 
@@ -110,9 +122,15 @@ impl Routes {
                 .enumerate()
                 .filter(|(_, r)| path.starts_with(&r.prefix))
                 .max_by_key(|(_, r)| r.prefix.len())
-                .map_or(Route::Other, |(index, r)| Route::Proxied {
-                    index,
-                    name: r.name,
+                .map_or(Route::Other, |(index, r)| {
+                    if r.name == "supabase" && path.starts_with(SUPABASE_RENDER_PREFIX) {
+                        Route::Render { index }
+                    } else {
+                        Route::Proxied {
+                            index,
+                            name: r.name,
+                        }
+                    }
                 }),
         }
     }

@@ -1,0 +1,438 @@
+//! Image transforms for Supabase's render route: its parameters, the pipeline (header check →
+//! decode → EXIF orientation → resize → encode) and the bounded pool it runs on, off the async
+//! runtime.
+//!
+//! The pipeline refuses a decode bomb from its header alone: the dimensions are read before any
+//! pixel memory is allocated, and a source over `[transform] max_source_pixels` is
+//! [`TransformError::TooManyPixels`].
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+use image::codecs::jpeg::JpegEncoder;
+use image::codecs::png::PngEncoder;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+use percent_encoding::percent_decode_str;
+use tokio::sync::Semaphore;
+
+use crate::config::TransformConfig;
+use crate::error::ProxyError;
+
+/// Supabase's default `quality`.
+pub const DEFAULT_QUALITY: u8 = 80;
+
+/// How the image is fitted to a `width` × `height` box (Supabase's `resize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Fill the box, keeping the aspect ratio, cropping what overflows (centred).
+    Cover,
+    /// Fit inside the box, keeping the aspect ratio: the output may be smaller on one side.
+    Contain,
+    /// Exactly the box, stretched.
+    Fill,
+}
+
+impl Fit {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fit::Cover => "cover",
+            Fit::Contain => "contain",
+            Fit::Fill => "fill",
+        }
+    }
+}
+
+/// The parameters of one render request, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Params {
+    /// Target width in pixels, 1–`max_dimension`.
+    pub width: Option<u32>,
+    /// Target height in pixels, 1–`max_dimension`.
+    pub height: Option<u32>,
+    pub fit: Fit,
+    /// JPEG quality, 20–100; `None` when not given (then [`DEFAULT_QUALITY`]).
+    pub quality: Option<u8>,
+    /// `download`: serve as an attachment, with this file name when one was given.
+    pub download: Option<String>,
+}
+
+impl Params {
+    /// Reads Supabase's render parameters from a query string: `width`, `height` (integers,
+    /// clamped to 1–`max_dimension`), `resize` (`cover`, `contain`, `fill`), `quality` (20–100),
+    /// `format` (`origin`; WebP and AVIF output are not built yet) and `download` (present:
+    /// attachment; a value other than `true` is the file name). Unknown parameters are ignored,
+    /// as Supabase does.
+    ///
+    /// # Errors
+    /// [`TransformError::BadParameter`] naming the parameter, for a value that is not an
+    /// integer, a quality out of range, an unknown `resize` or `format`, or a parameter given
+    /// twice.
+    pub fn from_query(query: Option<&str>, max_dimension: u32) -> Result<Params, TransformError> {
+        let mut params = Params {
+            width: None,
+            height: None,
+            fit: Fit::Cover,
+            quality: None,
+            download: None,
+        };
+        let mut seen: Vec<String> = Vec::new();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = percent_decode_str(name).decode_utf8_lossy().into_owned();
+            let value = percent_decode_str(value).decode_utf8_lossy().into_owned();
+            let known = matches!(
+                name.as_str(),
+                "width" | "height" | "resize" | "quality" | "format" | "download"
+            );
+            if known && seen.contains(&name) {
+                return Err(TransformError::BadParameter(format!(
+                    "{name} is given more than once"
+                )));
+            }
+            let bad = |why: &str| TransformError::BadParameter(format!("{name}={value:?}: {why}"));
+            match name.as_str() {
+                "width" | "height" => {
+                    let n: i64 = value
+                        .parse()
+                        .map_err(|_| bad("want an integer number of pixels"))?;
+                    let n = n.clamp(1, i64::from(max_dimension.max(1))) as u32;
+                    if name == "width" {
+                        params.width = Some(n);
+                    } else {
+                        params.height = Some(n);
+                    }
+                }
+                "resize" => {
+                    params.fit = match value.as_str() {
+                        "cover" => Fit::Cover,
+                        "contain" => Fit::Contain,
+                        "fill" => Fit::Fill,
+                        _ => return Err(bad("want cover, contain or fill")),
+                    }
+                }
+                "quality" => {
+                    let q: u32 = value.parse().map_err(|_| bad("want an integer, 20-100"))?;
+                    if !(20..=100).contains(&q) {
+                        return Err(bad("want an integer, 20-100"));
+                    }
+                    params.quality = Some(q as u8);
+                }
+                "format" if value != "origin" => {
+                    return Err(bad(
+                        "want origin (WebP and AVIF output are not available in this build)",
+                    ));
+                }
+                "download" => {
+                    params.download = Some(if value.is_empty() || value == "true" {
+                        String::new()
+                    } else {
+                        value.clone()
+                    });
+                }
+                _ => {}
+            }
+            if known {
+                seen.push(name);
+            }
+        }
+        Ok(params)
+    }
+
+    /// Whether the output is the original, byte for byte: no size and no quality asked for.
+    pub fn is_original(&self) -> bool {
+        self.width.is_none() && self.height.is_none() && self.quality.is_none()
+    }
+
+    /// The parameters that shape the output, in one canonical spelling (for validators).
+    pub fn canonical(&self) -> String {
+        format!(
+            "w={};h={};fit={};q={}",
+            self.width.map_or(0, |w| w),
+            self.height.map_or(0, |h| h),
+            self.fit.as_str(),
+            self.quality.unwrap_or(DEFAULT_QUALITY),
+        )
+    }
+}
+
+/// Why a transform failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransformError {
+    #[error("{0}")]
+    BadParameter(String),
+    /// The source's header announces more pixels than `[transform] max_source_pixels`.
+    #[error("the source is {width}x{height} pixels, over transform.max_source_pixels ({max})")]
+    TooManyPixels { width: u32, height: u32, max: u64 },
+    /// Not an image this build decodes, or a corrupt one.
+    #[error("the source cannot be decoded: {0}")]
+    Undecodable(String),
+    #[error("the output could not be encoded: {0}")]
+    Encode(String),
+}
+
+/// An encoded output image.
+#[derive(Debug)]
+pub struct Output {
+    pub bytes: Vec<u8>,
+    pub content_type: &'static str,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// The output size for a `source_w` × `source_h` image: both given → by `fit`; one → the other
+/// from the aspect ratio; none → the source's. A side computed from the aspect ratio is held to
+/// 1–`max_dimension` too (a 1×5000 source at `width=2500` would otherwise be 2500×12 500 000).
+pub fn target_size(
+    source_w: u32,
+    source_h: u32,
+    params: &Params,
+    max_dimension: u32,
+) -> (u32, u32) {
+    let (sw, sh) = (f64::from(source_w.max(1)), f64::from(source_h.max(1)));
+    let scaled = |v: f64| (v.round().min(f64::from(max_dimension.max(1))) as u32).max(1);
+    match (params.width, params.height) {
+        (None, None) => (source_w, source_h),
+        (Some(w), None) => (w, scaled(f64::from(w) * sh / sw)),
+        (None, Some(h)) => (scaled(f64::from(h) * sw / sh), h),
+        (Some(w), Some(h)) => match params.fit {
+            Fit::Cover | Fit::Fill => (w, h),
+            Fit::Contain => {
+                let ratio = (f64::from(w) / sw).min(f64::from(h) / sh);
+                (
+                    scaled(sw * ratio).min(w).max(1),
+                    scaled(sh * ratio).min(h).max(1),
+                )
+            }
+        },
+    }
+}
+
+/// Transforms `source` (a whole JPEG, PNG, WebP or GIF; a GIF's first frame) by `params`, into
+/// the source's format (JPEG at `quality`; PNG; a WebP source as lossless WebP; a GIF as PNG).
+/// Blocking and CPU-bound: run it on [`Pool::run`].
+///
+/// # Errors
+/// [`TransformError::TooManyPixels`] from the header alone, before pixel memory is allocated;
+/// [`TransformError::Undecodable`], [`TransformError::Encode`].
+pub fn transform(
+    source: &[u8],
+    params: &Params,
+    max_source_pixels: u64,
+    max_dimension: u32,
+) -> Result<Output, TransformError> {
+    let undecodable = |e: image::ImageError| TransformError::Undecodable(e.to_string());
+    let mut reader = ImageReader::new(Cursor::new(source))
+        .with_guessed_format()
+        .map_err(|e| TransformError::Undecodable(e.to_string()))?;
+    // the header is read without limits, so that a source too large is refused here, by its
+    // dimensions, with our error; the decoder gets limits once they are known to be acceptable
+    reader.no_limits();
+    let format = reader
+        .format()
+        .ok_or_else(|| TransformError::Undecodable("not a known image format".into()))?;
+    let mut decoder = reader.into_decoder().map_err(undecodable)?;
+    let (width, height) = decoder.dimensions();
+    if u64::from(width) * u64::from(height) > max_source_pixels {
+        return Err(TransformError::TooManyPixels {
+            width,
+            height,
+            max: max_source_pixels,
+        });
+    }
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(width);
+    limits.max_image_height = Some(height);
+    // the decoded pixels (at most 16 bytes each) plus the decoder's own buffers
+    limits.max_alloc = Some(
+        max_source_pixels
+            .saturating_mul(16)
+            .saturating_add(64 << 20),
+    );
+    decoder.set_limits(limits).map_err(undecodable)?;
+    let orientation = decoder.orientation().map_err(undecodable)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    image.apply_orientation(orientation);
+
+    let (w, h) = target_size(image.width(), image.height(), params, max_dimension);
+    let image = if (w, h) == (image.width(), image.height()) {
+        image
+    } else {
+        resize(&image, w, h, params)?
+    };
+    encode(image, format, params)
+}
+
+fn resize(
+    source: &DynamicImage,
+    width: u32,
+    height: u32,
+    params: &Params,
+) -> Result<DynamicImage, TransformError> {
+    let mut target = DynamicImage::new(width, height, source.color());
+    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
+    if params.fit == Fit::Cover && params.width.is_some() && params.height.is_some() {
+        // crop the source to the box's aspect ratio, centred, before scaling
+        options = options.fit_into_destination(Some((0.5, 0.5)));
+    }
+    Resizer::new()
+        .resize(source, &mut target, &options)
+        .map_err(|e| TransformError::Encode(format!("resize: {e}")))?;
+    Ok(target)
+}
+
+fn encode(
+    image: DynamicImage,
+    format: ImageFormat,
+    params: &Params,
+) -> Result<Output, TransformError> {
+    let (width, height) = (image.width(), image.height());
+    let mut bytes = Vec::new();
+    let encode_error = |e: image::ImageError| TransformError::Encode(e.to_string());
+    let content_type = match format {
+        ImageFormat::Jpeg => {
+            // JPEG has no alpha and 8 bits per channel
+            let rgb = match image {
+                DynamicImage::ImageRgb8(_) | DynamicImage::ImageLuma8(_) => image,
+                DynamicImage::ImageLumaA8(_) | DynamicImage::ImageLuma16(_) => {
+                    DynamicImage::ImageLuma8(image.to_luma8())
+                }
+                other => DynamicImage::ImageRgb8(other.to_rgb8()),
+            };
+            let quality = params.quality.unwrap_or(DEFAULT_QUALITY);
+            rgb.write_with_encoder(JpegEncoder::new_with_quality(&mut bytes, quality))
+                .map_err(encode_error)?;
+            "image/jpeg"
+        }
+        ImageFormat::WebP => {
+            let image = match image {
+                DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_) => image,
+                other if other.color().has_alpha() => DynamicImage::ImageRgba8(other.to_rgba8()),
+                other => DynamicImage::ImageRgb8(other.to_rgb8()),
+            };
+            image
+                .write_to(&mut Cursor::new(&mut bytes), ImageFormat::WebP)
+                .map_err(encode_error)?;
+            "image/webp"
+        }
+        _ => {
+            image
+                .write_with_encoder(PngEncoder::new(&mut bytes))
+                .map_err(encode_error)?;
+            "image/png"
+        }
+    };
+    Ok(Output {
+        bytes,
+        content_type,
+        width,
+        height,
+    })
+}
+
+/// Where transforms run: the blocking thread pool, at most `[transform] max_concurrent` at once;
+/// a request that waits longer than `[transform] queue_timeout` for a turn is refused.
+#[derive(Clone)]
+pub struct Pool {
+    turns: Arc<Semaphore>,
+    queue_timeout: Duration,
+}
+
+impl Pool {
+    /// A pool of `config.max_concurrent` turns (0: the number of cores).
+    pub fn new(config: &TransformConfig) -> Self {
+        let turns = if config.max_concurrent == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            config.max_concurrent
+        };
+        Pool {
+            turns: Arc::new(Semaphore::new(turns)),
+            queue_timeout: config.queue_timeout,
+        }
+    }
+
+    /// Runs `work` on a blocking thread once a turn is free.
+    ///
+    /// # Errors
+    /// [`ProxyError::Overloaded`] when no turn came within `queue_timeout`.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ProxyError> {
+        let turn = tokio::time::timeout(self.queue_timeout, self.turns.clone().acquire_owned())
+            .await
+            .map_err(|_| ProxyError::Overloaded)?
+            .map_err(|_| ProxyError::Overloaded)?;
+        let done = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            work()
+        })
+        .await;
+        done.map_err(|e| ProxyError::Upstream(format!("transform task failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(query: &str) -> Result<Params, TransformError> {
+        Params::from_query(Some(query), 2500)
+    }
+
+    #[test]
+    fn parameters_are_read_clamped_and_refused_as_supabase_does() {
+        let p = params("width=300&height=99999&resize=contain&quality=75").unwrap();
+        assert_eq!(p.width, Some(300));
+        assert_eq!(p.height, Some(2500));
+        assert_eq!(p.fit, Fit::Contain);
+        assert_eq!(p.quality, Some(75));
+        assert_eq!(params("width=0").unwrap().width, Some(1));
+        assert_eq!(params("width=-5").unwrap().width, Some(1));
+        assert!(params("").unwrap().is_original());
+        assert!(params("download").unwrap().is_original());
+        assert_eq!(
+            params("download=cat.jpg").unwrap().download.as_deref(),
+            Some("cat.jpg")
+        );
+        for bad in [
+            "quality=19",
+            "quality=101",
+            "quality=x",
+            "width=1.5",
+            "width=",
+            "resize=stretch",
+            "format=webp",
+            "width=1&width=2",
+        ] {
+            assert!(
+                matches!(params(bad), Err(TransformError::BadParameter(_))),
+                "{bad}"
+            );
+        }
+        assert!(params("unknown=1&format=origin").is_ok());
+    }
+
+    #[test]
+    fn target_sizes_follow_the_fit() {
+        let p = |q: &str| params(q).unwrap();
+        assert_eq!(target_size(4000, 2000, &p("width=400"), 2500), (400, 200));
+        assert_eq!(target_size(4000, 2000, &p("height=100"), 2500), (200, 100));
+        assert_eq!(
+            target_size(4000, 2000, &p("width=300&height=300"), 2500),
+            (300, 300)
+        );
+        assert_eq!(
+            target_size(4000, 2000, &p("width=300&height=300&resize=fill"), 2500),
+            (300, 300)
+        );
+        assert_eq!(
+            target_size(4000, 2000, &p("width=300&height=300&resize=contain"), 2500),
+            (300, 150)
+        );
+        assert_eq!(target_size(1, 5000, &p("width=10"), 2500), (10, 2500));
+        assert_eq!(target_size(5000, 1, &p("width=10"), 2500), (10, 1));
+    }
+}

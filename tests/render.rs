@@ -1,0 +1,298 @@
+//! Supabase's render route served by imgedge through real sockets: geometry of each fit, the
+//! source's format out, parameters refused as Supabase refuses them (without contacting the
+//! origin), the original byte for byte without parameters, a decode bomb refused from its
+//! header, variant validators and 304s, HEAD, a missing source.
+
+mod support;
+
+use std::io::Cursor;
+use std::time::{Duration, Instant};
+
+use image::{DynamicImage, ImageFormat, RgbImage, RgbaImage};
+use reqwest::Method;
+use support::*;
+
+const OBJECT: &str = "/storage/v1/object/public/photos/a/cat.png";
+const RENDER: &str = "/storage/v1/render/image/public/photos/a/cat.png";
+const JPEG_OBJECT: &str = "/storage/v1/object/public/photos/dog.jpg";
+const JPEG_RENDER: &str = "/storage/v1/render/image/public/photos/dog.jpg";
+
+/// A `width` × `height` image with a gradient (so that resizing has something to do).
+fn picture(width: u32, height: u32, format: ImageFormat) -> Vec<u8> {
+    let rgba = RgbaImage::from_fn(width, height, |x, y| {
+        image::Rgba([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8, 255])
+    });
+    let image = match format {
+        ImageFormat::Jpeg => DynamicImage::ImageRgb8(DynamicImage::ImageRgba8(rgba).to_rgb8()),
+        _ => DynamicImage::ImageRgba8(rgba),
+    };
+    let mut out = Cursor::new(Vec::new());
+    image.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+fn decoded(got: &Got) -> DynamicImage {
+    image::load_from_memory(&got.body)
+        .unwrap_or_else(|e| panic!("output does not decode: {e}; status {}", got.status))
+}
+
+async fn render_proxy() -> (TestOrigin, TestProxy) {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        OBJECT,
+        Reply::ok(picture(200, 100, ImageFormat::Png))
+            .header("content-type", "image/png")
+            .header("etag", "\"v1\"")
+            .header("cache-control", "public, max-age=60"),
+    );
+    origin.route(
+        JPEG_OBJECT,
+        Reply::ok(picture(300, 200, ImageFormat::Jpeg))
+            .header("content-type", "image/jpeg")
+            .header("cache-control", "public, max-age=60")
+            .header("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    (origin, proxy)
+}
+
+#[tokio::test]
+async fn each_fit_gives_the_size_it_promises_in_the_source_format() {
+    let (origin, proxy) = render_proxy().await;
+    for (query, want) in [
+        ("width=40", (40, 20)),
+        ("height=50", (100, 50)),
+        ("width=50&height=50", (50, 50)),
+        ("width=50&height=50&resize=cover", (50, 50)),
+        ("width=50&height=50&resize=contain", (50, 25)),
+        ("width=50&height=50&resize=fill", (50, 50)),
+        ("width=99999", (2500, 1250)),
+    ] {
+        let got = proxy.get(&format!("{RENDER}?{query}")).await;
+        assert_eq!(got.status, 200, "{query}: {}", got.text());
+        assert_eq!(got.header("content-type"), "image/png", "{query}");
+        assert!(got.body.starts_with(b"\x89PNG\r\n\x1a\n"), "{query}");
+        assert_eq!(
+            got.header("content-length"),
+            got.body.len().to_string(),
+            "{query}"
+        );
+        let image = decoded(&got);
+        assert_eq!((image.width(), image.height()), want, "{query}");
+        assert_eq!(got.header("x-content-type-options"), "nosniff");
+        assert_eq!(got.cache_status(), "imgedge; fwd=miss; detail=transform");
+    }
+    // every render read the one original the object route stored
+    assert_eq!(origin.hits(OBJECT), 1);
+
+    let got = proxy
+        .get(&format!("{JPEG_RENDER}?width=150&quality=60"))
+        .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.header("content-type"), "image/jpeg");
+    assert!(got.body.starts_with(&[0xFF, 0xD8, 0xFF]));
+    let image = decoded(&got);
+    assert_eq!((image.width(), image.height()), (150, 100));
+}
+
+#[tokio::test]
+async fn cover_crops_and_fill_stretches() {
+    // left half red, right half blue: a centred square crop of a 2:1 image keeps both halves
+    // equally; a stretch keeps them too, but contain keeps the aspect
+    let origin = TestOrigin::start().await;
+    let halves = RgbImage::from_fn(200, 100, |x, _| {
+        if x < 100 {
+            image::Rgb([255, 0, 0])
+        } else {
+            image::Rgb([0, 0, 255])
+        }
+    });
+    let mut png = Cursor::new(Vec::new());
+    DynamicImage::ImageRgb8(halves)
+        .write_to(&mut png, ImageFormat::Png)
+        .unwrap();
+    origin.route(
+        OBJECT,
+        Reply::ok(png.into_inner()).header("content-type", "image/png"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let got = proxy
+        .get(&format!("{RENDER}?width=20&height=20&resize=cover"))
+        .await;
+    let image = decoded(&got).to_rgb8();
+    // a crop of the middle 100x100: red at the far left, blue at the far right
+    assert!(
+        image.get_pixel(1, 10)[0] > 200,
+        "{:?}",
+        image.get_pixel(1, 10)
+    );
+    assert!(
+        image.get_pixel(18, 10)[2] > 200,
+        "{:?}",
+        image.get_pixel(18, 10)
+    );
+}
+
+#[tokio::test]
+async fn bad_parameters_are_400_and_contact_nothing() {
+    let (origin, proxy) = render_proxy().await;
+    for query in [
+        "quality=10",
+        "quality=101",
+        "width=abc",
+        "width=1.5",
+        "resize=stretch",
+        "format=avif",
+        "width=10&width=20",
+    ] {
+        let got = proxy.get(&format!("{RENDER}?{query}")).await;
+        assert_eq!(got.status, 400, "{query}");
+        assert_eq!(got.error_code(), "bad_parameter", "{query}");
+    }
+    assert_eq!(origin.total_hits(), 0);
+    let got = proxy.send(Method::POST, RENDER, &[]).await;
+    assert_eq!(got.status, 405);
+}
+
+#[tokio::test]
+async fn without_parameters_the_original_is_served_byte_for_byte() {
+    let (origin, proxy) = render_proxy().await;
+    let original = picture(200, 100, ImageFormat::Png);
+    let first = proxy.get(RENDER).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body.as_ref(), original.as_slice());
+    assert_eq!(first.header("etag"), "\"v1\"");
+    // the object route's cache entry: the render path and the object path share it
+    let second = proxy.get(OBJECT).await;
+    assert_eq!(second.body.as_ref(), original.as_slice());
+    assert!(
+        second.cache_status().contains("hit"),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(origin.hits(OBJECT), 1);
+}
+
+#[tokio::test]
+async fn a_decode_bomb_is_refused_from_its_header() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        OBJECT,
+        Reply::ok(png_claiming(100_000, 100_000)).header("content-type", "image/png"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let start = Instant::now();
+    let got = proxy.get(&format!("{RENDER}?width=100")).await;
+    let took = start.elapsed();
+    assert_eq!(got.status, 422, "{}", got.text());
+    assert_eq!(got.error_code(), "image_too_large");
+    assert!(got.text().contains("100000x100000"), "{}", got.text());
+    // a loopback round trip and a header read; nothing decoded (a debug build, generous bound)
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    // not an image at all
+    origin.route(
+        OBJECT,
+        Reply::ok("<html>hello</html>").header("content-type", "image/png"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let got = proxy.get(&format!("{RENDER}?width=100")).await;
+    assert_eq!(got.status, 502, "{}", got.text());
+    assert_eq!(got.error_code(), "not_an_image");
+}
+
+#[tokio::test]
+async fn sources_over_max_source_bytes_are_413() {
+    let (_origin, proxy) = {
+        let origin = TestOrigin::start().await;
+        origin.route(
+            OBJECT,
+            Reply::ok(picture(200, 100, ImageFormat::Png)).header("content-type", "image/png"),
+        );
+        let proxy = TestProxy::for_origin(&origin, "[transform]\nmax_source_bytes = 100\n").await;
+        (origin, proxy)
+    };
+    let got = proxy.get(&format!("{RENDER}?width=10")).await;
+    assert_eq!(got.status, 413, "{}", got.text());
+    assert_eq!(got.error_code(), "too_large");
+}
+
+#[tokio::test]
+async fn variants_have_their_own_validators_and_answer_304() {
+    let (_origin, proxy) = render_proxy().await;
+    let a = proxy.get(&format!("{RENDER}?width=40")).await;
+    let b = proxy.get(&format!("{RENDER}?width=41")).await;
+    let c = proxy.get(&format!("{RENDER}?width=40&resize=cover")).await;
+    let (ea, eb, ec) = (a.header("etag"), b.header("etag"), c.header("etag"));
+    assert!(ea.starts_with("\"r-"), "{ea}");
+    assert_ne!(ea, eb);
+    assert_ne!(ea, "\"v1\"");
+    // the default fit spelled out is the same variant
+    assert_eq!(ea, ec);
+    assert_eq!(a.header("cache-control"), "public, max-age=60");
+    let not_modified = proxy
+        .send(
+            Method::GET,
+            &format!("{RENDER}?width=40"),
+            &[("if-none-match", &ea)],
+        )
+        .await;
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.body.is_empty());
+    assert_eq!(not_modified.header("etag"), ea);
+    // a variant of a source without an ETag: derived from Last-Modified
+    let j = proxy.get(&format!("{JPEG_RENDER}?width=40")).await;
+    assert!(j.header("etag").starts_with("\"r-"), "{}", j.header("etag"));
+}
+
+#[tokio::test]
+async fn head_download_and_missing_sources() {
+    let (_origin, proxy) = render_proxy().await;
+    let get = proxy.get(&format!("{RENDER}?width=40&download")).await;
+    assert_eq!(get.header("content-disposition"), "attachment");
+    let head = proxy
+        .send(Method::HEAD, &format!("{RENDER}?width=40"), &[])
+        .await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), get.body.len().to_string());
+    let named = proxy
+        .get(&format!("{RENDER}?width=40&download=my%22cat.png"))
+        .await;
+    assert_eq!(
+        named.header("content-disposition"),
+        "attachment; filename=\"my_cat.png\""
+    );
+    let missing = proxy
+        .get("/storage/v1/render/image/public/photos/nope.png?width=40")
+        .await;
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    assert_eq!(missing.error_code(), "not_found");
+}
+
+/// A PNG whose header claims `width` × `height` RGBA pixels, with a token IDAT: a decode bomb
+/// of a few dozen bytes.
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(&crc.finalize().to_be_bytes());
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 6, 0, 0, 0]);
+    chunk(&mut png, b"IHDR", &ihdr);
+    chunk(
+        &mut png,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
+    chunk(&mut png, b"IEND", &[]);
+    png
+}
