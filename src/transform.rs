@@ -170,6 +170,9 @@ pub enum TransformError {
     Undecodable(String),
     #[error("the output could not be encoded: {0}")]
     Encode(String),
+    /// The decoded pixels could not be reserved from the in-flight memory pool.
+    #[error("no memory for {bytes} bytes of pixels now: try again shortly")]
+    NoMemory { bytes: u64 },
 }
 
 /// An encoded output image.
@@ -213,14 +216,20 @@ pub fn target_size(
 /// the source's format (JPEG at `quality`; PNG; a WebP source as lossless WebP; a GIF as PNG).
 /// Blocking and CPU-bound: run it on [`Pool::run`].
 ///
+/// Before decoding, `reserve` is asked for the bytes the decoded source and the resized output
+/// will hold (from the header: width × height × bytes per pixel, both); what it returns is held
+/// until the output is encoded, and `None` refuses the transform.
+///
 /// # Errors
 /// [`TransformError::TooManyPixels`] from the header alone, before pixel memory is allocated;
-/// [`TransformError::Undecodable`], [`TransformError::Encode`].
-pub fn transform(
+/// [`TransformError::NoMemory`] when `reserve` refuses; [`TransformError::Undecodable`],
+/// [`TransformError::Encode`].
+pub fn transform<R>(
     source: &[u8],
     params: &Params,
     max_source_pixels: u64,
     max_dimension: u32,
+    reserve: impl FnOnce(u64) -> Option<R>,
 ) -> Result<Output, TransformError> {
     let undecodable = |e: image::ImageError| TransformError::Undecodable(e.to_string());
     let mut reader = ImageReader::new(Cursor::new(source))
@@ -241,6 +250,18 @@ pub fn transform(
             max: max_source_pixels,
         });
     }
+    // the orientation may swap the sides: reserve for the larger of the two outputs
+    let bytes_per_pixel = u64::from(decoder.color_type().bytes_per_pixel());
+    let output_pixels = [(width, height), (height, width)]
+        .iter()
+        .map(|&(w, h)| {
+            let (tw, th) = target_size(w, h, params, max_dimension);
+            u64::from(tw) * u64::from(th)
+        })
+        .max()
+        .unwrap_or(0);
+    let bytes = (u64::from(width) * u64::from(height) + output_pixels) * bytes_per_pixel;
+    let _reservation = reserve(bytes).ok_or(TransformError::NoMemory { bytes })?;
     let mut limits = Limits::default();
     limits.max_image_width = Some(width);
     limits.max_image_height = Some(height);

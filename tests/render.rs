@@ -296,3 +296,31 @@ fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     chunk(&mut png, b"IEND", &[]);
     png
 }
+
+#[tokio::test]
+async fn a_transform_reserves_its_pixels_from_the_fill_pool_first() {
+    let origin = TestOrigin::start().await;
+    let png = picture(200, 100, ImageFormat::Png);
+    // the original fits the pool; its decoded pixels (200 x 100 x 4 bytes) do not
+    assert!(png.len() < 50_000, "{}", png.len());
+    origin.route(
+        OBJECT,
+        Reply::ok(png.clone()).header("content-type", "image/png"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "[memory]\ninflight_fill_bytes = 50000\n").await;
+    assert_eq!(proxy.get(OBJECT).await.status, 200);
+    let got = proxy.get(&format!("{RENDER}?width=20")).await;
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert_eq!(got.error_code(), "overloaded");
+    assert_eq!(got.header("retry-after"), "1");
+    // the original is still served, and the pool is whole again: a small source transforms
+    origin.route(
+        "/storage/v1/object/public/photos/small.png",
+        Reply::ok(picture(50, 50, ImageFormat::Png)).header("content-type", "image/png"),
+    );
+    let got = proxy
+        .get("/storage/v1/render/image/public/photos/small.png?width=10")
+        .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(proxy.get(OBJECT).await.body.as_ref(), png.as_slice());
+}

@@ -14,29 +14,41 @@ use http::header::{
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
 use super::admit::Client;
 use super::routes::{Proxied, Route, Routes};
 use crate::body::ProxyBody;
 use crate::config::TransformConfig;
 use crate::error::ProxyError;
+use crate::pressure::{Reading, ReservationPool};
 use crate::proxy::{Proxy, if_none_match_matches};
 use crate::transform::{self, Params, Pool, TransformError};
 
 /// `Cache-Status` of a rendered response: generated from the source, the variant not stored.
 const RENDERED: &str = "imgedge; fwd=miss; detail=transform";
 
-/// The render route's settings and pool.
+/// The render route's settings, pool, and the memory it answers to.
 pub struct Render {
     pub config: TransformConfig,
     pub pool: Pool,
+    /// The in-flight pool fills reserve from: a transform reserves its decoded pixels there.
+    pub fills: Arc<ReservationPool>,
+    /// At bypass pressure and above no transform starts.
+    pub pressure: watch::Receiver<Reading>,
 }
 
 impl Render {
-    pub fn new(config: TransformConfig) -> Self {
+    pub fn new(
+        config: TransformConfig,
+        fills: Arc<ReservationPool>,
+        pressure: watch::Receiver<Reading>,
+    ) -> Self {
         Render {
             pool: Pool::new(&config),
             config,
+            fills,
+            pressure,
         }
     }
 
@@ -48,7 +60,8 @@ impl Render {
     /// object is 404 `not_found`); [`ProxyError::SourceTooLarge`] for a source over
     /// `max_source_bytes`; [`ProxyError::ImageTooLarge`] for one over `max_source_pixels`;
     /// [`ProxyError::NotAnImage`] for one that does not decode; [`ProxyError::Overloaded`]
-    /// when no transform turn came within `queue_timeout`.
+    /// at bypass memory pressure or above, when the decoded pixels cannot be reserved from the
+    /// fill pool, or when no transform turn came within `queue_timeout`.
     pub async fn handle(
         &self,
         proxy: &Arc<Proxy>,
@@ -121,12 +134,20 @@ impl Render {
             *response.headers_mut() = headers;
             return Ok(response);
         }
+        if !self.pressure.borrow().level.stores() {
+            return Err(ProxyError::Overloaded);
+        }
         let (max_pixels, max_dimension) =
             (self.config.max_source_pixels, self.config.max_dimension);
         let body = source.body.clone();
+        let fills = self.fills.clone();
         let output = self
             .pool
-            .run(move || transform::transform(&body, &params, max_pixels, max_dimension))
+            .run(move || {
+                transform::transform(&body, &params, max_pixels, max_dimension, |bytes| {
+                    fills.try_reserve(bytes)
+                })
+            })
             .await??;
         drop(source);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(output.content_type));
@@ -199,6 +220,7 @@ impl From<TransformError> for ProxyError {
             e @ TransformError::TooManyPixels { .. } => ProxyError::ImageTooLarge(e.to_string()),
             e @ TransformError::Undecodable(_) => ProxyError::NotAnImage(e.to_string()),
             e @ TransformError::Encode(_) => ProxyError::Upstream(e.to_string()),
+            TransformError::NoMemory { .. } => ProxyError::Overloaded,
         }
     }
 }
