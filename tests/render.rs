@@ -324,3 +324,87 @@ async fn a_transform_reserves_its_pixels_from_the_fill_pool_first() {
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(proxy.get(OBJECT).await.body.as_ref(), png.as_slice());
 }
+
+/// `jpeg` with an EXIF APP1 segment saying `orientation` inserted after SOI.
+fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+    let mut tiff = b"II\x2a\x00\x08\x00\x00\x00".to_vec(); // little-endian, IFD at 8
+    tiff.extend_from_slice(&1u16.to_le_bytes()); // one entry
+    tiff.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
+    tiff.extend_from_slice(&3u16.to_le_bytes()); // SHORT
+    tiff.extend_from_slice(&1u32.to_le_bytes()); // one value
+    tiff.extend_from_slice(&u32::from(orientation).to_le_bytes());
+    tiff.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+    let mut app1 = b"Exif\x00\x00".to_vec();
+    app1.extend_from_slice(&tiff);
+    let mut out = jpeg[..2].to_vec();
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(&app1);
+    out.extend_from_slice(&jpeg[2..]);
+    out
+}
+
+#[tokio::test]
+async fn exif_orientations_1_to_8_are_applied() {
+    // 40 x 20, the top-left 20 x 10 quadrant red, the rest blue
+    let source = RgbImage::from_fn(40, 20, |x, y| {
+        if x < 20 && y < 10 {
+            image::Rgb([255, 0, 0])
+        } else {
+            image::Rgb([0, 0, 255])
+        }
+    });
+    let mut jpeg = Cursor::new(Vec::new());
+    DynamicImage::ImageRgb8(source)
+        .write_to(&mut jpeg, ImageFormat::Jpeg)
+        .unwrap();
+    let jpeg = jpeg.into_inner();
+    let origin = TestOrigin::start().await;
+    // (orientation, output size, where the red quadrant lands)
+    let cases = [
+        (1, (40, 20), "top-left"),
+        (2, (40, 20), "top-right"),
+        (3, (40, 20), "bottom-right"),
+        (4, (40, 20), "bottom-left"),
+        (5, (20, 40), "top-left"),
+        (6, (20, 40), "top-right"),
+        (7, (20, 40), "bottom-right"),
+        (8, (20, 40), "bottom-left"),
+    ];
+    for (orientation, _, _) in cases {
+        origin.route(
+            &format!("/storage/v1/object/public/photos/o{orientation}.jpg"),
+            Reply::ok(with_exif_orientation(&jpeg, orientation))
+                .header("content-type", "image/jpeg"),
+        );
+    }
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    for (orientation, size, corner) in cases {
+        // quality alone makes it a transform at the source's size
+        let got = proxy
+            .get(&format!(
+                "/storage/v1/render/image/public/photos/o{orientation}.jpg?quality=95"
+            ))
+            .await;
+        assert_eq!(got.status, 200, "{orientation}: {}", got.text());
+        let image = decoded(&got).to_rgb8();
+        assert_eq!(image.dimensions(), size, "orientation {orientation}");
+        let (w, h) = size;
+        let (x, y) = match corner {
+            "top-left" => (2, 2),
+            "top-right" => (w - 3, 2),
+            "bottom-right" => (w - 3, h - 3),
+            _ => (2, h - 3),
+        };
+        let red = |x: u32, y: u32| {
+            let p = image.get_pixel(x, y);
+            p[0] > 180 && p[2] < 80
+        };
+        assert!(
+            red(x, y),
+            "orientation {orientation}: no red at the {corner}"
+        );
+        // and the opposite corner is not red
+        assert!(!red(w - 1 - x, h - 1 - y), "orientation {orientation}");
+    }
+}
