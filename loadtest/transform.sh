@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# loadtest/transform.sh: cold 800-pixel-wide thumbnails of the corpus's eight largest JPEG and PNG
+# photos through imgedge's render route, against `vipsthumbnail FILE -s 800x` (libvips) on the
+# same files, in the same run (issue 11's benchmark).
+#
+#   bash loadtest/transform.sh [ROUNDS=3]
+#
+# Starts loadtest/origin.py and imgedge (release; EDGE_BIN to skip the build) with the Supabase
+# route in front of the origin, fetches each original once through the object route (the ones
+# <= 5 MiB are then memory hits; larger ones are never stored and are fetched again by each
+# render, over loopback), then ROUNDS times, alternating which goes first: each image through
+# /storage/v1/render/image/public/wallpapers/NAME?width=800&quality=80 with curl (one request at
+# a time; a render is never cached yet, so each one decodes, resizes and encodes), and each image
+# through vipsthumbnail (output in the source's format, JPEG at Q=80, as imgedge's). Checks every
+# output is 800 pixels wide (vipsheader). Prints per-image and total wall times and writes
+# loadtest/reports/transform-<UTC>.md.
+# Needs vipsthumbnail and vipsheader (Debian: apt-get install libvips-tools; installed when
+# missing and run as root). Env: CORPUS, EDGE_BIN, LT_KEEP=1.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$here/lib.sh"
+
+rounds=${1:-3}
+[[ $rounds =~ ^[1-9][0-9]?$ ]] || lt_die "ROUNDS=$rounds: want 1-99"
+if ! command -v vipsthumbnail >/dev/null || ! command -v vipsheader >/dev/null; then
+  ((EUID == 0)) || lt_die "vipsthumbnail is needed: apt-get install libvips-tools"
+  lt_log "installing libvips-tools"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libvips-tools; } >/dev/null ||
+    lt_die "apt-get install libvips-tools failed"
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/imgedge-transform.XXXXXX")
+ORIGIN_PID='' IMGEDGE_PID=''
+# shellcheck disable=SC2329 # runs from the EXIT trap
+cleanup() {
+  local rc=$?
+  trap - EXIT
+  lt_stop "$IMGEDGE_PID"
+  lt_stop "$ORIGIN_PID"
+  if ((rc != 0)) || [[ ${LT_KEEP:-0} == 1 ]]; then lt_log "work folder kept: $work"; else rm -rf "$work"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+lt_ensure_corpus
+lt_release_bin "$work"
+mapfile -t images < <(awk -F'\t' '$3 == "image/jpeg" || $3 == "image/png" {print $2 "\t" $1}' "$MANIFEST" | sort -rn | head -n 8 | cut -f2)
+((${#images[@]} == 8)) || lt_die "fewer than 8 JPEG and PNG images in $MANIFEST"
+
+read -r OPORT PORT < <(lt_free_ports)
+ORIGIN=http://127.0.0.1:$OPORT
+BASE=http://127.0.0.1:$PORT
+python3 "$here/origin.py" --corpus "$CORPUS" --port "$OPORT" >"$work/origin.log" 2>&1 &
+ORIGIN_PID=$!
+lt_wait_http origin "$ORIGIN_PID" "$ORIGIN/__up" "$work/origin.log" || exit 1
+IMGEDGE_SERVER__LISTEN=127.0.0.1:$PORT IMGEDGE_SUPABASE__UPSTREAM=$ORIGIN \
+  IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS="127.0.0.1:$OPORT" IMGEDGE_LOG__LEVEL=warn \
+  "$run_bin" >"$work/imgedge.log" 2>&1 &
+IMGEDGE_PID=$!
+lt_wait_http imgedge "$IMGEDGE_PID" "$BASE/health/live" "$work/imgedge.log" || exit 1
+lt_log "imgedge $bin_version ($bin_source), $(vipsthumbnail --vips-version 2>/dev/null | head -n1)"
+
+for name in "${images[@]}"; do
+  curl -fsS -o /dev/null "$BASE/storage/v1/object/public/wallpapers/$name" || lt_die "cannot fetch $name"
+done
+
+now() { date +%s.%N; }
+declare -A t_edge t_vips
+width_of() { vipsheader -f width "$1"; }
+run_edge() { # name -> seconds
+  local name=$1 out=$work/edge-$1 t0 t1
+  t0=$(now)
+  curl -fsS -o "$out" "$BASE/storage/v1/render/image/public/wallpapers/$name?width=800&quality=80" ||
+    lt_die "render of $name failed: $(cat "$out" 2>/dev/null | head -c 300)"
+  t1=$(now)
+  [[ $(width_of "$out") == 800 ]] || lt_die "imgedge's $name is $(width_of "$out") wide"
+  echo "$t1 - $t0" | bc
+}
+run_vips() {
+  local name=$1 ext t0 t1 out
+  case $name in *.png) ext=png ;; *) ext='jpg[Q=80]' ;; esac
+  out=$work/vips-${name%.*}.${ext%%[*} # what -o vips-%s.EXT names it
+  t0=$(now)
+  vipsthumbnail "$CORPUS/$name" -s 800x -o "$work/vips-%s.$ext" || lt_die "vipsthumbnail $name failed"
+  t1=$(now)
+  [[ $(width_of "$out") == 800 ]] || lt_die "vipsthumbnail's $name is $(width_of "$out") wide"
+  echo "$t1 - $t0" | bc
+}
+
+for ((r = 1; r <= rounds; r++)); do
+  for name in "${images[@]}"; do
+    if ((r % 2)); then
+      e=$(run_edge "$name"); v=$(run_vips "$name")
+    else
+      v=$(run_vips "$name"); e=$(run_edge "$name")
+    fi
+    t_edge[$name]+="$e "
+    t_vips[$name]+="$v "
+  done
+  lt_log "round $r of $rounds done"
+done
+
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+report=$here/reports/transform-$(date -u +%Y%m%dT%H%M%SZ).md
+{
+  echo "# Render route vs vipsthumbnail: 800-pixel-wide thumbnails"
+  echo
+  echo '```sh'
+  echo "bash loadtest/transform.sh $rounds"
+  echo '```'
+  echo
+  echo "imgedge: $bin_version, $bin_source, sha256 ${bin_sha:0:12}; $(vipsthumbnail --vips-version 2>/dev/null | head -n1); $(nproc) cores. The eight largest JPEG and PNG images of the corpus; each render is one request at a time (curl, wall time from request to last byte; the originals fetched once before, those over 5 MiB fetched again by each render over loopback); vipsthumbnail reads the file from disk (page cache) and writes in the source's format (JPEG Q=80). Median of $rounds rounds, alternating which runs first. vipsthumbnail's times include starting its process (libvips initialisation); imgedge's include an HTTP request over loopback. PNG output is compressed by each with its own default settings (compare the sizes)."
+  echo
+  echo "| image | bytes | imgedge s | vipsthumbnail s | ratio | output bytes imgedge / vips |"
+  echo "|---|---|---|---|---|---|"
+  te=0 tv=0
+  for name in "${images[@]}"; do
+    e=$(median <<<"${t_edge[$name]}") v=$(median <<<"${t_vips[$name]}")
+    te=$(echo "$te + $e" | bc) tv=$(echo "$tv + $v" | bc)
+    case $name in *.png) ext=png ;; *) ext=jpg ;; esac
+    printf '| %s | %s | %.3f | %.3f | %.2f | %s / %s |\n' "$name" "$(stat -c %s "$CORPUS/$name")" "$e" "$v" "$(echo "$e / $v" | bc -l)" \
+      "$(stat -c %s "$work/edge-$name")" "$(stat -c %s "$work/vips-${name%.*}.$ext")"
+  done
+  printf '| **total** | | **%.3f** | **%.3f** | **%.2f** | |\n' "$te" "$tv" "$(echo "$te / $tv" | bc -l)"
+} >"$report"
+cat "$report"
+echo "$report"
