@@ -13,7 +13,8 @@ use std::time::Duration;
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+use image::codecs::webp::WebPEncoder;
+use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageFormat, ImageReader, Limits};
 use percent_encoding::percent_decode_str;
 use tokio::sync::Semaphore;
 
@@ -213,7 +214,8 @@ pub fn target_size(
 }
 
 /// Transforms `source` (a whole JPEG, PNG, WebP or GIF; a GIF's first frame) by `params`, into
-/// the source's format (JPEG at `quality`; PNG; a WebP source as lossless WebP; a GIF as PNG).
+/// the source's format (JPEG at `quality`; PNG; a WebP source as lossless WebP; a GIF as PNG),
+/// EXIF orientation applied, with the source's ICC profile (copied, pixels not converted).
 /// Blocking and CPU-bound: run it on [`Pool::run`].
 ///
 /// Before decoding, `reserve` is asked for the bytes the decoded source and the resized output
@@ -273,6 +275,8 @@ pub fn transform<R>(
     );
     decoder.set_limits(limits).map_err(undecodable)?;
     let orientation = decoder.orientation().map_err(undecodable)?;
+    // the source's colour profile goes onto the output as it is (pixels are not converted)
+    let icc_profile = decoder.icc_profile().ok().flatten();
     let mut image = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
     image.apply_orientation(orientation);
 
@@ -282,7 +286,7 @@ pub fn transform<R>(
     } else {
         resize(&image, w, h, params)?
     };
-    encode(image, format, params)
+    encode(image, format, params, icc_profile)
 }
 
 fn resize(
@@ -307,6 +311,7 @@ fn encode(
     image: DynamicImage,
     format: ImageFormat,
     params: &Params,
+    icc_profile: Option<Vec<u8>>,
 ) -> Result<Output, TransformError> {
     let (width, height) = (image.width(), image.height());
     let mut bytes = Vec::new();
@@ -322,8 +327,13 @@ fn encode(
                 other => DynamicImage::ImageRgb8(other.to_rgb8()),
             };
             let quality = params.quality.unwrap_or(DEFAULT_QUALITY);
-            rgb.write_with_encoder(JpegEncoder::new_with_quality(&mut bytes, quality))
-                .map_err(encode_error)?;
+            let mut encoder = JpegEncoder::new_with_quality(&mut bytes, quality);
+            if let Some(icc) = icc_profile {
+                encoder
+                    .set_icc_profile(icc)
+                    .map_err(|e| TransformError::Encode(e.to_string()))?;
+            }
+            rgb.write_with_encoder(encoder).map_err(encode_error)?;
             "image/jpeg"
         }
         ImageFormat::WebP => {
@@ -332,15 +342,23 @@ fn encode(
                 other if other.color().has_alpha() => DynamicImage::ImageRgba8(other.to_rgba8()),
                 other => DynamicImage::ImageRgb8(other.to_rgb8()),
             };
-            image
-                .write_to(&mut Cursor::new(&mut bytes), ImageFormat::WebP)
-                .map_err(encode_error)?;
+            let mut encoder = WebPEncoder::new_lossless(&mut bytes);
+            if let Some(icc) = icc_profile {
+                encoder
+                    .set_icc_profile(icc)
+                    .map_err(|e| TransformError::Encode(e.to_string()))?;
+            }
+            image.write_with_encoder(encoder).map_err(encode_error)?;
             "image/webp"
         }
         _ => {
-            image
-                .write_with_encoder(PngEncoder::new(&mut bytes))
-                .map_err(encode_error)?;
+            let mut encoder = PngEncoder::new(&mut bytes);
+            if let Some(icc) = icc_profile {
+                encoder
+                    .set_icc_profile(icc)
+                    .map_err(|e| TransformError::Encode(e.to_string()))?;
+            }
+            image.write_with_encoder(encoder).map_err(encode_error)?;
             "image/png"
         }
     };

@@ -408,3 +408,41 @@ async fn exif_orientations_1_to_8_are_applied() {
         assert!(!red(w - 1 - x, h - 1 - y), "orientation {orientation}");
     }
 }
+
+#[tokio::test]
+async fn the_source_icc_profile_is_kept() {
+    use image::{ImageDecoder, ImageEncoder};
+    // an arbitrary profile: the bytes are carried, not interpreted
+    let profile: Vec<u8> = (0..600u32).map(|i| (i * 7 % 251) as u8).collect();
+    let rgb = RgbImage::from_fn(60, 40, |x, y| image::Rgb([x as u8 * 4, y as u8 * 6, 90]));
+    let mut png = Vec::new();
+    let mut encoder = image::codecs::png::PngEncoder::new(&mut png);
+    encoder.set_icc_profile(profile.clone()).unwrap();
+    encoder
+        .write_image(rgb.as_raw(), 60, 40, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let mut jpeg = Vec::new();
+    let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90);
+    encoder.set_icc_profile(profile.clone()).unwrap();
+    encoder
+        .write_image(rgb.as_raw(), 60, 40, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let origin = TestOrigin::start().await;
+    origin.route(OBJECT, Reply::ok(png).header("content-type", "image/png"));
+    origin.route(
+        JPEG_OBJECT,
+        Reply::ok(jpeg).header("content-type", "image/jpeg"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+
+    let got = proxy.get(&format!("{RENDER}?width=30")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let mut decoder = image::codecs::png::PngDecoder::new(Cursor::new(got.body.to_vec())).unwrap();
+    assert_eq!(decoder.icc_profile().unwrap(), Some(profile.clone()));
+
+    let got = proxy.get(&format!("{JPEG_RENDER}?width=30")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let mut decoder =
+        image::codecs::jpeg::JpegDecoder::new(Cursor::new(got.body.to_vec())).unwrap();
+    assert_eq!(decoder.icc_profile().unwrap(), Some(profile));
+}
