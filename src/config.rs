@@ -225,7 +225,7 @@ pub struct LimitsConfig {
 }
 
 /// `[transform]`: image transforms on Supabase's render route.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TransformConfig {
     /// The largest `width` or `height` served, in pixels; larger requests are clamped to it.
     pub max_dimension: u32,
@@ -238,6 +238,9 @@ pub struct TransformConfig {
     pub max_concurrent: usize,
     /// How long a transform may wait for a turn before 503 `overloaded`.
     pub queue_timeout: Duration,
+    /// When not empty, the only `width`s served; others are 400 `bad_parameter` (against
+    /// strangers rendering every width of every image).
+    pub allowed_widths: Vec<u32>,
 }
 
 /// `[log]`: tracing output.

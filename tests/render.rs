@@ -446,3 +446,20 @@ async fn the_source_icc_profile_is_kept() {
         image::codecs::jpeg::JpegDecoder::new(Cursor::new(got.body.to_vec())).unwrap();
     assert_eq!(decoder.icc_profile().unwrap(), Some(profile));
 }
+
+#[tokio::test]
+async fn allowed_widths_refuse_the_others_before_fetching() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        OBJECT,
+        Reply::ok(picture(200, 100, ImageFormat::Png)).header("content-type", "image/png"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "[transform]\nallowed_widths = [40, 80]\n").await;
+    let got = proxy.get(&format!("{RENDER}?width=41")).await;
+    assert_eq!(got.status, 400);
+    assert_eq!(got.error_code(), "bad_parameter");
+    assert_eq!(origin.total_hits(), 0);
+    let got = proxy.get(&format!("{RENDER}?width=80")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(decoded(&got).width(), 80);
+}

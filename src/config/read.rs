@@ -118,6 +118,7 @@ impl Config {
                 max_source_bytes: f.range("transform.max_source_bytes", 1, 1 << 32),
                 max_concurrent: f.range("transform.max_concurrent", 0, 1024),
                 queue_timeout: f.duration("transform.queue_timeout"),
+                allowed_widths: f.parse("transform.allowed_widths", parse_widths),
             },
             memory: MemoryConfig {
                 budget_bytes: f.get("memory.budget_bytes"),
@@ -355,6 +356,39 @@ enum StringList {
     Csv(String),
     #[default]
     Empty,
+}
+
+/// Accepts a list of integers, or one comma-separated string of them (an environment variable).
+#[derive(serde::Deserialize, Default)]
+#[serde(untagged)]
+enum IntegerList {
+    List(Vec<u32>),
+    Csv(String),
+    #[default]
+    Empty,
+}
+
+/// `[transform] allowed_widths`: pixel widths, each 1-16384.
+fn parse_widths(list: IntegerList) -> Result<Vec<u32>, String> {
+    let widths: Vec<u32> = match list {
+        IntegerList::List(v) => v,
+        IntegerList::Csv(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty() && *e != "[]")
+            .map(|e| {
+                e.trim_matches(|c| c == '[' || c == ']')
+                    .trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("{e:?}: expected a width in pixels"))
+            })
+            .collect::<Result<_, _>>()?,
+        IntegerList::Empty => Vec::new(),
+    };
+    match widths.iter().find(|w| !(1..=16384).contains(*w)) {
+        Some(w) => Err(format!("{w}: expected a width of 1-16384 pixels")),
+        None => Ok(widths),
+    }
 }
 
 impl StringList {

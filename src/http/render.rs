@@ -72,6 +72,15 @@ impl Render {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let head = super::routes::get_or_head(&parts.method)?;
         let params = Params::from_query(parts.uri.query(), self.config.max_dimension)?;
+        if let Some(width) = params.width
+            && !self.config.allowed_widths.is_empty()
+            && !self.config.allowed_widths.contains(&width)
+        {
+            return Err(ProxyError::BadParameter(format!(
+                "width={width}: this server renders only widths {:?} (transform.allowed_widths)",
+                self.config.allowed_widths
+            )));
+        }
         let request = match routes.resolve(
             Route::Proxied {
                 index,
