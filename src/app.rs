@@ -150,7 +150,12 @@ impl App {
                 signer: Signer::new(config.signing.keys.clone()),
                 rate: rate.clone(),
             },
-            render: Render::new(config.transform.clone(), fills.clone(), pressure.clone()),
+            render: Render::new(
+                config.transform.clone(),
+                fills.clone(),
+                pressure.clone(),
+                metrics.clone(),
+            ),
             admin: Admin {
                 tier: tier.clone(),
                 fills,

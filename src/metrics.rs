@@ -83,6 +83,9 @@ pub struct Metrics {
     /// `imgedge_connections_refused_total`: connections closed on accept because
     /// `[server] max_connections` were open.
     pub connections_refused: Counter,
+    /// `imgedge_transforms_total{outcome}`: render-route transforms run (`ok`, `failed`), and
+    /// requests that shared another request's transform of the same variant (`collapsed`).
+    pub transforms: Family<OutcomeLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +117,7 @@ impl Default for Metrics {
             upstream_requests: Family::default(),
             upstream_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             collapsed: Counter::default(),
+            transforms: Family::default(),
             response_bytes: Counter::default(),
             cache_bytes: Family::default(),
             cache_entries: Family::default(),
@@ -154,6 +158,11 @@ impl Default for Metrics {
             "imgedge_collapsed",
             "Requests that followed another request's fill (collapsed forwarding)",
             m.collapsed.clone(),
+        );
+        registry.register(
+            "imgedge_transforms",
+            "Render-route transforms run (ok, failed), and requests that shared one (collapsed)",
+            m.transforms.clone(),
         );
         registry.register(
             "imgedge_response_bytes",

@@ -463,3 +463,48 @@ async fn allowed_widths_refuse_the_others_before_fetching() {
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(decoded(&got).width(), 80);
 }
+
+#[tokio::test]
+async fn concurrent_requests_for_one_variant_share_one_transform() {
+    let origin = TestOrigin::start().await;
+    // big enough that its transform (a debug build) outlasts the requests' arrival
+    origin.route(
+        OBJECT,
+        Reply::ok(picture(1600, 1200, ImageFormat::Png)).header("content-type", "image/png"),
+    );
+    let proxy = std::sync::Arc::new(TestProxy::for_origin(&origin, "").await);
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move { proxy.get(&format!("{RENDER}?width=100")).await })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for r in requests {
+        let got = r.await.unwrap();
+        assert_eq!(got.status, 200, "{}", got.text());
+        bodies.push(got.body);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    let metrics = proxy.get("/metrics").await.text();
+    let count = |outcome: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "imgedge_transforms_total{{outcome=\"{outcome}\"}} "
+                ))
+            })
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    assert_eq!(count("ok"), 1, "{metrics}");
+    assert_eq!(count("collapsed"), 7, "{metrics}");
+    assert_eq!(origin.hits(OBJECT), 1);
+    // once it is done, the next request transforms again (variants are not stored yet)
+    assert_eq!(proxy.get(&format!("{RENDER}?width=100")).await.status, 200);
+    let metrics = proxy.get("/metrics").await.text();
+    assert!(
+        metrics.contains("imgedge_transforms_total{outcome=\"ok\"} 2"),
+        "{metrics}"
+    );
+}

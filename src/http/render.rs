@@ -5,7 +5,10 @@
 //! Without a size or quality the original is served byte for byte, exactly as the object route
 //! serves it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use http::header::{
     CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH,
@@ -14,13 +17,14 @@ use http::header::{
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{OnceCell, watch};
 
 use super::admit::Client;
 use super::routes::{Proxied, Route, Routes};
 use crate::body::ProxyBody;
 use crate::config::TransformConfig;
 use crate::error::ProxyError;
+use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pressure::{Reading, ReservationPool};
 use crate::proxy::{Proxy, if_none_match_matches};
 use crate::transform::{self, Params, Pool, TransformError};
@@ -36,6 +40,20 @@ pub struct Render {
     pub fills: Arc<ReservationPool>,
     /// At bypass pressure and above no transform starts.
     pub pressure: watch::Receiver<Reading>,
+    pub metrics: Arc<Metrics>,
+    /// Transforms in flight, by request path, source validator and parameters: concurrent
+    /// requests for one variant wait for the first one's result instead of transforming again.
+    inflight: Mutex<HashMap<String, Arc<Shared>>>,
+}
+
+/// One transform's result, shared by every request that waited for it.
+type Shared = OnceCell<Result<Rendered, ProxyError>>;
+
+/// An encoded variant.
+#[derive(Clone)]
+struct Rendered {
+    bytes: Bytes,
+    content_type: &'static str,
 }
 
 impl Render {
@@ -43,12 +61,15 @@ impl Render {
         config: TransformConfig,
         fills: Arc<ReservationPool>,
         pressure: watch::Receiver<Reading>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Render {
             pool: Pool::new(&config),
             config,
             fills,
             pressure,
+            metrics,
+            inflight: Mutex::default(),
         }
     }
 
@@ -146,25 +167,72 @@ impl Render {
         if !self.pressure.borrow().level.stores() {
             return Err(ProxyError::Overloaded);
         }
-        let (max_pixels, max_dimension) =
-            (self.config.max_source_pixels, self.config.max_dimension);
-        let body = source.body.clone();
-        let fills = self.fills.clone();
-        let output = self
-            .pool
-            .run(move || {
-                transform::transform(&body, &params, max_pixels, max_dimension, |bytes| {
-                    fills.try_reserve(bytes)
-                })
+        // concurrent requests for one variant of one version of the source share one transform
+        let key = format!(
+            "{}\n{}\n{}",
+            parts.uri.path(),
+            etag.as_ref()
+                .and_then(|e| e.to_str().ok())
+                .unwrap_or_default(),
+            params.canonical()
+        );
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let mut ran = false;
+        let rendered = cell
+            .get_or_init(|| {
+                ran = true;
+                let (pool, fills, body) =
+                    (self.pool.clone(), self.fills.clone(), source.body.clone());
+                let (max_pixels, max_dimension) =
+                    (self.config.max_source_pixels, self.config.max_dimension);
+                async move {
+                    let output = pool
+                        .run(move || {
+                            transform::transform(&body, &params, max_pixels, max_dimension, |n| {
+                                fills.try_reserve(n)
+                            })
+                        })
+                        .await??;
+                    Ok(Rendered {
+                        bytes: Bytes::from(output.bytes),
+                        content_type: output.content_type,
+                    })
+                }
             })
-            .await??;
+            .await
+            .clone();
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(&key);
+            }
+        }
+        let outcome = match (ran, &rendered) {
+            (false, _) => "collapsed",
+            (true, Ok(_)) => "ok",
+            (true, Err(_)) => "failed",
+        };
+        self.metrics
+            .transforms
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
         drop(source);
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static(output.content_type));
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(output.bytes.len()));
+        let rendered = rendered?;
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(rendered.content_type),
+        );
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(rendered.bytes.len()));
         let mut response = Response::new(if head {
             ProxyBody::empty()
         } else {
-            ProxyBody::full(output.bytes)
+            ProxyBody::full(rendered.bytes)
         });
         *response.headers_mut() = headers;
         Ok(response)
