@@ -32,6 +32,7 @@ use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, content};
+use crate::transform::Params;
 use crate::upstream::{BoxError, Upload};
 use access_log::{AccessLog, REQUEST_ID, RequestIds};
 use routes::{Proxied, get_or_head};
@@ -145,6 +146,19 @@ impl Router {
                     .routes
                     .resolve(admitted.route, &parts, &admitted.client)?
                 {
+                    Proxied::Cacheable(request) if admitted.route == Route::ImageProxy => {
+                        match Params::from_image_proxy_query(
+                            parts.uri.query(),
+                            self.render.config.max_dimension,
+                        )? {
+                            Some(params) => {
+                                self.render
+                                    .image_proxy(&self.proxy, request, params, &parts)
+                                    .await
+                            }
+                            None => self.proxy.handle(request).await,
+                        }
+                    }
                     Proxied::Cacheable(request) => self.proxy.handle(request).await,
                     Proxied::Forward {
                         namespace,

@@ -105,8 +105,9 @@ pub fn normalize_host(url: &mut Url) {
     }
 }
 
-/// A raw value starts with a literal scheme separator; an encoded one has `%3A` there instead.
-fn looks_raw(value: &str) -> bool {
+/// Whether a `url=` value is a raw URL (taken to the end of the query) rather than an encoded
+/// one: a raw value starts with a literal scheme separator; an encoded one has `%3A` there.
+pub(crate) fn looks_raw(value: &str) -> bool {
     let lower = |n: usize| value.get(..n).map(str::to_ascii_lowercase);
     lower(7).as_deref() == Some("http://") || lower(8).as_deref() == Some("https://")
 }

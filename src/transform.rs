@@ -24,25 +24,37 @@ use crate::error::ProxyError;
 /// Supabase's default `quality`.
 pub const DEFAULT_QUALITY: u8 = 80;
 
-/// How the image is fitted to a `width` × `height` box (Supabase's `resize`).
+/// How the image is fitted to a `width` × `height` box.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fit {
     /// Fill the box, keeping the aspect ratio, cropping what overflows (centred).
     Cover,
-    /// Fit inside the box, keeping the aspect ratio: the output may be smaller on one side.
-    Contain,
+    /// Fit inside the box, keeping the aspect ratio: the output may be smaller on one side
+    /// (Supabase's `contain`, `/image-proxy`'s `inside`).
+    Inside,
     /// Exactly the box, stretched.
     Fill,
+    /// Exactly the box: the image fitted inside it, centred, on a transparent background (black
+    /// when the image has no alpha channel; `/image-proxy`'s `contain`, as sharp's).
+    Pad,
 }
 
 impl Fit {
     fn as_str(self) -> &'static str {
         match self {
             Fit::Cover => "cover",
-            Fit::Contain => "contain",
+            Fit::Inside => "inside",
             Fit::Fill => "fill",
+            Fit::Pad => "pad",
         }
     }
+}
+
+/// An output format asked for explicitly (`/image-proxy`'s `format`); else the source's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Jpeg,
+    Png,
 }
 
 /// The parameters of one render request, validated.
@@ -57,6 +69,22 @@ pub struct Params {
     pub quality: Option<u8>,
     /// `download`: serve as an attachment, with this file name when one was given.
     pub download: Option<String>,
+    /// The output format; `None` keeps the source's.
+    pub format: Option<Format>,
+}
+
+impl Default for Params {
+    /// No size, `cover`, the default quality, the source's format, inline.
+    fn default() -> Self {
+        Params {
+            width: None,
+            height: None,
+            fit: Fit::Cover,
+            quality: None,
+            download: None,
+            format: None,
+        }
+    }
 }
 
 impl Params {
@@ -71,13 +99,7 @@ impl Params {
     /// integer, a quality out of range, an unknown `resize` or `format`, or a parameter given
     /// twice.
     pub fn from_query(query: Option<&str>, max_dimension: u32) -> Result<Params, TransformError> {
-        let mut params = Params {
-            width: None,
-            height: None,
-            fit: Fit::Cover,
-            quality: None,
-            download: None,
-        };
+        let mut params = Params::default();
         let mut seen: Vec<String> = Vec::new();
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -108,7 +130,7 @@ impl Params {
                 "resize" => {
                     params.fit = match value.as_str() {
                         "cover" => Fit::Cover,
-                        "contain" => Fit::Contain,
+                        "contain" => Fit::Inside,
                         "fill" => Fit::Fill,
                         _ => return Err(bad("want cover, contain or fill")),
                     }
@@ -141,19 +163,107 @@ impl Params {
         Ok(params)
     }
 
-    /// Whether the output is the original, byte for byte: no size and no quality asked for.
+    /// Reads `/image-proxy`'s transform parameters: `w`, `h` (integers, clamped to
+    /// 1–`max_dimension`), `fit` (`cover`, `contain`: padded to the box, `fill`, `inside`), `q`
+    /// (20–100) and `format` (`auto` or absent: the source's; `jpeg`, `png`). They may come
+    /// before `url=`, or after an encoded one (a raw URL takes the rest of the query). `None`
+    /// when there are none: the original is served.
+    ///
+    /// # Errors
+    /// [`TransformError::BadParameter`] as [`Params::from_query`].
+    pub fn from_image_proxy_query(
+        query: Option<&str>,
+        max_dimension: u32,
+    ) -> Result<Option<Params>, TransformError> {
+        let mut params = Params::default();
+        let mut any = false;
+        let mut seen: Vec<String> = Vec::new();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if name == "url" {
+                if crate::target::looks_raw(value) {
+                    break;
+                }
+                continue;
+            }
+            if !matches!(name, "w" | "h" | "fit" | "q" | "format") {
+                continue;
+            }
+            if seen.iter().any(|n| n == name) {
+                return Err(TransformError::BadParameter(format!(
+                    "{name} is given more than once"
+                )));
+            }
+            seen.push(name.to_owned());
+            any = true;
+            let value = percent_decode_str(value).decode_utf8_lossy().into_owned();
+            let bad = |why: &str| TransformError::BadParameter(format!("{name}={value:?}: {why}"));
+            match name {
+                "w" | "h" => {
+                    let n: i64 = value
+                        .parse()
+                        .map_err(|_| bad("want an integer number of pixels"))?;
+                    let n = n.clamp(1, i64::from(max_dimension.max(1))) as u32;
+                    if name == "w" {
+                        params.width = Some(n);
+                    } else {
+                        params.height = Some(n);
+                    }
+                }
+                "fit" => {
+                    params.fit = match value.as_str() {
+                        "cover" => Fit::Cover,
+                        "contain" => Fit::Pad,
+                        "fill" => Fit::Fill,
+                        "inside" => Fit::Inside,
+                        _ => return Err(bad("want cover, contain, fill or inside")),
+                    }
+                }
+                "q" => {
+                    let q: u32 = value.parse().map_err(|_| bad("want an integer, 20-100"))?;
+                    if !(20..=100).contains(&q) {
+                        return Err(bad("want an integer, 20-100"));
+                    }
+                    params.quality = Some(q as u8);
+                }
+                _ => {
+                    params.format = match value.as_str() {
+                        "auto" => None,
+                        "jpeg" | "jpg" => Some(Format::Jpeg),
+                        "png" => Some(Format::Png),
+                        _ => {
+                            return Err(bad(
+                                "want auto, jpeg or png (WebP and AVIF output are not available in this build)",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(any.then_some(params))
+    }
+
+    /// Whether the output is the original, byte for byte: no size, quality or format asked for.
     pub fn is_original(&self) -> bool {
-        self.width.is_none() && self.height.is_none() && self.quality.is_none()
+        self.width.is_none()
+            && self.height.is_none()
+            && self.quality.is_none()
+            && self.format.is_none()
     }
 
     /// The parameters that shape the output, in one canonical spelling (for validators).
     pub fn canonical(&self) -> String {
         format!(
-            "w={};h={};fit={};q={}",
+            "w={};h={};fit={};q={};f={}",
             self.width.map_or(0, |w| w),
             self.height.map_or(0, |h| h),
             self.fit.as_str(),
             self.quality.unwrap_or(DEFAULT_QUALITY),
+            match self.format {
+                None => "source",
+                Some(Format::Jpeg) => "jpeg",
+                Some(Format::Png) => "png",
+            },
         )
     }
 }
@@ -201,8 +311,8 @@ pub fn target_size(
         (Some(w), None) => (w, scaled(f64::from(w) * sh / sw)),
         (None, Some(h)) => (scaled(f64::from(h) * sw / sh), h),
         (Some(w), Some(h)) => match params.fit {
-            Fit::Cover | Fit::Fill => (w, h),
-            Fit::Contain => {
+            Fit::Cover | Fit::Fill | Fit::Pad => (w, h),
+            Fit::Inside => {
                 let ratio = (f64::from(w) / sw).min(f64::from(h) / sh);
                 (
                     scaled(sw * ratio).min(w).max(1),
@@ -281,10 +391,35 @@ pub fn transform<R>(
     image.apply_orientation(orientation);
 
     let (w, h) = target_size(image.width(), image.height(), params, max_dimension);
-    let image = if (w, h) == (image.width(), image.height()) {
+    let image = if params.fit == Fit::Pad && params.width.is_some() && params.height.is_some() {
+        // fitted inside the box, then centred on a canvas of the box's size
+        let inside = Params {
+            fit: Fit::Inside,
+            ..params.clone()
+        };
+        let (iw, ih) = target_size(image.width(), image.height(), &inside, max_dimension);
+        let fitted = if (iw, ih) == (image.width(), image.height()) {
+            image
+        } else {
+            resize(&image, iw, ih, &inside)?
+        };
+        let mut canvas = DynamicImage::new(w, h, fitted.color());
+        image::imageops::overlay(
+            &mut canvas,
+            &fitted,
+            i64::from((w - iw) / 2),
+            i64::from((h - ih) / 2),
+        );
+        canvas
+    } else if (w, h) == (image.width(), image.height()) {
         image
     } else {
         resize(&image, w, h, params)?
+    };
+    let format = match params.format {
+        None => format,
+        Some(Format::Jpeg) => ImageFormat::Jpeg,
+        Some(Format::Png) => ImageFormat::Png,
     };
     encode(image, format, params, icc_profile)
 }
@@ -426,7 +561,7 @@ mod tests {
         let p = params("width=300&height=99999&resize=contain&quality=75").unwrap();
         assert_eq!(p.width, Some(300));
         assert_eq!(p.height, Some(2500));
-        assert_eq!(p.fit, Fit::Contain);
+        assert_eq!(p.fit, Fit::Inside);
         assert_eq!(p.quality, Some(75));
         assert_eq!(params("width=0").unwrap().width, Some(1));
         assert_eq!(params("width=-5").unwrap().width, Some(1));

@@ -211,7 +211,12 @@ async fn the_healthcheck_command_follows_the_server() {
 async fn the_sign_command_prints_a_path_the_server_accepts() {
     let key = "a1b2c3d4e5f60718293a4b5c6d7e8f90";
     let origin = TestOrigin::start().await;
-    origin.route("/s.jpg", Reply::ok(vec![7u8; 100]));
+    // a real image: the signed `w=300` is a transform parameter
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::new_rgb8(600, 400)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    origin.route("/s.jpg", Reply::ok(png.into_inner()));
     let sign = |key: Option<&str>| {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge"));
         command.args(["sign", &origin.url("/s.jpg"), "--param", "w=300"]);
@@ -250,7 +255,9 @@ async fn the_sign_command_prints_a_path_the_server_accepts() {
     .await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let r = send(&client, Method::GET, &format!("{}{path}", bin.base), &[]).await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let thumbnail = image::load_from_memory(&r.body).unwrap();
+    assert_eq!((thumbnail.width(), thumbnail.height()), (300, 200));
     let unsigned = path.rsplit_once("&s=").unwrap().0;
     let r = send(
         &client,

@@ -508,3 +508,96 @@ async fn concurrent_requests_for_one_variant_share_one_transform() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn image_proxy_takes_w_h_fit_q_and_format() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/cat.png",
+        Reply::ok(picture(200, 100, ImageFormat::Png)).header("etag", "\"c1\""),
+    );
+    origin.route(
+        "/dog.png",
+        Reply::ok(picture(100, 200, ImageFormat::Png)).header("etag", "\"c1\""),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let encoded = |path: &str| {
+        percent_encoding::utf8_percent_encode(&origin.url(path), percent_encoding::NON_ALPHANUMERIC)
+            .to_string()
+    };
+    let cat = encoded("/cat.png");
+    for (query, want, ctype) in [
+        (format!("w=40&url={cat}"), (40, 20), "image/png"),
+        (format!("url={cat}&w=40"), (40, 20), "image/png"),
+        (
+            format!("w=40&url={}", origin.url("/cat.png")),
+            (40, 20),
+            "image/png",
+        ),
+        (
+            format!("url={cat}&w=50&h=50&fit=inside"),
+            (50, 25),
+            "image/png",
+        ),
+        (
+            format!("url={cat}&w=50&h=50&fit=cover"),
+            (50, 50),
+            "image/png",
+        ),
+        (
+            format!("url={cat}&w=50&h=50&fit=fill"),
+            (50, 50),
+            "image/png",
+        ),
+        (
+            format!("url={cat}&w=50&h=50&fit=contain"),
+            (50, 50),
+            "image/png",
+        ),
+        (
+            format!("url={cat}&w=40&format=jpeg&q=70"),
+            (40, 20),
+            "image/jpeg",
+        ),
+        (format!("url={cat}&format=auto&h=10"), (20, 10), "image/png"),
+    ] {
+        let got = proxy.get(&format!("/image-proxy?{query}")).await;
+        assert_eq!(got.status, 200, "{query}: {}", got.text());
+        assert_eq!(got.header("content-type"), ctype, "{query}");
+        let image = decoded(&got);
+        assert_eq!((image.width(), image.height()), want, "{query}");
+        // /image-proxy's own headers are on transformed responses too
+        assert_eq!(
+            got.header("content-security-policy"),
+            "default-src 'none'; sandbox",
+            "{query}"
+        );
+    }
+    // contain pads: the band above and below the fitted image is transparent
+    let got = proxy
+        .get(&format!("/image-proxy?url={cat}&w=50&h=50&fit=contain"))
+        .await;
+    let padded = decoded(&got).to_rgba8();
+    assert_eq!(padded.get_pixel(25, 2)[3], 0);
+    assert_eq!(padded.get_pixel(25, 25)[3], 255);
+    // two images with the same ETag and parameters are two variants
+    let dog = proxy
+        .get(&format!("/image-proxy?url={}&w=40", encoded("/dog.png")))
+        .await;
+    assert_eq!((decoded(&dog).width(), decoded(&dog).height()), (40, 80));
+    let cat40 = proxy.get(&format!("/image-proxy?url={cat}&w=40")).await;
+    assert_ne!(dog.header("etag"), cat40.header("etag"));
+    // bad parameters are 400 before anything is fetched; no parameters, the original
+    let hits = origin.total_hits();
+    for query in ["q=5", "w=x", "fit=stretch", "format=gif", "w=1&w=2"] {
+        let got = proxy.get(&format!("/image-proxy?{query}&url={cat}")).await;
+        assert_eq!(got.status, 400, "{query}");
+        assert_eq!(got.error_code(), "bad_parameter", "{query}");
+    }
+    assert_eq!(origin.total_hits(), hits);
+    let original = proxy.get(&format!("/image-proxy?url={cat}")).await;
+    assert_eq!(
+        original.body.as_ref(),
+        picture(200, 100, ImageFormat::Png).as_slice()
+    );
+}

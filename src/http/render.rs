@@ -26,7 +26,7 @@ use crate::config::TransformConfig;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pressure::{Reading, ReservationPool};
-use crate::proxy::{Proxy, if_none_match_matches};
+use crate::proxy::{Proxy, ProxyRequest, if_none_match_matches};
 use crate::transform::{self, Params, Pool, TransformError};
 
 /// `Cache-Status` of a rendered response: generated from the source, the variant not stored.
@@ -41,7 +41,7 @@ pub struct Render {
     /// At bypass pressure and above no transform starts.
     pub pressure: watch::Receiver<Reading>,
     pub metrics: Arc<Metrics>,
-    /// Transforms in flight, by request path, source validator and parameters: concurrent
+    /// Transforms in flight, by source cache key, source validator and parameters: concurrent
     /// requests for one variant wait for the first one's result instead of transforming again.
     inflight: Mutex<HashMap<String, Arc<Shared>>>,
 }
@@ -93,15 +93,7 @@ impl Render {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let head = super::routes::get_or_head(&parts.method)?;
         let params = Params::from_query(parts.uri.query(), self.config.max_dimension)?;
-        if let Some(width) = params.width
-            && !self.config.allowed_widths.is_empty()
-            && !self.config.allowed_widths.contains(&width)
-        {
-            return Err(ProxyError::BadParameter(format!(
-                "width={width}: this server renders only widths {:?} (transform.allowed_widths)",
-                self.config.allowed_widths
-            )));
-        }
+        self.check_width(&params)?;
         let request = match routes.resolve(
             Route::Proxied {
                 index,
@@ -120,6 +112,54 @@ impl Render {
             // the original, as the object route serves it (HEAD, ranges and validators included)
             return proxy.handle(request).await;
         }
+        self.respond(proxy, request, params, parts).await
+    }
+
+    /// Answers an `/image-proxy` request that carries transform parameters (`w`, `h`, `fit`,
+    /// `q`, `format`; see [`Params::from_image_proxy_query`]): `request` is its resolved
+    /// `/image-proxy` request, whose object is the source, content checks included.
+    ///
+    /// # Errors
+    /// As [`Render::handle`].
+    pub async fn image_proxy(
+        &self,
+        proxy: &Arc<Proxy>,
+        request: ProxyRequest,
+        params: Params,
+        parts: &Parts,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        self.check_width(&params)?;
+        self.respond(proxy, request, params, parts).await
+    }
+
+    /// `[transform] allowed_widths`, when set.
+    fn check_width(&self, params: &Params) -> Result<(), ProxyError> {
+        match params.width {
+            Some(width)
+                if !self.config.allowed_widths.is_empty()
+                    && !self.config.allowed_widths.contains(&width) =>
+            {
+                Err(ProxyError::BadParameter(format!(
+                    "width={width}: this server renders only widths {:?} (transform.allowed_widths)",
+                    self.config.allowed_widths
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The source of `request`, whole, transformed by `params` (or 304 for a client that holds
+    /// the variant), on the pool, shared with concurrent requests for the same variant.
+    async fn respond(
+        &self,
+        proxy: &Arc<Proxy>,
+        request: ProxyRequest,
+        params: Params,
+        parts: &Parts,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let head = request.head;
+        // the source's cache key: which object, in which route's namespace
+        let source_key = request.primary.as_str().to_owned();
         let source = proxy
             .source(request, self.config.max_source_bytes)
             .await
@@ -133,7 +173,7 @@ impl Render {
                 s => ProxyError::Upstream(format!("the source answered {s}")),
             });
         }
-        let etag = variant_etag(&source.headers, &params);
+        let etag = variant_etag(&source_key, &source.headers, &params);
         let mut headers = HeaderMap::new();
         for name in [CACHE_CONTROL, LAST_MODIFIED] {
             if let Some(v) = source.headers.get(&name) {
@@ -170,7 +210,7 @@ impl Render {
         // concurrent requests for one variant of one version of the source share one transform
         let key = format!(
             "{}\n{}\n{}",
-            parts.uri.path(),
+            source_key,
             etag.as_ref()
                 .and_then(|e| e.to_str().ok())
                 .unwrap_or_default(),
@@ -257,11 +297,14 @@ fn object_parts(parts: &Parts) -> Result<Parts, ProxyError> {
     Ok(object)
 }
 
-/// A strong ETag for the variant: the source's validator (ETag, else Last-Modified) and the
-/// parameters, hashed; `None` when the source has neither (then no validator is invented).
-fn variant_etag(source: &HeaderMap, params: &Params) -> Option<HeaderValue> {
+/// A strong ETag for the variant: the source's cache key and validator (ETag, else
+/// Last-Modified) and the parameters, hashed; `None` when the source has neither (then no
+/// validator is invented).
+fn variant_etag(source_key: &str, source: &HeaderMap, params: &Params) -> Option<HeaderValue> {
     let validator = source.get(ETAG).or_else(|| source.get(LAST_MODIFIED))?;
     let mut hash = Sha256::new();
+    hash.update(source_key.as_bytes());
+    hash.update(b"\n");
     hash.update(validator.as_bytes());
     hash.update(b"\n");
     hash.update(params.canonical().as_bytes());
