@@ -135,9 +135,16 @@ impl Router {
             Route::Render { index } => {
                 let (mut parts, _) = req.into_parts();
                 let admitted = self.admission.admit(route, &mut parts, client)?;
-                self.render
-                    .handle(&self.proxy, &self.routes, index, &parts, &admitted.client)
-                    .await
+                // boxed: the render future is large, and held inline it would make every
+                // request's future (hits included) larger to move and set up
+                Box::pin(self.render.handle(
+                    &self.proxy,
+                    &self.routes,
+                    index,
+                    &parts,
+                    &admitted.client,
+                ))
+                .await
             }
             Route::ImageProxy | Route::Proxied { .. } => {
                 let (mut parts, body) = req.into_parts();
@@ -152,9 +159,13 @@ impl Router {
                             self.render.config.max_dimension,
                         )? {
                             Some(params) => {
-                                self.render
-                                    .image_proxy(&self.proxy, request, params, &parts)
-                                    .await
+                                Box::pin(self.render.image_proxy(
+                                    &self.proxy,
+                                    request,
+                                    params,
+                                    &parts,
+                                ))
+                                .await
                             }
                             None => self.proxy.handle(request).await,
                         }
