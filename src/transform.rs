@@ -109,18 +109,14 @@ impl Params {
                 name.as_str(),
                 "width" | "height" | "resize" | "quality" | "format" | "download"
             );
-            if known && seen.contains(&name) {
-                return Err(TransformError::BadParameter(format!(
-                    "{name} is given more than once"
-                )));
+            if known {
+                first_time(&mut seen, &name)?;
             }
             let bad = |why: &str| TransformError::BadParameter(format!("{name}={value:?}: {why}"));
             match name.as_str() {
                 "width" | "height" => {
-                    let n: i64 = value
-                        .parse()
-                        .map_err(|_| bad("want an integer number of pixels"))?;
-                    let n = n.clamp(1, i64::from(max_dimension.max(1))) as u32;
+                    let n = dimension(&value, max_dimension)
+                        .ok_or_else(|| bad("want an integer number of pixels"))?;
                     if name == "width" {
                         params.width = Some(n);
                     } else {
@@ -136,11 +132,8 @@ impl Params {
                     }
                 }
                 "quality" => {
-                    let q: u32 = value.parse().map_err(|_| bad("want an integer, 20-100"))?;
-                    if !(20..=100).contains(&q) {
-                        return Err(bad("want an integer, 20-100"));
-                    }
-                    params.quality = Some(q as u8);
+                    params.quality =
+                        Some(quality(&value).ok_or_else(|| bad("want an integer, 20-100"))?);
                 }
                 "format" if value != "origin" => {
                     return Err(bad(
@@ -155,9 +148,6 @@ impl Params {
                     });
                 }
                 _ => {}
-            }
-            if known {
-                seen.push(name);
             }
         }
         Ok(params)
@@ -189,21 +179,14 @@ impl Params {
             if !matches!(name, "w" | "h" | "fit" | "q" | "format") {
                 continue;
             }
-            if seen.iter().any(|n| n == name) {
-                return Err(TransformError::BadParameter(format!(
-                    "{name} is given more than once"
-                )));
-            }
-            seen.push(name.to_owned());
+            first_time(&mut seen, name)?;
             any = true;
             let value = percent_decode_str(value).decode_utf8_lossy().into_owned();
             let bad = |why: &str| TransformError::BadParameter(format!("{name}={value:?}: {why}"));
             match name {
                 "w" | "h" => {
-                    let n: i64 = value
-                        .parse()
-                        .map_err(|_| bad("want an integer number of pixels"))?;
-                    let n = n.clamp(1, i64::from(max_dimension.max(1))) as u32;
+                    let n = dimension(&value, max_dimension)
+                        .ok_or_else(|| bad("want an integer number of pixels"))?;
                     if name == "w" {
                         params.width = Some(n);
                     } else {
@@ -220,11 +203,8 @@ impl Params {
                     }
                 }
                 "q" => {
-                    let q: u32 = value.parse().map_err(|_| bad("want an integer, 20-100"))?;
-                    if !(20..=100).contains(&q) {
-                        return Err(bad("want an integer, 20-100"));
-                    }
-                    params.quality = Some(q as u8);
+                    params.quality =
+                        Some(quality(&value).ok_or_else(|| bad("want an integer, 20-100"))?);
                 }
                 _ => {
                     params.format = match value.as_str() {
@@ -266,6 +246,28 @@ impl Params {
             },
         )
     }
+}
+
+/// A `width` or `height` value: an integer, clamped to 1–`max_dimension`.
+fn dimension(value: &str, max_dimension: u32) -> Option<u32> {
+    let n: i64 = value.parse().ok()?;
+    Some(n.clamp(1, i64::from(max_dimension.max(1))) as u32)
+}
+
+/// A quality value: an integer, 20–100.
+fn quality(value: &str) -> Option<u8> {
+    value.parse::<u8>().ok().filter(|q| (20..=100).contains(q))
+}
+
+/// Notes `name` as given, or refuses it as given twice.
+fn first_time(seen: &mut Vec<String>, name: &str) -> Result<(), TransformError> {
+    if seen.iter().any(|n| n == name) {
+        return Err(TransformError::BadParameter(format!(
+            "{name} is given more than once"
+        )));
+    }
+    seen.push(name.to_owned());
+    Ok(())
 }
 
 /// Why a transform failed.

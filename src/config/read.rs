@@ -372,14 +372,11 @@ enum IntegerList {
 fn parse_widths(list: IntegerList) -> Result<Vec<u32>, String> {
     let widths: Vec<u32> = match list {
         IntegerList::List(v) => v,
-        IntegerList::Csv(s) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty() && *e != "[]")
+        IntegerList::Csv(s) => StringList::Csv(s)
+            .entries()
+            .iter()
             .map(|e| {
-                e.trim_matches(|c| c == '[' || c == ']')
-                    .trim()
-                    .parse::<u32>()
+                e.parse::<u32>()
                     .map_err(|_| format!("{e:?}: expected a width in pixels"))
             })
             .collect::<Result<_, _>>()?,
