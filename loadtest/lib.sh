@@ -6,8 +6,8 @@
 #                      CORPUS/MANIFEST.tsv is missing
 #   lt_ensure_bin      sets EDGE_BIN, running `cargo build --quiet` if it was empty
 #   lt_start           starts origin.py and imgedge on two free 127.0.0.1 ports, waits for both,
-#                      sets OPORT, PORT, ORIGIN, BASE, LT_TMP (logs) and an EXIT trap that stops
-#                      exactly those two processes
+#                      sets OPORT, PORT, ORIGIN, BASE, LT_TMP (logs; kept if the caller set it)
+#                      and an EXIT trap that stops exactly those two processes
 #
 #   lt_release_bin DIR sets EDGE_BIN (building the release binary when empty), bin_source (how it
 #                      came to be), bin_sha, run_bin (a private copy in DIR, so a rebuild during a
@@ -126,7 +126,8 @@ lt_wait_http() { # name pid url log
 lt_start() {
   command -v python3 >/dev/null || lt_die "python3 is required"
   command -v curl >/dev/null || lt_die "curl is required"
-  LT_TMP=$(mktemp -d "${TMPDIR:-/tmp}/imgedge-loadtest.XXXXXX")
+  # a caller that needed its folder earlier (for lt_release_bin) has made it already
+  LT_TMP=${LT_TMP:-$(mktemp -d "${TMPDIR:-/tmp}/imgedge-loadtest.XXXXXX")}
   trap lt_cleanup EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM

@@ -6,7 +6,7 @@
 #   bash loadtest/transform.sh [ROUNDS=3]
 #
 # Starts loadtest/origin.py and imgedge (release; EDGE_BIN to skip the build) with the Supabase
-# route in front of the origin, fetches each original once through the object route (the ones
+# route in front of the origin (lib.sh's lt_start), fetches each original once through the object route (the ones
 # <= 5 MiB are then memory hits; larger ones are never stored and are fetched again by each
 # render, over loopback), then ROUNDS times, alternating which goes first: each image through
 # /storage/v1/render/image/public/wallpapers/NAME?width=800&quality=80 with curl (one request at
@@ -31,18 +31,11 @@ if ! command -v vipsthumbnail >/dev/null || ! command -v vipsheader >/dev/null; 
     lt_die "apt-get install libvips-tools failed"
 fi
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/imgedge-transform.XXXXXX")
-ORIGIN_PID='' IMGEDGE_PID=''
-# shellcheck disable=SC2329 # runs from the EXIT trap
-cleanup() {
-  local rc=$?
-  trap - EXIT
-  lt_stop "$IMGEDGE_PID"
-  lt_stop "$ORIGIN_PID"
-  if ((rc != 0)) || [[ ${LT_KEEP:-0} == 1 ]]; then lt_log "work folder kept: $work"; else rm -rf "$work"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
+# the work folder is lt_start's: lt_cleanup stops origin.py and imgedge and removes it (kept on
+# failure or with LT_KEEP=1)
+LT_TMP=$(mktemp -d "${TMPDIR:-/tmp}/imgedge-transform.XXXXXX")
+work=$LT_TMP
+trap lt_cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -50,18 +43,7 @@ lt_ensure_corpus
 lt_release_bin "$work"
 mapfile -t images < <(awk -F'\t' '$3 == "image/jpeg" || $3 == "image/png" {print $2 "\t" $1}' "$MANIFEST" | sort -rn | head -n 8 | cut -f2)
 ((${#images[@]} == 8)) || lt_die "fewer than 8 JPEG and PNG images in $MANIFEST"
-
-read -r OPORT PORT < <(lt_free_ports)
-ORIGIN=http://127.0.0.1:$OPORT
-BASE=http://127.0.0.1:$PORT
-python3 "$here/origin.py" --corpus "$CORPUS" --port "$OPORT" >"$work/origin.log" 2>&1 &
-ORIGIN_PID=$!
-lt_wait_http origin "$ORIGIN_PID" "$ORIGIN/__up" "$work/origin.log" || exit 1
-IMGEDGE_SERVER__LISTEN=127.0.0.1:$PORT IMGEDGE_SUPABASE__UPSTREAM=$ORIGIN \
-  IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS="127.0.0.1:$OPORT" IMGEDGE_LOG__LEVEL=warn \
-  "$run_bin" >"$work/imgedge.log" 2>&1 &
-IMGEDGE_PID=$!
-lt_wait_http imgedge "$IMGEDGE_PID" "$BASE/health/live" "$work/imgedge.log" || exit 1
+EDGE_BIN=$run_bin lt_start
 lt_log "imgedge $bin_version ($bin_source), $(vipsthumbnail --vips-version 2>/dev/null | head -n1)"
 
 for name in "${images[@]}"; do
