@@ -18,7 +18,12 @@ seconds=${SECONDS_RUN:-3}
 [[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || lt_die "SECONDS_RUN must be a positive integer"
 command -v wrk >/dev/null || lt_die "wrk is required (apt-get install wrk)"
 lt_ensure_corpus
-work=$(mktemp -d "${TMPDIR:-/tmp}/imgedge-refused.XXXXXX")
+# the work folder is lt_start's: lt_cleanup removes it (kept on failure or with LT_KEEP=1)
+LT_TMP=$(mktemp -d "${TMPDIR:-/tmp}/imgedge-refused.XXXXXX")
+work=$LT_TMP
+trap lt_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 lt_release_bin "$work"
 EDGE_BIN=$run_bin
 # Any host allowed (so the address guard decides), the origin trusted only as 127.0.0.1 on its
