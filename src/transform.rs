@@ -50,11 +50,23 @@ impl Fit {
     }
 }
 
-/// An output format asked for explicitly (`/image-proxy`'s `format`); else the source's.
+/// An output format: asked for explicitly (`format=`), or negotiated from `Accept`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Jpeg,
     Png,
+    Webp,
+}
+
+impl Format {
+    /// Its name in parameters and canonical keys: `jpeg`, `png`, `webp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Jpeg => "jpeg",
+            Format::Png => "png",
+            Format::Webp => "webp",
+        }
+    }
 }
 
 /// The parameters of one render request, validated.
@@ -71,6 +83,10 @@ pub struct Params {
     pub download: Option<String>,
     /// The output format; `None` keeps the source's.
     pub format: Option<Format>,
+    /// No format was fixed by the request (Supabase's render route without `format`,
+    /// `/image-proxy`'s `format=auto` or none): the server picks one from `Accept` and the
+    /// response varies by it.
+    pub negotiate: bool,
 }
 
 impl Default for Params {
@@ -83,6 +99,7 @@ impl Default for Params {
             quality: None,
             download: None,
             format: None,
+            negotiate: false,
         }
     }
 }
@@ -90,7 +107,7 @@ impl Default for Params {
 impl Params {
     /// Reads Supabase's render parameters from a query string: `width`, `height` (integers,
     /// clamped to 1–`max_dimension`), `resize` (`cover`, `contain`, `fill`), `quality` (20–100),
-    /// `format` (`origin`; WebP and AVIF output are not built yet) and `download` (present:
+    /// `format` (`origin`, `webp`; absent: negotiated from `Accept`) and `download` (present:
     /// attachment; a value other than `true` is the file name). Unknown parameters are ignored,
     /// as Supabase does.
     ///
@@ -99,7 +116,10 @@ impl Params {
     /// integer, a quality out of range, an unknown `resize` or `format`, or a parameter given
     /// twice.
     pub fn from_query(query: Option<&str>, max_dimension: u32) -> Result<Params, TransformError> {
-        let mut params = Params::default();
+        let mut params = Params {
+            negotiate: true,
+            ..Params::default()
+        };
         let mut seen: Vec<String> = Vec::new();
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -135,10 +155,13 @@ impl Params {
                     params.quality =
                         Some(quality(&value).ok_or_else(|| bad("want an integer, 20-100"))?);
                 }
-                "format" if value != "origin" => {
-                    return Err(bad(
-                        "want origin (WebP and AVIF output are not available in this build)",
-                    ));
+                "format" => {
+                    params.negotiate = false;
+                    params.format = match value.as_str() {
+                        "origin" => None,
+                        "webp" => Some(Format::Webp),
+                        _ => return Err(bad("want origin or webp")),
+                    };
                 }
                 "download" => {
                     params.download = Some(if value.is_empty() || value == "true" {
@@ -155,7 +178,8 @@ impl Params {
 
     /// Reads `/image-proxy`'s transform parameters: `w`, `h` (integers, clamped to
     /// 1–`max_dimension`), `fit` (`cover`, `contain`: padded to the box, `fill`, `inside`), `q`
-    /// (20–100) and `format` (`auto` or absent: the source's; `jpeg`, `png`). They may come
+    /// (20–100) and `format` (`auto` or absent: negotiated from `Accept`; `jpeg`, `png`,
+    /// `webp`). They may come
     /// before `url=`, or after an encoded one (a raw URL takes the rest of the query). `None`
     /// when there are none: the original is served.
     ///
@@ -165,7 +189,10 @@ impl Params {
         query: Option<&str>,
         max_dimension: u32,
     ) -> Result<Option<Params>, TransformError> {
-        let mut params = Params::default();
+        let mut params = Params {
+            negotiate: true,
+            ..Params::default()
+        };
         let mut any = false;
         let mut seen: Vec<String> = Vec::new();
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
@@ -207,15 +234,12 @@ impl Params {
                         Some(quality(&value).ok_or_else(|| bad("want an integer, 20-100"))?);
                 }
                 _ => {
-                    params.format = match value.as_str() {
-                        "auto" => None,
-                        "jpeg" | "jpg" => Some(Format::Jpeg),
-                        "png" => Some(Format::Png),
-                        _ => {
-                            return Err(bad(
-                                "want auto, jpeg or png (WebP and AVIF output are not available in this build)",
-                            ));
-                        }
+                    (params.format, params.negotiate) = match value.as_str() {
+                        "auto" => (None, true),
+                        "jpeg" | "jpg" => (Some(Format::Jpeg), false),
+                        "png" => (Some(Format::Png), false),
+                        "webp" => (Some(Format::Webp), false),
+                        _ => return Err(bad("want auto, jpeg, png or webp")),
                     }
                 }
             }
@@ -239,11 +263,7 @@ impl Params {
             self.height.map_or(0, |h| h),
             self.fit.as_str(),
             self.quality.unwrap_or(DEFAULT_QUALITY),
-            match self.format {
-                None => "source",
-                Some(Format::Jpeg) => "jpeg",
-                Some(Format::Png) => "png",
-            },
+            self.format.map_or("source", Format::as_str),
         )
     }
 }
@@ -422,6 +442,7 @@ pub fn transform<R>(
         None => format,
         Some(Format::Jpeg) => ImageFormat::Jpeg,
         Some(Format::Png) => ImageFormat::Png,
+        Some(Format::Webp) => ImageFormat::WebP,
     };
     encode(image, format, params, icc_profile)
 }
@@ -580,7 +601,8 @@ mod tests {
             "width=1.5",
             "width=",
             "resize=stretch",
-            "format=webp",
+            "format=avif-not-built",
+            "format=jpeg",
             "width=1&width=2",
         ] {
             assert!(
