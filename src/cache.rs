@@ -49,6 +49,25 @@ impl CacheKey {
         &self.0
     }
 
+    /// The key of this (primary) key's source record: what transforms and `/image-info` know
+    /// of the object (metadata, validator, the generation its renditions are stored under).
+    /// Dropped with the object by [`TieredCache::invalidate`], and by
+    /// [`TieredCache::insert`] when a different version of the object is stored.
+    pub fn source_record(&self) -> CacheKey {
+        CacheKey(Arc::from(format!("{}\n#source", self.0)))
+    }
+
+    /// The key of a rendition (a transformed variant) of this (primary) key's object: the
+    /// source record's `generation` and the canonical output parameters (size, fit, quality,
+    /// the negotiated format), never a raw `Accept`. A new generation (a new source version,
+    /// a purge) leaves the renditions of the old one unreachable, to age out of the tiers.
+    pub fn rendition(&self, generation: u64, canonical_params: &str) -> CacheKey {
+        CacheKey(Arc::from(format!(
+            "{}\n#render/{generation:016x} {canonical_params}",
+            self.0
+        )))
+    }
+
     /// The key of the variant of this (primary) key that a request with `headers` selects,
     /// given the response's `Vary` field names (RFC 9111 §4.1). Header values are compared with
     /// their lines joined by commas and surrounding whitespace trimmed; an absent header is a
@@ -158,6 +177,14 @@ pub const INDEX_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
 /// Bytes charged per pass marker or `Vary` index on top of its key.
 const INDEX_ENTRY_OVERHEAD_BYTES: u32 = 160;
 
+/// Whether two stored responses carry the same validators (`ETag`, `Last-Modified`): the same
+/// version of the object, as far as a cache can tell.
+fn same_validators(a: &HeaderMap, b: &HeaderMap) -> bool {
+    [http::header::ETAG, http::header::LAST_MODIFIED]
+        .iter()
+        .all(|name| a.get(name) == b.get(name))
+}
+
 /// The weight of an index entry under `key`: the key's bytes and a fixed overhead.
 fn index_weight(key: &CacheKey) -> u32 {
     u32::try_from(key.as_str().len())
@@ -263,9 +290,17 @@ impl TieredCache {
     }
 
     /// Stores a complete object in every tier, replacing any previous one, and forgets a pass
-    /// marker. Writes below memory happen in the background.
+    /// marker. Writes below memory happen in the background. When the memory tier holds a
+    /// source record for `key` made from another version of the object (another `ETag` or
+    /// `Last-Modified`), the record is dropped, and with it the renditions of that version.
     pub async fn insert(&self, key: CacheKey, object: CachedObject) {
         self.passes.invalidate(&key).await;
+        let record = key.source_record();
+        if let Some(old) = self.memory.get(&record).await
+            && !same_validators(&old.headers, &object.headers)
+        {
+            self.forget(&record).await;
+        }
         let object = Arc::new(object);
         for tier in self.lower.iter() {
             tier.store(key.clone(), object.clone());
@@ -325,14 +360,21 @@ impl TieredCache {
         }
     }
 
-    /// Forgets the object, any pass marker and any variants under `key` (RFC 9111 §4.4).
+    /// Forgets the object, any pass marker, any variants and its source record (so its
+    /// renditions too) under `key` (RFC 9111 §4.4).
     pub async fn invalidate(&self, key: &CacheKey) {
+        self.forget(key).await;
+        self.forget(&key.source_record()).await;
+        self.passes.invalidate(key).await;
+        self.variants.invalidate(key).await;
+    }
+
+    /// Removes the object under `key` from every tier.
+    async fn forget(&self, key: &CacheKey) {
         for tier in self.lower.iter() {
             tier.remove(key);
         }
         self.memory.invalidate(key).await;
-        self.passes.invalidate(key).await;
-        self.variants.invalidate(key).await;
     }
 
     /// The variant index of a primary key, if its latest response had `Vary`.

@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod admin;
 pub mod admit;
 pub mod rate;
+pub mod record;
 pub mod render;
 pub mod routes;
 

@@ -59,14 +59,18 @@ async fn render_proxy() -> (TestOrigin, TestProxy) {
 #[tokio::test]
 async fn each_fit_gives_the_size_it_promises_in_the_source_format() {
     let (origin, proxy) = render_proxy().await;
-    for (query, want) in [
-        ("width=40", (40, 20)),
-        ("height=50", (100, 50)),
-        ("width=50&height=50", (50, 50)),
-        ("width=50&height=50&resize=cover", (50, 50)),
-        ("width=50&height=50&resize=contain", (50, 25)),
-        ("width=50&height=50&resize=fill", (50, 50)),
-        ("width=99999", (2500, 1250)),
+    const MISS: &str = "imgedge; fwd=uri-miss; stored; detail=transform";
+    const HIT: &str = "imgedge; hit; detail=memory";
+    for (query, want, cache_status) in [
+        ("width=40", (40, 20), MISS),
+        ("height=50", (100, 50), MISS),
+        ("width=50&height=50", (50, 50), MISS),
+        // cover is the default: the same rendition, stored by the request before
+        ("width=50&height=50&resize=cover", (50, 50), HIT),
+        ("width=50&height=50&resize=contain", (50, 25), MISS),
+        ("width=50&height=50&resize=fill", (50, 50), MISS),
+        ("width=99999", (2500, 1250), MISS),
+        ("width=40", (40, 20), HIT),
     ] {
         let got = proxy.get(&format!("{RENDER}?{query}")).await;
         assert_eq!(got.status, 200, "{query}: {}", got.text());
@@ -80,7 +84,7 @@ async fn each_fit_gives_the_size_it_promises_in_the_source_format() {
         let image = decoded(&got);
         assert_eq!((image.width(), image.height()), want, "{query}");
         assert_eq!(got.header("x-content-type-options"), "nosniff");
-        assert_eq!(got.cache_status(), "imgedge; fwd=miss; detail=transform");
+        assert_eq!(got.cache_status(), cache_status, "{query}");
     }
     // every render read the one original the object route stored
     assert_eq!(origin.hits(OBJECT), 1);
@@ -500,11 +504,13 @@ async fn concurrent_requests_for_one_variant_share_one_transform() {
     assert_eq!(count("ok"), 1, "{metrics}");
     assert_eq!(count("collapsed"), 7, "{metrics}");
     assert_eq!(origin.hits(OBJECT), 1);
-    // once it is done, the next request transforms again (variants are not stored yet)
-    assert_eq!(proxy.get(&format!("{RENDER}?width=100")).await.status, 200);
+    // once it is done, the rendition is stored: the next request is a hit, not a transform
+    let got = proxy.get(&format!("{RENDER}?width=100")).await;
+    assert_eq!(got.cache_status(), "imgedge; hit; detail=memory");
+    assert_eq!(got.body, bodies[0]);
     let metrics = proxy.get("/metrics").await.text();
     assert!(
-        metrics.contains("imgedge_transforms_total{outcome=\"ok\"} 2"),
+        metrics.contains("imgedge_transforms_total{outcome=\"ok\"} 1"),
         "{metrics}"
     );
 }
@@ -600,4 +606,205 @@ async fn image_proxy_takes_w_h_fit_q_and_format() {
         original.body.as_ref(),
         picture(200, 100, ImageFormat::Png).as_slice()
     );
+}
+
+#[tokio::test]
+async fn the_format_follows_accept_and_only_negotiated_responses_vary() {
+    let (origin, proxy) = render_proxy().await;
+    let with_accept = |query: &str, accept: &'static str| {
+        let proxy = &proxy;
+        let path = format!("{RENDER}?{query}");
+        async move {
+            let got = proxy.send(Method::GET, &path, &[("accept", accept)]).await;
+            assert_eq!(got.status, 200, "{path} {accept}: {}", got.text());
+            got
+        }
+    };
+    let browser = "image/avif,image/webp,image/apng,*/*;q=0.8";
+    let webp = with_accept("width=40", browser).await;
+    assert_eq!(webp.header("content-type"), "image/webp");
+    assert!(webp.body.starts_with(b"RIFF") && &webp.body[8..12] == b"WEBP");
+    assert_eq!(decoded(&webp).width(), 40);
+    assert_eq!(webp.header("vary"), "Accept");
+    let png = with_accept("width=40", "*/*").await;
+    assert_eq!(png.header("content-type"), "image/png");
+    assert_eq!(png.header("vary"), "Accept");
+    assert_ne!(png.header("etag"), webp.header("etag"));
+    // no Accept at all: the source's format, the same rendition as for */*
+    let plain = proxy.get(&format!("{RENDER}?width=40")).await;
+    assert_eq!(plain.header("content-type"), "image/png");
+    assert_eq!(plain.cache_status(), "imgedge; hit; detail=memory");
+    assert_eq!(plain.body, png.body);
+    // refused with q=0
+    let refused = with_accept("width=40", "image/webp;q=0, */*").await;
+    assert_eq!(refused.header("content-type"), "image/png");
+    // the WebP rendition is stored under the negotiated format, never the raw Accept
+    let other_browser = with_accept("width=40", "image/webp,*/*").await;
+    assert_eq!(other_browser.cache_status(), "imgedge; hit; detail=memory");
+    assert_eq!(other_browser.body, webp.body);
+    // a format asked for does not vary
+    let origin_format = with_accept("width=40&format=origin", browser).await;
+    assert_eq!(origin_format.header("content-type"), "image/png");
+    assert_eq!(origin_format.header("vary"), "");
+    let fixed = with_accept("width=40&format=webp", "*/*").await;
+    assert_eq!(fixed.header("content-type"), "image/webp");
+    assert_eq!(fixed.header("vary"), "");
+    // a 304 for a negotiated rendition says Vary too
+    let not_modified = proxy
+        .send(
+            Method::GET,
+            &format!("{RENDER}?width=40"),
+            &[("accept", browser), ("if-none-match", &webp.header("etag"))],
+        )
+        .await;
+    assert_eq!(not_modified.status, 304);
+    assert_eq!(not_modified.header("vary"), "Accept");
+    // no parameters: the original, byte for byte, not varying
+    let original = with_accept("", browser).await;
+    assert_eq!(original.body, picture(200, 100, ImageFormat::Png));
+    assert_eq!(original.header("vary"), "");
+    // /image-proxy: format=auto (or none) negotiates, a named format does not
+    origin.route(
+        "/plain.png",
+        Reply::ok(picture(200, 100, ImageFormat::Png)).header("etag", "\"p1\""),
+    );
+    let cat = percent_encoding::utf8_percent_encode(
+        &origin.url("/plain.png"),
+        percent_encoding::NON_ALPHANUMERIC,
+    )
+    .to_string();
+    for (query, ctype, vary) in [
+        (format!("url={cat}&w=30"), "image/webp", "Accept"),
+        (
+            format!("url={cat}&w=30&format=auto"),
+            "image/webp",
+            "Accept",
+        ),
+        (format!("url={cat}&w=30&format=png"), "image/png", ""),
+        (format!("url={cat}&w=30&format=webp"), "image/webp", ""),
+    ] {
+        let got = proxy
+            .send(
+                Method::GET,
+                &format!("/image-proxy?{query}"),
+                &[("accept", browser)],
+            )
+            .await;
+        assert_eq!(got.status, 200, "{query}: {}", got.text());
+        assert_eq!(got.header("content-type"), ctype, "{query}");
+        assert_eq!(got.header("vary"), vary, "{query}");
+        assert_eq!(decoded(&got).width(), 30, "{query}");
+    }
+    assert_eq!(origin.hits(OBJECT), 1);
+    assert_eq!(origin.hits("/plain.png"), 1);
+}
+
+/// The transforms counter's `ok` value.
+async fn transforms(proxy: &TestProxy) -> u64 {
+    let metrics = proxy.get("/metrics").await.text();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("imgedge_transforms_total{outcome=\"ok\"} "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn renditions_are_stored_purged_with_their_source_and_dropped_when_it_changes() {
+    let origin = TestOrigin::start().await;
+    let token = "purge-token-0123456789";
+    // fresh for a second, then revalidated
+    origin.route(
+        OBJECT,
+        Reply::ok(picture(200, 100, ImageFormat::Png))
+            .header("content-type", "image/png")
+            .header("etag", "\"v1\"")
+            .header("cache-control", "public, max-age=1"),
+    );
+    let proxy = TestProxy::for_origin(&origin, &format!("[admin]\ntoken = \"{token}\"")).await;
+    let first = proxy.get(&format!("{RENDER}?width=40")).await;
+    assert_eq!(
+        first.cache_status(),
+        "imgedge; fwd=uri-miss; stored; detail=transform"
+    );
+    let again = proxy.get(&format!("{RENDER}?width=40")).await;
+    assert_eq!(again.cache_status(), "imgedge; hit; detail=memory");
+    assert_eq!(
+        (again.body.clone(), again.header("etag")),
+        (first.body.clone(), first.header("etag"))
+    );
+    assert_eq!(transforms(&proxy).await, 1);
+    assert_eq!(origin.hits(OBJECT), 1);
+
+    // purging the source (by its object path) purges its renditions
+    let bearer = format!("Bearer {token}");
+    let purged = proxy
+        .send_body(
+            Method::POST,
+            "/_imgedge/purge",
+            &[("Authorization", bearer.as_str())],
+            format!("{{\"paths\": [\"{OBJECT}\"]}}"),
+        )
+        .await;
+    assert_eq!(purged.json()["purged"], 1, "{}", purged.text());
+    let after_purge = proxy.get(&format!("{RENDER}?width=40")).await;
+    assert_eq!(
+        after_purge.cache_status(),
+        "imgedge; fwd=uri-miss; stored; detail=transform"
+    );
+    assert_eq!(
+        after_purge.header("etag"),
+        first.header("etag"),
+        "the same version"
+    );
+    assert_eq!(transforms(&proxy).await, 2);
+    assert_eq!(origin.hits(OBJECT), 2);
+
+    // the source changes: once it is stale, the revalidation brings the new version, and the
+    // old rendition is not served again
+    origin.route(
+        OBJECT,
+        Reply::ok(picture(100, 100, ImageFormat::Png))
+            .header("content-type", "image/png")
+            .header("etag", "\"v2\"")
+            .header("cache-control", "public, max-age=60"),
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let changed = proxy.get(&format!("{RENDER}?width=40")).await;
+    assert_eq!(changed.status, 200, "{}", changed.text());
+    assert_eq!(
+        (decoded(&changed).width(), decoded(&changed).height()),
+        (40, 40)
+    );
+    assert_ne!(changed.header("etag"), first.header("etag"));
+    assert_eq!(transforms(&proxy).await, 3);
+    // a client holding the old rendition's ETag gets the new one, not 304
+    let old = proxy
+        .send(
+            Method::GET,
+            &format!("{RENDER}?width=40"),
+            &[("if-none-match", &first.header("etag"))],
+        )
+        .await;
+    assert_eq!(old.status, 200);
+    assert_eq!(old.cache_status(), "imgedge; hit; detail=memory");
+    assert_eq!(old.body, changed.body);
+
+    // the object route storing a new version (here: forced by the client) drops the record
+    origin.route(
+        OBJECT,
+        Reply::ok(picture(50, 100, ImageFormat::Png))
+            .header("content-type", "image/png")
+            .header("etag", "\"v3\"")
+            .header("cache-control", "public, max-age=60"),
+    );
+    let reloaded = proxy
+        .send(Method::GET, OBJECT, &[("cache-control", "no-cache")])
+        .await;
+    assert_eq!(reloaded.header("etag"), "\"v3\"");
+    let newest = proxy.get(&format!("{RENDER}?width=40")).await;
+    assert_eq!(
+        (decoded(&newest).width(), decoded(&newest).height()),
+        (40, 80)
+    );
+    assert_eq!(transforms(&proxy).await, 4);
 }

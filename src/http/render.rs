@@ -7,30 +7,32 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
 use http::header::{
-    CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH,
-    LAST_MODIFIED,
+    ACCEPT, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE, ETAG, EXPIRES,
+    IF_NONE_MATCH, LAST_MODIFIED, VARY, X_CONTENT_TYPE_OPTIONS,
 };
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
-use sha2::{Digest, Sha256};
 use tokio::sync::{OnceCell, watch};
 
 use super::admit::Client;
+use super::record::SourceRecord;
 use super::routes::{Proxied, Route, Routes};
 use crate::body::ProxyBody;
+use crate::cache::CachedObject;
 use crate::config::TransformConfig;
 use crate::error::ProxyError;
+use crate::freshness::{self, Freshness, Usability};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pressure::{Reading, ReservationPool};
-use crate::proxy::{Proxy, ProxyRequest, if_none_match_matches};
-use crate::transform::{self, Params, Pool, TransformError};
-
-/// `Cache-Status` of a rendered response: generated from the source, the variant not stored.
-const RENDERED: &str = "imgedge; fwd=miss; detail=transform";
+use crate::proxy::{
+    CACHE_STATUS, CacheStatus, Proxy, ProxyRequest, SourceObject, if_none_match_matches,
+};
+use crate::transform::{self, Format, Params, Pool, TransformError};
 
 /// The render route's settings, pool, and the memory it answers to.
 pub struct Render {
@@ -148,20 +150,52 @@ impl Render {
         }
     }
 
-    /// The source of `request`, whole, transformed by `params` (or 304 for a client that holds
-    /// the variant), on the pool, shared with concurrent requests for the same variant.
+    /// `request`'s object transformed by `params`: a stored rendition, or 304 for a client that
+    /// holds it, or transformed now from the whole source (on the pool, shared with concurrent
+    /// requests for the same rendition) and stored. What is known of the source comes from its
+    /// source record while that is fresh; the source itself is read only to transform, or to
+    /// rebuild the record.
     async fn respond(
         &self,
         proxy: &Arc<Proxy>,
         request: ProxyRequest,
-        params: Params,
+        mut params: Params,
         parts: &Parts,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let head = request.head;
-        // the source's cache key: which object, in which route's namespace
-        let source_key = request.primary.as_str().to_owned();
+        let now = SystemTime::now();
+        let primary = request.primary.clone();
+        if params.negotiate {
+            // RFC 9110 §12.5.1: WebP when the client lists it (not only through a wildcard)
+            params.format = accepts_webp(&parts.headers).then_some(Format::Webp);
+        }
+        let canonical = params.canonical();
+        let stored_record = proxy.lookup_derived(&primary.source_record()).await;
+        let fresh_record = stored_record
+            .as_ref()
+            .filter(|f| {
+                freshness::usability(&f.object.freshness, f.object.age(now), &request.directives)
+                    == Usability::Fresh
+            })
+            .and_then(|f| SourceRecord::from_object(&f.object));
+        if let Some(record) = &fresh_record {
+            let etag = record.rendition_etag(&primary, &canonical);
+            if let Some(response) = not_modified(parts, etag.as_ref(), &params) {
+                return Ok(response);
+            }
+            let key = primary.rendition(record.generation, &canonical);
+            if let Some(found) = proxy.lookup_derived(&key).await {
+                let status = CacheStatus::hit(found.tier_name);
+                let response = proxy.serve_stored(&found.object, &request, now, status);
+                return Ok(self.finish(response, &params));
+            }
+        }
+        // the source, whole: its record is rebuilt from it (the same generation when it is the
+        // same version), then the rendition is looked up again or made
+        let previous = stored_record
+            .as_ref()
+            .and_then(|f| SourceRecord::from_object(&f.object));
         let source = proxy
-            .source(request, self.config.max_source_bytes)
+            .source(request.clone(), self.config.max_source_bytes)
             .await
             .map_err(|e| match e {
                 ProxyError::TooLarge(why) => ProxyError::SourceTooLarge(why),
@@ -173,62 +207,97 @@ impl Render {
                 s => ProxyError::Upstream(format!("the source answered {s}")),
             });
         }
-        let etag = variant_etag(&source_key, &source.headers, &params);
-        let mut headers = HeaderMap::new();
-        for name in [CACHE_CONTROL, LAST_MODIFIED] {
-            if let Some(v) = source.headers.get(&name) {
-                headers.insert(name, v.clone());
-            }
-        }
-        if let Some(etag) = &etag {
-            headers.insert(ETAG, etag.clone());
-        }
-        headers.insert("cache-status", HeaderValue::from_static(RENDERED));
-        headers.insert(
-            "x-content-type-options",
-            HeaderValue::from_static("nosniff"),
-        );
-        if let Some(name) = &params.download {
-            headers.insert(CONTENT_DISPOSITION, attachment(name));
-        }
-        // before transforming: a client holding this variant gets 304 for the price of a hit
-        // (If-None-Match compares weakly, RFC 9110 §13.1.2)
-        if let (Some(etag), Some(inm)) = (&etag, parts.headers.get(IF_NONE_MATCH))
-            && if_none_match_matches(
-                inm.to_str().unwrap_or_default(),
-                etag.to_str().unwrap_or_default(),
-            )
+        let record = SourceRecord::new(&source.headers, &source.body, true, previous.as_ref());
+        let freshness = proxy.derived_freshness(&request, source.status, &source.headers, now);
+        // stored again when it is new, changed, or was stale (its freshness is the source's)
+        if let Some(freshness) = freshness
+            && fresh_record.as_ref() != Some(&record)
         {
-            let mut response = Response::new(ProxyBody::empty());
-            *response.status_mut() = StatusCode::NOT_MODIFIED;
-            *response.headers_mut() = headers;
+            let object = record.to_object(&source.headers, freshness, now);
+            proxy.store_derived(primary.source_record(), object).await;
+        }
+        let etag = record.rendition_etag(&primary, &canonical);
+        if let Some(response) = not_modified(parts, etag.as_ref(), &params) {
             return Ok(response);
+        }
+        let key = primary.rendition(record.generation, &canonical);
+        if freshness.is_some()
+            && let Some(found) = proxy.lookup_derived(&key).await
+        {
+            let status = CacheStatus::hit(found.tier_name);
+            let response = proxy.serve_stored(&found.object, &request, now, status);
+            return Ok(self.finish(response, &params));
         }
         if !self.pressure.borrow().level.stores() {
             return Err(ProxyError::Overloaded);
         }
-        // concurrent requests for one variant of one version of the source share one transform
-        let key = format!(
-            "{}\n{}\n{}",
-            source_key,
-            etag.as_ref()
-                .and_then(|e| e.to_str().ok())
-                .unwrap_or_default(),
-            params.canonical()
+        // collapsed by version, not generation: concurrent first requests each made a record
+        let version = record.version().unwrap_or_default();
+        let inflight_key = format!("{}\n{version}\n{canonical}", primary.as_str());
+        let rendered = self.render(&inflight_key, &source, &params).await?;
+        let mut headers = HeaderMap::new();
+        for name in [CACHE_CONTROL, EXPIRES, LAST_MODIFIED] {
+            if let Some(v) = source.headers.get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        drop(source);
+        if let Some(etag) = etag {
+            headers.insert(ETAG, etag);
+        }
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(rendered.content_type),
         );
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(rendered.bytes.len()));
+        headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        let object = CachedObject {
+            status: StatusCode::OK,
+            headers,
+            body: rendered.bytes,
+            response_time: now,
+            freshness: freshness.unwrap_or(NOT_STORED),
+        };
+        let mut status = CacheStatus::MISS.with_detail("transform");
+        if freshness.is_some() {
+            let object = CachedObject {
+                headers: object.headers.clone(),
+                body: object.body.clone(),
+                ..object
+            };
+            if proxy.store_derived(key, object).await {
+                status = status.stored();
+            }
+        }
+        let response = proxy.serve_stored(&object, &request, now, status);
+        Ok(self.finish(response, &params))
+    }
+
+    /// Transforms `source` by `params` on the pool; concurrent calls with the same `key` (one
+    /// rendition of one version of the source) share the first one's transform.
+    async fn render(
+        &self,
+        key: &str,
+        source: &SourceObject,
+        params: &Params,
+    ) -> Result<Rendered, ProxyError> {
         let cell = self
             .inflight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
+            .entry(key.to_owned())
             .or_default()
             .clone();
         let mut ran = false;
         let rendered = cell
             .get_or_init(|| {
                 ran = true;
-                let (pool, fills, body) =
-                    (self.pool.clone(), self.fills.clone(), source.body.clone());
+                let (pool, fills, body, params) = (
+                    self.pool.clone(),
+                    self.fills.clone(),
+                    source.body.clone(),
+                    params.clone(),
+                );
                 let (max_pixels, max_dimension) =
                     (self.config.max_source_pixels, self.config.max_dimension);
                 async move {
@@ -249,8 +318,8 @@ impl Render {
             .clone();
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                inflight.remove(&key);
+            if inflight.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(key);
             }
         }
         let outcome = match (ran, &rendered) {
@@ -262,21 +331,84 @@ impl Render {
             .transforms
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
-        drop(source);
-        let rendered = rendered?;
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static(rendered.content_type),
-        );
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(rendered.bytes.len()));
-        let mut response = Response::new(if head {
-            ProxyBody::empty()
-        } else {
-            ProxyBody::full(rendered.bytes)
-        });
-        *response.headers_mut() = headers;
-        Ok(response)
+        rendered
     }
+
+    /// What a rendition response gains per request, not stored with it (one rendition serves
+    /// both): `Vary: Accept` when the format was negotiated (304 included, RFC 9110 §15.4.5),
+    /// `Content-Disposition` for `download`.
+    fn finish(&self, mut response: Response<ProxyBody>, params: &Params) -> Response<ProxyBody> {
+        if params.negotiate {
+            response
+                .headers_mut()
+                .insert(VARY, HeaderValue::from_static("Accept"));
+        }
+        if let Some(name) = &params.download
+            && response.status() != StatusCode::NOT_MODIFIED
+        {
+            response
+                .headers_mut()
+                .insert(CONTENT_DISPOSITION, attachment(name));
+        }
+        response
+    }
+}
+
+/// The freshness of a rendition served but not stored (its source may not be stored).
+const NOT_STORED: Freshness = Freshness {
+    lifetime: Duration::ZERO,
+    initial_age: Duration::ZERO,
+    must_revalidate: false,
+    stale_while_revalidate: Duration::ZERO,
+    stale_if_error: Duration::ZERO,
+};
+
+/// 304 for a client whose `If-None-Match` holds the rendition's `etag` (compared weakly, RFC
+/// 9110 §13.1.2), before anything is read or transformed; with `Vary: Accept` when the format
+/// was negotiated (RFC 9110 §15.4.5).
+fn not_modified(
+    parts: &Parts,
+    etag: Option<&HeaderValue>,
+    params: &Params,
+) -> Option<Response<ProxyBody>> {
+    let (etag, inm) = (etag?, parts.headers.get(IF_NONE_MATCH)?);
+    if !if_none_match_matches(inm.to_str().ok()?, etag.to_str().ok()?) {
+        return None;
+    }
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    let headers = response.headers_mut();
+    headers.insert(ETAG, etag.clone());
+    if params.negotiate {
+        headers.insert(VARY, HeaderValue::from_static("Accept"));
+    }
+    headers.insert(
+        CACHE_STATUS.clone(),
+        CacheStatus::hit("validator").header_value(),
+    );
+    Some(response)
+}
+
+/// Whether `Accept` lists `image/webp` with a non-zero weight (RFC 9110 §12.5.1). A wildcard
+/// alone does not count: clients that send only `*/*` (curl, many libraries) get the source's
+/// format, as Supabase does.
+fn accepts_webp(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default();
+            media.eq_ignore_ascii_case("image/webp")
+                && !parts.any(|p| {
+                    p.split_once('=').is_some_and(|(k, v)| {
+                        k.trim().eq_ignore_ascii_case("q")
+                            && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+                    })
+                })
+        })
 }
 
 /// The object-route request for a render request: the same bucket and path under
@@ -295,22 +427,6 @@ fn object_parts(parts: &Parts) -> Result<Parts, ProxyError> {
     object.version = parts.version;
     object.headers = parts.headers.clone();
     Ok(object)
-}
-
-/// A strong ETag for the variant: the source's cache key and validator (ETag, else
-/// Last-Modified) and the parameters, hashed; `None` when the source has neither (then no
-/// validator is invented).
-fn variant_etag(source_key: &str, source: &HeaderMap, params: &Params) -> Option<HeaderValue> {
-    let validator = source.get(ETAG).or_else(|| source.get(LAST_MODIFIED))?;
-    let mut hash = Sha256::new();
-    hash.update(source_key.as_bytes());
-    hash.update(b"\n");
-    hash.update(validator.as_bytes());
-    hash.update(b"\n");
-    hash.update(params.canonical().as_bytes());
-    let digest = hash.finalize();
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    HeaderValue::from_str(&format!("\"r-{hex}\"")).ok()
 }
 
 /// `attachment`, with `filename` when one was given (quoted, anything unsafe in a quoted string

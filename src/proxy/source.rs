@@ -1,17 +1,23 @@
 //! A complete object for work that needs every byte of it before it can start (image transforms
 //! decode from the whole source), obtained the way a client's GET would be — tiers,
 //! revalidation, collapsed forwarding, storing — but read to its end here instead of streamed
-//! to a client.
+//! to a client. And what such work stores of its own (source records, renditions), under keys
+//! derived from the object's ([`CacheKey::source_record`], [`CacheKey::rendition`]): in the same
+//! tiers, by the same pressure rules, served as any hit is.
 
 use std::future::poll_fn;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 
-use super::{Proxy, ProxyRequest};
+use super::hit::hit_response;
+use super::{CacheStatus, Proxy, ProxyRequest};
 use crate::body::ProxyBody;
+use crate::cache::{CacheKey, CachedObject, Found};
 use crate::error::ProxyError;
+use crate::freshness::{self, Freshness, RequestFacts, ResponseTimes};
 use crate::pressure::Reservation;
 use crate::tee::TeeBody;
 
@@ -75,6 +81,71 @@ impl Proxy {
             body,
             reservation,
         })
+    }
+
+    /// The object stored under a derived key (a source record, a rendition), fresh or stale,
+    /// from the first tier that has it; counted as a lookup of each tier it was asked of.
+    pub async fn lookup_derived(&self, key: &CacheKey) -> Option<Found> {
+        let found = self.tier.lookup(key).await;
+        for (i, name) in self.tier.tier_names().enumerate() {
+            match &found {
+                Some(f) if i > f.tier => break,
+                Some(f) => self.metrics.cache_lookup(name, i == f.tier),
+                None => self.metrics.cache_lookup(name, false),
+            }
+        }
+        found
+    }
+
+    /// Stores an object under a derived key in every tier, unless memory pressure is at bypass
+    /// or above; returns whether it was stored.
+    pub async fn store_derived(&self, key: CacheKey, object: CachedObject) -> bool {
+        if !self.pressure.borrow().level.stores() {
+            return false;
+        }
+        self.tier.insert(key, object).await;
+        true
+    }
+
+    /// How fresh `req`'s object is to a cache that received `status` and `headers` (as
+    /// [`Proxy::source`] served them, `Age` included) just now, by the rules and the route's
+    /// policy an object is stored by (RFC 9111 §3, §4.2); `None` when it may not be stored:
+    /// what is derived from it may not be either.
+    pub fn derived_freshness(
+        &self,
+        req: &ProxyRequest,
+        status: StatusCode,
+        headers: &HeaderMap,
+        now: SystemTime,
+    ) -> Option<Freshness> {
+        freshness::storable(
+            status,
+            headers,
+            RequestFacts {
+                authorized: req.forwarding.facts().authorized,
+                forwarded_client_headers: false,
+            },
+            ResponseTimes {
+                request_time: now,
+                response_time: now,
+            },
+            self.cache.freshness_policy(req.default_ttl),
+        )
+        .ok()
+    }
+
+    /// A stored derived object served as a hit is: 304 for a matching `If-None-Match`, one
+    /// byte range as 206, HEAD without a body, `Age` and `cache_status` (RFC 9111 §4, RFC 9110
+    /// §13, §14), by `req`'s conditionals.
+    pub fn serve_stored(
+        &self,
+        object: &CachedObject,
+        req: &ProxyRequest,
+        now: SystemTime,
+        cache_status: CacheStatus,
+    ) -> Response<ProxyBody> {
+        cache_status.record_in_span();
+        hit_response(object, req, now, cache_status)
     }
 
     /// Reads a streaming body to its end into one buffer, reserving its bytes first (all of

@@ -1,0 +1,215 @@
+//! Source records: what transforms and `/image-info` know of one source object without reading
+//! it again. Stored in the tiers beside the object, under [`CacheKey::source_record`], for
+//! every source (those too large to store included), with the object's freshness; dropped with
+//! the object (purge, invalidation) or when another version of it is stored.
+//!
+//! A record's `generation` names the version of the source its renditions were made from: the
+//! rendition keys carry it ([`CacheKey::rendition`]), so a record rebuilt from another version
+//! (or after a purge) leaves the old renditions unreachable.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, EXPIRES, LAST_MODIFIED};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::cache::{CacheKey, CachedObject};
+use crate::freshness::Freshness;
+
+/// What is known of one source object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    /// Names the version of the source: kept while a rebuilt record finds the same version,
+    /// new otherwise.
+    pub generation: u64,
+    /// The source's `Content-Type`, as served.
+    pub content_type: Option<String>,
+    /// Its length in bytes.
+    pub bytes: Option<u64>,
+    /// Its `ETag` and `Last-Modified`, as served.
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    /// SHA-256 of the whole body (hex, first 16 bytes), when the record was made from all of
+    /// it: the version of a source without validators.
+    pub digest: Option<String>,
+}
+
+impl SourceRecord {
+    /// The record of a source served with `headers` and `body`; `digest` of the body when
+    /// `whole` (the body is the whole object, not a leading part). Keeps `previous`'s
+    /// generation when it describes the same version (same validators, and the same digest
+    /// when both have one).
+    pub fn new(
+        headers: &HeaderMap,
+        body: &[u8],
+        whole: bool,
+        previous: Option<&SourceRecord>,
+    ) -> SourceRecord {
+        let text = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let mut record = SourceRecord {
+            generation: 0,
+            content_type: text(CONTENT_TYPE),
+            bytes: if whole {
+                Some(body.len() as u64)
+            } else {
+                text(CONTENT_LENGTH).and_then(|v| v.parse().ok())
+            },
+            etag: text(ETAG),
+            last_modified: text(LAST_MODIFIED),
+            digest: whole.then(|| hex(&Sha256::digest(body)[..16])),
+        };
+        record.generation = match previous {
+            Some(p) if p.same_version(&record) => p.generation,
+            _ => new_generation(),
+        };
+        record
+    }
+
+    /// Whether `other` describes the same version of the source.
+    fn same_version(&self, other: &SourceRecord) -> bool {
+        self.etag == other.etag
+            && self.last_modified == other.last_modified
+            && match (&self.digest, &other.digest) {
+                (Some(a), Some(b)) => a == b,
+                _ => self.etag.is_some() || self.last_modified.is_some(),
+            }
+    }
+
+    /// What names this version in validators: its `ETag`, else `Last-Modified`, else the
+    /// digest of its body.
+    pub fn version(&self) -> Option<&str> {
+        self.etag
+            .as_deref()
+            .or(self.last_modified.as_deref())
+            .or(self.digest.as_deref())
+    }
+
+    /// The strong `ETag` of a rendition of this version by `canonical_params`: the source's
+    /// cache key, version and the parameters, hashed; `None` when the version is unknown.
+    pub fn rendition_etag(&self, source: &CacheKey, canonical_params: &str) -> Option<HeaderValue> {
+        let version = self.version()?;
+        let mut hash = Sha256::new();
+        for part in [source.as_str(), version, canonical_params] {
+            hash.update(part.as_bytes());
+            hash.update(b"\n");
+        }
+        HeaderValue::from_str(&format!("\"r-{}\"", hex(&hash.finalize()[..12]))).ok()
+    }
+
+    /// The record as a stored object: a JSON body, the source's validators (so storing another
+    /// version of the source drops it, see [`crate::cache::TieredCache::insert`]) and
+    /// freshness headers, `freshness` as received `now`.
+    pub fn to_object(
+        &self,
+        source_headers: &HeaderMap,
+        freshness: Freshness,
+        now: SystemTime,
+    ) -> CachedObject {
+        let mut headers = HeaderMap::new();
+        for name in [ETAG, LAST_MODIFIED, CACHE_CONTROL, EXPIRES] {
+            if let Some(v) = source_headers.get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        CachedObject {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from(serde_json::to_vec(self).expect("a record serializes")),
+            response_time: now,
+            freshness,
+        }
+    }
+
+    /// The record stored as `object`; `None` for anything else (a foreign or older entry).
+    pub fn from_object(object: &CachedObject) -> Option<SourceRecord> {
+        serde_json::from_slice(&object.body).ok()
+    }
+}
+
+/// A generation not used before in this process, and unlikely in any other: the time and a
+/// counter, mixed with a per-process random key.
+fn new_generation() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    hasher.finish()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    http::HeaderName::from_static(k),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_generation_is_kept_for_the_same_version_only() {
+        let v1 = headers(&[("etag", "\"1\"")]);
+        let a = SourceRecord::new(&v1, b"one", true, None);
+        assert_eq!(
+            SourceRecord::new(&v1, b"one", true, Some(&a)).generation,
+            a.generation
+        );
+        let v2 = headers(&[("etag", "\"2\"")]);
+        assert_ne!(
+            SourceRecord::new(&v2, b"two", true, Some(&a)).generation,
+            a.generation
+        );
+        // without validators the body's digest names the version
+        let none = HeaderMap::new();
+        let b = SourceRecord::new(&none, b"one", true, None);
+        assert_eq!(
+            SourceRecord::new(&none, b"one", true, Some(&b)).generation,
+            b.generation
+        );
+        assert_ne!(
+            SourceRecord::new(&none, b"two", true, Some(&b)).generation,
+            b.generation
+        );
+        // a leading part says nothing of the version of a source without validators
+        let part = SourceRecord::new(&none, b"on", false, Some(&b));
+        assert_ne!(part.generation, b.generation);
+        assert_eq!(part.version(), None);
+    }
+
+    #[test]
+    fn rendition_etags_differ_by_version_and_parameters() {
+        let key = CacheKey::new("image-proxy", &url::Url::parse("http://a.test/x").unwrap());
+        let a = SourceRecord::new(&headers(&[("etag", "\"1\"")]), b"x", true, None);
+        let b = SourceRecord::new(&headers(&[("etag", "\"2\"")]), b"x", true, None);
+        let e = |r: &SourceRecord, p| r.rendition_etag(&key, p).unwrap();
+        assert_ne!(e(&a, "w=1"), e(&a, "w=2"));
+        assert_ne!(e(&a, "w=1"), e(&b, "w=1"));
+        assert_eq!(e(&a, "w=1"), e(&a, "w=1"));
+        assert!(e(&a, "w=1").to_str().unwrap().starts_with("\"r-"));
+    }
+}
