@@ -808,3 +808,40 @@ async fn renditions_are_stored_purged_with_their_source_and_dropped_when_it_chan
     );
     assert_eq!(transforms(&proxy).await, 4);
 }
+
+#[tokio::test]
+async fn authenticated_and_signed_render_routes_are_forwarded_to_supabase_unchanged() {
+    // the origin answers only the exact path and query it is sent
+    let origin = TestOrigin::start().await;
+    let authenticated =
+        "/storage/v1/render/image/authenticated/photos/a.png?width=40&resize=contain";
+    let token = "eyJhbGciOiJIUzI1NiJ9.e30.sig";
+    let signed = format!("/storage/v1/render/image/sign/photos/a.png?token={token}&width=40");
+    origin.route(
+        authenticated,
+        Reply::ok("rendered by supabase (authenticated)"),
+    );
+    origin.route(&signed, Reply::ok("rendered by supabase (signed)"));
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let got = proxy
+        .send(
+            Method::GET,
+            authenticated,
+            &[("authorization", "Bearer user-jwt"), ("apikey", "anon")],
+        )
+        .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.text(), "rendered by supabase (authenticated)");
+    let sent = origin.last_request(authenticated);
+    for (name, value) in [("authorization", "Bearer user-jwt"), ("apikey", "anon")] {
+        assert!(
+            sent.iter().any(|(k, v)| k == name && v == value),
+            "{name} not forwarded: {sent:?}"
+        );
+    }
+    let got = proxy.get(&signed).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.text(), "rendered by supabase (signed)");
+    assert_eq!(origin.hits(&signed), 1);
+    assert_eq!(transforms(&proxy).await, 0, "nothing rendered here");
+}
