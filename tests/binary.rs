@@ -982,3 +982,97 @@ async fn a_small_budget_under_load_evicts_bypasses_and_sheds_with_health_answeri
     assert!(answered >= 10, "{answered} /health probes");
     bin.stop().await;
 }
+
+/// Peak RSS (`VmHWM`) of process `pid`, in bytes.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A real PNG of 2000 × 1250 black RGBA pixels (10 MB of them, about 10 KB compressed), its
+/// header rewritten to claim 100 000 × 100 000: 40 GB of pixels if anything believed it.
+fn png_bomb() -> Vec<u8> {
+    use image::ImageEncoder;
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    let mut png = Vec::new();
+    PngEncoder::new_with_quality(&mut png, CompressionType::Best, FilterType::NoFilter)
+        .write_image(
+            &vec![0; 2000 * 1250 * 4],
+            2000,
+            1250,
+            image::ExtendedColorType::Rgba8,
+        )
+        .unwrap();
+    // IHDR: length (4), "IHDR" (4), width (4), height (4), 5 more bytes, then its CRC
+    assert_eq!(&png[12..16], b"IHDR");
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32fast::hash(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_bomb_is_refused_in_under_100_ms_without_growing_rss() {
+    let origin = TestOrigin::start().await;
+    let bomb = png_bomb();
+    assert!((5_000..40_000).contains(&bomb.len()), "{}", bomb.len());
+    origin.route("/bomb.png", Reply::ok(bomb));
+    origin.route("/warm.png", Reply::ok(small_png(64, 64)));
+    let bin = Binary::start(&[
+        ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
+        (
+            "IMGEDGE_UPSTREAM__ALLOWED_CONTENT_TYPES",
+            TEST_CONTENT_TYPES.to_owned(),
+        ),
+        (
+            "IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS",
+            origin.addr.to_string(),
+        ),
+        ("IMGEDGE_LOG__LEVEL", "warn".into()),
+    ])
+    .await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    // warm: a real transform, so that pool threads and allocator arenas exist before measuring
+    let warm = format!(
+        "{}/image-proxy?w=10&url={}",
+        bin.base,
+        origin.url("/warm.png")
+    );
+    assert_eq!(send(&client, Method::GET, &warm, &[]).await.status, 200);
+    let url = format!(
+        "{}/image-proxy?w=100&url={}",
+        bin.base,
+        origin.url("/bomb.png")
+    );
+    let before = peak_rss_bytes(bin.pid());
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let got = send(&client, Method::GET, &url, &[]).await;
+        took.push(start.elapsed());
+        assert_eq!(got.status, 422, "{}", got.text());
+        assert_eq!(got.error_code(), "image_too_large");
+    }
+    let grown = peak_rss_bytes(bin.pid()).saturating_sub(before);
+    took.sort();
+    // the median of five: the source is fetched once, then read from the tier; each refusal
+    // is a header read
+    assert!(took[2] < Duration::from_millis(100), "{took:?}");
+    // a decode would have inflated the 10 MB of rows at least
+    assert!(grown < 4 << 20, "peak RSS grew by {grown} bytes");
+    bin.stop().await;
+}
+
+/// A real PNG of `width` × `height` black RGBA pixels, for warming up.
+fn small_png(width: u32, height: u32) -> Vec<u8> {
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbaImage::new(width, height)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    png.into_inner()
+}
