@@ -6,6 +6,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod admit;
+pub mod info;
 pub mod rate;
 pub mod record;
 pub mod render;
@@ -133,6 +134,18 @@ impl Router {
                 "no route for {}",
                 req.uri().path()
             ))),
+            Route::ImageInfo => {
+                let (mut parts, _) = req.into_parts();
+                let admitted = self.admission.admit(route, &mut parts, client)?;
+                Box::pin(info::handle(
+                    &self.proxy,
+                    &self.routes,
+                    &parts,
+                    &admitted.client,
+                    self.render.config.max_source_bytes,
+                ))
+                .await
+            }
             Route::Render { index } => {
                 let (mut parts, _) = req.into_parts();
                 let admitted = self.admission.admit(route, &mut parts, client)?;

@@ -32,7 +32,7 @@ pub use forwarding::{
     APIKEY, CREDENTIALS, Forwarding, SURROGATE_CONTROL, end_to_end, route_request_headers,
 };
 pub use hit::{if_none_match_matches, single_byte_range};
-pub use source::SourceObject;
+pub use source::{LeadingBytes, SourceObject};
 
 use crate::body::ProxyBody;
 use crate::cache::{CacheKey, CachedObject, TieredCache};

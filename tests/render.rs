@@ -329,25 +329,6 @@ async fn a_transform_reserves_its_pixels_from_the_fill_pool_first() {
     assert_eq!(proxy.get(OBJECT).await.body.as_ref(), png.as_slice());
 }
 
-/// `jpeg` with an EXIF APP1 segment saying `orientation` inserted after SOI.
-fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
-    let mut tiff = b"II\x2a\x00\x08\x00\x00\x00".to_vec(); // little-endian, IFD at 8
-    tiff.extend_from_slice(&1u16.to_le_bytes()); // one entry
-    tiff.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
-    tiff.extend_from_slice(&3u16.to_le_bytes()); // SHORT
-    tiff.extend_from_slice(&1u32.to_le_bytes()); // one value
-    tiff.extend_from_slice(&u32::from(orientation).to_le_bytes());
-    tiff.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
-    let mut app1 = b"Exif\x00\x00".to_vec();
-    app1.extend_from_slice(&tiff);
-    let mut out = jpeg[..2].to_vec();
-    out.extend_from_slice(&[0xFF, 0xE1]);
-    out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
-    out.extend_from_slice(&app1);
-    out.extend_from_slice(&jpeg[2..]);
-    out
-}
-
 #[tokio::test]
 async fn exif_orientations_1_to_8_are_applied() {
     // 40 x 20, the top-left 20 x 10 quadrant red, the rest blue

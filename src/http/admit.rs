@@ -56,8 +56,8 @@ impl Admission {
     /// [`ProxyError::Overloaded`] (503, `Retry-After: 1`) while memory pressure is critical or
     /// worse: the request is counted as shed and nothing else is done for it;
     /// [`ProxyError::RateLimited`] (429, `Retry-After`) when the client is over `[limits]`;
-    /// [`ProxyError::BadSignature`] (403) for an `/image-proxy` request whose signature is
-    /// missing or wrong while keys are set.
+    /// [`ProxyError::BadSignature`] (403) for an `/image-proxy` (or `/image-info?url=`)
+    /// request whose signature is missing or wrong while keys are set.
     pub fn admit(
         &self,
         route: Route,
@@ -80,7 +80,11 @@ impl Admission {
                 .inc();
             return Err(ProxyError::RateLimited { retry_after: wait });
         }
-        if route == Route::ImageProxy && self.signer.is_on() {
+        // `/image-info?url=` fetches what `/image-proxy` would: signed alike (its own path is
+        // what is signed); its route-path form follows the routes, which are not signed
+        let signed = route == Route::ImageProxy
+            || route == Route::ImageInfo && parts.uri.path() == super::info::IMAGE_INFO_PATH;
+        if signed && self.signer.is_on() {
             let target = parts.uri.path_and_query().map_or("", |p| p.as_str());
             let unsigned = self.signer.verify(target)?;
             parts.uri = unsigned

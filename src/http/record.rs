@@ -9,16 +9,25 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, EXPIRES, LAST_MODIFIED};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, ETAG, EXPIRES, LAST_MODIFIED};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cache::{CacheKey, CachedObject};
 use crate::freshness::Freshness;
+
+/// The freshness of what is served but not stored (derived from a source that may not be).
+pub const NOT_STORED: Freshness = Freshness {
+    lifetime: Duration::ZERO,
+    initial_age: Duration::ZERO,
+    must_revalidate: false,
+    stale_while_revalidate: Duration::ZERO,
+    stale_if_error: Duration::ZERO,
+};
 
 /// What is known of one source object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,19 +45,71 @@ pub struct SourceRecord {
     /// SHA-256 of the whole body (hex, first 16 bytes), when the record was made from all of
     /// it: the version of a source without validators.
     pub digest: Option<String>,
+    /// What its header says of the image; `None` when it is not one this build reads.
+    pub image: Option<ImageMeta>,
+}
+
+/// An image's header, as `/image-info` answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMeta {
+    /// `jpeg`, `png`, `gif`, `webp`.
+    pub format: String,
+    /// Pixels, as stored (before the EXIF orientation is applied).
+    pub width: u32,
+    pub height: u32,
+    /// EXIF orientation, 1-8 (1 when there is none).
+    pub orientation: u8,
+    pub has_alpha: bool,
+    /// Frames; `None` when the bytes read ended before they could all be counted.
+    pub frames: Option<u32>,
+    /// More than one frame (GIF, WebP, APNG), as far as the header tells.
+    pub animated: bool,
+}
+
+impl ImageMeta {
+    /// Reads an image's header from `bytes` (the whole object or its leading part), decoding
+    /// no pixels; `None` when it is not an image this build reads or its header is cut short.
+    pub fn probe(bytes: &[u8]) -> Option<ImageMeta> {
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .ok()?;
+        // dimensions only: nothing is allocated by them here
+        reader.no_limits();
+        let format = match reader.format()? {
+            image::ImageFormat::Jpeg => "jpeg",
+            image::ImageFormat::Png => "png",
+            image::ImageFormat::Gif => "gif",
+            image::ImageFormat::WebP => "webp",
+            _ => return None,
+        };
+        let mut decoder = reader.into_decoder().ok()?;
+        let (width, height) = image::ImageDecoder::dimensions(&decoder);
+        let has_alpha = image::ImageDecoder::color_type(&decoder).has_alpha();
+        let orientation = image::ImageDecoder::orientation(&mut decoder).map_or(1, |o| o.to_exif());
+        Some(ImageMeta {
+            format: format.to_owned(),
+            width,
+            height,
+            orientation,
+            has_alpha,
+            frames: None,
+            animated: false,
+        })
+    }
 }
 
 impl SourceRecord {
-    /// The record of a source served with `headers` and `body`; `digest` of the body when
-    /// `whole` (the body is the whole object, not a leading part). Keeps `previous`'s
-    /// generation when it describes the same version (same validators, and the same digest
-    /// when both have one).
+    /// The record of a source served with `headers`, from `body`: the whole object when its
+    /// length is `total_bytes`, else a leading part of it (then no digest). Its image header is
+    /// probed. Keeps `previous`'s generation when it describes the same version (same
+    /// validators, and the same digest when both have one).
     pub fn new(
         headers: &HeaderMap,
         body: &[u8],
-        whole: bool,
+        total_bytes: Option<u64>,
         previous: Option<&SourceRecord>,
     ) -> SourceRecord {
+        let whole = total_bytes == Some(body.len() as u64);
         let text = |name| {
             headers
                 .get(name)
@@ -58,14 +119,11 @@ impl SourceRecord {
         let mut record = SourceRecord {
             generation: 0,
             content_type: text(CONTENT_TYPE),
-            bytes: if whole {
-                Some(body.len() as u64)
-            } else {
-                text(CONTENT_LENGTH).and_then(|v| v.parse().ok())
-            },
+            bytes: total_bytes,
             etag: text(ETAG),
             last_modified: text(LAST_MODIFIED),
             digest: whole.then(|| hex(&Sha256::digest(body)[..16])),
+            image: ImageMeta::probe(body),
         };
         record.generation = match previous {
             Some(p) if p.same_version(&record) => p.generation,
@@ -174,29 +232,29 @@ mod tests {
     #[test]
     fn a_generation_is_kept_for_the_same_version_only() {
         let v1 = headers(&[("etag", "\"1\"")]);
-        let a = SourceRecord::new(&v1, b"one", true, None);
+        let a = SourceRecord::new(&v1, b"one", Some(3), None);
         assert_eq!(
-            SourceRecord::new(&v1, b"one", true, Some(&a)).generation,
+            SourceRecord::new(&v1, b"one", Some(3), Some(&a)).generation,
             a.generation
         );
         let v2 = headers(&[("etag", "\"2\"")]);
         assert_ne!(
-            SourceRecord::new(&v2, b"two", true, Some(&a)).generation,
+            SourceRecord::new(&v2, b"two", Some(3), Some(&a)).generation,
             a.generation
         );
         // without validators the body's digest names the version
         let none = HeaderMap::new();
-        let b = SourceRecord::new(&none, b"one", true, None);
+        let b = SourceRecord::new(&none, b"one", Some(3), None);
         assert_eq!(
-            SourceRecord::new(&none, b"one", true, Some(&b)).generation,
+            SourceRecord::new(&none, b"one", Some(3), Some(&b)).generation,
             b.generation
         );
         assert_ne!(
-            SourceRecord::new(&none, b"two", true, Some(&b)).generation,
+            SourceRecord::new(&none, b"two", Some(3), Some(&b)).generation,
             b.generation
         );
         // a leading part says nothing of the version of a source without validators
-        let part = SourceRecord::new(&none, b"on", false, Some(&b));
+        let part = SourceRecord::new(&none, b"on", Some(3), Some(&b));
         assert_ne!(part.generation, b.generation);
         assert_eq!(part.version(), None);
     }
@@ -204,8 +262,8 @@ mod tests {
     #[test]
     fn rendition_etags_differ_by_version_and_parameters() {
         let key = CacheKey::new("image-proxy", &url::Url::parse("http://a.test/x").unwrap());
-        let a = SourceRecord::new(&headers(&[("etag", "\"1\"")]), b"x", true, None);
-        let b = SourceRecord::new(&headers(&[("etag", "\"2\"")]), b"x", true, None);
+        let a = SourceRecord::new(&headers(&[("etag", "\"1\"")]), b"x", Some(1), None);
+        let b = SourceRecord::new(&headers(&[("etag", "\"2\"")]), b"x", Some(1), None);
         let e = |r: &SourceRecord, p| r.rendition_etag(&key, p).unwrap();
         assert_ne!(e(&a, "w=1"), e(&a, "w=2"));
         assert_ne!(e(&a, "w=1"), e(&b, "w=1"));

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
@@ -26,7 +26,7 @@ use crate::body::ProxyBody;
 use crate::cache::CachedObject;
 use crate::config::TransformConfig;
 use crate::error::ProxyError;
-use crate::freshness::{self, Freshness, Usability};
+use crate::freshness::{self, Usability};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pressure::{Reading, ReservationPool};
 use crate::proxy::{
@@ -207,7 +207,12 @@ impl Render {
                 s => ProxyError::Upstream(format!("the source answered {s}")),
             });
         }
-        let record = SourceRecord::new(&source.headers, &source.body, true, previous.as_ref());
+        let record = SourceRecord::new(
+            &source.headers,
+            &source.body,
+            Some(source.body.len() as u64),
+            previous.as_ref(),
+        );
         let freshness = proxy.derived_freshness(&request, source.status, &source.headers, now);
         // stored again when it is new, changed, or was stale (its freshness is the source's)
         if let Some(freshness) = freshness
@@ -256,7 +261,7 @@ impl Render {
             headers,
             body: rendered.bytes,
             response_time: now,
-            freshness: freshness.unwrap_or(NOT_STORED),
+            freshness: freshness.unwrap_or(super::record::NOT_STORED),
         };
         let mut status = CacheStatus::MISS.with_detail("transform");
         if freshness.is_some() {
@@ -353,15 +358,6 @@ impl Render {
         response
     }
 }
-
-/// The freshness of a rendition served but not stored (its source may not be stored).
-const NOT_STORED: Freshness = Freshness {
-    lifetime: Duration::ZERO,
-    initial_age: Duration::ZERO,
-    must_revalidate: false,
-    stale_while_revalidate: Duration::ZERO,
-    stale_if_error: Duration::ZERO,
-};
 
 /// 304 for a client whose `If-None-Match` holds the rendition's `etag` (compared weakly, RFC
 /// 9110 §13.1.2), before anything is read or transformed; with `Vary: Accept` when the format

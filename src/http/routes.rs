@@ -35,6 +35,8 @@ pub enum Route {
     ImageProxy,
     Health,
     Metrics,
+    /// `/image-info`: an `/image-proxy` target's or a route path's image metadata.
+    ImageInfo,
     /// Supabase's public render route; `index` is the Supabase route's.
     Render {
         index: usize,
@@ -55,6 +57,7 @@ impl Route {
             Route::Health => "health",
             Route::Metrics => "metrics",
             Route::Render { .. } => "render",
+            Route::ImageInfo => "image-info",
             Route::Proxied { name, .. } => name,
             Route::Other => "other",
         }
@@ -64,7 +67,7 @@ impl Route {
     pub fn proxies(self) -> bool {
         matches!(
             self,
-            Route::ImageProxy | Route::Render { .. } | Route::Proxied { .. }
+            Route::ImageProxy | Route::ImageInfo | Route::Render { .. } | Route::Proxied { .. }
         )
     }
 }
@@ -116,6 +119,13 @@ impl Routes {
             "/image-proxy" => Route::ImageProxy,
             "/health" | "/health/live" | "/health/ready" => Route::Health,
             "/metrics" => Route::Metrics,
+            _ if path == super::info::IMAGE_INFO_PATH
+                || path
+                    .strip_prefix(super::info::IMAGE_INFO_PATH)
+                    .is_some_and(|rest| rest.starts_with('/')) =>
+            {
+                Route::ImageInfo
+            }
             _ => self
                 .routes
                 .iter()

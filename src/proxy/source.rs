@@ -21,6 +21,22 @@ use crate::freshness::{self, Freshness, RequestFacts, ResponseTimes};
 use crate::pressure::Reservation;
 use crate::tee::TeeBody;
 
+/// The first bytes of an object, read from the origin without storing anything (see
+/// [`Proxy::leading_bytes`]).
+#[derive(Debug)]
+pub struct LeadingBytes {
+    /// The end-to-end headers of the origin's answer (a 206's describe the whole
+    /// representation but for `Content-Length` and `Content-Range`).
+    pub headers: HeaderMap,
+    /// The first bytes: at least the number asked for, unless the object is shorter.
+    pub bytes: Bytes,
+    /// The object's whole length, when the origin said it (`Content-Range`, or a 200's
+    /// `Content-Length`).
+    pub total_bytes: Option<u64>,
+    /// `bytes` is the whole object.
+    pub whole: bool,
+}
+
 /// A whole response: what `GET` of the object would have served.
 #[derive(Debug)]
 pub struct SourceObject {
@@ -80,6 +96,69 @@ impl Proxy {
             headers: parts.headers,
             body,
             reservation,
+        })
+    }
+
+    /// Whether `key`'s object is stored in a tier (fresh or stale; see
+    /// [`crate::cache::TieredCache::contains`]). Reads nothing.
+    pub fn holds(&self, key: &CacheKey) -> bool {
+        self.tier.contains(key)
+    }
+
+    /// The first `n` bytes (or more, up to one read more) of `req`'s object, from the origin,
+    /// stored nowhere: asked for with `Range: bytes=0-{n-1}` (RFC 9110 §14.2), and from an
+    /// origin that ignores it (200) only the first `n` bytes are read before the connection is
+    /// dropped. `/image-proxy`'s content checks apply as to any fetch.
+    ///
+    /// # Errors
+    /// [`ProxyError::NotFound`] for a 404 or 410; [`ProxyError::Upstream`] for any other
+    /// status than 200 and 206, or a failed fetch; `/image-proxy`'s content errors.
+    pub async fn leading_bytes(
+        &self,
+        req: &ProxyRequest,
+        n: usize,
+    ) -> Result<LeadingBytes, ProxyError> {
+        let mut headers = req.forwarding.upstream_headers();
+        headers.insert(
+            http::header::RANGE,
+            http::HeaderValue::from_str(&format!("bytes=0-{}", n.max(1) - 1)).expect("ASCII"),
+        );
+        headers.remove(http::header::IF_RANGE);
+        let mut req = req.clone();
+        req.head = false;
+        let mut upstream = self.send(&req, headers).await?;
+        let status = upstream.head.status;
+        match status {
+            StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::NOT_FOUND | StatusCode::GONE => {
+                return Err(ProxyError::NotFound(format!(
+                    "the origin answered {status}"
+                )));
+            }
+            s => return Err(ProxyError::Upstream(format!("the origin answered {s}"))),
+        }
+        if matches!(req.forwarding, super::Forwarding::Bare) {
+            self.check_image(&req, &mut upstream).await?;
+        }
+        let bytes = upstream.body.peek(n).await?;
+        let total_bytes = if status == StatusCode::PARTIAL_CONTENT {
+            upstream
+                .head
+                .headers
+                .get(http::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit_once('/'))
+                .and_then(|(_, total)| total.trim().parse().ok())
+        } else {
+            upstream.head.content_length
+        };
+        let whole = total_bytes == Some(bytes.len() as u64);
+        let headers = req.forwarding.response_headers(&upstream.head.headers);
+        Ok(LeadingBytes {
+            headers,
+            bytes,
+            total_bytes,
+            whole,
         })
     }
 

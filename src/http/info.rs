@@ -1,0 +1,220 @@
+//! `/image-info`: an image's metadata, read from its header only and kept for every object.
+//!
+//! `GET /image-info?url=URL` describes what `/image-proxy?url=URL` serves, and
+//! `GET /image-info/<route path>` what that route path serves (e.g.
+//! `/image-info/storage/v1/object/public/{bucket}/{path}`), as JSON:
+//! `{width, height, format, content_type, bytes, etag, orientation, has_alpha, frames,
+//! animated}`. The answer comes from the object's source record ([`super::record`]) while that
+//! is fresh; otherwise from the stored object when a tier holds it, else from its first bytes
+//! (a `Range` request, nothing stored but the record): an object too large to store is never
+//! read whole for its metadata.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
+use http::request::Parts;
+use http::{HeaderValue, Method, Response, StatusCode};
+
+use super::admit::Client;
+use super::record::{NOT_STORED, SourceRecord};
+use super::routes::{Proxied, Route, Routes, get_or_head};
+use crate::body::ProxyBody;
+use crate::cache::CachedObject;
+use crate::error::ProxyError;
+use crate::freshness::{self, Usability};
+use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, ProxyRequest};
+
+/// The path of the endpoint, and the prefix of its route-path form.
+pub const IMAGE_INFO_PATH: &str = "/image-info";
+
+/// Bytes first read of an object no tier holds: image headers (a JPEG's EXIF and ICC segments
+/// included) nearly always end well before.
+const PROBE_BYTES: usize = 64 * 1024;
+/// Bytes read when the header did not end within [`PROBE_BYTES`] (a JPEG with a large EXIF
+/// thumbnail or colour profile before its frame header).
+const PROBE_MORE_BYTES: usize = 1024 * 1024;
+
+/// Answers an `/image-info` request.
+///
+/// # Errors
+/// [`ProxyError::MethodNotAllowed`] for other than GET and HEAD; [`ProxyError::NotFound`] for a
+/// route path no object route serves, or a missing object; what resolving the `/image-proxy`
+/// target or route path gives (guard, content checks); [`ProxyError::NotAnImage`] when the
+/// object's header is not one of an image this build reads.
+pub async fn handle(
+    proxy: &Arc<Proxy>,
+    routes: &Routes,
+    parts: &Parts,
+    client: &Client,
+    max_source_bytes: u64,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let head = get_or_head(&parts.method)?;
+    let request = source_request(routes, parts, client)?;
+    let now = SystemTime::now();
+    let record_key = request.primary.source_record();
+    let stored = proxy.lookup_derived(&record_key).await;
+    if let Some(found) = &stored
+        && freshness::usability(
+            &found.object.freshness,
+            found.object.age(now),
+            &request.directives,
+        ) == Usability::Fresh
+        && let Some(record) = SourceRecord::from_object(&found.object)
+        && record.image.is_some()
+    {
+        let status = CacheStatus::hit(found.tier_name);
+        return respond(&record, &found.object, head, now, status);
+    }
+    let previous = stored
+        .as_ref()
+        .and_then(|f| SourceRecord::from_object(&f.object));
+    // the stored object when a tier holds one (revalidated if stale), else its first bytes
+    let whole = if proxy.holds(&request.key) {
+        match proxy.source(request.clone(), max_source_bytes).await {
+            Ok(source) if source.status == StatusCode::OK => {
+                let len = source.body.len() as u64;
+                let record =
+                    SourceRecord::new(&source.headers, &source.body, Some(len), previous.as_ref());
+                Some((record, source.headers))
+            }
+            Ok(source) if source.status == StatusCode::NOT_FOUND => {
+                return Err(ProxyError::NotFound("no such object".into()));
+            }
+            Ok(source) => {
+                return Err(ProxyError::Upstream(format!(
+                    "the origin answered {}",
+                    source.status
+                )));
+            }
+            // grown past what is read whole: its first bytes will do
+            Err(ProxyError::TooLarge(_)) => None,
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    let (record, headers) = match whole {
+        Some(read) => read,
+        None => {
+            let mut lead = proxy.leading_bytes(&request, PROBE_BYTES).await?;
+            if !lead.whole && super::record::ImageMeta::probe(&lead.bytes).is_none() {
+                lead = proxy.leading_bytes(&request, PROBE_MORE_BYTES).await?;
+            }
+            let record = SourceRecord::new(
+                &lead.headers,
+                &lead.bytes,
+                lead.total_bytes,
+                previous.as_ref(),
+            );
+            (record, lead.headers)
+        }
+    };
+    if record.image.is_none() {
+        return Err(ProxyError::NotAnImage(
+            "the object's header is not that of an image this server reads (JPEG, PNG, GIF, WebP)"
+                .into(),
+        ));
+    }
+    let freshness = proxy.derived_freshness(&request, StatusCode::OK, &headers, now);
+    let object = record.to_object(&headers, freshness.unwrap_or(NOT_STORED), now);
+    let mut status = CacheStatus::MISS.with_detail("info");
+    if let Some(freshness) = freshness {
+        let stored = record.to_object(&headers, freshness, now);
+        if proxy.store_derived(record_key, stored).await {
+            status = status.stored();
+        }
+    }
+    respond(&record, &object, head, now, status)
+}
+
+/// The `/image-proxy` or route request whose object an `/image-info` request describes: its
+/// target (`?url=`) or route path, as a GET of the object.
+fn source_request(
+    routes: &Routes,
+    parts: &Parts,
+    client: &Client,
+) -> Result<ProxyRequest, ProxyError> {
+    let path = parts.uri.path();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let (route, target) = if path == IMAGE_INFO_PATH {
+        (Route::ImageProxy, format!("/image-proxy{query}"))
+    } else {
+        let rest = path
+            .strip_prefix(IMAGE_INFO_PATH)
+            .filter(|rest| rest.starts_with('/'))
+            .ok_or_else(|| ProxyError::NotFound(format!("no route for {path}")))?;
+        match routes.route_of(rest) {
+            route @ Route::Proxied { .. } => (route, format!("{rest}{query}")),
+            _ => {
+                return Err(ProxyError::NotFound(format!(
+                    "no object route serves {rest}"
+                )));
+            }
+        }
+    };
+    let (mut object, ()) = http::Request::new(()).into_parts();
+    object.method = Method::GET;
+    object.uri = target
+        .parse()
+        .map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))?;
+    object.version = parts.version;
+    object.headers = parts.headers.clone();
+    match routes.resolve(route, &object, client)? {
+        Proxied::Cacheable(mut request) => {
+            request.head = false;
+            request.if_none_match = None;
+            request.range = None;
+            request.if_range = None;
+            Ok(request)
+        }
+        Proxied::Forward { .. } => unreachable!("a GET resolves to a cacheable request"),
+    }
+}
+
+/// The JSON answer for `record`, stored as `object`, with its `Cache-Control` and `Age`.
+fn respond(
+    record: &SourceRecord,
+    object: &CachedObject,
+    head: bool,
+    now: SystemTime,
+    status: CacheStatus,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let image = record
+        .image
+        .as_ref()
+        .ok_or_else(|| ProxyError::NotAnImage("not an image".into()))?;
+    let body = serde_json::to_vec(&serde_json::json!({
+        "width": image.width,
+        "height": image.height,
+        "format": image.format,
+        "content_type": record.content_type,
+        "bytes": record.bytes,
+        "etag": record.etag,
+        "orientation": image.orientation,
+        "has_alpha": image.has_alpha,
+        "frames": image.frames,
+        "animated": image.animated,
+    }))
+    .expect("JSON serializes");
+    status.record_in_span();
+    let mut response = Response::new(if head {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::full(body.clone())
+    });
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    if let Some(v) = object.headers.get(CACHE_CONTROL) {
+        headers.insert(CACHE_CONTROL, v.clone());
+    }
+    headers.insert(AGE, HeaderValue::from(object.age(now).as_secs()));
+    headers.insert(CACHE_STATUS.clone(), status.header_value());
+    Ok(response)
+}
