@@ -1076,3 +1076,41 @@ fn small_png(width: u32, height: u32) -> Vec<u8> {
         .unwrap();
     png.into_inner()
 }
+
+#[tokio::test]
+async fn renditions_and_source_records_survive_kill_9_in_the_disk_tier() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        "/cat.png",
+        Reply::ok(small_png(300, 200))
+            .header("Cache-Control", "max-age=600")
+            .header("ETag", "\"c1\""),
+    );
+    let dir = TempDir::new("disk-renditions");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let bin = Binary::start(&disk_env(&origin, &dir)).await;
+    let url = |base: &str| format!("{base}/image-proxy?w=40&url={}", origin.url("/cat.png"));
+    let first = send(&client, Method::GET, &url(&bin.base), &[]).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(
+        first.cache_status(),
+        "imgedge; fwd=uri-miss; stored; detail=transform"
+    );
+    // the source, its record and the rendition
+    wait_for_disk_writes(&bin.base, 3).await;
+    bin.stop().await; // SIGKILL
+
+    let bin = Binary::start(&disk_env(&origin, &dir)).await;
+    let again = send(&client, Method::GET, &url(&bin.base), &[]).await;
+    assert_eq!(again.cache_status(), "imgedge; hit; detail=disk");
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.header("etag"), first.header("etag"));
+    assert!(
+        !metrics(&bin.base)
+            .await
+            .contains("imgedge_transforms_total{outcome=\"ok\"}"),
+        "transformed again after the restart"
+    );
+    assert_eq!(origin.hits("/cat.png"), 1);
+    bin.stop().await;
+}
