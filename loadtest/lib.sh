@@ -123,6 +123,21 @@ lt_wait_http() { # name pid url log
   return 1
 }
 
+# Starts imgedge ($EDGE_BIN) on $PORT in front of the origin started by lt_start (IMGEDGE_*
+# variables the caller exported apply too) and waits for /health; again after
+# `lt_stop "$LT_IMGEDGE_PID"` for a fresh process with empty tiers.
+lt_start_edge() {
+  IMGEDGE_SERVER__LISTEN=127.0.0.1:$PORT \
+    IMGEDGE_UPSTREAM__ALLOWED_HOSTS=${LT_ALLOWED_HOSTS:-'["127.0.0.1:'"$OPORT"'"]'} \
+    IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS='["127.0.0.1:'"$OPORT"'"]' \
+    IMGEDGE_SUPABASE__UPSTREAM=$ORIGIN \
+    IMGEDGE_CACHE__MEMORY_CAPACITY_BYTES=2147483648 \
+    IMGEDGE_LOG__LEVEL=warn \
+    "$EDGE_BIN" >>"$LT_TMP/imgedge.log" 2>&1 &
+  LT_IMGEDGE_PID=$!
+  lt_wait_http imgedge "$LT_IMGEDGE_PID" "$BASE/health" "$LT_TMP/imgedge.log" || exit 1
+}
+
 lt_start() {
   command -v python3 >/dev/null || lt_die "python3 is required"
   command -v curl >/dev/null || lt_die "curl is required"
@@ -141,16 +156,7 @@ lt_start() {
   LT_ORIGIN_PID=$!
   lt_wait_http origin "$LT_ORIGIN_PID" "$ORIGIN/__up" "$LT_TMP/origin.log" || exit 1
 
-  IMGEDGE_SERVER__LISTEN=127.0.0.1:$PORT \
-    IMGEDGE_UPSTREAM__ALLOWED_HOSTS=${LT_ALLOWED_HOSTS:-'["127.0.0.1:'"$OPORT"'"]'} \
-    IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS='["127.0.0.1:'"$OPORT"'"]' \
-    IMGEDGE_SUPABASE__UPSTREAM=$ORIGIN \
-    IMGEDGE_CACHE__MEMORY_CAPACITY_BYTES=2147483648 \
-    IMGEDGE_LOG__LEVEL=warn \
-    "$EDGE_BIN" >"$LT_TMP/imgedge.log" 2>&1 &
-  LT_IMGEDGE_PID=$!
-  lt_wait_http imgedge "$LT_IMGEDGE_PID" "$BASE/health" "$LT_TMP/imgedge.log" || exit 1
-
+  lt_start_edge
   curl -sS -o /dev/null --max-time 5 "$ORIGIN/__reset" || lt_die "origin /__reset failed"
   lt_log "origin $ORIGIN (pid $LT_ORIGIN_PID), imgedge $BASE (pid $LT_IMGEDGE_PID), logs in $LT_TMP"
 }

@@ -6,11 +6,12 @@
 #   bash loadtest/transform.sh [ROUNDS=3]
 #
 # Starts loadtest/origin.py and imgedge (release; EDGE_BIN to skip the build) with the Supabase
-# route in front of the origin (lib.sh's lt_start), fetches each original once through the object route (the ones
-# <= 5 MiB are then memory hits; larger ones are never stored and are fetched again by each
-# render, over loopback), then ROUNDS times, alternating which goes first: each image through
-# /storage/v1/render/image/public/wallpapers/NAME?width=800&quality=80 with curl (one request at
-# a time; a render is never cached yet, so each one decodes, resizes and encodes), and each image
+# route in front of the origin (lib.sh's lt_start), then ROUNDS times: imgedge restarted (renditions
+# are stored, so a fresh process keeps every render cold), each original fetched once through the
+# object route, untimed (the ones <= 5 MiB are then memory hits; larger ones are never stored and
+# are fetched again by each render, over loopback); then, alternating which goes first: each image
+# through /storage/v1/render/image/public/wallpapers/NAME?width=800&quality=80 with curl (one
+# request at a time; each one decodes, resizes and encodes), and each image
 # through vipsthumbnail (output in the source's format, JPEG at Q=80, as imgedge's). Checks every
 # output is 800 pixels wide (vipsheader). Prints per-image and total wall times and writes
 # loadtest/reports/transform-<UTC>.md.
@@ -46,9 +47,12 @@ mapfile -t images < <(awk -F'\t' '$3 == "image/jpeg" || $3 == "image/png" {print
 EDGE_BIN=$run_bin lt_start
 lt_log "imgedge $bin_version ($bin_source), $(vipsthumbnail --vips-version 2>/dev/null | head -n1)"
 
-for name in "${images[@]}"; do
-  curl -fsS -o /dev/null "$BASE/storage/v1/object/public/wallpapers/$name" || lt_die "cannot fetch $name"
-done
+warm() {
+  local name
+  for name in "${images[@]}"; do
+    curl -fsS -o /dev/null "$BASE/storage/v1/object/public/wallpapers/$name" || lt_die "cannot fetch $name"
+  done
+}
 
 now() { date +%s.%N; }
 declare -A t_edge t_vips
@@ -74,6 +78,11 @@ run_vips() {
 }
 
 for ((r = 1; r <= rounds; r++)); do
+  if ((r > 1)); then
+    lt_stop "$LT_IMGEDGE_PID"
+    lt_start_edge
+  fi
+  warm
   for name in "${images[@]}"; do
     if ((r % 2)); then
       e=$(run_edge "$name"); v=$(run_vips "$name")
@@ -95,7 +104,7 @@ report=$here/reports/transform-$(date -u +%Y%m%dT%H%M%SZ).md
   echo "bash loadtest/transform.sh $rounds"
   echo '```'
   echo
-  echo "imgedge: $bin_version, $bin_source, sha256 ${bin_sha:0:12}; $(vipsthumbnail --vips-version 2>/dev/null | head -n1); $(nproc) cores. The eight largest JPEG and PNG images of the corpus; each render is one request at a time (curl, wall time from request to last byte; the originals fetched once before, those over 5 MiB fetched again by each render over loopback); vipsthumbnail reads the file from disk (page cache) and writes in the source's format (JPEG Q=80). Median of $rounds rounds, alternating which runs first. vipsthumbnail's times include starting its process (libvips initialisation); imgedge's include an HTTP request over loopback. PNG output is compressed by each with its own default settings (compare the sizes)."
+  echo "imgedge: $bin_version, $bin_source, sha256 ${bin_sha:0:12}; $(vipsthumbnail --vips-version 2>/dev/null | head -n1); $(nproc) cores. The eight largest JPEG and PNG images of the corpus; each render is one request at a time on a fresh imgedge process per round (curl, wall time from request to last byte; the originals fetched once before, those over 5 MiB fetched again by each render over loopback); vipsthumbnail reads the file from disk (page cache) and writes in the source's format (JPEG Q=80). Median of $rounds rounds, alternating which runs first. vipsthumbnail's times include starting its process (libvips initialisation); imgedge's include an HTTP request over loopback. PNG output is compressed by each with its own default settings (compare the sizes)."
   echo
   echo "| image | bytes | imgedge s | vipsthumbnail s | ratio | output bytes imgedge / vips |"
   echo "|---|---|---|---|---|---|"

@@ -142,6 +142,11 @@ impl SourceRecord {
             }
     }
 
+    /// Whether the source is an animation (GIF, WebP, APNG of more than one frame).
+    pub fn is_animated(&self) -> bool {
+        self.image.as_ref().is_some_and(|i| i.animated)
+    }
+
     /// What names this version in validators: its `ETag`, else `Last-Modified`, else the
     /// digest of its body.
     pub fn version(&self) -> Option<&str> {

@@ -164,6 +164,8 @@ impl Render {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let now = SystemTime::now();
         let primary = request.primary.clone();
+        // an animation is served as it is unless a format was asked for (then its first frame)
+        let keeps_animation = params.format.is_none() || params.negotiate;
         if params.negotiate {
             // RFC 9110 §12.5.1: WebP when the client lists it (not only through a wildcard)
             params.format = accepts_webp(&parts.headers).then_some(Format::Webp);
@@ -178,6 +180,9 @@ impl Render {
             })
             .and_then(|f| SourceRecord::from_object(&f.object));
         if let Some(record) = &fresh_record {
+            if keeps_animation && record.is_animated() {
+                return proxy.handle(request).await;
+            }
             let etag = record.rendition_etag(&primary, &canonical);
             if let Some(response) = not_modified(parts, etag.as_ref(), &params) {
                 return Ok(response);
@@ -220,6 +225,10 @@ impl Render {
         {
             let object = record.to_object(&source.headers, freshness, now);
             proxy.store_derived(primary.source_record(), object).await;
+        }
+        if keeps_animation && record.is_animated() {
+            drop(source);
+            return proxy.handle(request).await;
         }
         let etag = record.rendition_etag(&primary, &canonical);
         if let Some(response) = not_modified(parts, etag.as_ref(), &params) {
