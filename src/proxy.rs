@@ -344,6 +344,7 @@ impl Proxy {
         }
         let UpstreamResponse { head, body } = upstream;
         let mut headers = req.forwarding.response_headers(&head.headers);
+        add_date(&mut headers, head.times.response_time);
         if let Some(length) = head.content_length {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
         }
@@ -478,5 +479,17 @@ impl Proxy {
             Err(UpstreamError::Refused(_)) => self.metrics.upstream("refused", None),
             Err(_) => self.metrics.upstream("error", None),
         }
+    }
+}
+
+/// Adds `Date` (the time the response arrived) to a response that has none: RFC 9110 §6.6.1
+/// requires it of a cache that stores or forwards such a response, and what is derived from a
+/// stored response (source records) tells its fills apart by it.
+pub(crate) fn add_date(headers: &mut HeaderMap, response_time: SystemTime) {
+    if !headers.contains_key(http::header::DATE) {
+        headers.insert(
+            http::header::DATE,
+            HeaderValue::from_str(&httpdate::fmt_http_date(response_time)).expect("ASCII"),
+        );
     }
 }

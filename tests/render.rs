@@ -716,7 +716,9 @@ async fn renditions_are_stored_purged_with_their_source_and_dropped_when_it_chan
     assert_eq!(transforms(&proxy).await, 1);
     assert_eq!(origin.hits(OBJECT), 1);
 
-    // purging the source (by its object path) purges its renditions
+    // purging the source (by its object path) purges its renditions: the source fetched again
+    // (here a second later: a fill is told apart by its Date) starts a new generation
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let bearer = format!("Bearer {token}");
     let purged = proxy
         .send_body(
@@ -825,4 +827,34 @@ async fn authenticated_and_signed_render_routes_are_forwarded_to_supabase_unchan
     assert_eq!(got.text(), "rendered by supabase (signed)");
     assert_eq!(origin.hits(&signed), 1);
     assert_eq!(transforms(&proxy).await, 0, "nothing rendered here");
+}
+
+#[tokio::test]
+async fn renditions_made_at_once_from_a_cold_source_are_all_kept() {
+    let (origin, proxy) = render_proxy().await;
+    let proxy = std::sync::Arc::new(proxy);
+    let widths: Vec<u32> = (0..10).map(|i| 20 + i * 7).collect();
+    let cold: Vec<_> = widths
+        .iter()
+        .map(|w| {
+            let proxy = proxy.clone();
+            let w = *w;
+            tokio::spawn(async move { proxy.get(&format!("{RENDER}?width={w}")).await })
+        })
+        .collect();
+    for r in cold {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+    // every one of them is found again: they agreed on the source record's generation
+    for w in &widths {
+        let got = proxy.get(&format!("{RENDER}?width={w}")).await;
+        assert_eq!(
+            got.cache_status(),
+            "imgedge; hit; detail=memory",
+            "width={w}"
+        );
+        assert_eq!(decoded(&got).width(), *w);
+    }
+    assert_eq!(transforms(&proxy).await, 10);
+    assert_eq!(origin.hits(OBJECT), 1);
 }

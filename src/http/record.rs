@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, ETAG, EXPIRES, LAST_MODIFIED};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, DATE, ETAG, EXPIRES, LAST_MODIFIED};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -127,7 +127,10 @@ impl SourceRecord {
         };
         record.generation = match previous {
             Some(p) if p.same_version(&record) => p.generation,
-            _ => new_generation(),
+            _ => match record.version() {
+                Some(version) => generation_of(version, text(DATE).as_deref()),
+                None => new_generation(),
+            },
         };
         record
     }
@@ -199,6 +202,19 @@ impl SourceRecord {
     }
 }
 
+/// The generation of a record made without a previous one of the same version: from the version
+/// and the source response's `Date`, so that concurrent first requests for renditions of one
+/// source (which all read the same fill) agree on it, while a source fetched again after a
+/// purge (another `Date`) starts a new one.
+fn generation_of(version: &str, date: Option<&str>) -> u64 {
+    let digest = Sha256::new()
+        .chain_update(version.as_bytes())
+        .chain_update(b"\n")
+        .chain_update(date.unwrap_or_default().as_bytes())
+        .finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
 /// A generation not used before in this process, and unlikely in any other: the time and a
 /// counter, mixed with a per-process random key.
 fn new_generation() -> u64 {
@@ -262,6 +278,19 @@ mod tests {
         let part = SourceRecord::new(&none, b"on", Some(3), Some(&b));
         assert_ne!(part.generation, b.generation);
         assert_eq!(part.version(), None);
+    }
+
+    #[test]
+    fn records_made_apart_from_one_response_agree_and_a_refetch_starts_anew() {
+        let fill = headers(&[("etag", "\"1\""), ("date", "Mon, 30 Nov 2026 05:00:00 GMT")]);
+        let a = SourceRecord::new(&fill, b"one", Some(3), None);
+        let b = SourceRecord::new(&fill, b"one", Some(3), None);
+        assert_eq!(a.generation, b.generation);
+        let refetched = headers(&[("etag", "\"1\""), ("date", "Mon, 30 Nov 2026 06:00:00 GMT")]);
+        assert_ne!(
+            SourceRecord::new(&refetched, b"one", Some(3), None).generation,
+            a.generation
+        );
     }
 
     #[test]

@@ -153,7 +153,8 @@ impl Proxy {
             upstream.head.content_length
         };
         let whole = total_bytes == Some(bytes.len() as u64);
-        let headers = req.forwarding.response_headers(&upstream.head.headers);
+        let mut headers = req.forwarding.response_headers(&upstream.head.headers);
+        super::add_date(&mut headers, upstream.head.times.response_time);
         Ok(LeadingBytes {
             headers,
             bytes,
