@@ -13,13 +13,14 @@ use std::time::Duration;
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;
-use image::codecs::webp::WebPEncoder;
 use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageFormat, ImageReader, Limits};
 use percent_encoding::percent_decode_str;
 use tokio::sync::Semaphore;
 
 use crate::config::TransformConfig;
 use crate::error::ProxyError;
+
+mod webp;
 
 /// Supabase's default `quality`.
 pub const DEFAULT_QUALITY: u8 = 80;
@@ -77,7 +78,7 @@ pub struct Params {
     /// Target height in pixels, 1–`max_dimension`.
     pub height: Option<u32>,
     pub fit: Fit,
-    /// JPEG quality, 20–100; `None` when not given (then [`DEFAULT_QUALITY`]).
+    /// JPEG and WebP quality, 20–100; `None` when not given (then [`DEFAULT_QUALITY`]).
     pub quality: Option<u8>,
     /// `download`: serve as an attachment, with this file name when one was given.
     pub download: Option<String>,
@@ -346,8 +347,9 @@ pub fn target_size(
 }
 
 /// Transforms `source` (a whole JPEG, PNG, WebP or GIF; a GIF's first frame) by `params`, into
-/// the source's format (JPEG at `quality`; PNG; a WebP source as lossless WebP; a GIF as PNG),
-/// EXIF orientation applied, with the source's ICC profile (copied, pixels not converted).
+/// the format asked for, else the source's: JPEG at `quality`; PNG; WebP lossy at `quality`
+/// (a WebP source too, as Supabase and imgproxy re-encode it; alpha kept); a GIF as PNG. EXIF
+/// orientation applied, with the source's ICC profile (copied, pixels not converted).
 /// Blocking and CPU-bound: run it on [`Pool::run`].
 ///
 /// Before decoding, `reserve` is asked for the bytes the decoded source and the resized output
@@ -495,18 +497,11 @@ fn encode(
             "image/jpeg"
         }
         ImageFormat::WebP => {
-            let image = match image {
-                DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_) => image,
-                other if other.color().has_alpha() => DynamicImage::ImageRgba8(other.to_rgba8()),
-                other => DynamicImage::ImageRgb8(other.to_rgb8()),
-            };
-            let mut encoder = WebPEncoder::new_lossless(&mut bytes);
-            if let Some(icc) = icc_profile {
-                encoder
-                    .set_icc_profile(icc)
-                    .map_err(|e| TransformError::Encode(e.to_string()))?;
-            }
-            image.write_with_encoder(encoder).map_err(encode_error)?;
+            bytes = webp::encode_lossy(
+                &image,
+                params.quality.unwrap_or(DEFAULT_QUALITY),
+                icc_profile.as_deref(),
+            )?;
             "image/webp"
         }
         _ => {
@@ -632,5 +627,55 @@ mod tests {
         );
         assert_eq!(target_size(1, 5000, &p("width=10"), 2500), (10, 2500));
         assert_eq!(target_size(5000, 1, &p("width=10"), 2500), (10, 1));
+    }
+
+    fn encoded(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), format)
+            .unwrap();
+        bytes
+    }
+
+    fn run(source: &[u8], params: &Params) -> Output {
+        transform(source, params, 50_000_000, 2500, |_| Some(())).unwrap()
+    }
+
+    #[test]
+    fn webp_output_is_lossy_at_the_quality_asked_and_keeps_alpha() {
+        let rgba = image::RgbaImage::from_fn(400, 200, |x, y| {
+            image::Rgba([
+                (x % 256) as u8,
+                (y % 256) as u8,
+                90,
+                if x < 200 { 255 } else { 40 },
+            ])
+        });
+        let png = encoded(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png);
+        let webp = run(&png, &params("width=200&format=webp&quality=60").unwrap());
+        assert_eq!(webp.content_type, "image/webp");
+        assert_eq!(&webp.bytes[0..4], b"RIFF");
+        assert_eq!(&webp.bytes[8..12], b"WEBP");
+        let decoded = image::load_from_memory(&webp.bytes).unwrap().to_rgba8();
+        assert_eq!(decoded.dimensions(), (200, 100));
+        assert!(decoded.get_pixel(20, 50)[3] == 255 && decoded.get_pixel(180, 50)[3] < 60);
+    }
+
+    #[test]
+    fn a_webp_source_without_a_format_is_reencoded_lossy_at_the_quality() {
+        let rgb = image::RgbImage::from_fn(300, 300, |x, y| {
+            image::Rgb([
+                (x * 3 % 256) as u8,
+                (y * 5 % 256) as u8,
+                ((x ^ y) % 256) as u8,
+            ])
+        });
+        // the image crate writes lossless WebP: the source is VP8L
+        let source = encoded(&DynamicImage::ImageRgb8(rgb), ImageFormat::WebP);
+        assert_eq!(&source[12..16], b"VP8L");
+        let out = run(&source, &params("width=150&quality=50").unwrap());
+        assert_eq!(out.content_type, "image/webp");
+        assert_eq!(&out.bytes[12..16], b"VP8 ");
+        assert_eq!((out.width, out.height), (150, 150));
     }
 }
