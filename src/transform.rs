@@ -24,6 +24,12 @@ use crate::error::ProxyError;
 mod jpeg;
 mod webp;
 
+/// The png crate's limit (`png::Limits::bytes`, here through the image crate's
+/// `Limits::max_alloc`) on what it buffers besides the pixels: ancillary chunks, the ICC profile
+/// it inflates (an `iCCP` chunk of a few kilobytes can claim gigabytes), text. The png crate's own
+/// default, 64 MiB; profiles are kilobytes to a few megabytes.
+const PNG_CHUNK_BYTES: u64 = 64 << 20;
+
 /// Supabase's default `quality`.
 pub const DEFAULT_QUALITY: u8 = 80;
 
@@ -419,9 +425,16 @@ pub fn decode<R>(
     let format = reader
         .format()
         .ok_or_else(|| TransformError::Undecodable("not a known image format".into()))?;
-    // the header is read without limits, so that a source too large is refused here, by its
-    // dimensions, with our error; the decoder gets limits once they are known to be acceptable
-    reader.no_limits();
+    // the header is read without limits on the dimensions, so that a source too large is
+    // refused here, by its dimensions, with our error; the decoder gets those limits once they
+    // are known to be acceptable. The png crate is the exception: the image crate hands it its
+    // own limit (on the chunks it buffers: ICC profiles, text, other ancillary chunks) only
+    // when its decoder is made, never later, so it is given one now
+    let mut header_limits = Limits::no_limits();
+    if format == ImageFormat::Png {
+        header_limits.max_alloc = Some(PNG_CHUNK_BYTES);
+    }
+    reader.limits(header_limits);
     let mut decoder = reader.into_decoder().map_err(undecodable)?;
     let (width, height) = decoder.dimensions();
     if u64::from(width) * u64::from(height) > max_source_pixels {
@@ -958,6 +971,37 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_png_icc_profile_that_inflates_past_the_png_crates_limit_is_dropped_not_inflated() {
+        use image::ImageEncoder;
+        let rgb = image::RgbImage::from_pixel(16, 16, image::Rgb([1, 2, 3]));
+        let with_icc = |len: usize| {
+            let mut png = Vec::new();
+            let mut encoder = PngEncoder::new(&mut png);
+            encoder.set_icc_profile(vec![7; len]).unwrap();
+            encoder
+                .write_image(rgb.as_raw(), 16, 16, image::ExtendedColorType::Rgb8)
+                .unwrap();
+            png
+        };
+        let output_icc = |png: &[u8]| {
+            let out = run(png, &params("width=8").unwrap());
+            assert_eq!(out.width, 8);
+            image::codecs::png::PngDecoder::new(Cursor::new(out.bytes))
+                .unwrap()
+                .icc_profile()
+                .unwrap()
+                .map(|icc| icc.len())
+        };
+        // an iCCP chunk of well under 1 MB that inflates to 65 MiB: the png crate stops at its
+        // limit and ignores the chunk (it would have inflated it, and the output carried it)
+        let bomb = with_icc((PNG_CHUNK_BYTES + (1 << 20)) as usize);
+        assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+        assert_eq!(output_icc(&bomb), None);
+        // a profile of ordinary size is kept
+        assert_eq!(output_icc(&with_icc(600 << 10)), Some(600 << 10));
     }
 
     #[test]
