@@ -22,7 +22,10 @@ use crate::config::TransformConfig;
 use crate::error::ProxyError;
 
 mod jpeg;
+mod probe;
 mod webp;
+
+pub use probe::{ImageInfo, is_animated, probe};
 
 /// The png crate's limit (`png::Limits::bytes`, here through the image crate's
 /// `Limits::max_alloc`) on what it buffers besides the pixels: ancillary chunks, the ICC profile
