@@ -13,13 +13,25 @@ use std::time::Duration;
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;
-use image::codecs::webp::WebPEncoder;
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageFormat, ImageReader, Limits};
 use percent_encoding::percent_decode_str;
 use tokio::sync::Semaphore;
 
 use crate::config::TransformConfig;
 use crate::error::ProxyError;
+
+mod jpeg;
+mod probe;
+mod webp;
+
+pub use probe::{ImageInfo, is_animated, probe};
+
+/// The png crate's limit (`png::Limits::bytes`, here through the image crate's
+/// `Limits::max_alloc`) on what it buffers besides the pixels: ancillary chunks, the ICC profile
+/// it inflates (an `iCCP` chunk of a few kilobytes can claim gigabytes), text. The png crate's own
+/// default, 64 MiB; profiles are kilobytes to a few megabytes.
+const PNG_CHUNK_BYTES: u64 = 64 << 20;
 
 /// Supabase's default `quality`.
 pub const DEFAULT_QUALITY: u8 = 80;
@@ -77,7 +89,7 @@ pub struct Params {
     /// Target height in pixels, 1–`max_dimension`.
     pub height: Option<u32>,
     pub fit: Fit,
-    /// JPEG quality, 20–100; `None` when not given (then [`DEFAULT_QUALITY`]).
+    /// JPEG and WebP quality, 20–100; `None` when not given (then [`DEFAULT_QUALITY`]).
     pub quality: Option<u8>,
     /// `download`: serve as an attachment, with this file name when one was given.
     pub download: Option<String>,
@@ -346,13 +358,15 @@ pub fn target_size(
 }
 
 /// Transforms `source` (a whole JPEG, PNG, WebP or GIF; a GIF's first frame) by `params`, into
-/// the source's format (JPEG at `quality`; PNG; a WebP source as lossless WebP; a GIF as PNG),
-/// EXIF orientation applied, with the source's ICC profile (copied, pixels not converted).
-/// Blocking and CPU-bound: run it on [`Pool::run`].
+/// the format asked for, else the source's: JPEG at `quality`; PNG; WebP lossy at `quality`
+/// (a WebP source too, as Supabase and imgproxy re-encode it; alpha kept); a GIF as PNG. EXIF
+/// orientation applied, with the source's ICC profile (copied, pixels not converted). A JPEG
+/// is decoded at 1/2, 1/4 or 1/8 of its size when that leaves at least twice the output's
+/// size (DCT-domain shrink-on-load, `transform/jpeg.rs`). Blocking and CPU-bound: run it on [`Pool::run`].
 ///
-/// Before decoding, `reserve` is asked for the bytes the decoded source and the resized output
-/// will hold (from the header: width × height × bytes per pixel, both); what it returns is held
-/// until the output is encoded, and `None` refuses the transform.
+/// Before decoding, `reserve` is asked for the bytes the decoded source (at its shrink-on-load
+/// size) and the resized output will hold (from the header: width × height × bytes per pixel,
+/// both); what it returns is held until the output is encoded, and `None` refuses the transform.
 ///
 /// # Errors
 /// [`TransformError::TooManyPixels`] from the header alone, before pixel memory is allocated;
@@ -365,16 +379,65 @@ pub fn transform<R>(
     max_dimension: u32,
     reserve: impl FnOnce(u64) -> Option<R>,
 ) -> Result<Output, TransformError> {
+    let (mut decoded, reservation) =
+        decode(source, params, max_source_pixels, max_dimension, reserve)?;
+    let format = output_format(decoded.format, params);
+    let icc_profile = decoded.icc_profile.take();
+    let image = resize_decoded(decoded, params, max_dimension)?;
+    let output = encode(image, format, params, icc_profile);
+    drop(reservation);
+    output
+}
+
+/// A decoded source: what the pipeline's first stage hands to the resize.
+#[doc(hidden)]
+pub struct Decoded {
+    /// The pixels, EXIF orientation applied; smaller than the source when a JPEG was shrunk on
+    /// load.
+    pub image: DynamicImage,
+    /// The source's size in pixels, orientation applied. Output sizes come from it, not from
+    /// `image`'s, which a shrink-on-load rounds.
+    pub source_width: u32,
+    pub source_height: u32,
+    /// The source's format.
+    pub format: ImageFormat,
+    /// The source's ICC profile, copied onto the output.
+    pub icc_profile: Option<Vec<u8>>,
+    /// The JPEG shrink-on-load denominator used: 1 (full size), 2, 4 or 8.
+    pub shrink: u32,
+}
+
+/// The pipeline's first stage, public for the benches (`benches/transform.rs`): the header check
+/// against `max_source_pixels`, the reservation, the decode (a JPEG shrunk on load for
+/// `params`), EXIF orientation. Returns the decoded source and what `reserve` returned.
+///
+/// # Errors
+/// As [`transform`], but for [`TransformError::Encode`].
+#[doc(hidden)]
+pub fn decode<R>(
+    source: &[u8],
+    params: &Params,
+    max_source_pixels: u64,
+    max_dimension: u32,
+    reserve: impl FnOnce(u64) -> Option<R>,
+) -> Result<(Decoded, R), TransformError> {
     let undecodable = |e: image::ImageError| TransformError::Undecodable(e.to_string());
     let mut reader = ImageReader::new(Cursor::new(source))
         .with_guessed_format()
         .map_err(|e| TransformError::Undecodable(e.to_string()))?;
-    // the header is read without limits, so that a source too large is refused here, by its
-    // dimensions, with our error; the decoder gets limits once they are known to be acceptable
-    reader.no_limits();
     let format = reader
         .format()
         .ok_or_else(|| TransformError::Undecodable("not a known image format".into()))?;
+    // the header is read without limits on the dimensions, so that a source too large is
+    // refused here, by its dimensions, with our error; the decoder gets those limits once they
+    // are known to be acceptable. The png crate is the exception: the image crate hands it its
+    // own limit (on the chunks it buffers: ICC profiles, text, other ancillary chunks) only
+    // when its decoder is made, never later, so it is given one now
+    let mut header_limits = Limits::no_limits();
+    if format == ImageFormat::Png {
+        header_limits.max_alloc = Some(PNG_CHUNK_BYTES);
+    }
+    reader.limits(header_limits);
     let mut decoder = reader.into_decoder().map_err(undecodable)?;
     let (width, height) = decoder.dimensions();
     if u64::from(width) * u64::from(height) > max_source_pixels {
@@ -384,67 +447,154 @@ pub fn transform<R>(
             max: max_source_pixels,
         });
     }
-    // the orientation may swap the sides: reserve for the larger of the two outputs
-    let bytes_per_pixel = u64::from(decoder.color_type().bytes_per_pixel());
-    let output_pixels = [(width, height), (height, width)]
-        .iter()
-        .map(|&(w, h)| {
-            let (tw, th) = target_size(w, h, params, max_dimension);
-            u64::from(tw) * u64::from(th)
-        })
-        .max()
-        .unwrap_or(0);
-    let bytes = (u64::from(width) * u64::from(height) + output_pixels) * bytes_per_pixel;
-    let _reservation = reserve(bytes).ok_or(TransformError::NoMemory { bytes })?;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(width);
-    limits.max_image_height = Some(height);
-    // the decoded pixels (at most 16 bytes each) plus the decoder's own buffers
-    limits.max_alloc = Some(
-        max_source_pixels
-            .saturating_mul(16)
-            .saturating_add(64 << 20),
-    );
-    decoder.set_limits(limits).map_err(undecodable)?;
+    // read from the EXIF segment the header parse already holds: no pixels yet
     let orientation = decoder.orientation().map_err(undecodable)?;
+    let turned = matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    );
+    let (source_width, source_height) = if turned {
+        (height, width)
+    } else {
+        (width, height)
+    };
+    let jpeg_header = match format {
+        ImageFormat::Jpeg => Some(jpeg::header(source)?),
+        _ => None,
+    };
+    let shrink = match jpeg_header {
+        Some(header) if header.scalable => {
+            if (header.width, header.height) != (width, height) {
+                return Err(TransformError::Undecodable(format!(
+                    "jpeg: the headers disagree on the size ({width}x{height}, {}x{})",
+                    header.width, header.height
+                )));
+            }
+            let (w, h) = scaled_source_size(source_width, source_height, params, max_dimension);
+            jpeg::shrink_denominator((width, height), if turned { (h, w) } else { (w, h) })
+        }
+        _ => 1,
+    };
+    let (decoded_width, decoded_height) = jpeg::scaled_size(width, height, shrink);
+    let bytes_per_pixel = u64::from(decoder.color_type().bytes_per_pixel());
+    let (output_width, output_height) =
+        target_size(source_width, source_height, params, max_dimension);
+    let bytes = (u64::from(decoded_width) * u64::from(decoded_height)
+        + u64::from(output_width) * u64::from(output_height))
+        * bytes_per_pixel;
+    let reservation = reserve(bytes).ok_or(TransformError::NoMemory { bytes })?;
     // the source's colour profile goes onto the output as it is (pixels are not converted)
     let icc_profile = decoder.icc_profile().ok().flatten();
-    let mut image = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
-    image.apply_orientation(orientation);
-
-    let (w, h) = target_size(image.width(), image.height(), params, max_dimension);
-    let image = if params.fit == Fit::Pad && params.width.is_some() && params.height.is_some() {
-        // fitted inside the box, then centred on a canvas of the box's size
-        let inside = Params {
-            fit: Fit::Inside,
-            ..params.clone()
-        };
-        let (iw, ih) = target_size(image.width(), image.height(), &inside, max_dimension);
-        let fitted = if (iw, ih) == (image.width(), image.height()) {
-            image
-        } else {
-            resize(&image, iw, ih, &inside)?
-        };
-        let mut canvas = DynamicImage::new(w, h, fitted.color());
-        image::imageops::overlay(
-            &mut canvas,
-            &fitted,
-            i64::from((w - iw) / 2),
-            i64::from((h - ih) / 2),
-        );
-        canvas
-    } else if (w, h) == (image.width(), image.height()) {
-        image
+    let mut image = if jpeg_header.is_some_and(|h| h.scalable) {
+        drop(decoder);
+        jpeg::decode(source, shrink)?
     } else {
-        resize(&image, w, h, params)?
+        let mut limits = Limits::default();
+        limits.max_image_width = Some(width);
+        limits.max_image_height = Some(height);
+        // the decoded pixels (at most 16 bytes each) plus the decoder's own buffers
+        limits.max_alloc = Some(
+            max_source_pixels
+                .saturating_mul(16)
+                .saturating_add(64 << 20),
+        );
+        decoder.set_limits(limits).map_err(undecodable)?;
+        DynamicImage::from_decoder(decoder).map_err(undecodable)?
     };
-    let format = match params.format {
-        None => format,
+    image.apply_orientation(orientation);
+    Ok((
+        Decoded {
+            image,
+            source_width,
+            source_height,
+            format,
+            icc_profile,
+            shrink,
+        },
+        reservation,
+    ))
+}
+
+/// The size, in pixels and unrounded, that the whole `width` × `height` source (orientation
+/// applied) is scaled to before any crop or padding: for `cover` with both sides given, the
+/// source covering the box; for the padded `contain`, the source inside it; otherwise the exact
+/// [`target_size`] (held to `max_dimension` as it is).
+fn scaled_source_size(width: u32, height: u32, params: &Params, max_dimension: u32) -> (f64, f64) {
+    let (sw, sh) = (f64::from(width.max(1)), f64::from(height.max(1)));
+    let max = f64::from(max_dimension.max(1));
+    let (w, h) = (params.width.map(f64::from), params.height.map(f64::from));
+    match (w, h, params.fit) {
+        (None, None, _) => (sw, sh),
+        (Some(w), None, _) => (w, (sh * w / sw).min(max)),
+        (None, Some(h), _) => ((sw * h / sh).min(max), h),
+        (Some(w), Some(h), Fit::Fill) => (w, h),
+        (Some(w), Some(h), Fit::Cover) => {
+            let scale = (w / sw).max(h / sh);
+            (sw * scale, sh * scale)
+        }
+        (Some(w), Some(h), Fit::Inside | Fit::Pad) => {
+            let scale = (w / sw).min(h / sh);
+            (sw * scale, sh * scale)
+        }
+    }
+}
+
+/// The format written for a `source` format and `params`: the one asked for, else the source's.
+#[doc(hidden)]
+pub fn output_format(source: ImageFormat, params: &Params) -> ImageFormat {
+    match params.format {
+        None => source,
         Some(Format::Jpeg) => ImageFormat::Jpeg,
         Some(Format::Png) => ImageFormat::Png,
         Some(Format::Webp) => ImageFormat::WebP,
-    };
-    encode(image, format, params, icc_profile)
+    }
+}
+
+/// The pipeline's second stage, public for the benches: `decoded` resized (Lanczos3, SIMD) to
+/// the [`target_size`] of its source, cropped for `cover`, padded for `/image-proxy`'s
+/// `contain`.
+///
+/// # Errors
+/// [`TransformError::Encode`] when the resizer fails.
+#[doc(hidden)]
+pub fn resize_decoded(
+    decoded: Decoded,
+    params: &Params,
+    max_dimension: u32,
+) -> Result<DynamicImage, TransformError> {
+    let (sw, sh) = (decoded.source_width, decoded.source_height);
+    let image = decoded.image;
+    let (w, h) = target_size(sw, sh, params, max_dimension);
+    Ok(
+        if params.fit == Fit::Pad && params.width.is_some() && params.height.is_some() {
+            // fitted inside the box, then centred on a canvas of the box's size
+            let inside = Params {
+                fit: Fit::Inside,
+                ..params.clone()
+            };
+            let (iw, ih) = target_size(sw, sh, &inside, max_dimension);
+            let fitted = if (iw, ih) == (image.width(), image.height()) {
+                image
+            } else {
+                resize(&image, iw, ih, &inside)?
+            };
+            let mut canvas = DynamicImage::new(w, h, fitted.color());
+            image::imageops::overlay(
+                &mut canvas,
+                &fitted,
+                i64::from((w - iw) / 2),
+                i64::from((h - ih) / 2),
+            );
+            canvas
+        } else if (w, h) == (image.width(), image.height()) {
+            image
+        } else {
+            resize(&image, w, h, params)?
+        },
+    )
 }
 
 fn resize(
@@ -465,7 +615,13 @@ fn resize(
     Ok(target)
 }
 
-fn encode(
+/// The pipeline's last stage, public for the benches: `image` written as `format` (JPEG and
+/// WebP at `params.quality`), with `icc_profile`.
+///
+/// # Errors
+/// [`TransformError::Encode`].
+#[doc(hidden)]
+pub fn encode(
     image: DynamicImage,
     format: ImageFormat,
     params: &Params,
@@ -495,18 +651,11 @@ fn encode(
             "image/jpeg"
         }
         ImageFormat::WebP => {
-            let image = match image {
-                DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_) => image,
-                other if other.color().has_alpha() => DynamicImage::ImageRgba8(other.to_rgba8()),
-                other => DynamicImage::ImageRgb8(other.to_rgb8()),
-            };
-            let mut encoder = WebPEncoder::new_lossless(&mut bytes);
-            if let Some(icc) = icc_profile {
-                encoder
-                    .set_icc_profile(icc)
-                    .map_err(|e| TransformError::Encode(e.to_string()))?;
-            }
-            image.write_with_encoder(encoder).map_err(encode_error)?;
+            bytes = webp::encode_lossy(
+                &image,
+                params.quality.unwrap_or(DEFAULT_QUALITY),
+                icc_profile.as_deref(),
+            )?;
             "image/webp"
         }
         _ => {
@@ -632,5 +781,267 @@ mod tests {
         );
         assert_eq!(target_size(1, 5000, &p("width=10"), 2500), (10, 2500));
         assert_eq!(target_size(5000, 1, &p("width=10"), 2500), (10, 1));
+    }
+
+    fn encoded(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), format)
+            .unwrap();
+        bytes
+    }
+
+    fn run(source: &[u8], params: &Params) -> Output {
+        transform(source, params, 50_000_000, 2500, |_| Some(())).unwrap()
+    }
+
+    /// `jpeg` with an EXIF APP1 segment holding only `orientation` (1-8), after SOI.
+    fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+        let mut tiff = b"II\x2a\x00\x08\x00\x00\x00".to_vec();
+        tiff.extend_from_slice(&1u16.to_le_bytes());
+        tiff.extend_from_slice(&0x0112u16.to_le_bytes());
+        tiff.extend_from_slice(&3u16.to_le_bytes());
+        tiff.extend_from_slice(&1u32.to_le_bytes());
+        tiff.extend_from_slice(&u32::from(orientation).to_le_bytes());
+        tiff.extend_from_slice(&0u32.to_le_bytes());
+        let mut app1 = b"Exif\x00\x00".to_vec();
+        app1.extend_from_slice(&tiff);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&app1);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    /// A 1600 x 1000 JPEG, its top-left 800 x 500 quadrant red, the rest blue.
+    fn quadrant_jpeg() -> Vec<u8> {
+        let rgb = image::RgbImage::from_fn(1600, 1000, |x, y| {
+            if x < 800 && y < 500 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        });
+        encoded(&DynamicImage::ImageRgb8(rgb), ImageFormat::Jpeg)
+    }
+
+    #[test]
+    fn jpegs_are_shrunk_on_load_leaving_twice_the_output_and_the_output_size_is_exact() {
+        let jpeg = quadrant_jpeg();
+        // (query, shrink, decoded size, output size)
+        let cases = [
+            ("width=1600", 1, (1600, 1000), (1600, 1000)),
+            ("width=800", 1, (1600, 1000), (800, 500)),
+            ("width=401", 1, (1600, 1000), (401, 251)),
+            ("width=400", 2, (800, 500), (400, 250)),
+            ("width=200", 4, (400, 250), (200, 125)),
+            ("width=199", 4, (400, 250), (199, 124)),
+            ("width=100", 8, (200, 125), (100, 63)),
+            ("width=7", 8, (200, 125), (7, 4)),
+            ("height=125", 4, (400, 250), (200, 125)),
+            // cover: the source covering a 100 x 100 box is 160 x 100
+            ("width=100&height=100", 4, (400, 250), (100, 100)),
+            // stretched: each side on its own
+            (
+                "width=100&height=500&resize=fill",
+                1,
+                (1600, 1000),
+                (100, 500),
+            ),
+            (
+                "width=100&height=250&resize=fill",
+                2,
+                (800, 500),
+                (100, 250),
+            ),
+            (
+                "width=100&height=100&resize=contain",
+                8,
+                (200, 125),
+                (100, 63),
+            ),
+        ];
+        for (query, shrink, decoded_size, output_size) in cases {
+            let p = params(query).unwrap();
+            let mut reserved = 0;
+            let (decoded, ()) = decode(&jpeg, &p, 50_000_000, 2500, |n| {
+                reserved = n;
+                Some(())
+            })
+            .unwrap();
+            assert_eq!(decoded.shrink, shrink, "{query}");
+            let size = (decoded.image.width(), decoded.image.height());
+            assert_eq!(size, decoded_size, "{query}");
+            assert_eq!((decoded.source_width, decoded.source_height), (1600, 1000));
+            let (dw, dh) = decoded_size;
+            let (ow, oh) = output_size;
+            assert_eq!(reserved, (dw * dh + ow * oh) as u64 * 3, "{query}");
+            let out = run(&jpeg, &p);
+            assert_eq!((out.width, out.height), output_size, "{query}");
+            let image = image::load_from_memory(&out.bytes).unwrap().to_rgb8();
+            assert_eq!(image.dimensions(), output_size, "{query}");
+            if !query.contains('&') {
+                // the red quadrant is still top-left, and only there
+                let red = |x: u32, y: u32| image.get_pixel(x, y)[0] > 180;
+                assert!(
+                    red(ow / 8, oh / 8) && !red(ow - 1 - ow / 8, oh - 1 - oh / 8),
+                    "{query}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn shrunk_jpegs_keep_their_exif_orientation() {
+        let jpeg = quadrant_jpeg();
+        // (orientation, where the red quadrant lands in the 100-px-wide output)
+        let cases = [
+            (1, "top-left"),
+            (2, "top-right"),
+            (3, "bottom-right"),
+            (4, "bottom-left"),
+            (5, "top-left"),
+            (6, "top-right"),
+            (7, "bottom-right"),
+            (8, "bottom-left"),
+        ];
+        for (orientation, corner) in cases {
+            let source = with_exif_orientation(&jpeg, orientation);
+            let p = params("width=100").unwrap();
+            let (decoded, ()) = decode(&source, &p, 50_000_000, 2500, |_| Some(())).unwrap();
+            let turned = orientation >= 5;
+            let size = if turned { (100, 160) } else { (100, 63) };
+            // 1/8 would leave 125 px where a turned output needs 2 x 100
+            assert_eq!(decoded.shrink, if turned { 4 } else { 8 }, "{orientation}");
+            let out = run(&source, &p);
+            assert_eq!((out.width, out.height), size, "{orientation}");
+            let image = image::load_from_memory(&out.bytes).unwrap().to_rgb8();
+            let (w, h) = size;
+            let (x, y) = match corner {
+                "top-left" => (w / 8, h / 8),
+                "top-right" => (w - 1 - w / 8, h / 8),
+                "bottom-right" => (w - 1 - w / 8, h - 1 - h / 8),
+                _ => (w / 8, h - 1 - h / 8),
+            };
+            let red = |x: u32, y: u32| image.get_pixel(x, y)[0] > 180;
+            assert!(
+                red(x, y),
+                "orientation {orientation}: no red at the {corner}"
+            );
+            assert!(!red(w - 1 - x, h - 1 - y), "orientation {orientation}");
+        }
+    }
+
+    #[test]
+    fn grey_jpegs_are_shrunk_and_stay_grey_and_the_icc_profile_is_kept() {
+        use image::ImageEncoder;
+        let grey = image::GrayImage::from_fn(800, 600, |x, _| image::Luma([(x % 256) as u8]));
+        let profile: Vec<u8> = (0..300u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut jpeg = Vec::new();
+        let mut encoder = JpegEncoder::new_with_quality(&mut jpeg, 90);
+        encoder.set_icc_profile(profile.clone()).unwrap();
+        encoder
+            .write_image(grey.as_raw(), 800, 600, image::ExtendedColorType::L8)
+            .unwrap();
+        let p = params("width=100").unwrap();
+        let (decoded, ()) = decode(&jpeg, &p, 50_000_000, 2500, |_| Some(())).unwrap();
+        assert_eq!(decoded.shrink, 4);
+        assert!(matches!(decoded.image, DynamicImage::ImageLuma8(_)));
+        assert_eq!(decoded.icc_profile.as_deref(), Some(profile.as_slice()));
+        let out = run(&jpeg, &p);
+        assert_eq!((out.width, out.height), (100, 75));
+        let mut decoder = image::codecs::jpeg::JpegDecoder::new(Cursor::new(&out.bytes)).unwrap();
+        assert_eq!(decoder.icc_profile().unwrap(), Some(profile));
+        assert_eq!(decoder.color_type(), image::ColorType::L8);
+    }
+
+    #[test]
+    fn a_header_over_max_source_pixels_is_refused_before_reserving() {
+        let jpeg = quadrant_jpeg();
+        let got = transform(
+            &jpeg,
+            &params("width=100").unwrap(),
+            1_000_000,
+            2500,
+            |_| -> Option<()> { panic!("reserved for a refused source") },
+        );
+        assert!(matches!(
+            got,
+            Err(TransformError::TooManyPixels {
+                width: 1600,
+                height: 1000,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_png_icc_profile_that_inflates_past_the_png_crates_limit_is_dropped_not_inflated() {
+        use image::ImageEncoder;
+        let rgb = image::RgbImage::from_pixel(16, 16, image::Rgb([1, 2, 3]));
+        let with_icc = |len: usize| {
+            let mut png = Vec::new();
+            let mut encoder = PngEncoder::new(&mut png);
+            encoder.set_icc_profile(vec![7; len]).unwrap();
+            encoder
+                .write_image(rgb.as_raw(), 16, 16, image::ExtendedColorType::Rgb8)
+                .unwrap();
+            png
+        };
+        let output_icc = |png: &[u8]| {
+            let out = run(png, &params("width=8").unwrap());
+            assert_eq!(out.width, 8);
+            image::codecs::png::PngDecoder::new(Cursor::new(out.bytes))
+                .unwrap()
+                .icc_profile()
+                .unwrap()
+                .map(|icc| icc.len())
+        };
+        // an iCCP chunk of well under 1 MB that inflates to 65 MiB: the png crate stops at its
+        // limit and ignores the chunk (it would have inflated it, and the output carried it)
+        let bomb = with_icc((PNG_CHUNK_BYTES + (1 << 20)) as usize);
+        assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+        assert_eq!(output_icc(&bomb), None);
+        // a profile of ordinary size is kept
+        assert_eq!(output_icc(&with_icc(600 << 10)), Some(600 << 10));
+    }
+
+    #[test]
+    fn webp_output_is_lossy_at_the_quality_asked_and_keeps_alpha() {
+        let rgba = image::RgbaImage::from_fn(400, 200, |x, y| {
+            image::Rgba([
+                (x % 256) as u8,
+                (y % 256) as u8,
+                90,
+                if x < 200 { 255 } else { 40 },
+            ])
+        });
+        let png = encoded(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png);
+        let webp = run(&png, &params("width=200&format=webp&quality=60").unwrap());
+        assert_eq!(webp.content_type, "image/webp");
+        assert_eq!(&webp.bytes[0..4], b"RIFF");
+        assert_eq!(&webp.bytes[8..12], b"WEBP");
+        let decoded = image::load_from_memory(&webp.bytes).unwrap().to_rgba8();
+        assert_eq!(decoded.dimensions(), (200, 100));
+        assert!(decoded.get_pixel(20, 50)[3] == 255 && decoded.get_pixel(180, 50)[3] < 60);
+    }
+
+    #[test]
+    fn a_webp_source_without_a_format_is_reencoded_lossy_at_the_quality() {
+        let rgb = image::RgbImage::from_fn(300, 300, |x, y| {
+            image::Rgb([
+                (x * 3 % 256) as u8,
+                (y * 5 % 256) as u8,
+                ((x ^ y) % 256) as u8,
+            ])
+        });
+        // the image crate writes lossless WebP: the source is VP8L
+        let source = encoded(&DynamicImage::ImageRgb8(rgb), ImageFormat::WebP);
+        assert_eq!(&source[12..16], b"VP8L");
+        let out = run(&source, &params("width=150&quality=50").unwrap());
+        assert_eq!(out.content_type, "image/webp");
+        assert_eq!(&out.bytes[12..16], b"VP8 ");
+        assert_eq!((out.width, out.height), (150, 150));
     }
 }

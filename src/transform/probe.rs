@@ -1,0 +1,676 @@
+//! Header-only image metadata for `/image-info`: format, stored size, EXIF orientation, alpha,
+//! frame count and animation, read by walking the container's structure.
+//!
+//! Works on a prefix of the file (the caller may fetch only the first bytes with a Range
+//! request), decodes no pixels, and allocates nothing: every read is a bounds-checked look at
+//! the bytes given, so a small file that claims 100 000 × 100 000 pixels probes as fast as any.
+//! Decoding lives in the rest of `transform`.
+
+use super::TransformError;
+
+/// What [`probe`] reads from an image's header: the shape the HTTP side serialises as JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ImageInfo {
+    /// `"jpeg"`, `"png"`, `"gif"` or `"webp"`.
+    pub format: &'static str,
+    /// Size in pixels as stored, before EXIF orientation (GIF: the logical screen; WebP: the
+    /// canvas).
+    pub width: u32,
+    pub height: u32,
+    /// EXIF orientation, 1–8 (1 when there is none, or it is not within the bytes given, or it
+    /// is out of range).
+    pub orientation: u8,
+    /// Whether the image can be transparent: PNG with an alpha channel or a `tRNS` chunk, GIF
+    /// with a transparent colour in a graphic control extension seen, WebP with its alpha flag
+    /// or a lossless bitstream using alpha. JPEG never.
+    pub has_alpha: bool,
+    /// Frames in the file: 1 for JPEG and still images; an APNG's `acTL` count; a GIF's image
+    /// descriptors or an animated WebP's `ANMF` chunks, counted to the end. `None` when the
+    /// bytes given end before the count is known.
+    pub frames: Option<u32>,
+    /// Whether the image is animated, as far as the bytes given show: an APNG's `acTL` with more
+    /// than one frame, a second GIF image descriptor, the WebP `VP8X` animation flag.
+    pub animated: bool,
+}
+
+/// Reads `bytes` (a whole image or its first bytes) as a JPEG, PNG, GIF or WebP header.
+///
+/// # Errors
+/// [`TransformError::Undecodable`] when `bytes` is none of these formats, is malformed, or ends
+/// before the image's size.
+pub fn probe(bytes: &[u8]) -> Result<ImageInfo, TransformError> {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        jpeg(bytes)
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        png(bytes)
+    } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        gif(bytes)
+    } else if bytes.len() >= 12 && &bytes[0..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        webp(bytes)
+    } else {
+        Err(bad("not a JPEG, PNG, GIF or WebP header"))
+    }
+}
+
+/// Whether `bytes` (a whole image or its first bytes) is an animated GIF, APNG or WebP, as far
+/// as those bytes show; false for anything [`probe`] cannot read.
+pub fn is_animated(bytes: &[u8]) -> bool {
+    probe(bytes).is_ok_and(|info| info.animated)
+}
+
+fn bad(why: &str) -> TransformError {
+    TransformError::Undecodable(format!("image header: {why}"))
+}
+
+fn truncated() -> TransformError {
+    bad("the bytes end before the image's size")
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn le16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn le24(b: &[u8], at: usize) -> Option<u32> {
+    let s = b.get(at..at + 3)?;
+    Some(u32::from(s[0]) | u32::from(s[1]) << 8 | u32::from(s[2]) << 16)
+}
+
+fn le32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// JPEG: markers from SOI to the first frame header (SOFn), reading an EXIF APP1 on the way.
+fn jpeg(b: &[u8]) -> Result<ImageInfo, TransformError> {
+    let mut orientation = 1;
+    let mut at = 2;
+    // every step moves at least two bytes forward: bounded by the input's length
+    loop {
+        // a marker: 0xFF, fill bytes of 0xFF, then its code
+        if *b.get(at).ok_or_else(truncated)? != 0xFF {
+            return Err(bad("jpeg: no marker where one was expected"));
+        }
+        while b.get(at) == Some(&0xFF) {
+            at += 1;
+        }
+        let code = *b.get(at).ok_or_else(truncated)?;
+        at += 1;
+        match code {
+            // standalone markers: RSTn, TEM
+            0xD0..=0xD7 | 0x01 => continue,
+            0xD8..=0xDA => return Err(bad("jpeg: no frame header before the scan")),
+            _ => {}
+        }
+        let len = usize::from(be16(b, at).ok_or_else(truncated)?);
+        if len < 2 {
+            return Err(bad("jpeg: segment length under 2"));
+        }
+        let segment = &b[(at + 2).min(b.len())..(at + len).min(b.len())];
+        match code {
+            // SOF0-3, 5-7, 9-11, 13-15: precision, height, width
+            0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => {
+                let height = be16(segment, 1).ok_or_else(truncated)?;
+                let width = be16(segment, 3).ok_or_else(truncated)?;
+                return Ok(ImageInfo {
+                    format: "jpeg",
+                    width: u32::from(width),
+                    height: u32::from(height),
+                    orientation,
+                    has_alpha: false,
+                    frames: Some(1),
+                    animated: false,
+                });
+            }
+            0xE1 if segment.starts_with(b"Exif\0\0") => {
+                orientation = exif_orientation(&segment[6..]).unwrap_or(1);
+            }
+            _ => {}
+        }
+        at += len;
+    }
+}
+
+/// The orientation (tag 0x0112) in IFD0 of a TIFF structure (an EXIF payload), if it is there
+/// and 1–8.
+fn exif_orientation(tiff: &[u8]) -> Option<u8> {
+    let little = match tiff.get(0..4)? {
+        b"II*\0" => true,
+        b"MM\0*" => false,
+        _ => return None,
+    };
+    let u16_at = |at: usize| {
+        if little {
+            le16(tiff, at)
+        } else {
+            be16(tiff, at)
+        }
+    };
+    let u32_at = |at: usize| {
+        if little {
+            le32(tiff, at)
+        } else {
+            be32(tiff, at)
+        }
+    };
+    let ifd = usize::try_from(u32_at(4)?).ok()?;
+    let entries = usize::from(u16_at(ifd)?);
+    (0..entries)
+        .map(|i| ifd + 2 + i * 12)
+        .take_while(|&entry| entry + 12 <= tiff.len())
+        .find(|&entry| u16_at(entry) == Some(0x0112))
+        // a SHORT: the value is in the first two bytes of the value field
+        .and_then(|entry| u16_at(entry + 8))
+        .and_then(|v| u8::try_from(v).ok())
+        .filter(|v| (1..=8).contains(v))
+}
+
+/// PNG: IHDR, then chunks up to the first IDAT (acTL and tRNS must come before it).
+fn png(b: &[u8]) -> Result<ImageInfo, TransformError> {
+    if b.get(12..16) != Some(b"IHDR") {
+        return Err(if b.len() < 16 {
+            truncated()
+        } else {
+            bad("png: IHDR is not the first chunk")
+        });
+    }
+    let width = be32(b, 16).ok_or_else(truncated)?;
+    let height = be32(b, 20).ok_or_else(truncated)?;
+    let colour_type = *b.get(25).ok_or_else(truncated)?;
+    let mut info = ImageInfo {
+        format: "png",
+        width,
+        height,
+        orientation: 1,
+        // grey + alpha, RGBA
+        has_alpha: matches!(colour_type, 4 | 6),
+        frames: None,
+        animated: false,
+    };
+    let mut at = 8;
+    // each chunk is at least 12 bytes: bounded by the input's length
+    while let (Some(len), Some(kind)) = (be32(b, at), b.get(at + 4..at + 8)) {
+        let data = at + 8;
+        match kind {
+            b"IDAT" => {
+                info.frames.get_or_insert(1);
+                break;
+            }
+            b"acTL" => {
+                let frames = be32(b, data).ok_or_else(truncated)?;
+                info.frames = Some(frames);
+                info.animated = frames > 1;
+            }
+            b"tRNS" => info.has_alpha = true,
+            b"eXIf" => {
+                let end = data.saturating_add(len as usize).min(b.len());
+                if let Some(v) = exif_orientation(&b[data.min(end)..end]) {
+                    info.orientation = v;
+                }
+            }
+            b"IEND" => break,
+            _ => {}
+        }
+        at = data.saturating_add(len as usize).saturating_add(4);
+    }
+    Ok(info)
+}
+
+/// GIF: the logical screen, then every block to the trailer, skipping data sub-blocks.
+fn gif(b: &[u8]) -> Result<ImageInfo, TransformError> {
+    let width = le16(b, 6).ok_or_else(truncated)?;
+    let height = le16(b, 8).ok_or_else(truncated)?;
+    let flags = *b.get(10).ok_or_else(truncated)?;
+    let mut info = ImageInfo {
+        format: "gif",
+        width: u32::from(width),
+        height: u32::from(height),
+        orientation: 1,
+        has_alpha: false,
+        frames: None,
+        animated: false,
+    };
+    let colour_table = |flags: u8| {
+        if flags & 0x80 != 0 {
+            3 << ((flags & 0x07) + 1)
+        } else {
+            0
+        }
+    };
+    let mut at = 13 + colour_table(flags);
+    let mut images = 0u32;
+    // skips a run of data sub-blocks from `at`; None when the bytes end first. Each sub-block
+    // is at least one byte: bounded by the input's length
+    let sub_blocks = |mut at: usize| -> Option<usize> {
+        loop {
+            let size = usize::from(*b.get(at)?);
+            at += 1 + size;
+            if size == 0 {
+                return Some(at);
+            }
+        }
+    };
+    loop {
+        let Some(&block) = b.get(at) else {
+            return Ok(info);
+        };
+        match block {
+            // extension: label, then sub-blocks
+            0x21 => {
+                let Some(&label) = b.get(at + 1) else {
+                    return Ok(info);
+                };
+                // graphic control extension: block size 4, packed fields (bit 0: transparent)
+                if label == 0xF9
+                    && b.get(at + 2) == Some(&4)
+                    && let Some(packed) = b.get(at + 3)
+                {
+                    info.has_alpha |= packed & 0x01 != 0;
+                }
+                match sub_blocks(at + 2) {
+                    Some(next) => at = next,
+                    None => return Ok(info),
+                }
+            }
+            // image descriptor: 9 bytes, a local colour table, the LZW code size, sub-blocks
+            0x2C => {
+                images += 1;
+                info.animated = images > 1;
+                let Some(&local) = b.get(at + 9) else {
+                    return Ok(info);
+                };
+                match sub_blocks(at + 10 + colour_table(local) + 1) {
+                    Some(next) => at = next,
+                    None => return Ok(info),
+                }
+            }
+            0x3B => {
+                info.frames = Some(images);
+                return Ok(info);
+            }
+            _ => return Err(bad("gif: unknown block")),
+        }
+    }
+}
+
+/// WebP: the first chunk (`VP8 `, `VP8L` or `VP8X`), then, for an extended file, every chunk to
+/// count `ANMF` frames and find `EXIF`.
+fn webp(b: &[u8]) -> Result<ImageInfo, TransformError> {
+    let kind = b.get(12..16).ok_or_else(truncated)?;
+    let data = 20;
+    let mut info = ImageInfo {
+        format: "webp",
+        width: 0,
+        height: 0,
+        orientation: 1,
+        has_alpha: false,
+        frames: Some(1),
+        animated: false,
+    };
+    match kind {
+        b"VP8 " => {
+            // a 3-byte frame tag, the start code 9d 01 2a, then 14-bit sizes
+            if b.get(data + 3..data + 6).ok_or_else(truncated)? != [0x9d, 0x01, 0x2a] {
+                return Err(bad("webp: no VP8 start code"));
+            }
+            info.width = u32::from(le16(b, data + 6).ok_or_else(truncated)? & 0x3fff);
+            info.height = u32::from(le16(b, data + 8).ok_or_else(truncated)? & 0x3fff);
+        }
+        b"VP8L" => {
+            if b.get(data) != Some(&0x2f) {
+                return Err(if b.len() <= data {
+                    truncated()
+                } else {
+                    bad("webp: no VP8L signature")
+                });
+            }
+            let bits = le32(b, data + 1).ok_or_else(truncated)?;
+            info.width = (bits & 0x3fff) + 1;
+            info.height = ((bits >> 14) & 0x3fff) + 1;
+            info.has_alpha = bits & (1 << 28) != 0;
+        }
+        b"VP8X" => {
+            let flags = *b.get(data).ok_or_else(truncated)?;
+            info.width = le24(b, data + 4).ok_or_else(truncated)? + 1;
+            info.height = le24(b, data + 7).ok_or_else(truncated)? + 1;
+            info.has_alpha = flags & 0x10 != 0;
+            info.animated = flags & 0x02 != 0;
+            let riff_end = (le32(b, 4).unwrap_or(0) as usize).saturating_add(8);
+            let mut frames = 0u32;
+            let mut at = 12;
+            // each chunk is at least 8 bytes: bounded by the input's length
+            let complete = loop {
+                if at >= riff_end {
+                    break true;
+                }
+                let (Some(kind), Some(len)) = (b.get(at..at + 4), le32(b, at + 4)) else {
+                    break false;
+                };
+                let len = len as usize;
+                match kind {
+                    b"ANMF" => frames += 1,
+                    b"EXIF" => {
+                        let end = (at + 8).saturating_add(len).min(b.len());
+                        let exif = &b[(at + 8).min(end)..end];
+                        // some writers keep JPEG's "Exif\0\0" prefix
+                        let tiff = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
+                        if let Some(v) = exif_orientation(tiff) {
+                            info.orientation = v;
+                        }
+                    }
+                    _ => {}
+                }
+                at = (at + 8).saturating_add(len).saturating_add(len % 2);
+            };
+            if info.animated {
+                info.frames = complete.then_some(frames);
+            }
+        }
+        _ => return Err(bad("webp: unknown first chunk")),
+    }
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::codecs::gif::GifEncoder;
+    use image::{DynamicImage, Frame, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
+    use std::io::Cursor;
+    use std::time::{Duration, Instant};
+
+    fn encoded(image: DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        image.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    fn rgb(width: u32, height: u32) -> DynamicImage {
+        DynamicImage::ImageRgb8(RgbImage::from_fn(width, height, |x, y| {
+            Rgb([x as u8, y as u8, 99])
+        }))
+    }
+
+    fn rgba(width: u32, height: u32) -> DynamicImage {
+        DynamicImage::ImageRgba8(RgbaImage::from_fn(width, height, |x, _| {
+            Rgba([1, 2, 3, x as u8])
+        }))
+    }
+
+    fn info(
+        format: &'static str,
+        (width, height): (u32, u32),
+        has_alpha: bool,
+        frames: Option<u32>,
+        animated: bool,
+    ) -> ImageInfo {
+        ImageInfo {
+            format,
+            width,
+            height,
+            orientation: 1,
+            has_alpha,
+            frames,
+            animated,
+        }
+    }
+
+    /// A TIFF structure whose IFD0 holds only `orientation`, big- or little-endian.
+    fn tiff(orientation: u16, little: bool) -> Vec<u8> {
+        let u16b = |v: u16| {
+            if little {
+                v.to_le_bytes()
+            } else {
+                v.to_be_bytes()
+            }
+        };
+        let u32b = |v: u32| {
+            if little {
+                v.to_le_bytes()
+            } else {
+                v.to_be_bytes()
+            }
+        };
+        let mut t = if little {
+            b"II*\0".to_vec()
+        } else {
+            b"MM\0*".to_vec()
+        };
+        t.extend_from_slice(&u32b(8));
+        t.extend_from_slice(&u16b(1));
+        t.extend_from_slice(&u16b(0x0112));
+        t.extend_from_slice(&u16b(3));
+        t.extend_from_slice(&u32b(1));
+        t.extend_from_slice(&u16b(orientation));
+        t.extend_from_slice(&[0, 0]);
+        t.extend_from_slice(&u32b(0));
+        t
+    }
+
+    fn with_exif(jpeg: &[u8], tiff: &[u8]) -> Vec<u8> {
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend_from_slice(tiff);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&app1);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    /// A PNG chunk: length, type, data, and a CRC the probe never checks.
+    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        c.extend_from_slice(&[0; 4]);
+        c
+    }
+
+    /// A RIFF chunk: type, little-endian length, data, a pad byte when odd.
+    fn riff_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut c = kind.to_vec();
+        c.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        c.extend_from_slice(data);
+        if data.len() % 2 == 1 {
+            c.push(0);
+        }
+        c
+    }
+
+    fn riff(chunks: &[Vec<u8>]) -> Vec<u8> {
+        let body: Vec<u8> = chunks.concat();
+        let mut out = b"RIFF".to_vec();
+        out.extend_from_slice(&(body.len() as u32 + 4).to_le_bytes());
+        out.extend_from_slice(b"WEBP");
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn jpeg_size_and_orientation_from_a_prefix() {
+        let jpeg = encoded(rgb(300, 200), ImageFormat::Jpeg);
+        assert_eq!(
+            probe(&jpeg).unwrap(),
+            info("jpeg", (300, 200), false, Some(1), false)
+        );
+        for (orientation, little) in [(6, true), (8, false), (3, true)] {
+            let source = with_exif(&jpeg, &tiff(orientation, little));
+            // the header fits in the first few hundred bytes; the scan data is not needed
+            let got = probe(&source[..700]).unwrap();
+            assert_eq!(
+                (got.width, got.height, got.orientation),
+                (300, 200, orientation as u8)
+            );
+        }
+        // out of range: 1
+        assert_eq!(
+            probe(&with_exif(&jpeg, &tiff(9, true)))
+                .unwrap()
+                .orientation,
+            1
+        );
+        // ends before the frame header
+        assert!(matches!(
+            probe(&jpeg[..20]),
+            Err(TransformError::Undecodable(_))
+        ));
+    }
+
+    #[test]
+    fn png_alpha_and_truncation() {
+        let opaque = encoded(rgb(40, 30), ImageFormat::Png);
+        assert_eq!(
+            probe(&opaque).unwrap(),
+            info("png", (40, 30), false, Some(1), false)
+        );
+        let clear = encoded(rgba(40, 30), ImageFormat::Png);
+        assert_eq!(
+            probe(&clear).unwrap(),
+            info("png", (40, 30), true, Some(1), false)
+        );
+        // signature and IHDR only: the size, not yet whether it is animated
+        assert_eq!(
+            probe(&clear[..33]).unwrap(),
+            info("png", (40, 30), true, None, false)
+        );
+        assert!(probe(&clear[..20]).is_err());
+    }
+
+    #[test]
+    fn a_small_png_claiming_100000_by_100000_probes_fast() {
+        let mut ihdr = 100_000u32.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        let mut bomb = b"\x89PNG\r\n\x1a\n".to_vec();
+        bomb.extend_from_slice(&chunk(b"IHDR", &ihdr));
+        bomb.extend_from_slice(&chunk(b"IDAT", &[0x78; 10_000]));
+        bomb.extend_from_slice(&chunk(b"IEND", &[]));
+        let started = Instant::now();
+        let got = probe(&bomb).unwrap();
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert_eq!(got, info("png", (100_000, 100_000), false, Some(1), false));
+    }
+
+    #[test]
+    fn apng_frames_come_from_actl() {
+        let png = encoded(rgb(20, 10), ImageFormat::Png);
+        let mut actl = 3u32.to_be_bytes().to_vec();
+        actl.extend_from_slice(&0u32.to_be_bytes());
+        // signature + IHDR (33 bytes), then acTL, then the rest
+        let mut apng = png[..33].to_vec();
+        apng.extend_from_slice(&chunk(b"acTL", &actl));
+        apng.extend_from_slice(&png[33..]);
+        assert_eq!(
+            probe(&apng).unwrap(),
+            info("png", (20, 10), false, Some(3), true)
+        );
+        assert!(is_animated(&apng[..60]));
+        assert!(!is_animated(&png));
+    }
+
+    fn gif(frames: usize, transparent: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        {
+            let mut encoder = GifEncoder::new(&mut out);
+            let frames = (0..frames).map(|i| {
+                Frame::new(RgbaImage::from_fn(32, 16, |x, _| {
+                    let alpha = if transparent && x < 4 { 0 } else { 255 };
+                    Rgba([(x * 8) as u8, i as u8 * 60, 0, alpha])
+                }))
+            });
+            encoder.encode_frames(frames).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn gif_frames_are_counted_to_the_trailer() {
+        let still = gif(1, false);
+        assert_eq!(
+            probe(&still).unwrap(),
+            info("gif", (32, 16), false, Some(1), false)
+        );
+        let animated = gif(3, true);
+        assert_eq!(
+            probe(&animated).unwrap(),
+            info("gif", (32, 16), true, Some(3), true)
+        );
+        // cut before the trailer: animated (two descriptors seen), the count unknown
+        let cut = &animated[..animated.len() - 2];
+        let got = probe(cut).unwrap();
+        assert_eq!((got.frames, got.animated), (None, true));
+        // the header alone
+        assert_eq!(
+            probe(&animated[..13]).unwrap(),
+            info("gif", (32, 16), false, None, false)
+        );
+        assert!(probe(&animated[..8]).is_err());
+    }
+
+    #[test]
+    fn still_webps_lossy_lossless_and_extended() {
+        let lossless = encoded(rgba(50, 40), ImageFormat::WebP);
+        assert_eq!(&lossless[12..16], b"VP8L");
+        assert_eq!(
+            probe(&lossless).unwrap(),
+            info("webp", (50, 40), true, Some(1), false)
+        );
+        let lossy = super::super::webp::encode_lossy(&rgb(50, 40), 80, None).unwrap();
+        assert_eq!(&lossy[12..16], b"VP8 ");
+        assert_eq!(
+            probe(&lossy).unwrap(),
+            info("webp", (50, 40), false, Some(1), false)
+        );
+        let extended = super::super::webp::encode_lossy(&rgba(50, 40), 80, Some(b"icc")).unwrap();
+        assert_eq!(&extended[12..16], b"VP8X");
+        assert_eq!(
+            probe(&extended[..40]).unwrap(),
+            info("webp", (50, 40), true, Some(1), false)
+        );
+    }
+
+    #[test]
+    fn animated_webp_frames_are_anmf_chunks() {
+        // VP8X: animation and alpha flags, a 64 x 48 canvas
+        let mut vp8x = vec![0x12, 0, 0, 0];
+        vp8x.extend_from_slice(&63u32.to_le_bytes()[..3]);
+        vp8x.extend_from_slice(&47u32.to_le_bytes()[..3]);
+        let anim = riff_chunk(b"ANIM", &[0; 6]);
+        // frame payloads are never decoded: a header and some bytes
+        let frame = riff_chunk(b"ANMF", &[0; 41]);
+        let exif = riff_chunk(b"EXIF", &tiff(6, true));
+        let file = riff(&[
+            riff_chunk(b"VP8X", &vp8x),
+            anim,
+            frame.clone(),
+            frame.clone(),
+            frame,
+            exif,
+        ]);
+        let mut expected = info("webp", (64, 48), true, Some(3), true);
+        expected.orientation = 6;
+        assert_eq!(probe(&file).unwrap(), expected);
+        // a prefix: animated from the header, the count unknown
+        let got = probe(&file[..60]).unwrap();
+        assert_eq!((got.frames, got.animated, got.width), (None, true, 64));
+        assert!(is_animated(&file[..30]));
+    }
+
+    #[test]
+    fn other_bytes_are_undecodable() {
+        for bytes in [&b""[..], b"hello", b"RIFF\0\0\0\0WAVEfmt ", b"\xff\xd8"] {
+            assert!(
+                matches!(probe(bytes), Err(TransformError::Undecodable(_))),
+                "{bytes:?}"
+            );
+            assert!(!is_animated(bytes));
+        }
+    }
+}
