@@ -858,3 +858,64 @@ async fn renditions_made_at_once_from_a_cold_source_are_all_kept() {
     assert_eq!(transforms(&proxy).await, 10);
     assert_eq!(origin.hits(OBJECT), 1);
 }
+
+/// A two-frame animated GIF, `width` × `height`.
+fn animated_gif(width: u32, height: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut encoder = image::codecs::gif::GifEncoder::new(&mut out);
+        encoder
+            .set_repeat(image::codecs::gif::Repeat::Infinite)
+            .unwrap();
+        for shade in [0u8, 200] {
+            let frame = RgbaImage::from_pixel(width, height, image::Rgba([shade, 0, 0, 255]));
+            encoder.encode_frame(image::Frame::new(frame)).unwrap();
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn animations_pass_through_unless_a_format_is_asked_for() {
+    let origin = TestOrigin::start().await;
+    let gif = animated_gif(120, 60);
+    let object = "/storage/v1/object/public/photos/spin.gif";
+    let render = "/storage/v1/render/image/public/photos/spin.gif";
+    origin.route(
+        object,
+        Reply::ok(gif.clone())
+            .header("content-type", "image/gif")
+            .header("etag", "\"g1\"")
+            .header("cache-control", "public, max-age=60"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let browser = "image/webp,*/*";
+    for query in ["width=40", "width=40&format=origin", "width=40&quality=50"] {
+        let got = proxy
+            .send(
+                Method::GET,
+                &format!("{render}?{query}"),
+                &[("accept", browser)],
+            )
+            .await;
+        assert_eq!(got.status, 200, "{query}: {}", got.text());
+        assert_eq!(got.body, gif, "{query}: the animation, unchanged");
+        assert_eq!(got.header("etag"), "\"g1\"", "{query}: the original's validator");
+    }
+    assert_eq!(transforms(&proxy).await, 0);
+    // a format asked for: its first frame
+    let got = proxy.get(&format!("{render}?width=40&format=webp")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.header("content-type"), "image/webp");
+    let still = decoded(&got);
+    assert_eq!((still.width(), still.height()), (40, 20));
+    assert_eq!(transforms(&proxy).await, 1);
+    // what /image-info says of it
+    let info = proxy.get(&format!("/image-info{object}")).await;
+    assert_eq!(info.status, 200, "{}", info.text());
+    let json = info.json();
+    assert_eq!(json["format"], "gif");
+    assert_eq!(json["frames"], 2);
+    assert_eq!(json["animated"], true);
+    assert_eq!(origin.hits(object), 1);
+}

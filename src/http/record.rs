@@ -68,32 +68,18 @@ pub struct ImageMeta {
 
 impl ImageMeta {
     /// Reads an image's header from `bytes` (the whole object or its leading part), decoding
-    /// no pixels; `None` when it is not an image this build reads or its header is cut short.
+    /// no pixels ([`crate::transform::probe`]); `None` when it is not an image this build
+    /// reads or its header is cut short.
     pub fn probe(bytes: &[u8]) -> Option<ImageMeta> {
-        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .ok()?;
-        // dimensions only: nothing is allocated by them here
-        reader.no_limits();
-        let format = match reader.format()? {
-            image::ImageFormat::Jpeg => "jpeg",
-            image::ImageFormat::Png => "png",
-            image::ImageFormat::Gif => "gif",
-            image::ImageFormat::WebP => "webp",
-            _ => return None,
-        };
-        let mut decoder = reader.into_decoder().ok()?;
-        let (width, height) = image::ImageDecoder::dimensions(&decoder);
-        let has_alpha = image::ImageDecoder::color_type(&decoder).has_alpha();
-        let orientation = image::ImageDecoder::orientation(&mut decoder).map_or(1, |o| o.to_exif());
+        let info = crate::transform::probe(bytes).ok()?;
         Some(ImageMeta {
-            format: format.to_owned(),
-            width,
-            height,
-            orientation,
-            has_alpha,
-            frames: None,
-            animated: false,
+            format: info.format.to_owned(),
+            width: info.width,
+            height: info.height,
+            orientation: info.orientation,
+            has_alpha: info.has_alpha,
+            frames: info.frames,
+            animated: info.animated,
         })
     }
 }
