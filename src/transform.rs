@@ -21,6 +21,8 @@ use tokio::sync::Semaphore;
 use crate::config::TransformConfig;
 use crate::error::ProxyError;
 
+#[cfg(feature = "avif")]
+mod avif;
 mod jpeg;
 mod probe;
 mod webp;
@@ -68,15 +70,20 @@ pub enum Format {
     Jpeg,
     Png,
     Webp,
+    /// Only in a build with the `avif` cargo feature.
+    #[cfg(feature = "avif")]
+    Avif,
 }
 
 impl Format {
-    /// Its name in parameters and canonical keys: `jpeg`, `png`, `webp`.
+    /// Its name in parameters and canonical keys: `jpeg`, `png`, `webp`, `avif`.
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Jpeg => "jpeg",
             Format::Png => "png",
             Format::Webp => "webp",
+            #[cfg(feature = "avif")]
+            Format::Avif => "avif",
         }
     }
 }
@@ -119,9 +126,9 @@ impl Default for Params {
 impl Params {
     /// Reads Supabase's render parameters from a query string: `width`, `height` (integers,
     /// clamped to 1–`max_dimension`), `resize` (`cover`, `contain`, `fill`), `quality` (20–100),
-    /// `format` (`origin`, `webp`; absent: negotiated from `Accept`) and `download` (present:
-    /// attachment; a value other than `true` is the file name). Unknown parameters are ignored,
-    /// as Supabase does.
+    /// `format` (`origin`, `webp`, and `avif` in a build with the `avif` feature; absent:
+    /// negotiated from `Accept`) and `download` (present: attachment; a value other than `true`
+    /// is the file name). Unknown parameters are ignored, as Supabase does.
     ///
     /// # Errors
     /// [`TransformError::BadParameter`] naming the parameter, for a value that is not an
@@ -172,7 +179,12 @@ impl Params {
                     params.format = match value.as_str() {
                         "origin" => None,
                         "webp" => Some(Format::Webp),
-                        _ => return Err(bad("want origin or webp")),
+                        #[cfg(feature = "avif")]
+                        "avif" => Some(Format::Avif),
+                        #[cfg(feature = "avif")]
+                        _ => return Err(bad("want origin, webp or avif")),
+                        #[cfg(not(feature = "avif"))]
+                        _ => return Err(bad("want origin or webp (avif: not in this build)")),
                     };
                 }
                 "download" => {
@@ -191,9 +203,9 @@ impl Params {
     /// Reads `/image-proxy`'s transform parameters: `w`, `h` (integers, clamped to
     /// 1–`max_dimension`), `fit` (`cover`, `contain`: padded to the box, `fill`, `inside`), `q`
     /// (20–100) and `format` (`auto` or absent: negotiated from `Accept`; `jpeg`, `png`,
-    /// `webp`). They may come
-    /// before `url=`, or after an encoded one (a raw URL takes the rest of the query). `None`
-    /// when there are none: the original is served.
+    /// `webp`, and `avif` in a build with the `avif` feature). They may come before `url=`, or
+    /// after an encoded one (a raw URL takes the rest of the query). `None` when there are
+    /// none: the original is served.
     ///
     /// # Errors
     /// [`TransformError::BadParameter`] as [`Params::from_query`].
@@ -251,7 +263,16 @@ impl Params {
                         "jpeg" | "jpg" => (Some(Format::Jpeg), false),
                         "png" => (Some(Format::Png), false),
                         "webp" => (Some(Format::Webp), false),
-                        _ => return Err(bad("want auto, jpeg, png or webp")),
+                        #[cfg(feature = "avif")]
+                        "avif" => (Some(Format::Avif), false),
+                        #[cfg(feature = "avif")]
+                        _ => return Err(bad("want auto, jpeg, png, webp or avif")),
+                        #[cfg(not(feature = "avif"))]
+                        _ => {
+                            return Err(bad(
+                                "want auto, jpeg, png or webp (avif: not in this build)",
+                            ));
+                        }
                     }
                 }
             }
@@ -550,6 +571,8 @@ pub fn output_format(source: ImageFormat, params: &Params) -> ImageFormat {
         Some(Format::Jpeg) => ImageFormat::Jpeg,
         Some(Format::Png) => ImageFormat::Png,
         Some(Format::Webp) => ImageFormat::WebP,
+        #[cfg(feature = "avif")]
+        Some(Format::Avif) => ImageFormat::Avif,
     }
 }
 
@@ -649,6 +672,11 @@ pub fn encode(
             }
             rgb.write_with_encoder(encoder).map_err(encode_error)?;
             "image/jpeg"
+        }
+        #[cfg(feature = "avif")]
+        ImageFormat::Avif => {
+            bytes = avif::encode(&image, params.quality.unwrap_or(DEFAULT_QUALITY))?;
+            "image/avif"
         }
         ImageFormat::WebP => {
             bytes = webp::encode_lossy(
@@ -760,6 +788,41 @@ mod tests {
             );
         }
         assert!(params("unknown=1&format=origin").is_ok());
+    }
+
+    #[cfg(not(feature = "avif"))]
+    #[test]
+    fn avif_is_refused_without_the_feature() {
+        assert!(matches!(
+            params("format=avif"),
+            Err(TransformError::BadParameter(_))
+        ));
+        assert!(matches!(
+            Params::from_image_proxy_query(Some("format=avif&url=x"), 2500),
+            Err(TransformError::BadParameter(_))
+        ));
+    }
+
+    #[cfg(feature = "avif")]
+    #[test]
+    fn avif_is_read_and_written_with_the_feature() {
+        let p = params("format=avif&width=40&quality=50").unwrap();
+        assert_eq!(p.format, Some(Format::Avif));
+        assert!(p.canonical().ends_with("f=avif"));
+        let proxy = Params::from_image_proxy_query(Some("format=avif&url=x"), 2500).unwrap();
+        assert_eq!(proxy.unwrap().format, Some(Format::Avif));
+        let png = encoded(
+            &DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+                80,
+                60,
+                image::Rgb([9, 99, 199]),
+            )),
+            ImageFormat::Png,
+        );
+        let out = run(&png, &p);
+        assert_eq!(out.content_type, "image/avif");
+        assert_eq!((out.width, out.height), (40, 30));
+        assert_eq!(&out.bytes[4..12], b"ftypavif");
     }
 
     #[test]
