@@ -412,6 +412,7 @@ pub fn transform<R>(
 
 /// A decoded source: what the pipeline's first stage hands to the resize.
 #[doc(hidden)]
+#[derive(Clone)]
 pub struct Decoded {
     /// The pixels, EXIF orientation applied; smaller than the source when a JPEG was shrunk on
     /// load.
