@@ -412,6 +412,7 @@ pub fn transform<R>(
 
 /// A decoded source: what the pipeline's first stage hands to the resize.
 #[doc(hidden)]
+#[derive(Clone)]
 pub struct Decoded {
     /// The pixels, EXIF orientation applied; smaller than the source when a JPEG was shrunk on
     /// load.
@@ -482,22 +483,16 @@ pub fn decode<R>(
     } else {
         (width, height)
     };
-    let jpeg_header = match format {
-        ImageFormat::Jpeg => Some(jpeg::header(source)?),
-        _ => None,
-    };
-    let shrink = match jpeg_header {
-        Some(header) if header.scalable => {
-            if (header.width, header.height) != (width, height) {
-                return Err(TransformError::Undecodable(format!(
-                    "jpeg: the headers disagree on the size ({width}x{height}, {}x{})",
-                    header.width, header.height
-                )));
-            }
-            let (w, h) = scaled_source_size(source_width, source_height, params, max_dimension);
-            jpeg::shrink_denominator((width, height), if turned { (h, w) } else { (w, h) })
-        }
-        _ => 1,
+    // libjpeg-turbo decodes the JPEGs it can scale and whose header it reads as the image crate
+    // did; any other JPEG (CMYK, YCCK, lossless, one only zune-jpeg reads) is the image crate's,
+    // at full size, as before
+    let turbo = format == ImageFormat::Jpeg
+        && jpeg::header(source).is_ok_and(|h| h.scalable && (h.width, h.height) == (width, height));
+    let shrink = if turbo {
+        let (w, h) = scaled_source_size(source_width, source_height, params, max_dimension);
+        jpeg::shrink_denominator((width, height), if turned { (h, w) } else { (w, h) })
+    } else {
+        1
     };
     let (decoded_width, decoded_height) = jpeg::scaled_size(width, height, shrink);
     let bytes_per_pixel = u64::from(decoder.color_type().bytes_per_pixel());
@@ -509,7 +504,7 @@ pub fn decode<R>(
     let reservation = reserve(bytes).ok_or(TransformError::NoMemory { bytes })?;
     // the source's colour profile goes onto the output as it is (pixels are not converted)
     let icc_profile = decoder.icc_profile().ok().flatten();
-    let mut image = if jpeg_header.is_some_and(|h| h.scalable) {
+    let mut image = if turbo {
         drop(decoder);
         jpeg::decode(source, shrink)?
     } else {
@@ -1020,6 +1015,40 @@ mod tests {
     }
 
     #[test]
+    fn cmyk_jpegs_are_decoded_by_the_image_crate_at_full_size() {
+        let cmyk: Vec<u8> = (0..400 * 200)
+            .flat_map(|i| [(i % 200) as u8, 40, 40, 0])
+            .collect();
+        let mut compressor = turbojpeg::Compressor::new().unwrap();
+        compressor.set_subsamp(turbojpeg::Subsamp::None).unwrap();
+        let jpeg = compressor
+            .compress_to_vec(turbojpeg::Image {
+                pixels: cmyk.as_slice(),
+                width: 400,
+                pitch: 400 * 4,
+                height: 200,
+                format: turbojpeg::PixelFormat::CMYK,
+            })
+            .unwrap();
+        let p = params("width=50").unwrap();
+        let mut reserved = 0;
+        let (decoded, ()) = decode(&jpeg, &p, 50_000_000, 2500, |n| {
+            reserved = n;
+            Some(())
+        })
+        .unwrap();
+        assert_eq!(decoded.shrink, 1);
+        assert_eq!((decoded.image.width(), decoded.image.height()), (400, 200));
+        assert_eq!(reserved, (400 * 200 + 50 * 25) * 3);
+        let out = run(&jpeg, &p);
+        assert_eq!((out.width, out.height), (50, 25));
+        assert_eq!(
+            image::load_from_memory(&out.bytes).unwrap().color(),
+            image::ColorType::Rgb8
+        );
+    }
+
+    #[test]
     fn a_header_over_max_source_pixels_is_refused_before_reserving() {
         let jpeg = quadrant_jpeg();
         let got = transform(
@@ -1061,7 +1090,7 @@ mod tests {
                 .unwrap()
                 .map(|icc| icc.len())
         };
-        // an iCCP chunk of well under 1 MB that inflates to 65 MiB: the png crate stops at its
+        // an iCCP chunk of 66 KB that inflates to 65 MiB: the png crate stops at its
         // limit and ignores the chunk (it would have inflated it, and the output carried it)
         let bomb = with_icc((PNG_CHUNK_BYTES + (1 << 20)) as usize);
         assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
