@@ -227,3 +227,35 @@ async fn what_is_not_an_image_or_not_an_object_is_refused() {
     let got = proxy.get("/image-info").await;
     assert_eq!(got.status, 400, "{}", got.text());
 }
+
+/// With `[signing] keys`, `/image-info?url=` is signed as `/image-proxy` is (its own path is
+/// what is signed); the route-path form follows the routes, which are not signed.
+#[tokio::test]
+async fn image_info_of_a_target_is_signed_alike_image_proxy() {
+    let origin = TestOrigin::start().await;
+    origin.route("/cat.png", Reply::ok(png(20, 10)));
+    origin.route(OBJECT, Reply::ok(png(30, 10)));
+    let key = "00112233445566778899aabbccddeeff";
+    let proxy = TestProxy::for_origin(&origin, &format!("[signing]\nkeys = [\"{key}\"]")).await;
+    let signer = imgedge::signing::Signer::new(vec![
+        (0..key.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&key[i..i + 2], 16).unwrap())
+            .collect(),
+    ]);
+    let unsigned = format!("/image-info?url={}", encoded(&origin.url("/cat.png")));
+    let refused = proxy.get(&unsigned).await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    // a signature made for /image-proxy does not open /image-info
+    let for_proxy = format!("/image-proxy?url={}", encoded(&origin.url("/cat.png")));
+    let borrowed = format!("{unsigned}&s={}", signer.sign(&for_proxy));
+    assert_eq!(proxy.get(&borrowed).await.status, 403);
+    assert_eq!(origin.hits("/cat.png"), 0, "refusals contact nothing");
+    let signed = format!("{unsigned}&s={}", signer.sign(&unsigned));
+    let got = proxy.get(&signed).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.json()["width"], 20);
+    let route = proxy.get(&format!("/image-info{OBJECT}")).await;
+    assert_eq!(route.status, 200, "{}", route.text());
+    assert_eq!(route.json()["width"], 30);
+}
