@@ -940,3 +940,49 @@ async fn avif_is_served_when_asked_for() {
     assert_eq!(&got.body[4..12], b"ftypavif");
     assert_eq!(got.header("vary"), "");
 }
+
+#[tokio::test]
+async fn purging_a_render_path_purges_its_source_and_every_rendition() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        OBJECT,
+        Reply::ok(picture(200, 100, ImageFormat::Png))
+            .header("etag", "\"v1\"")
+            .header("cache-control", "public, max-age=600"),
+    );
+    let token = "purge-token-0123456789";
+    let proxy = TestProxy::for_origin(&origin, &format!("[admin]\ntoken = \"{token}\"")).await;
+    for w in [40, 50] {
+        proxy.get(&format!("{RENDER}?width={w}")).await;
+    }
+    let bearer = format!("Bearer {token}");
+    let purged = proxy
+        .send(
+            Method::from_bytes(b"PURGE").unwrap(),
+            &format!("{RENDER}?width=40"),
+            &[("authorization", bearer.as_str())],
+        )
+        .await;
+    assert_eq!(purged.json()["purged"], 1, "{}", purged.text());
+    // a second later: the refetched source is a fill of its own (told apart by its Date)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for w in [40, 50] {
+        let got = proxy.get(&format!("{RENDER}?width={w}")).await;
+        assert_eq!(
+            got.cache_status(),
+            "imgedge; fwd=uri-miss; stored; detail=transform",
+            "width={w}"
+        );
+    }
+    assert_eq!(origin.hits(OBJECT), 2);
+    // the bulk endpoint takes render paths too
+    let purged = proxy
+        .send_body(
+            Method::POST,
+            "/_imgedge/purge",
+            &[("Authorization", bearer.as_str())],
+            format!("{{\"paths\": [\"{RENDER}?width=50\"]}}"),
+        )
+        .await;
+    assert_eq!(purged.json()["purged"], 1, "{}", purged.text());
+}

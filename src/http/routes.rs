@@ -222,12 +222,29 @@ impl Routes {
         }
     }
 
-    /// The cache key a `PURGE` of `uri` on `route` names: the object of that route.
+    /// The cache key a `PURGE` of `uri` on `route` names: the object of that route. On the
+    /// render route, the source object (purging it purges its renditions and source record).
     ///
     /// # Errors
     /// As [`Routes::resolve`]; [`ProxyError::NotFound`] on a route that stores nothing.
     pub fn purge_key(&self, route: Route, uri: &Uri) -> Result<CacheKey, ProxyError> {
         match route {
+            Route::Render { index } => {
+                let rest = uri
+                    .path()
+                    .strip_prefix(SUPABASE_RENDER_PREFIX)
+                    .unwrap_or_default();
+                let object: Uri = format!("{SUPABASE_PUBLIC_PREFIX}{rest}")
+                    .parse()
+                    .map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))?;
+                self.purge_key(
+                    Route::Proxied {
+                        index,
+                        name: "supabase",
+                    },
+                    &object,
+                )
+            }
             Route::ImageProxy => Ok(CacheKey::new(
                 IMAGE_PROXY_NAMESPACE,
                 &target::parse_image_url(uri.query(), self.max_url_bytes)?,
