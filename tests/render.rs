@@ -986,3 +986,29 @@ async fn purging_a_render_path_purges_its_source_and_every_rendition() {
         .await;
     assert_eq!(purged.json()["purged"], 1, "{}", purged.text());
 }
+
+#[tokio::test]
+async fn a_rendition_of_a_revalidated_source_is_served_as_fresh_as_the_source() {
+    let origin = TestOrigin::start().await;
+    origin.route(
+        OBJECT,
+        Reply::ok(picture(200, 100, ImageFormat::Png))
+            .header("etag", "\"v1\"")
+            .header("cache-control", "public, max-age=1"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let first = proxy.get(&format!("{RENDER}?width=40")).await;
+    assert_eq!(first.header("age"), "0");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // the source is revalidated (the same version): the rendition is not made again, and is
+    // not served older than the source's lifetime
+    for _ in 0..2 {
+        let got = proxy.get(&format!("{RENDER}?width=40")).await;
+        assert_eq!(got.cache_status(), "imgedge; hit; detail=memory");
+        assert_eq!(got.body, first.body);
+        let age: u64 = got.header("age").parse().unwrap();
+        assert!(age <= 1, "Age {age} past max-age=1");
+    }
+    assert_eq!(transforms(&proxy).await, 1);
+    assert_eq!(origin.hits(OBJECT), 2, "one revalidation");
+}

@@ -23,10 +23,10 @@ use super::admit::Client;
 use super::record::SourceRecord;
 use super::routes::{Proxied, Route, Routes};
 use crate::body::ProxyBody;
-use crate::cache::CachedObject;
+use crate::cache::{CacheKey, CachedObject};
 use crate::config::TransformConfig;
 use crate::error::ProxyError;
-use crate::freshness::{self, Usability};
+use crate::freshness::{self, Freshness, Usability};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pressure::{Reading, ReservationPool};
 use crate::proxy::{
@@ -172,14 +172,12 @@ impl Render {
         }
         let canonical = params.canonical();
         let stored_record = proxy.lookup_derived(&primary.source_record()).await;
-        let fresh_record = stored_record
-            .as_ref()
-            .filter(|f| {
-                freshness::usability(&f.object.freshness, f.object.age(now), &request.directives)
-                    == Usability::Fresh
-            })
-            .and_then(|f| SourceRecord::from_object(&f.object));
-        if let Some(record) = &fresh_record {
+        let fresh = stored_record.as_ref().filter(|f| {
+            freshness::usability(&f.object.freshness, f.object.age(now), &request.directives)
+                == Usability::Fresh
+        });
+        let fresh_record = fresh.and_then(|f| SourceRecord::from_object(&f.object));
+        if let (Some(record), Some(record_object)) = (&fresh_record, fresh) {
             if keeps_animation && record.is_animated() {
                 return proxy.handle(request).await;
             }
@@ -189,8 +187,14 @@ impl Render {
             }
             let key = primary.rendition(record.generation, &canonical);
             if let Some(found) = proxy.lookup_derived(&key).await {
+                let (response_time, freshness) = (
+                    record_object.object.response_time,
+                    record_object.object.freshness,
+                );
+                let object =
+                    refreshed(proxy, key, found.object, response_time, freshness, now).await;
                 let status = CacheStatus::hit(found.tier_name);
-                let response = proxy.serve_stored(&found.object, &request, now, status);
+                let response = proxy.serve_stored(&object, &request, now, status);
                 return Ok(self.finish(response, &params));
             }
         }
@@ -235,11 +239,12 @@ impl Render {
             return Ok(response);
         }
         let key = primary.rendition(record.generation, &canonical);
-        if freshness.is_some()
+        if let Some(source_freshness) = freshness
             && let Some(found) = proxy.lookup_derived(&key).await
         {
+            let object = refreshed(proxy, key, found.object, now, source_freshness, now).await;
             let status = CacheStatus::hit(found.tier_name);
-            let response = proxy.serve_stored(&found.object, &request, now, status);
+            let response = proxy.serve_stored(&object, &request, now, status);
             return Ok(self.finish(response, &params));
         }
         if !self.pressure.borrow().level.stores() {
@@ -366,6 +371,31 @@ impl Render {
         }
         response
     }
+}
+
+/// A stored rendition, made from the version of the source the record names: when it has gone
+/// stale since (the source was revalidated, not changed), it is as fresh as the source now is
+/// (`response_time`, `freshness`), and stored so again.
+async fn refreshed(
+    proxy: &Proxy,
+    key: CacheKey,
+    object: Arc<CachedObject>,
+    response_time: SystemTime,
+    freshness: Freshness,
+    now: SystemTime,
+) -> Arc<CachedObject> {
+    if object.is_fresh(now) {
+        return object;
+    }
+    let copy = || CachedObject {
+        status: object.status,
+        headers: object.headers.clone(),
+        body: object.body.clone(),
+        response_time,
+        freshness,
+    };
+    proxy.store_derived(key, copy()).await;
+    Arc::new(copy())
 }
 
 /// 304 for a client whose `If-None-Match` holds the rendition's `etag` (compared weakly, RFC
