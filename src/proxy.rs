@@ -274,7 +274,15 @@ impl Proxy {
             return self.fetch(req, None).await;
         }
         match self.collapser.join(&req.key) {
-            Role::Leader(leader) => self.fetch(req, Some(leader)).await,
+            Role::Leader(leader) => {
+                // A fill of this key may have been stored (and left the collapser) between the
+                // lookup and the join: serve what it stored rather than fetch it again.
+                if let Some(hit) = self.stored_since(&req).await {
+                    drop(leader);
+                    return Ok(hit);
+                }
+                self.fetch(req, Some(leader)).await
+            }
             Role::Follower(fill) => match fill.wait_outcome(self.cache.lock_timeout).await {
                 Some(Outcome::Shared(head)) => {
                     self.metrics.collapsed.inc();
@@ -290,10 +298,34 @@ impl Proxy {
                     Ok(response)
                 }
                 Some(Outcome::Failed(e)) => Err(e),
-                // Pass, or no head within lock_timeout: fetch on our own.
-                Some(Outcome::Pass | Outcome::Waiting) | None => self.fetch(req, None).await,
+                // Pass, or no head within lock_timeout: fetch on our own (unless a fill
+                // stored it meanwhile).
+                Some(Outcome::Pass | Outcome::Waiting) | None => match self.stored_since(&req).await
+                {
+                    Some(hit) => Ok(hit),
+                    None => self.fetch(req, None).await,
+                },
             },
         }
+    }
+
+    /// A fresh object stored in the memory tier under `req.key` since `req`'s lookup missed (a
+    /// fill that completed in between), as a hit; `None` otherwise. Only for plain requests
+    /// (no credentials, validators or ranges went into the lookup's decision).
+    async fn stored_since(&self, req: &ProxyRequest) -> Option<Response<ProxyBody>> {
+        if !self.tier.memory().contains(&req.key) {
+            return None;
+        }
+        let object = self.tier.memory().get(&req.key).await?;
+        let now = SystemTime::now();
+        if freshness::usability(&object.freshness, object.age(now), &req.directives)
+            != Usability::Fresh
+        {
+            return None;
+        }
+        let cache_status = CacheStatus::hit("memory");
+        cache_status.record_in_span();
+        Some(hit_response(&object, req, now, cache_status))
     }
 
     /// Fetches from the origin and builds the streamed response; as `leader`, shares the fill or
