@@ -203,8 +203,12 @@ start_edge() { # i: a fresh instance i (empty memory and disk tiers) on its port
   env "${env[@]}" "$run_bin" >>"$tmp/imgedge$i.log" 2>&1 &
   epid[i]=$!
   pids+=("${epid[i]}")
-  lt_wait_http "imgedge$i" "${epid[i]}" "http://127.0.0.1:${eport[i]}/health" "$tmp/imgedge$i.log" ||
+  if ! lt_wait_http "imgedge$i" "${epid[i]}" "http://127.0.0.1:${eport[i]}/health" "$tmp/imgedge$i.log"; then
+    if ((shared)) && grep -q 'cache.shared: unknown key' "$tmp/imgedge$i.log"; then
+      die "this build has no shared tier: imgedge rejects [cache.shared] (IMGEDGE_CACHE__SHARED__URL) as an unknown key (--shared needs the Redis shared tier, issue 12 item 2)"
+    fi
     die "imgedge$i did not start"
+  fi
 }
 restart_edge() { # i: stop (if running) and start it fresh
   stop_pid "${epid[$1]}"
