@@ -27,19 +27,22 @@ WORKDIR /src
 
 # Dependencies in a layer of their own: built against stub sources from the manifest and lock
 # file alone, so it is rebuilt only when Cargo.toml or Cargo.lock change, not on every source
-# edit. (Only the library and the binary are built: tests and benches never are.)
+# edit. (Only the library and the binary are built: tests and benches never are, but the manifest
+# names benches/transform.rs, which must exist for it to be read.)
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+RUN mkdir src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/transform.rs \
     && cargo build --release --locked \
-    && rm -rf src
+    && rm -rf src benches
 
 # The real sources. config/default.toml is compiled in (include_str! in src/config.rs). Their
 # modification times may be older than the stub build's outputs, hence the touch, so that cargo
 # rebuilds the crate itself (and only it).
 COPY config ./config
 COPY src ./src
+COPY benches ./benches
 RUN touch src/lib.rs src/main.rs \
     && cargo build --release --locked
 
