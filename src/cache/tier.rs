@@ -43,15 +43,24 @@ pub trait Backend: Send + Sync + 'static {
     fn get(&self, key: &CacheKey) -> BoxFuture<Result<Option<Arc<CachedObject>>, BackendError>>;
 
     /// Stores a complete object under `key`, replacing any other; resolves once it is written,
-    /// to the bytes the entry takes in the store.
+    /// to the bytes the entry takes in the store, or to 0 when the backend declined to write it
+    /// (too large or already expired for it, or a store it is skipping for now): not counted as
+    /// a write.
     fn put(&self, key: CacheKey, object: Arc<CachedObject>)
     -> BoxFuture<Result<u64, BackendError>>;
 
     /// Removes `key` now, and for good: a later `get` misses, also after a restart.
     fn remove(&self, key: &CacheKey);
 
-    /// How many bytes of entries the store holds at most.
+    /// How many bytes of entries the store holds at most; 0 when that is not the process's to
+    /// know (a shared store whose entries expire on their own): then [`Holdings`] track nothing.
     fn capacity_bytes(&self) -> u64;
+
+    /// The backend's own state for `/health` (`closed`, `open`, `half_open` for the shared
+    /// tier's breaker); `None` (the default) when it has none.
+    fn state(&self) -> Option<&'static str> {
+        None
+    }
 
     /// Closes the store cleanly; nothing is written after.
     fn close(&self) -> BoxFuture<()>;
@@ -66,11 +75,14 @@ pub struct BackendError(pub String);
 /// is not configured.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct TierUsage {
-    /// The tier's name: `disk`.
+    /// The tier's name: `disk` or `shared`.
     #[serde(skip)]
     pub name: &'static str,
     /// False once a backend panicked: the tier is off until restart.
     pub enabled: bool,
+    /// The backend's own state ([`Backend::state`]), when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
     /// Entries written since this process started and not known to be gone (see [`Holdings`]).
     pub entries: u64,
     /// Their size in the store, in bytes.
@@ -78,6 +90,9 @@ pub struct TierUsage {
     pub writes: u64,
     pub write_drops: u64,
     pub hits: u64,
+    /// Reads that found nothing usable (absent, damaged, or skipped by the backend); failed
+    /// reads are `errors` instead.
+    pub misses: u64,
     /// Failed reads and writes (a damaged entry the backend removed is a miss, not an error).
     pub errors: u64,
     pub capacity_bytes: u64,
@@ -111,6 +126,7 @@ struct Shared {
     reads: Semaphore,
     holdings: Mutex<Holdings>,
     hits: AtomicU64,
+    misses: AtomicU64,
     writes: AtomicU64,
     write_drops: AtomicU64,
     errors: AtomicU64,
@@ -135,6 +151,7 @@ impl Tier {
             reads: Semaphore::new(CONCURRENT_READS),
             holdings: Mutex::default(),
             hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             write_drops: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -164,6 +181,7 @@ impl Tier {
                 Some(object)
             }
             Ok(Some(Ok(None))) => {
+                s.misses.fetch_add(1, Ordering::Relaxed);
                 s.holdings().remove(key);
                 None
             }
@@ -248,11 +266,13 @@ impl Tier {
         TierUsage {
             name: s.name,
             enabled: s.enabled(),
+            state: s.backend.state(),
             entries,
             bytes,
             writes: s.writes.load(Ordering::Relaxed),
             write_drops: s.write_drops.load(Ordering::Relaxed),
             hits: s.hits.load(Ordering::Relaxed),
+            misses: s.misses.load(Ordering::Relaxed),
             errors: s.errors.load(Ordering::Relaxed),
             capacity_bytes: s.backend.capacity_bytes(),
         }
@@ -301,9 +321,13 @@ async fn write_loop(shared: Arc<Shared>, mut queue: mpsc::Receiver<QueuedWrite>)
             .spawn(shared.backend.put(key.clone(), object))
             .await
         {
+            // Declined by the backend: nothing written.
+            Ok(Some(Ok(0))) => {}
             Ok(Some(Ok(bytes))) => {
                 shared.writes.fetch_add(1, Ordering::Relaxed);
-                shared.holdings().add(key, bytes, capacity_bytes);
+                if capacity_bytes > 0 {
+                    shared.holdings().add(key, bytes, capacity_bytes);
+                }
             }
             Ok(Some(Err(e))) => {
                 tracing::warn!(tier = shared.name, key = key.as_str(), error = %e, "tier write failed");
