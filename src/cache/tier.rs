@@ -1,6 +1,6 @@
 //! The storage seam: [`Backend`], what a store below the memory tier implements, and [`Tier`],
-//! the protections every such store runs behind, so that a store added later (a shared tier,
-//! say) inherits them instead of repeating them:
+//! the protections every such store runs behind, so that every store (the disk tier, the shared
+//! tier) inherits them instead of repeating them:
 //!
 //! - **A store never fails a request.** Every call into a backend runs in a task of its own
 //!   ([`Tasks`]), so a panic inside it (foyer on a full disk) becomes a logged miss and turns
@@ -11,7 +11,11 @@
 //! - **Reads are bounded.** At most [`CONCURRENT_READS`] at once: each holds a whole body outside
 //!   any reservation, so a flood of lower-tier hits cannot outgrow the budget between RSS samples.
 //! - **What it holds is known.** [`Holdings`] records what this process wrote and has not seen go,
-//!   for `/health`, `/metrics` and purge: stores (foyer) expose no count of their own.
+//!   for `/health`, `/metrics` and purge: stores (foyer) expose no count of their own. A store
+//!   whose entries expire on their own (Redis) reports capacity 0 and is not tracked.
+//! - **Ordinary failures are results, not panics.** A backend that wants to skip a store it
+//!   cannot reach (the shared tier's circuit breaker) answers misses and declined writes (0
+//!   bytes); only a panic switches a tier off.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -137,7 +141,7 @@ struct Shared {
 }
 
 impl Tier {
-    /// Puts `backend` behind the seam as the tier `name` (`disk`), its writer and calls spawned
+    /// Puts `backend` behind the seam as the tier `name` (`disk`, `shared`), its writer and calls spawned
     /// on `tasks`.
     pub fn new(name: &'static str, backend: impl Backend, tasks: &Tasks) -> Tier {
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
