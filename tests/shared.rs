@@ -560,3 +560,60 @@ async fn a_shared_read_reserves_its_buffer_in_the_fill_pool_and_is_a_miss_withou
     assert_eq!(got.cache_status(), "imgedge; hit; detail=shared");
     assert_eq!(origin.hits("/a.png"), 2);
 }
+
+#[tokio::test]
+async fn concurrent_requests_on_a_stalled_redis_each_cost_at_most_the_timeout() {
+    let redis = FakeRedis::start(Mode::Correct).await;
+    let origin = TestOrigin::start().await;
+    let proxy = proxy(&origin, &redis.url(), "").await;
+    wait_for_state(&proxy, "closed", Duration::from_secs(3)).await;
+    redis.set_mode(Mode::Stall);
+    // Twice the seam's 8 concurrent reads. The seam bounds a lookup's wait for a read permit by
+    // the timeout too; without that the second 8 would wait one more timeout (the breaker opens
+    // once the first 8 fail), which this bound does not tell apart on a loaded debug build.
+    let requests = (0..16).map(|i| {
+        let path = format!("/c-{i}.png");
+        origin.route(&path, Reply::pattern(500));
+        let url = proxy.image_url(&origin.url(&path));
+        let client = proxy.client.clone();
+        async move {
+            let started = Instant::now();
+            let status = client.get(url).send().await.unwrap().status();
+            (status, started.elapsed())
+        }
+    });
+    for (status, took) in futures_join(requests).await {
+        assert_eq!(status, 200);
+        assert!(took < Duration::from_millis(450), "took {took:?}");
+    }
+}
+
+/// Runs `futures` concurrently on this task and returns their outputs in order.
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futures.map(Box::pin).collect();
+    let mut outputs = Vec::new();
+    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
+    let mut done: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        done[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    outputs.extend(done.into_iter().map(|v| v.expect("every future finished")));
+    outputs
+}

@@ -617,6 +617,11 @@ impl Backend for SharedBackend {
         Some(self.state().as_str())
     }
 
+    /// `[cache.shared] timeout`: a lookup queued behind stalled reads is a miss too.
+    fn read_timeout(&self) -> Option<Duration> {
+        Some(self.inner.timeout)
+    }
+
     fn close(&self) -> BoxFuture<()> {
         Box::pin(async {})
     }

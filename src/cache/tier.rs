@@ -60,6 +60,12 @@ pub trait Backend: Send + Sync + 'static {
     /// know (a shared store whose entries expire on their own): then [`Holdings`] track nothing.
     fn capacity_bytes(&self) -> u64;
 
+    /// How long a lookup may take in all, waiting for a read permit included; past it the
+    /// lookup is a miss, counted as an error. `None` (the default): unbounded (the disk tier).
+    fn read_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// The backend's own state for `/health` (`closed`, `open`, `half_open` for the shared
     /// tier's breaker); `None` (the default) when it has none.
     fn state(&self) -> Option<&'static str> {
@@ -176,6 +182,27 @@ impl Tier {
         if !s.enabled() {
             return None;
         }
+        let Some(limit) = s.backend.read_timeout() else {
+            return self.read(key).await;
+        };
+        // The wait for a read permit counts too: with a stalled store, reads queued behind the
+        // ones in flight must not wait for them. The backend's call goes on in its task.
+        match tokio::time::timeout(limit, self.read(key)).await {
+            Ok(found) => found,
+            Err(_) => {
+                tracing::warn!(
+                    tier = s.name,
+                    key = key.as_str(),
+                    "tier read timed out: a miss"
+                );
+                s.errors.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    async fn read(&self, key: &CacheKey) -> Option<Arc<CachedObject>> {
+        let s = &self.shared;
         let Ok(_permit) = s.reads.acquire().await else {
             return None;
         };
