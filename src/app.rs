@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::cache::disk::DiskBackend;
+use crate::cache::shared::SharedBackend;
 use crate::cache::{MemoryTier, Tier, TieredCache};
 use crate::collapse::Collapser;
 use crate::config::{Config, MemoryBudgetError};
@@ -52,7 +53,8 @@ impl App {
     /// # Errors
     /// [`SetupError`]: the memory budget cannot be detected or leaves the memory tier too little
     /// room, or the upstream clients cannot be built. Nothing is left running then. A disk tier
-    /// that cannot be opened is logged and left out, never an error.
+    /// that cannot be opened is logged and left out, never an error; so is a shared tier whose
+    /// Redis cannot be reached (it is retried).
     pub async fn build(config: Config, rss: Arc<dyn RssSource>) -> Result<App, SetupError> {
         let tasks = Tasks::new();
         match Self::build_on(config, rss, &tasks).await {
@@ -88,6 +90,11 @@ impl App {
         tasks.spawn(monitor.run());
         tracing::info!(budget_bytes, "memory budget");
 
+        // Before the tiers: the shared tier's reads reserve their buffers here.
+        let fills = ReservationPool::new(match config.memory.inflight_fill_bytes {
+            0 => budget_bytes / 4,
+            n => n,
+        });
         let mut lower = Vec::new();
         if let Some(dir) = &config.cache.disk_dir {
             // A disk that cannot be opened costs the disk tier, never the service.
@@ -101,6 +108,27 @@ impl App {
                 }
             }
         }
+        if config.cache.shared.is_on() {
+            // Redis is connected to in the background: an absent one never holds up startup.
+            match SharedBackend::open(
+                &config.cache.shared,
+                config.cache.stale_retention,
+                fills.clone(),
+                tasks,
+            ) {
+                Ok(shared) => {
+                    tracing::info!(
+                        nodes = config.cache.shared.urls.len(),
+                        max_object_bytes = config.cache.shared.max_object_bytes,
+                        "shared tier on"
+                    );
+                    lower.push(Tier::new("shared", shared, tasks));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "shared tier unavailable: serving without it")
+                }
+            }
+        }
         let tier = TieredCache::new(
             MemoryTier::new(
                 config.cache.memory_capacity_bytes,
@@ -108,10 +136,6 @@ impl App {
             ),
             lower,
         );
-        let fills = ReservationPool::new(match config.memory.inflight_fill_bytes {
-            0 => budget_bytes / 4,
-            n => n,
-        });
         let collapser = Arc::new(Collapser::new(tasks.clone()));
         tasks.spawn(relief::run(
             pressure.clone(),

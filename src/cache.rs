@@ -1,6 +1,7 @@
 //! The cache: [`CacheKey`], the stored [`CachedObject`], and [`TieredCache`]: the memory tier
 //! ([`memory`], moka) in front of the tiers below it, each behind the storage seam ([`tier`]):
-//! today the optional disk tier ([`disk`], foyer), whose entries use the format of [`entry`].
+//! the optional disk tier ([`disk`], foyer) and then the optional shared tier ([`shared`], Redis),
+//! whose entries both use the format of [`entry`].
 //! Also remembers, without their bodies, responses that were not stored (hit-for-pass), and the
 //! `Vary` names of varying URLs.
 //!
@@ -9,6 +10,7 @@
 pub mod disk;
 pub mod entry;
 pub mod memory;
+pub mod shared;
 pub mod tier;
 
 use std::sync::Arc;
@@ -198,7 +200,8 @@ fn index_weight(key: &CacheKey) -> u32 {
 pub struct Found {
     pub object: Arc<CachedObject>,
     pub tier: usize,
-    /// The tier's name, `memory` or a lower tier's (`disk`): the `Cache-Status` detail of a hit.
+    /// The tier's name, `memory` or a lower tier's (`disk`, `shared`): the `Cache-Status` detail
+    /// of a hit.
     pub tier_name: &'static str,
 }
 

@@ -198,6 +198,49 @@ pub struct CacheConfig {
     pub disk_dir: Option<std::path::PathBuf>,
     /// Capacity of the disk tier, in bytes of its data files.
     pub disk_capacity_bytes: u64,
+    /// `[cache.shared]`: the optional shared tier on Redis.
+    pub shared: SharedConfig,
+}
+
+/// `[cache.shared]`: the shared tier on Redis (or Valkey), after the disk tier.
+#[derive(Clone)]
+pub struct SharedConfig {
+    /// Where Redis is: empty turns the tier off; one `redis://` or `rediss://` URL is one server;
+    /// several, comma-separated, are the seed nodes of a Redis Cluster. Never printed (they may
+    /// hold a password).
+    pub urls: Vec<String>,
+    /// The largest entry written to (and read from) Redis, in bytes of the entry format (body,
+    /// stored headers and framing).
+    pub max_object_bytes: u64,
+    /// How long any one Redis call may take; past it the call is a miss (or a dropped write).
+    pub timeout: Duration,
+}
+
+impl SharedConfig {
+    /// Whether the shared tier is configured.
+    pub fn is_on(&self) -> bool {
+        !self.urls.is_empty()
+    }
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        SharedConfig {
+            urls: Vec::new(),
+            max_object_bytes: 1 << 20,
+            timeout: Duration::from_millis(50),
+        }
+    }
+}
+
+impl fmt::Debug for SharedConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedConfig")
+            .field("urls", &format_args!("{} (not shown)", self.urls.len()))
+            .field("max_object_bytes", &self.max_object_bytes)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl CacheConfig {
@@ -327,7 +370,7 @@ impl Config {
 
     /// The configuration [`Config::load`] reads from the same sources, as TOML: every key with
     /// the value that applies (default, file or environment), secrets (`admin.token`,
-    /// `signing.keys`) masked. What `imgedge --check-config` prints.
+    /// `signing.keys`, a `cache.shared.url` with a password) masked. What `imgedge --check-config` prints.
     ///
     /// # Errors
     /// As [`Config::load`].
@@ -345,6 +388,14 @@ impl Config {
             && token.as_str().is_some_and(|t| !t.trim().is_empty())
         {
             *token = MASK.into();
+        }
+        // A Redis URL with userinfo carries a password.
+        if let Some(toml::Value::Table(cache)) = table.get_mut("cache")
+            && let Some(toml::Value::Table(shared)) = cache.get_mut("shared")
+            && let Some(url) = shared.get_mut("url")
+            && url.as_str().is_some_and(|u| u.contains('@'))
+        {
+            *url = MASK.into();
         }
         if let Some(toml::Value::Table(signing)) = table.get_mut("signing")
             && let Some(toml::Value::Array(keys)) = signing.get_mut("keys")

@@ -73,6 +73,13 @@ pub struct Metrics {
     /// `imgedge_disk_events{event}`: the disk tier's `writes`, `write_drops` (queue full) and
     /// `errors` (damaged entries, failed reads, foyer panics) since start, set at scrape.
     pub disk_events: Family<DiskEventLabels, Gauge>,
+    /// `imgedge_shared_events{event}`: the shared tier's `hits`, `misses` (absent, damaged, or
+    /// skipped while its breaker is open), `errors` (failed or timed-out Redis calls), `writes`
+    /// and `write_drops` since start, set at scrape; all 0 when it is off.
+    pub shared_events: Family<DiskEventLabels, Gauge>,
+    /// `imgedge_shared_breaker_state`: the shared tier's breaker, 0 closed, 1 half-open (probing),
+    /// 2 open (skipping Redis), -1 off; set at scrape.
+    pub shared_breaker_state: Gauge,
     /// `imgedge_memory_relief_total{action}`: what memory pressure made the tiers and fills
     /// give up: `evicted_entries` and `evicted_bytes` (least-recently-used memory-tier entries,
     /// at evicting), `cleared` (memory tier cleared, at critical), `aborted_fills` (fills no
@@ -121,6 +128,8 @@ impl Default for Metrics {
             response_bytes: Counter::default(),
             cache_bytes: Family::default(),
             cache_entries: Family::default(),
+            shared_events: Family::default(),
+            shared_breaker_state: Gauge::default(),
             rss_bytes: Gauge::default(),
             budget_bytes: Gauge::default(),
             inflight_upstream: Gauge::default(),
@@ -213,6 +222,16 @@ impl Default for Metrics {
             "imgedge_disk_events",
             "Disk tier writes, dropped writes and errors since start",
             m.disk_events.clone(),
+        );
+        registry.register(
+            "imgedge_shared_events",
+            "Shared tier hits, misses, errors, writes and dropped writes since start",
+            m.shared_events.clone(),
+        );
+        registry.register(
+            "imgedge_shared_breaker_state",
+            "Shared tier circuit breaker: 0 closed, 1 half-open, 2 open, -1 off",
+            m.shared_breaker_state.clone(),
         );
         registry.register(
             "imgedge_memory_relief",

@@ -14,7 +14,17 @@ fn default_keys() -> BTreeMap<String, toml::Value> {
             panic!("config/default.toml: {section} is not a section");
         };
         for (key, value) in table {
-            keys.insert(format!("{section}.{key}"), value);
+            match value {
+                // A section within a section: `[cache.shared]`.
+                toml::Value::Table(inner) => {
+                    for (k, v) in inner {
+                        keys.insert(format!("{section}.{key}.{k}"), v);
+                    }
+                }
+                value => {
+                    keys.insert(format!("{section}.{key}"), value);
+                }
+            }
         }
     }
     keys

@@ -1,6 +1,6 @@
 //! The storage seam: [`Backend`], what a store below the memory tier implements, and [`Tier`],
-//! the protections every such store runs behind, so that a store added later (a shared tier,
-//! say) inherits them instead of repeating them:
+//! the protections every such store runs behind, so that every store (the disk tier, the shared
+//! tier) inherits them instead of repeating them:
 //!
 //! - **A store never fails a request.** Every call into a backend runs in a task of its own
 //!   ([`Tasks`]), so a panic inside it (foyer on a full disk) becomes a logged miss and turns
@@ -11,7 +11,11 @@
 //! - **Reads are bounded.** At most [`CONCURRENT_READS`] at once: each holds a whole body outside
 //!   any reservation, so a flood of lower-tier hits cannot outgrow the budget between RSS samples.
 //! - **What it holds is known.** [`Holdings`] records what this process wrote and has not seen go,
-//!   for `/health`, `/metrics` and purge: stores (foyer) expose no count of their own.
+//!   for `/health`, `/metrics` and purge: stores (foyer) expose no count of their own. A store
+//!   whose entries expire on their own (Redis) reports capacity 0 and is not tracked.
+//! - **Ordinary failures are results, not panics.** A backend that wants to skip a store it
+//!   cannot reach (the shared tier's circuit breaker) answers misses and declined writes (0
+//!   bytes); only a panic switches a tier off.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -43,15 +47,30 @@ pub trait Backend: Send + Sync + 'static {
     fn get(&self, key: &CacheKey) -> BoxFuture<Result<Option<Arc<CachedObject>>, BackendError>>;
 
     /// Stores a complete object under `key`, replacing any other; resolves once it is written,
-    /// to the bytes the entry takes in the store.
+    /// to the bytes the entry takes in the store, or to 0 when the backend declined to write it
+    /// (too large or already expired for it, or a store it is skipping for now): not counted as
+    /// a write.
     fn put(&self, key: CacheKey, object: Arc<CachedObject>)
     -> BoxFuture<Result<u64, BackendError>>;
 
     /// Removes `key` now, and for good: a later `get` misses, also after a restart.
     fn remove(&self, key: &CacheKey);
 
-    /// How many bytes of entries the store holds at most.
+    /// How many bytes of entries the store holds at most; 0 when that is not the process's to
+    /// know (a shared store whose entries expire on their own): then [`Holdings`] track nothing.
     fn capacity_bytes(&self) -> u64;
+
+    /// How long a lookup may take in all, waiting for a read permit included; past it the
+    /// lookup is a miss, counted as an error. `None` (the default): unbounded (the disk tier).
+    fn read_timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// The backend's own state for `/health` (`closed`, `open`, `half_open` for the shared
+    /// tier's breaker); `None` (the default) when it has none.
+    fn state(&self) -> Option<&'static str> {
+        None
+    }
 
     /// Closes the store cleanly; nothing is written after.
     fn close(&self) -> BoxFuture<()>;
@@ -66,11 +85,14 @@ pub struct BackendError(pub String);
 /// is not configured.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct TierUsage {
-    /// The tier's name: `disk`.
+    /// The tier's name: `disk` or `shared`.
     #[serde(skip)]
     pub name: &'static str,
     /// False once a backend panicked: the tier is off until restart.
     pub enabled: bool,
+    /// The backend's own state ([`Backend::state`]), when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
     /// Entries written since this process started and not known to be gone (see [`Holdings`]).
     pub entries: u64,
     /// Their size in the store, in bytes.
@@ -78,6 +100,9 @@ pub struct TierUsage {
     pub writes: u64,
     pub write_drops: u64,
     pub hits: u64,
+    /// Reads that found nothing usable (absent, damaged, or skipped by the backend); failed
+    /// reads are `errors` instead.
+    pub misses: u64,
     /// Failed reads and writes (a damaged entry the backend removed is a miss, not an error).
     pub errors: u64,
     pub capacity_bytes: u64,
@@ -111,6 +136,7 @@ struct Shared {
     reads: Semaphore,
     holdings: Mutex<Holdings>,
     hits: AtomicU64,
+    misses: AtomicU64,
     writes: AtomicU64,
     write_drops: AtomicU64,
     errors: AtomicU64,
@@ -121,7 +147,7 @@ struct Shared {
 }
 
 impl Tier {
-    /// Puts `backend` behind the seam as the tier `name` (`disk`), its writer and calls spawned
+    /// Puts `backend` behind the seam as the tier `name` (`disk`, `shared`), its writer and calls spawned
     /// on `tasks`.
     pub fn new(name: &'static str, backend: impl Backend, tasks: &Tasks) -> Tier {
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
@@ -135,6 +161,7 @@ impl Tier {
             reads: Semaphore::new(CONCURRENT_READS),
             holdings: Mutex::default(),
             hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             write_drops: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -155,6 +182,27 @@ impl Tier {
         if !s.enabled() {
             return None;
         }
+        let Some(limit) = s.backend.read_timeout() else {
+            return self.read(key).await;
+        };
+        // The wait for a read permit counts too: with a stalled store, reads queued behind the
+        // ones in flight must not wait for them. The backend's call goes on in its task.
+        match tokio::time::timeout(limit, self.read(key)).await {
+            Ok(found) => found,
+            Err(_) => {
+                tracing::warn!(
+                    tier = s.name,
+                    key = key.as_str(),
+                    "tier read timed out: a miss"
+                );
+                s.errors.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    async fn read(&self, key: &CacheKey) -> Option<Arc<CachedObject>> {
+        let s = &self.shared;
         let Ok(_permit) = s.reads.acquire().await else {
             return None;
         };
@@ -164,6 +212,7 @@ impl Tier {
                 Some(object)
             }
             Ok(Some(Ok(None))) => {
+                s.misses.fetch_add(1, Ordering::Relaxed);
                 s.holdings().remove(key);
                 None
             }
@@ -248,11 +297,13 @@ impl Tier {
         TierUsage {
             name: s.name,
             enabled: s.enabled(),
+            state: s.backend.state(),
             entries,
             bytes,
             writes: s.writes.load(Ordering::Relaxed),
             write_drops: s.write_drops.load(Ordering::Relaxed),
             hits: s.hits.load(Ordering::Relaxed),
+            misses: s.misses.load(Ordering::Relaxed),
             errors: s.errors.load(Ordering::Relaxed),
             capacity_bytes: s.backend.capacity_bytes(),
         }
@@ -301,9 +352,13 @@ async fn write_loop(shared: Arc<Shared>, mut queue: mpsc::Receiver<QueuedWrite>)
             .spawn(shared.backend.put(key.clone(), object))
             .await
         {
+            // Declined by the backend: nothing written.
+            Ok(Some(Ok(0))) => {}
             Ok(Some(Ok(bytes))) => {
                 shared.writes.fetch_add(1, Ordering::Relaxed);
-                shared.holdings().add(key, bytes, capacity_bytes);
+                if capacity_bytes > 0 {
+                    shared.holdings().add(key, bytes, capacity_bytes);
+                }
             }
             Ok(Some(Err(e))) => {
                 tracing::warn!(tier = shared.name, key = key.as_str(), error = %e, "tier write failed");

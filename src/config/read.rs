@@ -95,6 +95,12 @@ impl Config {
                         .map(std::path::PathBuf::from))
                 }),
                 disk_capacity_bytes: f.range("cache.disk_capacity_bytes", 64 << 20, u64::MAX),
+                shared: SharedConfig {
+                    urls: f.parse("cache.shared.url", parse_redis_urls),
+                    // Redis strings hold at most 512 MiB.
+                    max_object_bytes: f.range("cache.shared.max_object_bytes", 1, 512 << 20),
+                    timeout: f.duration("cache.shared.timeout"),
+                },
             },
             admin: AdminConfig {
                 token: f.parse("admin.token", |s: String| match s.trim() {
@@ -325,19 +331,30 @@ impl<'a> Fields<'a> {
                 continue;
             }
             match value {
-                Value::Dict(_, keys) => {
-                    for key in keys.keys() {
-                        let path = format!("{section}.{key}");
-                        if !self.read.contains(&path) {
-                            let source = self.source(&path);
-                            self.problems.push(format!("{path}: unknown key{source}"));
-                        }
-                    }
-                }
+                Value::Dict(_, keys) => self.check_unknown_in(section, keys),
                 _ => {
                     let source = self.source(section);
                     self.problems
                         .push(format!("{section}: unknown section{source}"));
+                }
+            }
+        }
+    }
+
+    /// Records every key of the table at `path` (and of the tables in it, such as
+    /// `[cache.shared]`) that no field read.
+    fn check_unknown_in(&mut self, path: &str, keys: &Dict) {
+        for (key, value) in keys {
+            let path = format!("{path}.{key}");
+            if self.read.contains(&path) {
+                continue;
+            }
+            let nested = self.read.iter().any(|r| r.starts_with(&format!("{path}.")));
+            match value {
+                Value::Dict(_, inner) if nested => self.check_unknown_in(&path, inner),
+                _ => {
+                    let source = self.source(&path);
+                    self.problems.push(format!("{path}: unknown key{source}"));
                 }
             }
         }
@@ -544,6 +561,32 @@ fn parse_routes(raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, String> {
     } else {
         Err(bad.join("; "))
     }
+}
+
+/// `[cache.shared] url`: empty (off), one `redis://` or `rediss://` URL, or several
+/// comma-separated (the seed nodes of a Redis Cluster). Errors never repeat a URL, which may
+/// hold a password.
+fn parse_redis_urls(s: String) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = StringList::Csv(s).entries();
+    for (i, url) in urls.iter().enumerate() {
+        let which = if urls.len() > 1 {
+            format!("URL {i}: ")
+        } else {
+            String::new()
+        };
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(format!(
+                "{which}expected redis://HOST:PORT or rediss://HOST:PORT (several, comma-separated, for a Redis Cluster)"
+            ));
+        }
+        if let Err(e) = redis::Client::open(url.as_str()) {
+            return Err(format!(
+                "{which}not a Redis URL: {}",
+                e.detail().unwrap_or("it cannot be parsed")
+            ));
+        }
+    }
+    Ok(urls)
 }
 
 /// Parses an operator-set route upstream: empty means off; otherwise an http(s) URL with no

@@ -218,10 +218,15 @@ impl Admin {
         let memory = self.tier.memory().usage().await;
         let (index_entries, index_bytes) = self.tier.index_usage().await;
         let reading = *self.pressure.borrow();
-        // Every tier by name; `disk` always, all zero when there is none.
+        // Every tier by name; `disk` and `shared` always, all zero when there is none (and the
+        // shared tier's state `off`).
         let mut cache = serde_json::json!({
             "memory": memory,
             "disk": TierUsage::default(),
+            "shared": TierUsage {
+                state: Some("off"),
+                ..TierUsage::default()
+            },
             "indexes": {
                 "entries": index_entries,
                 "bytes": index_bytes,
@@ -308,6 +313,27 @@ impl Admin {
                     .set(gauge(n));
             }
         }
+        let shared = lower.iter().find(|t| t.name == "shared");
+        for (event, n) in [
+            ("hits", shared.map_or(0, |t| t.hits)),
+            ("misses", shared.map_or(0, |t| t.misses)),
+            ("errors", shared.map_or(0, |t| t.errors)),
+            ("writes", shared.map_or(0, |t| t.writes)),
+            ("write_drops", shared.map_or(0, |t| t.write_drops)),
+        ] {
+            self.metrics
+                .shared_events
+                .get_or_create(&metrics::DiskEventLabels { event })
+                .set(gauge(n));
+        }
+        self.metrics
+            .shared_breaker_state
+            .set(match shared.and_then(|t| t.state) {
+                Some("closed") => 0,
+                Some("half_open") => 1,
+                Some("open") => 2,
+                _ => -1,
+            });
         let mut response = Response::new(ProxyBody::full(self.metrics.encode()));
         let headers = response.headers_mut();
         headers.insert(
