@@ -300,11 +300,12 @@ impl Proxy {
                 Some(Outcome::Failed(e)) => Err(e),
                 // Pass, or no head within lock_timeout: fetch on our own (unless a fill
                 // stored it meanwhile).
-                Some(Outcome::Pass | Outcome::Waiting) | None => match self.stored_since(&req).await
-                {
-                    Some(hit) => Ok(hit),
-                    None => self.fetch(req, None).await,
-                },
+                Some(Outcome::Pass | Outcome::Waiting) | None => {
+                    match self.stored_since(&req).await {
+                        Some(hit) => Ok(hit),
+                        None => self.fetch(req, None).await,
+                    }
+                }
             },
         }
     }
