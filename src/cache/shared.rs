@@ -166,7 +166,10 @@ impl Breaker {
     }
 
     /// An admitted call failed at `now`: the breaker opens after [`FAILURES_TO_OPEN`] in a
-    /// row, or at once when the call was the probe (with the back-off doubled).
+    /// row, or at once when the call was the probe (with the back-off doubled). A failure while
+    /// open is a call admitted before the breaker opened, ending late: it says nothing new and
+    /// neither lengthens nor restarts the back-off (counted so, the calls in flight when Redis
+    /// stalled doubled it to its cap at once, and a 5 s stall kept the tier off for minutes).
     pub fn failure(&mut self, now: Instant) {
         match self.state {
             BreakerState::Closed => {
@@ -175,10 +178,11 @@ impl Breaker {
                     self.open(now);
                 }
             }
-            BreakerState::HalfOpen | BreakerState::Open => {
+            BreakerState::HalfOpen => {
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 self.open(now);
             }
+            BreakerState::Open => {}
         }
     }
 
@@ -659,6 +663,25 @@ mod tests {
         assert!(b.admit(t1 + 2 * FIRST_BACKOFF));
         b.success();
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn calls_in_flight_when_it_opens_do_not_lengthen_the_backoff() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(BreakerState::Closed, t0);
+        // eight reads admitted while closed; all time out
+        for _ in 0..8 {
+            assert!(b.admit(t0));
+        }
+        for _ in 0..8 {
+            b.failure(t0);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.backoff, FIRST_BACKOFF);
+        assert!(
+            b.admit(t0 + FIRST_BACKOFF),
+            "probed after the first back-off"
+        );
     }
 
     #[test]
