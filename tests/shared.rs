@@ -208,10 +208,18 @@ fn parse_command(buf: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
 }
 
 /// A proxy for `origin` with the shared tier at `url` and `extra` TOML for `[cache.shared]`.
+/// A proxy on `origin` whose shared tier is `url`, with `shared` more of `[cache.shared]`. Its
+/// `timeout` is 1 s unless `shared` sets one: only the tests of stalls depend on it, and a
+/// loaded CI machine can take longer than 50 ms to answer a loopback read in a debug build.
 async fn proxy(origin: &TestOrigin, url: &str, shared: &str) -> TestProxy {
+    let timeout = if shared.contains("timeout") {
+        ""
+    } else {
+        "timeout = \"1s\"\n"
+    };
     TestProxy::for_origin(
         origin,
-        &format!("[cache.shared]\nurl = \"{url}\"\ntimeout = \"50ms\"\n{shared}"),
+        &format!("[cache.shared]\nurl = \"{url}\"\n{timeout}{shared}"),
     )
     .await
 }
@@ -282,7 +290,7 @@ async fn every_write_sets_an_expiry_of_remaining_freshness_plus_stale_retention(
     let proxy = TestProxy::for_origin(
         &origin,
         &format!(
-            "[cache]\nstale_retention = \"10m\"\n[cache.shared]\nurl = \"{}\"",
+            "[cache]\nstale_retention = \"10m\"\n[cache.shared]\nurl = \"{}\"\ntimeout = \"1s\"",
             redis.url()
         ),
     )
@@ -342,7 +350,7 @@ async fn a_corrupt_value_is_a_miss_and_is_deleted() {
 async fn a_stalled_redis_costs_a_request_at_most_the_timeout_then_the_breaker_opens_and_closes() {
     let redis = FakeRedis::start(Mode::Correct).await;
     let origin = TestOrigin::start().await;
-    let proxy = proxy(&origin, &redis.url(), "").await;
+    let proxy = proxy(&origin, &redis.url(), "timeout = \"50ms\"").await;
     wait_for_state(&proxy, "closed", Duration::from_secs(3)).await;
     redis.set_mode(Mode::Stall);
     for i in 0..5 {
@@ -530,7 +538,7 @@ async fn a_shared_read_reserves_its_buffer_in_the_fill_pool_and_is_a_miss_withou
     let tight = TestProxy::for_origin(
         &origin,
         &format!(
-            "[memory]\ninflight_fill_bytes = 500000\n[cache.shared]\nurl = \"{}\"",
+            "[memory]\ninflight_fill_bytes = 500000\n[cache.shared]\nurl = \"{}\"\ntimeout = \"1s\"",
             redis.url()
         ),
     )
@@ -550,7 +558,7 @@ async fn a_shared_read_reserves_its_buffer_in_the_fill_pool_and_is_a_miss_withou
     let fits = TestProxy::for_origin(
         &origin,
         &format!(
-            "[memory]\ninflight_fill_bytes = 500000\n[cache.shared]\nurl = \"{}\"\nmax_object_bytes = 400000",
+            "[memory]\ninflight_fill_bytes = 500000\n[cache.shared]\nurl = \"{}\"\nmax_object_bytes = 400000\ntimeout = \"1s\"",
             redis.url()
         ),
     )
@@ -565,7 +573,7 @@ async fn a_shared_read_reserves_its_buffer_in_the_fill_pool_and_is_a_miss_withou
 async fn concurrent_requests_on_a_stalled_redis_each_cost_at_most_the_timeout() {
     let redis = FakeRedis::start(Mode::Correct).await;
     let origin = TestOrigin::start().await;
-    let proxy = proxy(&origin, &redis.url(), "").await;
+    let proxy = proxy(&origin, &redis.url(), "timeout = \"50ms\"").await;
     wait_for_state(&proxy, "closed", Duration::from_secs(3)).await;
     redis.set_mode(Mode::Stall);
     // Twice the seam's 8 concurrent reads. The seam bounds a lookup's wait for a read permit by
