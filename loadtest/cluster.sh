@@ -108,24 +108,10 @@ finished=0
 declare -a failures=()
 declare -a figures=()
 
-stop_pid() { # pid: TERM (then KILL after 5 s) a child of ours, and reap it
-  local pid=$1 i
-  [[ -n $pid ]] || return 0
-  [[ $(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ') == "$$" ]] || return 0
-  kill -CONT "$pid" 2>/dev/null || true # a SIGSTOPped Redis cannot act on TERM
-  kill "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < 50; i++)); do
-    [[ -e /proc/$pid ]] || break
-    grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null && break
-    sleep 0.1
-  done
-  ((i < 50)) || kill -9 "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
 cleanup() {
   local rc=$? p
   trap - EXIT INT TERM
-  for p in "${pids[@]}"; do stop_pid "$p"; done
+  for p in "${pids[@]}"; do lt_stop "$p"; done
   if ((!finished)); then
     failures+=("the run stopped early (exit status $rc)")
     write_report 2>/dev/null && log "incomplete report: $report"
@@ -221,7 +207,7 @@ start_edge() { # i: a fresh instance i (empty memory and disk tiers) on its port
   fi
 }
 restart_edge() { # i: stop (if running) and start it fresh
-  stop_pid "${epid[$1]}"
+  lt_stop "${epid[$1]}"
   start_edge "$1"
 }
 edge() { printf 'http://127.0.0.1:%s' "${eport[$1]}"; }

@@ -73,6 +73,7 @@ lt_stop() { # pid
   # Only a process that is still our own child: never a reused PID.
   ppid=$(ps -o ppid= -p "$pid" 2>/dev/null | tr -d ' ') || true
   [[ $ppid == "$$" ]] || return 0
+  kill -CONT "$pid" 2>/dev/null || true # a stopped process (SIGSTOP) cannot act on TERM
   kill "$pid" 2>/dev/null || return 0
   for ((i = 0; i < 50; i++)); do
     # gone, or exited and waiting to be reaped (kill -0 still succeeds on a zombie)
