@@ -10,7 +10,7 @@
 //! read whole for its metadata.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
 use http::request::Parts;
@@ -20,7 +20,6 @@ use super::admit::Client;
 use super::record::{NOT_STORED, SourceRecord};
 use super::routes::{Proxied, Route, Routes, get_or_head};
 use crate::body::ProxyBody;
-use crate::cache::CachedObject;
 use crate::error::ProxyError;
 use crate::freshness::{self, Usability};
 use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, ProxyRequest};
@@ -64,7 +63,8 @@ pub async fn handle(
         && record.image.is_some()
     {
         let status = CacheStatus::hit(found.tier_name);
-        return respond(&record, &found.object, head, now, status);
+        let cache_control = found.object.headers.get(CACHE_CONTROL).cloned();
+        return respond(&record, cache_control, found.object.age(now), head, status);
     }
     let previous = stored
         .as_ref()
@@ -118,14 +118,12 @@ pub async fn handle(
     }
     let freshness = proxy.derived_freshness(&request, StatusCode::OK, &headers, now);
     let object = record.to_object(&headers, freshness.unwrap_or(NOT_STORED), now);
+    let (cache_control, age) = (object.headers.get(CACHE_CONTROL).cloned(), object.age(now));
     let mut status = CacheStatus::MISS.with_detail("info");
-    if let Some(freshness) = freshness {
-        let stored = record.to_object(&headers, freshness, now);
-        if proxy.store_derived(record_key, stored).await {
-            status = status.stored();
-        }
+    if freshness.is_some() && proxy.store_derived(record_key, object).await {
+        status = status.stored();
     }
-    respond(&record, &object, head, now, status)
+    respond(&record, cache_control, age, head, status)
 }
 
 /// The `/image-proxy` or route request whose object an `/image-info` request describes: its
@@ -176,12 +174,12 @@ fn source_request(
     }
 }
 
-/// The JSON answer for `record`, stored as `object`, with its `Cache-Control` and `Age`.
+/// The JSON answer for `record`, with the `Cache-Control` and `Age` of its stored object.
 fn respond(
     record: &SourceRecord,
-    object: &CachedObject,
+    cache_control: Option<HeaderValue>,
+    age: Duration,
     head: bool,
-    now: SystemTime,
     status: CacheStatus,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let image = record
@@ -211,10 +209,10 @@ fn respond(
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    if let Some(v) = object.headers.get(CACHE_CONTROL) {
-        headers.insert(CACHE_CONTROL, v.clone());
+    if let Some(v) = cache_control {
+        headers.insert(CACHE_CONTROL, v);
     }
-    headers.insert(AGE, HeaderValue::from(object.age(now).as_secs()));
+    headers.insert(AGE, HeaderValue::from(age.as_secs()));
     headers.insert(CACHE_STATUS.clone(), status.header_value());
     Ok(response)
 }
