@@ -186,16 +186,15 @@ impl Render {
                 return Ok(response);
             }
             let key = primary.rendition(record.generation, &canonical);
-            if let Some(found) = proxy.lookup_derived(&key).await {
-                let (response_time, freshness) = (
-                    record_object.object.response_time,
-                    record_object.object.freshness,
-                );
-                let object =
-                    refreshed(proxy, key, found.object, response_time, freshness, now).await;
-                let status = CacheStatus::hit(found.tier_name);
-                let response = proxy.serve_stored(&object, &request, now, status);
-                return Ok(self.finish(response, &params));
+            let source = (
+                record_object.object.response_time,
+                record_object.object.freshness,
+            );
+            if let Some(hit) = self
+                .stored(proxy, key, &request, &params, source, now)
+                .await
+            {
+                return Ok(hit);
             }
         }
         // the source, whole: its record is rebuilt from it (the same generation when it is the
@@ -240,12 +239,18 @@ impl Render {
         }
         let key = primary.rendition(record.generation, &canonical);
         if let Some(source_freshness) = freshness
-            && let Some(found) = proxy.lookup_derived(&key).await
+            && let Some(hit) = self
+                .stored(
+                    proxy,
+                    key.clone(),
+                    &request,
+                    &params,
+                    (now, source_freshness),
+                    now,
+                )
+                .await
         {
-            let object = refreshed(proxy, key, found.object, now, source_freshness, now).await;
-            let status = CacheStatus::hit(found.tier_name);
-            let response = proxy.serve_stored(&object, &request, now, status);
-            return Ok(self.finish(response, &params));
+            return Ok(hit);
         }
         if !self.pressure.borrow().level.stores() {
             return Err(ProxyError::Overloaded);
@@ -290,6 +295,37 @@ impl Render {
         }
         let response = proxy.serve_stored(&object, &request, now, status);
         Ok(self.finish(response, &params))
+    }
+
+    /// The rendition stored under `key`, served as a hit (with [`Render::finish`]'s headers);
+    /// made from the version of the source its record names, so when it went stale since (the
+    /// source was revalidated, not changed) it is as fresh as the source now is (`source`:
+    /// response time and freshness), and stored so again. `None` when none is stored.
+    async fn stored(
+        &self,
+        proxy: &Proxy,
+        key: CacheKey,
+        request: &ProxyRequest,
+        params: &Params,
+        (response_time, freshness): (SystemTime, Freshness),
+        now: SystemTime,
+    ) -> Option<Response<ProxyBody>> {
+        let found = proxy.lookup_derived(&key).await?;
+        let mut object = found.object;
+        if !object.is_fresh(now) {
+            let copy = || CachedObject {
+                status: object.status,
+                headers: object.headers.clone(),
+                body: object.body.clone(),
+                response_time,
+                freshness,
+            };
+            let refreshed = Arc::new(copy());
+            proxy.store_derived(key, copy()).await;
+            object = refreshed;
+        }
+        let status = CacheStatus::hit(found.tier_name);
+        Some(self.finish(proxy.serve_stored(&object, request, now, status), params))
     }
 
     /// Transforms `source` by `params` on the pool; concurrent calls with the same `key` (one
@@ -371,31 +407,6 @@ impl Render {
         }
         response
     }
-}
-
-/// A stored rendition, made from the version of the source the record names: when it has gone
-/// stale since (the source was revalidated, not changed), it is as fresh as the source now is
-/// (`response_time`, `freshness`), and stored so again.
-async fn refreshed(
-    proxy: &Proxy,
-    key: CacheKey,
-    object: Arc<CachedObject>,
-    response_time: SystemTime,
-    freshness: Freshness,
-    now: SystemTime,
-) -> Arc<CachedObject> {
-    if object.is_fresh(now) {
-        return object;
-    }
-    let copy = || CachedObject {
-        status: object.status,
-        headers: object.headers.clone(),
-        body: object.body.clone(),
-        response_time,
-        freshness,
-    };
-    proxy.store_derived(key, copy()).await;
-    Arc::new(copy())
 }
 
 /// 304 for a client whose `If-None-Match` holds the rendition's `etag` (compared weakly, RFC
