@@ -658,15 +658,7 @@ async fn routes_never_serve_each_others_objects() {
         );
     }
     // Purging the route's object leaves /image-proxy's.
-    let bearer = format!("Bearer {token}");
-    let purged = proxy
-        .send_body(
-            Method::POST,
-            "/_imgedge/purge",
-            &[("Authorization", bearer.as_str())],
-            format!("{{\"paths\": [\"{path}\"]}}"),
-        )
-        .await;
+    let purged = proxy.purge_path(token, path).await;
     assert_eq!(purged.json()["purged"], 1, "{}", purged.text());
     assert_eq!(
         proxy.get(path).await.cache_status(),
@@ -677,14 +669,7 @@ async fn routes_never_serve_each_others_objects() {
         "imgedge; hit; detail=memory"
     );
     // A path no route serves is refused, and nothing is purged.
-    let bad = proxy
-        .send_body(
-            Method::POST,
-            "/_imgedge/purge",
-            &[("Authorization", bearer.as_str())],
-            "{\"paths\": [\"/nowhere/x.jpg\"]}".to_owned(),
-        )
-        .await;
+    let bad = proxy.purge_path(token, "/nowhere/x.jpg").await;
     assert_eq!(bad.error_code(), "bad_request");
 }
 

@@ -171,14 +171,7 @@ async fn route_paths_are_described_from_the_stored_object_and_purged_with_it() {
         "imgedge; hit; detail=memory"
     );
     // purged with its object
-    let purged = proxy
-        .send_body(
-            Method::POST,
-            "/_imgedge/purge",
-            &[("Authorization", &format!("Bearer {token}"))],
-            format!("{{\"paths\": [\"{OBJECT}\"]}}"),
-        )
-        .await;
+    let purged = proxy.purge_path(token, OBJECT).await;
     assert_eq!(purged.json()["purged"], 1, "{}", purged.text());
     let after = proxy.get(&info).await;
     assert_eq!(

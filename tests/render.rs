@@ -724,15 +724,7 @@ async fn renditions_are_stored_purged_with_their_source_and_dropped_when_it_chan
     // purging the source (by its object path) purges its renditions: the source fetched again
     // (here a second later: a fill is told apart by its Date) starts a new generation
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let bearer = format!("Bearer {token}");
-    let purged = proxy
-        .send_body(
-            Method::POST,
-            "/_imgedge/purge",
-            &[("Authorization", bearer.as_str())],
-            format!("{{\"paths\": [\"{OBJECT}\"]}}"),
-        )
-        .await;
+    let purged = proxy.purge_path(token, OBJECT).await;
     assert_eq!(purged.json()["purged"], 1, "{}", purged.text());
     let after_purge = proxy.get(&format!("{RENDER}?width=40")).await;
     assert_eq!(
@@ -976,14 +968,7 @@ async fn purging_a_render_path_purges_its_source_and_every_rendition() {
     }
     assert_eq!(origin.hits(OBJECT), 2);
     // the bulk endpoint takes render paths too
-    let purged = proxy
-        .send_body(
-            Method::POST,
-            "/_imgedge/purge",
-            &[("Authorization", bearer.as_str())],
-            format!("{{\"paths\": [\"{RENDER}?width=50\"]}}"),
-        )
-        .await;
+    let purged = proxy.purge_path(token, &format!("{RENDER}?width=50")).await;
     assert_eq!(purged.json()["purged"], 1, "{}", purged.text());
 }
 

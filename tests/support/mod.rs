@@ -475,6 +475,18 @@ impl TestProxy {
         Got::read(request.body(body).send().await.unwrap()).await
     }
 
+    /// `POST /_imgedge/purge` of one route `path`, authorized with the admin `token`.
+    pub async fn purge_path(&self, token: &str, path: &str) -> Got {
+        let bearer = format!("Bearer {token}");
+        self.send_body(
+            Method::POST,
+            "/_imgedge/purge",
+            &[("Authorization", bearer.as_str())],
+            serde_json::json!({ "paths": [path] }).to_string(),
+        )
+        .await
+    }
+
     /// GET `path_and_query`, the body read to its end.
     pub async fn get(&self, path_and_query: &str) -> Got {
         self.send(Method::GET, path_and_query, &[]).await
