@@ -855,21 +855,7 @@ mod tests {
 
     /// `jpeg` with an EXIF APP1 segment holding only `orientation` (1-8), after SOI.
     fn with_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
-        let mut tiff = b"II\x2a\x00\x08\x00\x00\x00".to_vec();
-        tiff.extend_from_slice(&1u16.to_le_bytes());
-        tiff.extend_from_slice(&0x0112u16.to_le_bytes());
-        tiff.extend_from_slice(&3u16.to_le_bytes());
-        tiff.extend_from_slice(&1u32.to_le_bytes());
-        tiff.extend_from_slice(&u32::from(orientation).to_le_bytes());
-        tiff.extend_from_slice(&0u32.to_le_bytes());
-        let mut app1 = b"Exif\x00\x00".to_vec();
-        app1.extend_from_slice(&tiff);
-        let mut out = jpeg[..2].to_vec();
-        out.extend_from_slice(&[0xFF, 0xE1]);
-        out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
-        out.extend_from_slice(&app1);
-        out.extend_from_slice(&jpeg[2..]);
-        out
+        probe::tests::with_exif(jpeg, &probe::tests::tiff(orientation, true))
     }
 
     /// A 1600 x 1000 JPEG, its top-left 800 x 500 quadrant red, the rest blue.

@@ -378,7 +378,7 @@ fn webp(b: &[u8]) -> Result<ImageInfo, TransformError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use image::codecs::gif::GifEncoder;
     use image::{DynamicImage, Frame, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
@@ -422,7 +422,8 @@ mod tests {
     }
 
     /// A TIFF structure whose IFD0 holds only `orientation`, big- or little-endian.
-    fn tiff(orientation: u16, little: bool) -> Vec<u8> {
+    /// A TIFF (EXIF) block holding only `orientation`, little- or big-endian.
+    pub(in crate::transform) fn tiff(orientation: u16, little: bool) -> Vec<u8> {
         let u16b = |v: u16| {
             if little {
                 v.to_le_bytes()
@@ -453,7 +454,8 @@ mod tests {
         t
     }
 
-    fn with_exif(jpeg: &[u8], tiff: &[u8]) -> Vec<u8> {
+    /// `jpeg` with an EXIF APP1 segment holding `tiff`, after SOI.
+    pub(in crate::transform) fn with_exif(jpeg: &[u8], tiff: &[u8]) -> Vec<u8> {
         let mut app1 = b"Exif\0\0".to_vec();
         app1.extend_from_slice(tiff);
         let mut out = jpeg[..2].to_vec();
