@@ -491,7 +491,9 @@ async fn wait_for_disk_writes(base: &str, n: u64) {
     );
 }
 
-fn disk_env(origin: &TestOrigin, dir: &TempDir) -> Vec<(&'static str, String)> {
+/// The environment that lets the binary fetch from `origin` (a loopback address): allowed,
+/// trusted although private, its test content types served.
+fn origin_env(origin: &TestOrigin) -> Vec<(&'static str, String)> {
     vec![
         ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
         (
@@ -502,6 +504,12 @@ fn disk_env(origin: &TestOrigin, dir: &TempDir) -> Vec<(&'static str, String)> {
             "IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS",
             origin.addr.to_string(),
         ),
+    ]
+}
+
+fn disk_env(origin: &TestOrigin, dir: &TempDir) -> Vec<(&'static str, String)> {
+    let mut env = origin_env(origin);
+    env.extend([
         ("IMGEDGE_UPSTREAM__IDLE_TIMEOUT", "60s".into()),
         ("IMGEDGE_CACHE__DISK_DIR", dir.0.display().to_string()),
         (
@@ -509,7 +517,8 @@ fn disk_env(origin: &TestOrigin, dir: &TempDir) -> Vec<(&'static str, String)> {
             (256u64 << 20).to_string(),
         ),
         ("IMGEDGE_LOG__LEVEL", "warn".into()),
-    ]
+    ]);
+    env
 }
 
 #[tokio::test]
@@ -1023,19 +1032,9 @@ async fn a_decode_bomb_is_refused_in_under_100_ms_without_growing_rss() {
     assert!((5_000..40_000).contains(&bomb.len()), "{}", bomb.len());
     origin.route("/bomb.png", Reply::ok(bomb));
     origin.route("/warm.png", Reply::ok(small_png(64, 64)));
-    let bin = Binary::start(&[
-        ("IMGEDGE_UPSTREAM__ALLOWED_HOSTS", origin.addr.to_string()),
-        (
-            "IMGEDGE_UPSTREAM__ALLOWED_CONTENT_TYPES",
-            TEST_CONTENT_TYPES.to_owned(),
-        ),
-        (
-            "IMGEDGE_UPSTREAM__TRUSTED_PRIVATE_HOSTS",
-            origin.addr.to_string(),
-        ),
-        ("IMGEDGE_LOG__LEVEL", "warn".into()),
-    ])
-    .await;
+    let mut env = origin_env(&origin);
+    env.push(("IMGEDGE_LOG__LEVEL", "warn".into()));
+    let bin = Binary::start(&env).await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     // warm: a real transform, so that pool threads and allocator arenas exist before measuring
     let warm = format!(
