@@ -116,6 +116,16 @@ impl BreakerState {
     }
 }
 
+/// How [`Breaker::admit`] let a call through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    /// An ordinary call, the breaker closed.
+    Call,
+    /// The one call an open breaker lets through after its back-off (or the first connection):
+    /// its outcome alone closes or reopens a half-open breaker.
+    Probe,
+}
+
 /// A circuit breaker over the calls to Redis. Time is passed in, so tests drive it without
 /// sleeping.
 #[derive(Debug)]
@@ -144,17 +154,17 @@ impl Breaker {
         self.state
     }
 
-    /// Whether a call may go to Redis at `now`; an open breaker past its back-off turns
-    /// half-open and admits this one call as its probe.
-    pub fn admit(&mut self, now: Instant) -> bool {
+    /// Whether a call may go to Redis at `now`, and as what: an open breaker past its back-off
+    /// turns half-open and admits this one call as its [`Admitted::Probe`].
+    pub fn admit(&mut self, now: Instant) -> Option<Admitted> {
         match self.state {
-            BreakerState::Closed => true,
-            BreakerState::HalfOpen => false,
+            BreakerState::Closed => Some(Admitted::Call),
+            BreakerState::HalfOpen => None,
             BreakerState::Open if now >= self.open_until => {
                 self.state = BreakerState::HalfOpen;
-                true
+                Some(Admitted::Probe)
             }
-            BreakerState::Open => false,
+            BreakerState::Open => None,
         }
     }
 
@@ -165,24 +175,25 @@ impl Breaker {
         self.backoff = FIRST_BACKOFF;
     }
 
-    /// An admitted call failed at `now`: the breaker opens after [`FAILURES_TO_OPEN`] in a
-    /// row, or at once when the call was the probe (with the back-off doubled). A failure while
-    /// open is a call admitted before the breaker opened, ending late: it says nothing new and
-    /// neither lengthens nor restarts the back-off (counted so, the calls in flight when Redis
-    /// stalled doubled it to its cap at once, and a 5 s stall kept the tier off for minutes).
-    pub fn failure(&mut self, now: Instant) {
-        match self.state {
-            BreakerState::Closed => {
+    /// A call admitted `as` failed at `now`: the breaker opens after [`FAILURES_TO_OPEN`] in a
+    /// row, or at once when the call was the probe (with the back-off doubled). Any other
+    /// failure while open or half-open is a call admitted before the breaker opened, ending
+    /// late: it says nothing new and neither fails the probe nor lengthens the back-off
+    /// (counted so, the calls in flight when Redis stalled doubled it to its cap at once, and a
+    /// 5 s stall kept the tier off for minutes).
+    pub fn failure(&mut self, now: Instant, admitted: Admitted) {
+        match (self.state, admitted) {
+            (BreakerState::Closed, _) => {
                 self.failures += 1;
                 if self.failures >= FAILURES_TO_OPEN {
                     self.open(now);
                 }
             }
-            BreakerState::HalfOpen => {
+            (BreakerState::HalfOpen, Admitted::Probe) => {
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 self.open(now);
             }
-            BreakerState::Open => {}
+            (BreakerState::HalfOpen | BreakerState::Open, _) => {}
         }
     }
 
@@ -340,7 +351,7 @@ impl SharedBackend {
                     tracing::info!("shared tier connected");
                 }
                 Err(e) => {
-                    breaker.failure(Instant::now());
+                    breaker.failure(Instant::now(), Admitted::Probe);
                     tracing::warn!(error = %e, "shared tier unreachable: skipped, retried later");
                 }
             }
@@ -359,20 +370,21 @@ impl SharedBackend {
 /// it counts as a failure, so that a probe never leaves the breaker half-open for good.
 struct Call<'a> {
     inner: &'a Inner,
+    admitted: Admitted,
     done: bool,
 }
 
 impl Call<'_> {
     fn finish(mut self, ok: bool) {
         self.done = true;
-        self.inner.report(ok);
+        self.inner.report(ok, self.admitted);
     }
 }
 
 impl Drop for Call<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.inner.report(false);
+            self.inner.report(false, self.admitted);
         }
     }
 }
@@ -396,30 +408,23 @@ impl Inner {
 
     /// A call, if the breaker admits one now.
     fn admit(&self) -> Option<Call<'_>> {
-        let admitted = {
-            let mut breaker = self.breaker();
-            let admitted = breaker.admit(Instant::now());
-            self.publish(breaker.state());
-            admitted
-        };
-        // Not `then_some`: a `Call` made and dropped would report a failure.
-        if admitted {
-            Some(Call {
-                inner: self,
-                done: false,
-            })
-        } else {
-            None
-        }
+        let mut breaker = self.breaker();
+        let admitted = breaker.admit(Instant::now());
+        self.publish(breaker.state());
+        admitted.map(|admitted| Call {
+            inner: self,
+            admitted,
+            done: false,
+        })
     }
 
-    fn report(&self, ok: bool) {
+    fn report(&self, ok: bool, admitted: Admitted) {
         let mut breaker = self.breaker();
         let before = breaker.state();
         if ok {
             breaker.success();
         } else {
-            breaker.failure(Instant::now());
+            breaker.failure(Instant::now(), admitted);
         }
         let after = breaker.state();
         self.publish(after);
@@ -640,48 +645,57 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(BreakerState::Closed, t0);
         for _ in 0..FAILURES_TO_OPEN - 1 {
-            assert!(b.admit(t0));
-            b.failure(t0);
+            assert_eq!(b.admit(t0), Some(Admitted::Call));
+            b.failure(t0, Admitted::Call);
         }
         assert_eq!(b.state(), BreakerState::Closed);
         b.success();
         for _ in 0..FAILURES_TO_OPEN {
-            assert!(b.admit(t0));
-            b.failure(t0);
+            assert_eq!(b.admit(t0), Some(Admitted::Call));
+            b.failure(t0, Admitted::Call);
         }
         assert_eq!(b.state(), BreakerState::Open);
-        assert!(!b.admit(t0 + FIRST_BACKOFF / 2));
+        assert_eq!(b.admit(t0 + FIRST_BACKOFF / 2), None);
         // The probe: one call only.
-        assert!(b.admit(t0 + FIRST_BACKOFF));
+        assert_eq!(b.admit(t0 + FIRST_BACKOFF), Some(Admitted::Probe));
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        assert!(!b.admit(t0 + FIRST_BACKOFF));
+        assert_eq!(b.admit(t0 + FIRST_BACKOFF), None);
         // It fails: open for twice as long.
         let t1 = t0 + FIRST_BACKOFF;
-        b.failure(t1);
+        b.failure(t1, Admitted::Probe);
         assert_eq!(b.state(), BreakerState::Open);
-        assert!(!b.admit(t1 + FIRST_BACKOFF));
-        assert!(b.admit(t1 + 2 * FIRST_BACKOFF));
+        assert_eq!(b.admit(t1 + FIRST_BACKOFF), None);
+        assert_eq!(b.admit(t1 + 2 * FIRST_BACKOFF), Some(Admitted::Probe));
         b.success();
         assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[test]
-    fn calls_in_flight_when_it_opens_do_not_lengthen_the_backoff() {
+    fn calls_in_flight_when_it_opens_neither_fail_the_probe_nor_lengthen_the_backoff() {
         let t0 = Instant::now();
         let mut b = Breaker::new(BreakerState::Closed, t0);
         // eight reads admitted while closed; all time out
         for _ in 0..8 {
-            assert!(b.admit(t0));
+            assert_eq!(b.admit(t0), Some(Admitted::Call));
         }
-        for _ in 0..8 {
-            b.failure(t0);
+        for _ in 0..6 {
+            b.failure(t0, Admitted::Call);
         }
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.backoff, FIRST_BACKOFF);
-        assert!(
-            b.admit(t0 + FIRST_BACKOFF),
+        let t1 = t0 + FIRST_BACKOFF;
+        assert_eq!(
+            b.admit(t1),
+            Some(Admitted::Probe),
             "probed after the first back-off"
         );
+        // The last two end while the probe is out: they neither fail it nor double the back-off.
+        b.failure(t1, Admitted::Call);
+        b.failure(t1, Admitted::Call);
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.backoff, FIRST_BACKOFF);
+        b.success();
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[test]
@@ -689,9 +703,9 @@ mod tests {
         let mut now = Instant::now();
         let mut b = Breaker::new(BreakerState::HalfOpen, now);
         for _ in 0..20 {
-            b.failure(now);
+            b.failure(now, Admitted::Probe);
             now += MAX_BACKOFF;
-            assert!(b.admit(now));
+            assert_eq!(b.admit(now), Some(Admitted::Probe));
         }
         assert_eq!(b.backoff, MAX_BACKOFF);
     }
