@@ -10,6 +10,8 @@
 // SO_LINGER 0 is how the origin sends a RST; it does not block on drop.
 #![allow(deprecated)]
 
+pub mod binary;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
