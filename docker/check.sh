@@ -5,7 +5,13 @@
 #
 # 1. Lints: hadolint on the Dockerfile (any finding at all fails, style included; a rule is only
 #    waived inline in the Dockerfile, with its reason), shellcheck on this script, and
-#    `docker compose config` on compose.yaml (compose's own parser; no engine needed).
+#    `docker compose config` on compose.yaml and compose.cluster.yaml (compose's own parser; no
+#    engine needed). Of the cluster file it also checks what would break silently: its instances
+#    are built from ./Dockerfile, name a Redis service of the file as their shared tier and stop
+#    within their grace period, and its HAProxy entrypoint, run on config/haproxy.cfg as the
+#    container would, yields a config whose front listens on all interfaces and whose servers are
+#    exactly those instances (a changed config/haproxy.cfg that the rewrite no longer matches
+#    fails here, not in someone's cluster).
 # 2. Reads the Dockerfile, the one source of what follows (nothing is restated here): the
 #    builder stage's WORKDIR, COPY and RUN steps, where every `cargo build` must be exactly
 #    `cargo build --release --locked`; the runtime stage's ENV (`ENV K=V ...` and `ENV K V`),
@@ -448,6 +454,56 @@ def compose(config_json, checkout, image_env_json):
     print(f"COMPOSE_STOP_GRACE={grace:g}")
     print(f"COMPOSE_SERVICE={q(name)}")
 
+# ---- compose.cluster.yaml -----------------------------------------------------------------------
+def compose_cluster(config_json, checkout, image_env_json, out_cfg):
+    with open(config_json) as f:
+        services = json.load(f).get("services", {})
+    image_env = dict(json.loads(image_env_json))
+    edges = sorted(n for n, s in services.items()
+                   if isinstance(s.get("build"), dict)
+                   and os.path.realpath(s["build"].get("context", "")) == os.path.realpath(checkout)
+                   and s["build"].get("dockerfile", "Dockerfile") == "Dockerfile")
+    if len(edges) < 2:
+        fail(f"compose.cluster.yaml: expected several services built from ./Dockerfile, found {edges}")
+    for name in edges:
+        svc = services[name]
+        env = dict(image_env)
+        env.update({k: v for k, v in (svc.get("environment") or {}).items() if v is not None})
+        url = env.get("IMGEDGE_CACHE__SHARED__URL", "")
+        m = re.match(r"rediss?://(?:[^@/]*@)?([^:/]+)", url)
+        if not m or m.group(1) not in services:
+            fail(f"compose.cluster.yaml: {name}'s IMGEDGE_CACHE__SHARED__URL ({url!r}) names no service of the file")
+        grace = seconds(svc.get("stop_grace_period", "10s"), "compose.cluster.yaml stop_grace_period")
+        need = shutdown_seconds(env, checkout, "compose.cluster.yaml environment")
+        if grace <= need:
+            fail(f"compose.cluster.yaml: {name}'s stop_grace_period ({grace:g}s) must exceed shutdown_grace + drain_delay ({need:g}s)")
+    balancers = [(n, s) for n, s in services.items()
+                 if any(str(v.get("source", "")).endswith("/config/haproxy.cfg") for v in s.get("volumes", []))]
+    if len(balancers) != 1:
+        fail("compose.cluster.yaml: expected one service that mounts config/haproxy.cfg")
+    name, svc = balancers[0]
+    mount = next(v for v in svc["volumes"] if str(v.get("source", "")).endswith("/config/haproxy.cfg"))
+    entry = svc.get("entrypoint") or []
+    if len(entry) != 3 or entry[:2] != ["/bin/sh", "-c"]:
+        fail(f"compose.cluster.yaml: {name}'s entrypoint is not [/bin/sh, -c, script]")
+    # The rewrite alone: the mounted file is the checkout's, the output ours, haproxy not started.
+    script = entry[2].split("&&")[0].replace(mount["target"], os.path.join(checkout, "config/haproxy.cfg"))
+    script = re.sub(r">\s*\S+", f"> {q(out_cfg)}", script, count=1)
+    if os.system(script) != 0:
+        fail(f"compose.cluster.yaml: {name}'s config rewrite failed: {script}")
+    with open(out_cfg) as f:
+        cfg = f.read()
+    binds = re.findall(r"^\s*bind\s+(\S+)", cfg, re.M)
+    if not binds or any(b.startswith("127.") for b in binds):
+        fail(f"compose.cluster.yaml: the rewritten HAProxy config still binds loopback: {binds}")
+    servers = [(srv, addr) for srv, addr in re.findall(r"^\s*server\s+(\S+)\s+(\S+)", cfg, re.M)]
+    targets = sorted(addr.rsplit(":", 1)[0] for _, addr in servers)
+    if targets != edges:
+        fail(f"compose.cluster.yaml: the rewritten HAProxy config's servers are {targets}, its instances {edges}")
+    port = image_env["IMGEDGE_SERVER__LISTEN"].rsplit(":", 1)[1]
+    if any(addr.rsplit(":", 1)[1] != port for _, addr in servers):
+        fail(f"compose.cluster.yaml: the HAProxy servers are not on the image's listen port {port}: {servers}")
+
 # ---- imgedge's output ---------------------------------------------------------------------------
 def health(path, capacity, budget):
     with open(path) as f:
@@ -480,6 +536,8 @@ if mode == "dockerfile":
     dockerfile(args[0], args[1], args[2] == "1")
 elif mode == "compose":
     compose(*args)
+elif mode == "compose-cluster":
+    compose_cluster(*args)
 elif mode == "health":
     health(*args)
 elif mode == "logs":
@@ -538,6 +596,8 @@ echo 'ignored: []' >"$tmp/hadolint.yaml" # this file's rules only, none from the
 "$shellcheck" "$src/docker/check.sh" || die "shellcheck: docker/check.sh has findings (above)"
 (cd "$src" && "${compose[@]}" -f compose.yaml config --format json >"$tmp/compose.json") ||
   die "docker compose config: compose.yaml is invalid (above)"
+(cd "$src" && "${compose[@]}" -f compose.cluster.yaml config --format json >"$tmp/compose-cluster.json") ||
+  die "docker compose config: compose.cluster.yaml is invalid (above)"
 log "hadolint $hadolint_version, shellcheck and compose config ok"
 
 # ---- 2. what the Dockerfile says ---------------------------------------------------------------
@@ -553,6 +613,8 @@ COMPOSE_ENV=() COMPOSE_MEMORY='' COMPOSE_STOP_GRACE='' COMPOSE_SERVICE=''
 py compose "$tmp/compose.json" "$src" "$(py env-json "${IMAGE_ENV[@]}")" >"$tmp/compose.sh"
 # shellcheck source=/dev/null
 source "$tmp/compose.sh"
+py compose-cluster "$tmp/compose-cluster.json" "$src" "$(py env-json "${IMAGE_ENV[@]}")" "$tmp/haproxy-compose.cfg"
+log "compose.cluster.yaml: instances built from ./Dockerfile on Redis, HAProxy's rewritten config serves them"
 
 # ---- 3. the build ------------------------------------------------------------------------------------
 rustc_version=$(rustc --version | awk '{print $2}')
