@@ -486,8 +486,10 @@ def compose_cluster(config_json, checkout, image_env_json, out_cfg):
     entry = svc.get("entrypoint") or []
     if len(entry) != 3 or entry[:2] != ["/bin/sh", "-c"]:
         fail(f"compose.cluster.yaml: {name}'s entrypoint is not [/bin/sh, -c, script]")
-    # The rewrite alone: the mounted file is the checkout's, the output ours, haproxy not started.
-    script = entry[2].split("&&")[0].replace(mount["target"], os.path.join(checkout, "config/haproxy.cfg"))
+    # The rewrite alone: the mounted file is the checkout's, the output ours, haproxy not started;
+    # `$$` is compose's escape for `$`, kept as such by `config` and undone when it runs.
+    script = entry[2].split("&&")[0].replace("$$", "$")
+    script = script.replace(mount["target"], os.path.join(checkout, "config/haproxy.cfg"))
     script = re.sub(r">\s*\S+", f"> {q(out_cfg)}", script, count=1)
     if os.system(script) != 0:
         fail(f"compose.cluster.yaml: {name}'s config rewrite failed: {script}")
