@@ -122,7 +122,13 @@ async fn objects_spread_over_a_redis_cluster_are_served_to_a_second_instance() {
         .map(|i| {
             let node_dir = dir.0.join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
-            RedisServer::start(&node_dir, free_port(), &["--cluster-enabled", "yes"])
+            // The bus port defaults to the port + 10000, past 65535 for a high free port.
+            let bus = free_port().to_string();
+            RedisServer::start(
+                &node_dir,
+                free_port(),
+                &["--cluster-enabled", "yes", "--cluster-port", &bus],
+            )
         })
         .collect();
     let addrs: Vec<String> = nodes
