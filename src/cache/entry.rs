@@ -13,6 +13,7 @@
 use std::io::{self, Read, Write};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::CachedObject;
@@ -102,6 +103,15 @@ pub fn encode(object: &CachedObject) -> Vec<u8> {
 /// # Errors
 /// [`EntryError`] for bytes that are not a whole entry of this version.
 pub fn read(r: &mut impl Read, entry_len: usize) -> Result<CachedObject, EntryError> {
+    let (mut object, body_len) = read_head(r, entry_len)?;
+    object.body = read_vec(r, body_len, entry_len)?.into();
+    let mut crc = [0u8; 4];
+    r.read_exact(&mut crc)?;
+    Ok(object)
+}
+
+/// Reads an entry up to its body: the object without its body (empty) and the body's length.
+fn read_head(r: &mut impl Read, entry_len: usize) -> Result<(CachedObject, usize), EntryError> {
     let mut fixed = [0u8; FIXED_BYTES + 4];
     r.read_exact(&mut fixed)?;
     let (magic, mut rest) = fixed.split_at(MAGIC.len());
@@ -127,13 +137,10 @@ pub fn read(r: &mut impl Read, entry_len: usize) -> Result<CachedObject, EntryEr
     }
     let body_len = read_u64(r)?;
     let body_len = usize::try_from(body_len).map_err(|_| EntryError::Malformed("length"))?;
-    let body = read_vec(r, body_len, entry_len)?;
-    let mut crc = [0u8; 4];
-    r.read_exact(&mut crc)?;
-    Ok(CachedObject {
+    let object = CachedObject {
         status,
         headers,
-        body: body.into(),
+        body: Bytes::new(),
         response_time,
         freshness: Freshness {
             lifetime,
@@ -142,16 +149,19 @@ pub fn read(r: &mut impl Read, entry_len: usize) -> Result<CachedObject, EntryEr
             stale_while_revalidate,
             stale_if_error,
         },
-    })
+    };
+    Ok((object, body_len))
 }
 
 /// Reads the entry that is the whole of `entry`, checking its CRC32 first: for stores that keep
-/// bytes without a checksum of their own.
+/// bytes without a checksum of their own. The body stays in `entry`'s allocation (moved to its
+/// front and the rest cut off, in place), so a read holds one buffer of the entry's size, never
+/// the entry and a copy of its body.
 ///
 /// # Errors
 /// [`EntryError::Checksum`] when any byte differs from what was written; [`EntryError`] for
 /// bytes that are not one whole entry of this version (trailing bytes included).
-pub fn decode(entry: &[u8]) -> Result<CachedObject, EntryError> {
+pub fn decode(mut entry: Vec<u8>) -> Result<CachedObject, EntryError> {
     let Some(payload_len) = entry.len().checked_sub(4) else {
         return Err(EntryError::Malformed("length"));
     };
@@ -159,11 +169,21 @@ pub fn decode(entry: &[u8]) -> Result<CachedObject, EntryError> {
     if crc32fast::hash(payload) != u32::from_be_bytes(crc.try_into().expect("4 bytes")) {
         return Err(EntryError::Checksum);
     }
-    let mut r = entry;
-    let object = read(&mut r, entry.len())?;
-    if !r.is_empty() {
-        return Err(EntryError::Malformed("trailing bytes"));
+    let mut r = &entry[..];
+    let (mut object, body_len) = read_head(&mut r, entry.len())?;
+    let start = entry.len() - r.len();
+    match r.len().checked_sub(4).map(|left| left.cmp(&body_len)) {
+        Some(std::cmp::Ordering::Equal) => {}
+        Some(std::cmp::Ordering::Greater) => return Err(EntryError::Malformed("trailing bytes")),
+        _ => {
+            return Err(EntryError::Truncated(io::ErrorKind::UnexpectedEof.into()));
+        }
     }
+    entry.truncate(start + body_len);
+    entry.drain(..start);
+    // Headers and framing are a few hundred bytes: the allocator shrinks in place.
+    entry.shrink_to_fit();
+    object.body = entry.into();
     Ok(object)
 }
 
@@ -249,7 +269,6 @@ impl<W: Write> Write for Crc32Writer<'_, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn object() -> CachedObject {
         let mut headers = HeaderMap::new();
@@ -287,7 +306,7 @@ mod tests {
         let o = object();
         let entry = encode(&o);
         assert_eq!(entry.len(), encoded_len(&o));
-        assert_same(&decode(&entry).unwrap(), &o);
+        assert_same(&decode(entry.clone()).unwrap(), &o);
         let mut r = &entry[..];
         let back = read(&mut r, entry.len()).unwrap();
         assert!(r.is_empty(), "read consumes exactly one entry");
@@ -308,10 +327,10 @@ mod tests {
         ] {
             let mut damaged = entry.clone();
             damaged[i] ^= 0x40;
-            assert!(decode(&damaged).is_err(), "byte {i}");
+            assert!(decode(damaged).is_err(), "byte {i}");
         }
         for len in [0, 3, 11, entry.len() - 1] {
-            assert!(decode(&entry[..len]).is_err(), "truncated to {len}");
+            assert!(decode(entry[..len].to_vec()).is_err(), "truncated to {len}");
             assert!(
                 read(&mut &entry[..len], entry.len()).is_err(),
                 "read, truncated to {len}"
@@ -319,13 +338,13 @@ mod tests {
         }
         let mut longer = entry.clone();
         longer.push(0);
-        assert!(decode(&longer).is_err(), "trailing byte");
+        assert!(decode(longer).is_err(), "trailing byte");
         // A different format version with a valid checksum is refused too.
         let mut other = entry[..entry.len() - 4].to_vec();
         other[7] = 2;
         let crc = crc32fast::hash(&other);
         other.extend_from_slice(&crc.to_be_bytes());
-        assert!(matches!(decode(&other), Err(EntryError::Magic)));
+        assert!(matches!(decode(other), Err(EntryError::Magic)));
     }
 
     #[test]
@@ -348,5 +367,17 @@ mod tests {
         let data = vec![3u8; 300_000];
         let body = read_vec(&mut &data[..], 200_000, data.len()).unwrap();
         assert_eq!((body.len(), body.capacity()), (200_000, 200_000));
+    }
+
+    #[test]
+    fn decode_keeps_the_body_in_the_entrys_own_allocation() {
+        let o = object();
+        let entry = encode(&o);
+        let at = entry.as_ptr();
+        let back = decode(entry).unwrap();
+        assert_same(&back, &o);
+        // Moved to the front of the same buffer, not copied into a second one (the shrink by
+        // the header bytes stays in place for this size).
+        assert_eq!(back.body.as_ptr(), at);
     }
 }

@@ -486,11 +486,12 @@ impl Inner {
     }
 
     /// The object under `rkey`. The read first reserves `max_object_bytes` (the most Redis is
-    /// asked to send) in the fill reservation pool, and the decoded copy's size on top once the
-    /// value is in; without room it is a miss. The reservation is released once the object is
+    /// asked to send) in the fill reservation pool; without room it is a miss. The value is
+    /// decoded in its own buffer (the body stays where Redis's bytes landed), so the read holds
+    /// one buffer of the object's size. The reservation is released once the object is
     /// decoded: from then on it is the memory tier's to count.
     async fn get(self: Arc<Self>, rkey: String) -> Result<Option<Arc<CachedObject>>, BackendError> {
-        let Some(mut reservation) = self.fills.try_reserve(self.max_object_bytes) else {
+        let Some(_reservation) = self.fills.try_reserve(self.max_object_bytes) else {
             tracing::debug!(
                 key = rkey,
                 "shared tier read skipped: no room in the fill pool"
@@ -535,11 +536,9 @@ impl Inner {
             // Rewritten between the two commands: a miss, and the new value stays.
             return Ok(None);
         }
-        if !reservation.grow(len) {
-            tracing::debug!(key = rkey, "shared tier read dropped: no room to decode");
-            return Ok(None);
-        }
-        match entry::decode(&value) {
+        // Decoded in place: the object's body is the value's buffer, which the reservation
+        // already covers.
+        match entry::decode(value) {
             Ok(object) => Ok(Some(Arc::new(object))),
             Err(e) => {
                 tracing::warn!(key = rkey, error = %e, "shared tier value is not an entry: a miss, removed");
