@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use moka::future::Cache;
 
-use crate::freshness::Freshness;
+use crate::freshness::{Freshness, MAX_DELTA};
 pub use memory::{MemoryTier, MemoryUsage};
 pub use tier::{Tier, TierUsage};
 
@@ -145,6 +145,18 @@ impl CachedObject {
     /// Whether it is still fresh at `now` (RFC 9111 §4.2).
     pub fn is_fresh(&self, now: SystemTime) -> bool {
         self.freshness.lifetime > self.age(now)
+    }
+
+    /// How much longer a tier keeps it at `now`: its remaining freshness plus `stale_retention`,
+    /// capped at [`MAX_DELTA`]; zero once that time has passed. Saturating throughout: an entry from an
+    /// older disk, or a foreign value, may carry any lifetime.
+    pub fn kept_for(&self, stale_retention: Duration, now: SystemTime) -> Duration {
+        let elapsed = now.duration_since(self.response_time).unwrap_or_default();
+        self.freshness
+            .time_to_live()
+            .saturating_add(stale_retention)
+            .saturating_sub(elapsed)
+            .min(MAX_DELTA)
     }
 }
 

@@ -72,11 +72,11 @@ pub struct Metrics {
     pub shed: Family<ReasonLabels, Counter>,
     /// `imgedge_disk_events{event}`: the disk tier's `writes`, `write_drops` (queue full) and
     /// `errors` (damaged entries, failed reads, foyer panics) since start, set at scrape.
-    pub disk_events: Family<DiskEventLabels, Gauge>,
+    pub disk_events: Family<TierEventLabels, Gauge>,
     /// `imgedge_shared_events{event}`: the shared tier's `hits`, `misses` (absent, damaged, or
     /// skipped while its breaker is open), `errors` (failed or timed-out Redis calls), `writes`
     /// and `write_drops` since start, set at scrape; all 0 when it is off.
-    pub shared_events: Family<DiskEventLabels, Gauge>,
+    pub shared_events: Family<TierEventLabels, Gauge>,
     /// `imgedge_shared_breaker_state`: the shared tier's breaker, 0 closed, 1 half-open (probing),
     /// 2 open (skipping Redis), -1 off; set at scrape.
     pub shared_breaker_state: Gauge,
@@ -111,7 +111,7 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DiskEventLabels {
+pub struct TierEventLabels {
     pub event: &'static str,
 }
 

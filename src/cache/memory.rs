@@ -10,7 +10,6 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use super::{CacheKey, CachedObject};
-use crate::freshness::MAX_DELTA;
 
 /// A memory-tier entry: the object and when it was last used.
 struct Entry {
@@ -32,16 +31,12 @@ impl Expiry<CacheKey, Arc<Entry>> for FreshnessExpiry {
         value: &Arc<Entry>,
         _created_at: Instant,
     ) -> Option<Duration> {
-        let object = &value.object;
-        let elapsed = SystemTime::now()
-            .duration_since(object.response_time)
-            .unwrap_or_default();
-        // Saturating and capped: an entry from an older disk may carry any lifetime, and moka
-        // adds this to its clock.
-        let kept = (object.freshness.time_to_live())
-            .saturating_add(self.stale_retention)
-            .saturating_sub(elapsed);
-        Some(kept.min(MAX_DELTA))
+        // Capped (moka adds this to its clock).
+        Some(
+            value
+                .object
+                .kept_for(self.stale_retention, SystemTime::now()),
+        )
     }
 }
 

@@ -31,7 +31,6 @@ use tokio::time::Instant;
 use super::tier::{Backend, BackendError, BoxFuture};
 use super::{CacheKey, CachedObject, entry};
 use crate::config::SharedConfig;
-use crate::freshness::MAX_DELTA;
 use crate::pressure::ReservationPool;
 use crate::tasks::Tasks;
 
@@ -62,27 +61,13 @@ pub fn redis_key(key: &CacheKey) -> String {
         out.push_str(k);
     } else {
         let namespace = k.split(' ').next().unwrap_or_default();
-        let digest = Sha256::digest(k.as_bytes());
         out.push_str(namespace);
         out.push_str(" #sha256:");
-        for b in digest {
+        for b in Sha256::digest(k.as_bytes()) {
             out.push_str(&format!("{b:02x}"));
         }
     }
     out
-}
-
-/// How long Redis keeps `object` written at `now`: its remaining freshness plus
-/// `stale_retention` (as the memory tier keeps it), capped at [`MAX_DELTA`]; zero when that time
-/// has passed (then it is not written).
-pub fn expiry(object: &CachedObject, stale_retention: Duration, now: SystemTime) -> Duration {
-    let elapsed = now.duration_since(object.response_time).unwrap_or_default();
-    object
-        .freshness
-        .time_to_live()
-        .saturating_add(stale_retention)
-        .saturating_sub(elapsed)
-        .min(MAX_DELTA)
 }
 
 /// The breaker's state, as `/health` shows it (`cache.shared.state`).
@@ -104,6 +89,17 @@ impl BreakerState {
             BreakerState::Open => "open",
             BreakerState::HalfOpen => "half_open",
         }
+    }
+
+    /// The state [`BreakerState::as_str`] names, if any.
+    pub fn from_name(name: &str) -> Option<BreakerState> {
+        [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
     }
 
     /// 0 closed, 1 half-open, 2 open: the `imgedge_shared_breaker_state` gauge.
@@ -555,7 +551,7 @@ impl Inner {
         if len > self.max_object_bytes {
             return Ok(0);
         }
-        let ttl = expiry(&object, self.stale_retention, SystemTime::now());
+        let ttl = object.kept_for(self.stale_retention, SystemTime::now());
         let ttl_ms = ttl.as_millis().min(u128::from(u64::MAX)) as u64;
         if ttl_ms == 0 {
             return Ok(0);

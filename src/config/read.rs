@@ -349,7 +349,8 @@ impl<'a> Fields<'a> {
             if self.read.contains(&path) {
                 continue;
             }
-            let nested = self.read.iter().any(|r| r.starts_with(&format!("{path}.")));
+            let inner_prefix = format!("{path}.");
+            let nested = self.read.iter().any(|r| r.starts_with(&inner_prefix));
             match value {
                 Value::Dict(_, inner) if nested => self.check_unknown_in(&path, inner),
                 _ => {

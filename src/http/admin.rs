@@ -17,6 +17,7 @@ use url::Url;
 use super::json_response;
 use super::routes::{IMAGE_PROXY_NAMESPACE, Routes};
 use crate::body::ProxyBody;
+use crate::cache::shared::BreakerState;
 use crate::cache::{CacheKey, INDEX_CAPACITY_BYTES, Tier, TierUsage, TieredCache};
 use crate::error::ProxyError;
 use crate::metrics::{self, Metrics};
@@ -309,7 +310,7 @@ impl Admin {
             ] {
                 self.metrics
                     .disk_events
-                    .get_or_create(&metrics::DiskEventLabels { event })
+                    .get_or_create(&metrics::TierEventLabels { event })
                     .set(gauge(n));
             }
         }
@@ -323,17 +324,16 @@ impl Admin {
         ] {
             self.metrics
                 .shared_events
-                .get_or_create(&metrics::DiskEventLabels { event })
+                .get_or_create(&metrics::TierEventLabels { event })
                 .set(gauge(n));
         }
-        self.metrics
-            .shared_breaker_state
-            .set(match shared.and_then(|t| t.state) {
-                Some("closed") => 0,
-                Some("half_open") => 1,
-                Some("open") => 2,
-                _ => -1,
-            });
+        // -1: no shared tier.
+        self.metrics.shared_breaker_state.set(
+            shared
+                .and_then(|t| t.state)
+                .and_then(BreakerState::from_name)
+                .map_or(-1, BreakerState::as_number),
+        );
         let mut response = Response::new(ProxyBody::full(self.metrics.encode()));
         let headers = response.headers_mut();
         headers.insert(

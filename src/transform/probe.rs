@@ -421,8 +421,7 @@ pub(super) mod tests {
         }
     }
 
-    /// A TIFF structure whose IFD0 holds only `orientation`, big- or little-endian.
-    /// A TIFF (EXIF) block holding only `orientation`, little- or big-endian.
+    /// A TIFF (EXIF) structure whose IFD0 holds only `orientation`, little- or big-endian.
     pub(in crate::transform) fn tiff(orientation: u16, little: bool) -> Vec<u8> {
         let u16b = |v: u16| {
             if little {
