@@ -378,13 +378,6 @@ async fn thirty_two_slow_clients_on_a_64_mib_body_grow_rss_by_less_than_16_mib()
     );
 }
 
-async fn health(base: &str) -> serde_json::Value {
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    send(&client, Method::GET, &format!("{base}/health"), &[])
-        .await
-        .json()
-}
-
 async fn metrics(base: &str) -> String {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     send(&client, Method::GET, &format!("{base}/metrics"), &[])

@@ -91,19 +91,17 @@ impl RedisServer {
     }
 }
 
-async fn shared_health(proxy: &TestProxy) -> serde_json::Value {
-    proxy.get("/health").await.json()["cache"]["shared"].clone()
+/// `/health`'s `cache.shared` of the imgedge at `base`.
+async fn shared_health(base: &str) -> serde_json::Value {
+    health(base).await["cache"]["shared"].clone()
 }
 
-/// Waits (up to `within`) until `health` shows the shared tier's `field` at `value`.
-async fn wait_for_shared<F, Fut>(health: F, field: &str, value: serde_json::Value, within: Duration)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = serde_json::Value>,
-{
-    let deadline = Instant::now() + within;
+/// Waits (up to 10 s) until the imgedge at `base` shows the shared tier's `field` at `value`.
+async fn wait_for_shared(base: &str, field: &str, value: impl Into<serde_json::Value>) {
+    let value = value.into();
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let shared = health().await;
+        let shared = shared_health(base).await;
         if shared[field] == value {
             return;
         }
@@ -169,27 +167,16 @@ async fn objects_spread_over_a_redis_cluster_are_served_to_a_second_instance() {
     );
     let first = TestProxy::for_origin(&origin, &shared).await;
     let second = TestProxy::for_origin(&origin, &shared).await;
-    for proxy in [&first, &second] {
-        wait_for_shared(
-            || shared_health(proxy),
-            "state",
-            "closed".into(),
-            Duration::from_secs(10),
-        )
-        .await;
+    let [first_base, second_base] = [&first, &second].map(|p| format!("http://{}", p.addr));
+    for base in [&first_base, &second_base] {
+        wait_for_shared(base, "state", "closed").await;
     }
 
     for i in 0..24 {
         let got = first.get_image(&origin.url(&format!("/o{i}.png"))).await;
         assert_eq!(got.status, 200);
     }
-    wait_for_shared(
-        || shared_health(&first),
-        "writes",
-        24.into(),
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_for_shared(&first_base, "writes", 24).await;
     // The keys live on more than one master: the writes followed the slots.
     let holding = nodes
         .iter()
@@ -204,7 +191,7 @@ async fn objects_spread_over_a_redis_cluster_are_served_to_a_second_instance() {
         assert_eq!(got.body, pattern(10_000 + i));
         assert_eq!(origin.hits(&format!("/o{i}.png")), 1);
     }
-    let shared = shared_health(&second).await;
+    let shared = shared_health(&second_base).await;
     assert_eq!(
         (shared["hits"].as_u64(), shared["errors"].as_u64()),
         (Some(24), Some(0)),
@@ -227,9 +214,10 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A certificate authority and a server certificate it signed for 127.0.0.1 and localhost:
-/// ca.crt, server.crt, server.key in `dir`.
-fn make_certificates(dir: &Path) {
+/// A self-signed certificate authority named `name`: `{stem}.key` and `{stem}.crt` in `dir`;
+/// the path of the certificate.
+fn make_ca(dir: &Path, name: &str, stem: &str) -> std::path::PathBuf {
+    let (key, crt) = (format!("{stem}.key"), format!("{stem}.crt"));
     openssl(
         dir,
         &[
@@ -241,13 +229,20 @@ fn make_certificates(dir: &Path) {
             "-days",
             "2",
             "-subj",
-            "/CN=imgedge test CA",
+            &format!("/CN={name}"),
             "-keyout",
-            "ca.key",
+            &key,
             "-out",
-            "ca.crt",
+            &crt,
         ],
     );
+    dir.join(crt)
+}
+
+/// A certificate authority and a server certificate it signed for 127.0.0.1 and localhost:
+/// ca.crt, server.crt, server.key in `dir`.
+fn make_certificates(dir: &Path) {
+    make_ca(dir, "imgedge test CA", "ca");
     openssl(
         dir,
         &[
@@ -288,14 +283,6 @@ fn make_certificates(dir: &Path) {
             "server.crt",
         ],
     );
-}
-
-async fn binary_shared(base: &str) -> serde_json::Value {
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    send(&client, Method::GET, &format!("{base}/health"), &[])
-        .await
-        .json()["cache"]["shared"]
-        .clone()
 }
 
 #[tokio::test]
@@ -343,70 +330,28 @@ async fn rediss_verifies_the_server_against_the_roots_it_is_given() {
 
     // Roots that do not include our CA: the handshake fails, the tier stays off the request
     // path (open), and requests are served from the origin all the same.
-    let other_roots = dir.0.join("other.crt");
-    openssl(
-        &dir.0,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=some other CA",
-            "-keyout",
-            "other.key",
-            "-out",
-            "other.crt",
-        ],
-    );
+    let other_roots = make_ca(&dir.0, "some other CA", "other");
     let untrusting = Binary::start(&env(&other_roots.display().to_string())).await;
     let base = untrusting.base.clone();
-    wait_for_shared(
-        || binary_shared(&base),
-        "state",
-        "open".into(),
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_for_shared(&base, "state", "open").await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let target = format!("/image-proxy?url={}", origin.url("/t.png"));
     let got = send(&client, Method::GET, &format!("{base}{target}"), &[]).await;
     assert_eq!(got.status, 200);
-    assert_eq!(binary_shared(&base).await["writes"], 0);
+    assert_eq!(shared_health(&base).await["writes"], 0);
     drop(untrusting);
 
     // Our CA: the first instance writes through TLS, a second one reads it back.
     let first = Binary::start(&env(&ca)).await;
     let base = first.base.clone();
-    wait_for_shared(
-        || binary_shared(&base),
-        "state",
-        "closed".into(),
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_for_shared(&base, "state", "closed").await;
     let got = send(&client, Method::GET, &format!("{base}{target}"), &[]).await;
     assert_eq!(got.status, 200);
-    wait_for_shared(
-        || binary_shared(&base),
-        "writes",
-        1.into(),
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_for_shared(&base, "writes", 1).await;
     let second = Binary::start(&env(&ca)).await;
     let base = second.base.clone();
     // Until its first PING is answered (the handshake), the tier is half-open and skipped.
-    wait_for_shared(
-        || binary_shared(&base),
-        "state",
-        "closed".into(),
-        Duration::from_secs(10),
-    )
-    .await;
+    wait_for_shared(&base, "state", "closed").await;
     let got = send(
         &client,
         Method::GET,

@@ -207,9 +207,8 @@ fn parse_command(buf: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
     Some((args, at))
 }
 
-/// A proxy for `origin` with the shared tier at `url` and `extra` TOML for `[cache.shared]`.
-/// A proxy on `origin` whose shared tier is `url`, with `shared` more of `[cache.shared]`. Its
-/// `timeout` is 1 s unless `shared` sets one: only the tests of stalls depend on it, and a
+/// A proxy on `origin` whose shared tier is `url`, with `shared` more of `[cache.shared]` (and
+/// any tables after it). Its `timeout` is 1 s unless `shared` sets one: only the tests of stalls depend on it, and a
 /// loaded CI machine can take longer than 50 ms to answer a loopback read in a debug build.
 async fn proxy(origin: &TestOrigin, url: &str, shared: &str) -> TestProxy {
     let timeout = if shared.contains("timeout") {
@@ -535,14 +534,8 @@ async fn a_shared_read_reserves_its_buffer_in_the_fill_pool_and_is_a_miss_withou
     redis.wait_for("SET", 1).await;
 
     // A fill pool of 500 KB cannot hold a read of up to 1 MiB: a miss, from the origin.
-    let tight = TestProxy::for_origin(
-        &origin,
-        &format!(
-            "[memory]\ninflight_fill_bytes = 500000\n[cache.shared]\nurl = \"{}\"\ntimeout = \"1s\"",
-            redis.url()
-        ),
-    )
-    .await;
+    let fill_pool = "[memory]\ninflight_fill_bytes = 500000";
+    let tight = proxy(&origin, &redis.url(), fill_pool).await;
     wait_for_state(&tight, "closed", Duration::from_secs(3)).await;
     let got = tight.get_image(&origin.url("/a.png")).await;
     assert_eq!(got.body, pattern(2_000));
@@ -555,12 +548,10 @@ async fn a_shared_read_reserves_its_buffer_in_the_fill_pool_and_is_a_miss_withou
     assert_eq!(shared_health(&tight).await["misses"], 1);
 
     // Reads of up to 400 KB fit: a hit.
-    let fits = TestProxy::for_origin(
+    let fits = proxy(
         &origin,
-        &format!(
-            "[memory]\ninflight_fill_bytes = 500000\n[cache.shared]\nurl = \"{}\"\nmax_object_bytes = 400000\ntimeout = \"1s\"",
-            redis.url()
-        ),
+        &redis.url(),
+        &format!("max_object_bytes = 400000\n{fill_pool}"),
     )
     .await;
     wait_for_state(&fits, "closed", Duration::from_secs(3)).await;

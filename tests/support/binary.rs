@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 
-use super::{TEST_CONTENT_TYPES, TestOrigin};
+use super::{Method, TEST_CONTENT_TYPES, TestOrigin, send};
 
 /// A running binary, killed when dropped.
 pub struct Binary {
@@ -102,4 +102,12 @@ pub fn origin_env(origin: &TestOrigin) -> Vec<(&'static str, String)> {
             origin.addr.to_string(),
         ),
     ]
+}
+
+/// `/health` of the imgedge at `base` (`http://127.0.0.1:PORT`), as JSON.
+pub async fn health(base: &str) -> serde_json::Value {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    send(&client, Method::GET, &format!("{base}/health"), &[])
+        .await
+        .json()
 }
