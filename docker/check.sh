@@ -413,14 +413,18 @@ def dockerfile(checkout, tmp, skip_build):
     print(f"STOP_WITHIN={shutdown_seconds(env, checkout, 'Dockerfile ENV'):g}")
 
 # ---- compose.yaml (as `docker compose config --format json` resolves it) ----------------------
+def built_here(services, checkout):
+    """(name, service) of the services built from the checkout's ./Dockerfile."""
+    return [(n, s) for n, s in services.items()
+            if isinstance(s.get("build"), dict)
+            and os.path.realpath(s["build"].get("context", "")) == os.path.realpath(checkout)
+            and s["build"].get("dockerfile", "Dockerfile") == "Dockerfile"]
+
 def compose(config_json, checkout, image_env_json):
     with open(config_json) as f:
         cfg = json.load(f)
     image_env = dict(json.loads(image_env_json))
-    built = [(n, s) for n, s in cfg.get("services", {}).items()
-             if isinstance(s.get("build"), dict)
-             and os.path.realpath(s["build"].get("context", "")) == os.path.realpath(checkout)
-             and s["build"].get("dockerfile", "Dockerfile") == "Dockerfile"]
+    built = built_here(cfg.get("services", {}), checkout)
     if len(built) != 1:
         fail("compose.yaml: expected one service built from ./Dockerfile")
     name, svc = built[0]
@@ -459,10 +463,7 @@ def compose_cluster(config_json, checkout, image_env_json, out_cfg):
     with open(config_json) as f:
         services = json.load(f).get("services", {})
     image_env = dict(json.loads(image_env_json))
-    edges = sorted(n for n, s in services.items()
-                   if isinstance(s.get("build"), dict)
-                   and os.path.realpath(s["build"].get("context", "")) == os.path.realpath(checkout)
-                   and s["build"].get("dockerfile", "Dockerfile") == "Dockerfile")
+    edges = sorted(n for n, _ in built_here(services, checkout))
     if len(edges) < 2:
         fail(f"compose.cluster.yaml: expected several services built from ./Dockerfile, found {edges}")
     for name in edges:

@@ -318,12 +318,18 @@ small=$tmp/small.paths   # hits-small, as loadtest/load.sh: every object <= 1 Mi
 manifest_names 1048576 | awk -v o="$origin" '{ print "/image-proxy?url=" o "/" $1 }' >"$small"
 
 # Origin figures from /__hits (per path counts) for the paths of the mixed list.
+per_object() { awk -v t="$1" -v d="$2" 'BEGIN { printf "%.2f", d ? t / d : 0 }'; } # total distinct -> mean
 origin_stats() { # -> "total distinct max not_once" over the counted paths
   origin_hits | jq -r '[to_entries[] | select(.key | test("^/(storage/v1/object/public/wallpapers/)?[^/]+$")) | .value]
     | "\(add // 0) \(length) \(max // 0) \(map(select(. != 1)) | length)"'
 }
 
 start_all() { local i; for i in 1 2 3; do restart_edge "$i"; done; }
+fresh_cluster() { # backend: three fresh instances, each UP in that HAProxy backend
+  local s
+  start_all
+  for s in 1 2 3; do wait_status "$1" "imgedge$s" UP 10 || die "imgedge$s not UP again"; done
+}
 
 # ================================================================================================
 phase "starting: origin $origin, three imgedge instances, HAProxy (hash $front, round robin $rrfront)$( ((shared)) && echo ", Redis 127.0.0.1:$redis_port")"
@@ -347,37 +353,34 @@ phase "single: the same paths straight to one fresh instance (no balancer), wrk 
 cold_reset
 wrk_run "$tmp/single.out" "$(edge 1)" "$mixed" "$secs" "$conns"
 read -r one_total one_distinct one_max one_not_once < <(origin_stats)
-one_per_object=$(awk -v t="$one_total" -v d="$one_distinct" 'BEGIN { printf "%.2f", d ? t / d : 0 }')
+one_per_object=$(per_object "$one_total" "$one_distinct")
 figure "one instance alone: origin requests per object (mean, max)" "$one_per_object, $one_max ($one_total requests for $one_distinct objects, $one_not_once fetched more than once; ${w_requests} client requests, ${w_errors} errors)"
-start_all
-for s in 1 2 3; do wait_status imgedge_owners "imgedge$s" UP 10 || die "imgedge$s not UP again"; done
+fresh_cluster imgedge_owners
 
 # ---- round robin: three independent instances -----------------------------------------------------
 phase "roundrobin: $(wc -l <"$mixed") paths ($n_objects origin objects <= 5 MiB) through plain round robin, wrk -c$conns, ${secs}s"
 cold_reset
 wrk_run "$tmp/rr.out" "$rrfront" "$mixed" "$secs" "$conns"
 read -r rr_total rr_distinct rr_max _ < <(origin_stats)
-rr_per_object=$(awk -v t="$rr_total" -v d="$rr_distinct" 'BEGIN { printf "%.2f", d ? t / d : 0 }')
+rr_per_object=$(per_object "$rr_total" "$rr_distinct")
 figure "round robin: origin requests per object (mean, max)" "$rr_per_object, $rr_max ($rr_total requests for $rr_distinct objects; ${w_requests} client requests, ${w_errors} errors)"
 
 # ---- owner routing: fresh instances, the hash -------------------------------------------------------
 phase "owner: the same paths through the consistent hash, without the load bound, then as shipped (hash-balance-factor $balance_factor); three fresh instances each"
-start_all
-for s in 1 2 3; do wait_status imgedge_owners_unbounded "imgedge$s" UP 10 || die "imgedge$s not UP again"; done
+fresh_cluster imgedge_owners_unbounded
 cold_reset
 wrk_run "$tmp/owner-exact.out" "$ufront" "$mixed" "$secs" "$conns"
 exact_errors=$w_errors
 read -r ex_total ex_distinct ex_max ex_not_once < <(origin_stats)
-figure "hash without the load bound: origin requests per object (mean, max)" "$(awk -v t="$ex_total" -v d="$ex_distinct" 'BEGIN { printf "%.2f", d ? t / d : 0 }'), $ex_max ($ex_total requests for $ex_distinct of $n_objects objects; ${w_requests} client requests, $exact_errors errors)"
+figure "hash without the load bound: origin requests per object (mean, max)" "$(per_object "$ex_total" "$ex_distinct"), $ex_max ($ex_total requests for $ex_distinct of $n_objects objects; ${w_requests} client requests, $exact_errors errors)"
 check "routing alone: every object <= 5 MiB fetched from the origin exactly once ($ex_not_once objects otherwise)" \
   "$( ((ex_distinct == n_objects && ex_not_once == 0 && exact_errors == 0)) && echo 0 || echo 1)"
-start_all
-for s in 1 2 3; do wait_status imgedge_owners "imgedge$s" UP 10 || die "imgedge$s not UP again"; done
+fresh_cluster imgedge_owners
 cold_reset
 wrk_run "$tmp/owner.out" "$front" "$mixed" "$secs" "$conns"
 owner_errors=$w_errors
 read -r own_total own_distinct own_max own_not_once < <(origin_stats)
-own_per_object=$(awk -v t="$own_total" -v d="$own_distinct" 'BEGIN { printf "%.2f", d ? t / d : 0 }')
+own_per_object=$(per_object "$own_total" "$own_distinct")
 figure "hash as shipped (hash-balance-factor $balance_factor): origin requests per object (mean, max)" "$own_per_object, $own_max ($own_total requests for $own_distinct of $n_objects objects, $own_not_once fetched more than once; ${w_requests} client requests, $owner_errors errors)"
 # Bounded load sends a request past its owner when the owner has more than factor% of the mean
 # active requests; the instance it lands on fetches the object too. That price is allowed up to
