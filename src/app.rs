@@ -12,6 +12,7 @@ use crate::cache::shared::SharedBackend;
 use crate::cache::{MemoryTier, Tier, TieredCache};
 use crate::collapse::Collapser;
 use crate::config::{Config, MemoryBudgetError};
+use crate::descriptors::{self, DescriptorBudget};
 use crate::http::access_log::RequestIds;
 use crate::http::rate::{self, RateLimits};
 use crate::http::{Admin, Admission, Render, Router, Routes};
@@ -148,7 +149,28 @@ impl App {
                 fill_line: config.memory.thresholds.bypass,
             },
         ));
-        let upstream = Arc::new(Upstream::new(&config.upstream, tasks)?);
+        let fd_limit = descriptors::raise_fd_limit();
+        let budget = DescriptorBudget::new(
+            fd_limit,
+            config.server.max_connections,
+            config.upstream.max_in_flight,
+        );
+        if budget.max_connections < config.server.max_connections {
+            tracing::warn!(
+                fd_limit,
+                configured = config.server.max_connections,
+                max_connections = budget.max_connections,
+                "server.max_connections lowered: the descriptor limit leaves no room for more"
+            );
+        }
+        tracing::info!(
+            fd_limit,
+            max_connections = budget.max_connections,
+            max_in_flight = budget.max_in_flight,
+            max_upstream_sockets = budget.max_upstream_sockets,
+            "descriptor budget"
+        );
+        let upstream = Arc::new(Upstream::new(&config.upstream, &budget, tasks)?);
         let rate =
             RateLimits::new(config.limits.per_ip_per_second, config.limits.burst).map(Arc::new);
         if let Some(rate) = &rate {
@@ -189,7 +211,8 @@ impl App {
                 token: config.admin.token.clone(),
                 draining: AtomicBool::new(false),
                 started: Instant::now(),
-                connections: Connections::new(config.server.max_connections),
+                connections: Connections::new(budget.max_connections),
+                descriptors: budget,
             },
             proxy,
             metrics,

@@ -96,7 +96,79 @@ pub struct RouteConfig {
     /// Whether responses carrying `Set-Cookie` are stored (and the cookie replayed to others).
     /// Off by default, and for the Supabase route.
     pub store_set_cookie: bool,
+    /// Request headers forwarded besides the standard ones (`proxy/forwarding.rs`): the
+    /// route's `forward_request_headers`; for the Supabase route, the headers Storage reads
+    /// (`x-upsert`, `x-amz-*`, TUS's `upload-*`, ...).
+    pub forward_request_headers: Vec<HeaderPattern>,
+    /// Send the client's `Host` to the origin instead of the upstream's own (HAProxy's default,
+    /// nginx's `proxy_set_header Host $host`), for origins that route or sign by it.
+    pub preserve_host: bool,
+    /// What route responses that can run script (HTML, XML, SVG, anything unknown) carry:
+    /// imgedge's sandboxing policy, or the origin's own.
+    pub content_security_policy: CspMode,
 }
+
+/// A request header name (`x-upsert`) or every name with a prefix (`x-amz-*`), lower case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderPattern {
+    Exact(http::HeaderName),
+    Prefix(String),
+}
+
+impl HeaderPattern {
+    /// Parses `name` or `prefix*`: a valid header name, case-insensitive, `*` only at the end.
+    ///
+    /// # Errors
+    /// A message naming what is wrong.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        match lower.strip_suffix('*') {
+            Some(prefix) if !prefix.is_empty() && http::HeaderName::try_from(prefix).is_ok() => {
+                Ok(HeaderPattern::Prefix(prefix.to_owned()))
+            }
+            Some(_) => Err(format!("{s:?} is not a header name or prefix*")),
+            None => http::HeaderName::try_from(lower.as_str())
+                .map(HeaderPattern::Exact)
+                .map_err(|_| format!("{s:?} is not a header name")),
+        }
+    }
+
+    /// Whether `name` (lower case, as `http` keeps names) matches.
+    pub fn matches(&self, name: &http::HeaderName) -> bool {
+        match self {
+            HeaderPattern::Exact(n) => n == name,
+            HeaderPattern::Prefix(p) => name.as_str().starts_with(p.as_str()),
+        }
+    }
+}
+
+/// `[[routes]] content_security_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CspMode {
+    /// `"sandbox"` (the default): responses whose type can run script get
+    /// `Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; sandbox`,
+    /// replacing any of the origin's.
+    #[default]
+    Sandbox,
+    /// `"origin"`: the origin's own policy is passed (none when it sends none), for routes that
+    /// serve pages deliberately.
+    Origin,
+}
+
+/// The request headers Supabase Storage reads beyond the standard ones: uploads (`x-upsert`,
+/// `x-metadata`), the client library's `x-client-info`, resumable uploads (TUS:
+/// `tus-resumable`, `upload-*`), and the S3 protocol (`x-amz-*`, and the AWS SDKs' signed
+/// `amz-sdk-*`, `content-md5`).
+pub const SUPABASE_REQUEST_HEADERS: [&str; 8] = [
+    "x-upsert",
+    "x-metadata",
+    "x-client-info",
+    "tus-resumable",
+    "upload-*",
+    "x-amz-*",
+    "amz-sdk-*",
+    "content-md5",
+];
 
 /// The prefix of the Supabase Storage API, proxied when `[supabase] upstream` is set.
 pub const SUPABASE_PREFIX: &str = "/storage/v1/";
@@ -117,8 +189,14 @@ pub struct ServerConfig {
     /// Peers whose `X-Forwarded-For` / `Forwarded` name the client (a CDN's edges, a load
     /// balancer); from any other peer, the peer is the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The hosts clients reach imgedge by (`host`, `host:port`, `*.domain`): a request's `Host`
+    /// among them is passed to origins as `X-Forwarded-Host` (see `http::admit::forwarded`).
+    pub public_hosts: Vec<HostPattern>,
     /// Open connections at most; beyond it new connections are closed at once.
     pub max_connections: usize,
+    /// HTTP/2 streams one client connection may have open at once (nginx's and Varnish's
+    /// default, 100).
+    pub max_concurrent_streams: u32,
     /// How long a new connection has to send its first request head (protocol detection
     /// included), and an HTTP/1.1 request its head.
     pub header_read_timeout: Duration,
@@ -162,6 +240,9 @@ pub struct UpstreamConfig {
     pub max_redirects: usize,
     /// `User-Agent` sent to origins.
     pub user_agent: String,
+    /// Upstream requests (fetches and uploads, every route) in flight at most; past it 503
+    /// `busy`. 0: derived from the process's descriptor limit (`descriptors.rs`).
+    pub max_in_flight: usize,
 }
 
 /// `[supabase]`: the Supabase Storage reverse-proxy route.
@@ -169,6 +250,8 @@ pub struct UpstreamConfig {
 pub struct SupabaseConfig {
     /// Project URL without a trailing slash; `None` turns the route off.
     pub upstream: Option<Url>,
+    /// The route's `preserve_host` (see [`RouteConfig::preserve_host`]).
+    pub preserve_host: bool,
 }
 
 /// `[cache]`: the memory tier.

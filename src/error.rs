@@ -66,6 +66,10 @@ pub enum ProxyError {
     /// A request body that could not be forwarded whole (see [`UploadError`]).
     #[error(transparent)]
     Upload(#[from] UploadError),
+    /// `[upstream] max_in_flight` requests are in flight, or every upstream socket allowed is
+    /// open: nothing was sent; try again shortly (`Retry-After: 1`).
+    #[error("{0}: try again shortly")]
+    Busy(&'static str),
 }
 
 impl ProxyError {
@@ -84,7 +88,7 @@ impl ProxyError {
     /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,
     /// `unauthorized`, `bad_request`, `overloaded`, `bad_redirect`, `not_an_image`,
     /// `bad_signature`, `rate_limited`, `uri_too_long`, `payload_too_large`, `request_timeout`,
-    /// `bad_parameter`, `image_too_large`.
+    /// `bad_parameter`, `image_too_large`, `busy`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::Target(TargetError::BadUrl(_)) => (StatusCode::BAD_REQUEST, "bad_url"),
@@ -121,7 +125,26 @@ impl ProxyError {
                 (StatusCode::REQUEST_TIMEOUT, "request_timeout")
             }
             ProxyError::Upload(UploadError::Failed(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         }
+    }
+}
+
+impl ProxyError {
+    /// Whether the request went forward before it failed: the origin failed, timed out, or
+    /// answered what imgedge refuses to serve (the `Cache-Status` of the error says
+    /// `fwd=uri-miss`); otherwise imgedge refused it itself.
+    pub fn went_forward(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Upstream(_)
+                | ProxyError::UpstreamTimeout(_)
+                | ProxyError::TooLarge(_)
+                | ProxyError::BadRedirect(_)
+                | ProxyError::NotAnImage(_)
+                | ProxyError::SourceTooLarge(_)
+                | ProxyError::ImageTooLarge(_)
+        )
     }
 }
 
@@ -129,10 +152,13 @@ impl From<UpstreamError> for ProxyError {
     fn from(e: UpstreamError) -> Self {
         match e {
             UpstreamError::Refused(t) => t.into(),
-            UpstreamError::Timeout { .. } => ProxyError::UpstreamTimeout(e.to_string()),
+            UpstreamError::Timeout { .. }
+            | UpstreamError::Stalled(_)
+            | UpstreamError::TotalTimeout(_) => ProxyError::UpstreamTimeout(e.to_string()),
             UpstreamError::TooLarge { .. } => ProxyError::TooLarge(e.to_string()),
             UpstreamError::BadRedirect(why) => ProxyError::BadRedirect(why),
             UpstreamError::Upload(e) => ProxyError::Upload(e),
+            UpstreamError::Busy(why) => ProxyError::Busy(why),
             e => ProxyError::Upstream(e.to_string()),
         }
     }

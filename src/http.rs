@@ -19,6 +19,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{
     ALLOW, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_SECURITY_POLICY, CONTENT_TYPE, RETRY_AFTER,
+    X_CONTENT_TYPE_OPTIONS,
 };
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use tracing::Instrument;
@@ -31,9 +32,10 @@ pub use render::Render;
 pub use routes::{Route, Routes, SUPABASE_PUBLIC_PREFIX, SUPABASE_RENDER_PREFIX};
 
 use crate::body::ProxyBody;
+use crate::config::CspMode;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, content};
+use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, content};
 use crate::transform::Params;
 use crate::upstream::{BoxError, Upload};
 use access_log::{AccessLog, REQUEST_ID, RequestIds};
@@ -79,13 +81,27 @@ impl Router {
         let (mut response, error) = match result {
             Ok(r) => (r, None),
             Err(e) => {
+                if matches!(e, ProxyError::Busy(_)) {
+                    self.metrics
+                        .shed
+                        .get_or_create(&crate::metrics::ReasonLabels { reason: "busy" })
+                        .inc();
+                }
                 let message = e.to_string();
                 (error_response(&e), Some(message))
             }
         };
         response.headers_mut().insert(REQUEST_ID.clone(), id);
-        if route == Route::ImageProxy {
-            image_proxy_headers(response.headers_mut());
+        match route {
+            Route::ImageProxy => image_proxy_headers(response.headers_mut()),
+            Route::Proxied { index, .. } => route_response_headers(
+                response.headers_mut(),
+                self.routes.config(index).content_security_policy,
+            ),
+            Route::Render { .. } | Route::ImageInfo => {
+                route_response_headers(response.headers_mut(), CspMode::Sandbox)
+            }
+            Route::Health | Route::Metrics | Route::Other => {}
         }
         let status = response.status().as_u16();
         self.metrics.request(route.name(), status);
@@ -219,12 +235,33 @@ fn image_proxy_headers(headers: &mut HeaderMap) {
     headers.insert(CONTENT_SECURITY_POLICY, csp.clone());
 }
 
-/// `{"error": code, "message": text}` with the error's status; never cached downstream.
+/// What every route response carries: `X-Content-Type-Options: nosniff`, and unless the route
+/// passes the origin's own policy, [`content::SCRIPT_CSP`] when its type could run script.
+fn route_response_headers(headers: &mut HeaderMap, csp: CspMode) {
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    if csp == CspMode::Sandbox && content::may_run_script(headers.get(CONTENT_TYPE)) {
+        headers.insert(CONTENT_SECURITY_POLICY, content::SCRIPT_CSP.clone());
+    }
+}
+
+/// `{"error": code, "message": text}` with the error's status; never cached downstream, not
+/// sniffed, nothing in it loads or runs, and its `Cache-Status` says whether the request went
+/// forward (`fwd=uri-miss`: the origin failed or sent what imgedge refuses) or was refused by
+/// imgedge itself, with the error code as `detail`.
 fn error_response(e: &ProxyError) -> Response<ProxyBody> {
     let (status, code) = e.status();
     let body = serde_json::json!({ "error": code, "message": e.client_message() });
     let mut response = json_response(status, &body);
-    if matches!(e, ProxyError::Overloaded) {
+    let headers = response.headers_mut();
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(CONTENT_SECURITY_POLICY, content::IMAGE_CSP.clone());
+    let cache_status = if e.went_forward() {
+        CacheStatus::MISS.with_detail(code)
+    } else {
+        CacheStatus::refused(code)
+    };
+    headers.insert(CACHE_STATUS.clone(), cache_status.header_value());
+    if matches!(e, ProxyError::Overloaded | ProxyError::Busy(_)) {
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));

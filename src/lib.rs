@@ -31,6 +31,7 @@ pub mod body;
 pub mod cache;
 pub mod collapse;
 pub mod config;
+pub mod descriptors;
 pub mod error;
 pub mod freshness;
 pub mod http;

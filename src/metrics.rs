@@ -68,7 +68,9 @@ pub struct Metrics {
     pub pressure_level: Gauge,
     /// `imgedge_memory_pressure_transitions_total{to}`: level changes, by the level entered.
     pub pressure_transitions: Family<LevelLabels, Counter>,
-    /// `imgedge_shed_total{reason}`: requests refused to protect the process (`memory`).
+    /// `imgedge_shed_total{reason}`: requests refused to protect the process (`memory`), because
+    /// their client is over `[limits]` (`rate`), or because `[upstream] max_in_flight` requests
+    /// or every upstream socket allowed were taken (`busy`).
     pub shed: Family<ReasonLabels, Counter>,
     /// `imgedge_disk_events{event}`: the disk tier's `writes`, `write_drops` (queue full) and
     /// `errors` (damaged entries, failed reads, foyer panics) since start, set at scrape.
@@ -90,6 +92,18 @@ pub struct Metrics {
     /// `imgedge_connections_refused_total`: connections closed on accept because
     /// `[server] max_connections` were open.
     pub connections_refused: Counter,
+    /// `imgedge_upstream_max_in_flight`: Upstream requests allowed in flight at once (upstream.max_in_flight, or derived from the descriptor limit); set at scrape.
+    pub upstream_max_in_flight: Gauge,
+    /// `imgedge_upstream_sockets`: Upstream sockets open, busy or idle in the pools; set at scrape.
+    pub upstream_sockets: Gauge,
+    /// `imgedge_upstream_max_sockets`: Upstream sockets allowed open at once; set at scrape.
+    pub upstream_max_sockets: Gauge,
+    /// `imgedge_open_fds`: File descriptors the process has open; set at scrape.
+    pub open_fds: Gauge,
+    /// `imgedge_max_fds`: The process's file-descriptor limit (RLIMIT_NOFILE, raised to its hard limit at start); set at scrape.
+    pub max_fds: Gauge,
+    /// `imgedge_connections_max`: Client connections allowed open at once (server.max_connections, lowered to fit the descriptor limit); set at scrape.
+    pub connections_max: Gauge,
     /// `imgedge_transforms_total{outcome}`: render-route transforms run (`ok`, `failed`), and
     /// requests that shared another request's transform of the same variant (`collapsed`).
     pub transforms: Family<OutcomeLabels, Counter>,
@@ -140,6 +154,12 @@ impl Default for Metrics {
             relief: Family::default(),
             connections_open: Gauge::default(),
             connections_refused: Counter::default(),
+            upstream_max_in_flight: Gauge::default(),
+            upstream_sockets: Gauge::default(),
+            upstream_max_sockets: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            connections_max: Gauge::default(),
             registry: Registry::default(),
         };
         // The text encoder appends `_total` to counters.
@@ -247,6 +267,36 @@ impl Default for Metrics {
             "imgedge_connections_refused",
             "Connections closed on accept because server.max_connections were open",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "imgedge_upstream_max_in_flight",
+            "Upstream requests allowed in flight at once (upstream.max_in_flight, or derived from the descriptor limit)",
+            m.upstream_max_in_flight.clone(),
+        );
+        registry.register(
+            "imgedge_upstream_sockets",
+            "Upstream sockets open, busy or idle in the pools",
+            m.upstream_sockets.clone(),
+        );
+        registry.register(
+            "imgedge_upstream_max_sockets",
+            "Upstream sockets allowed open at once",
+            m.upstream_max_sockets.clone(),
+        );
+        registry.register(
+            "imgedge_open_fds",
+            "File descriptors the process has open",
+            m.open_fds.clone(),
+        );
+        registry.register(
+            "imgedge_max_fds",
+            "The process's file-descriptor limit (RLIMIT_NOFILE, raised to its hard limit at start)",
+            m.max_fds.clone(),
+        );
+        registry.register(
+            "imgedge_connections_max",
+            "Client connections allowed open at once (server.max_connections, lowered to fit the descriptor limit)",
+            m.connections_max.clone(),
         );
         Metrics { registry, ..m }
     }

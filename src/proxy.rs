@@ -29,7 +29,8 @@ use url::Url;
 
 pub use cache_status::{CACHE_STATUS, CacheStatus, Fwd, Kind};
 pub use forwarding::{
-    APIKEY, CREDENTIALS, Forwarding, SURROGATE_CONTROL, end_to_end, route_request_headers,
+    APIKEY, CREDENTIALS, ForwardedFor, Forwarding, SURROGATE_CONTROL, end_to_end,
+    route_request_headers,
 };
 pub use hit::{if_none_match_matches, single_byte_range};
 pub use source::{LeadingBytes, SourceObject};
@@ -368,7 +369,11 @@ impl Proxy {
                 return Ok(self.origin_error(&req, &upstream.head, leader).await);
             }
             if let Err(e) = self.check_image(&req, &mut upstream).await {
-                tracing::info!(url = req.url.as_str(), error = %e, "not an image: refused");
+                if matches!(e, ProxyError::NotAnImage(_)) {
+                    tracing::info!(url = req.url.as_str(), error = %e, "not an image: refused");
+                } else {
+                    tracing::warn!(url = req.url.as_str(), error = %e, "upstream body failed before its first bytes");
+                }
                 if let Some(leader) = leader {
                     leader.fail(e.clone());
                 }

@@ -287,6 +287,7 @@ pub async fn run(
         .http2()
         .timer(TokioTimer::new())
         .max_send_buf_size(CLIENT_SEND_BUFFER_BYTES)
+        .max_concurrent_streams(config.max_concurrent_streams)
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
@@ -299,7 +300,7 @@ pub async fn run(
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
     };
-    tracing::info!(addr = %listener.local_addr()?, max_connections = config.max_connections, "listening");
+    tracing::info!(addr = %listener.local_addr()?, max_connections = connections.max(), "listening");
     tokio::pin!(shutdown);
     // Set once shutdown is signalled: serving goes on until then, not ready.
     let mut draining_until: Option<Instant> = None;

@@ -187,7 +187,7 @@ impl HostPattern {
 
     /// Whether the pattern covers `host` on `port`: a `host:port` entry on its port, any other
     /// entry on the default ports only.
-    fn covers_port(&self, host: &str, port: u16) -> bool {
+    pub fn covers_port(&self, host: &str, port: u16) -> bool {
         self.covers(host)
             && match self {
                 HostPattern::HostPort(_, p) => *p == port,

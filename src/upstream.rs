@@ -32,15 +32,19 @@ use url::Url;
 mod body;
 mod inflight;
 mod resolver;
+mod sockets;
 mod upload;
 
 pub use body::UpstreamBody;
 
 use inflight::{InflightGuard, InflightRegistry};
 use resolver::GuardedResolver;
+use sockets::{Counted, SocketsExhausted};
+use tokio::sync::Semaphore;
 pub use upload::{Upload, UploadError, UploadLimits, UploadProgress};
 
 use crate::config::UpstreamConfig;
+use crate::descriptors::DescriptorBudget;
 use crate::freshness::ResponseTimes;
 use crate::target::{HostPolicy, TargetError};
 use crate::tasks::Tasks;
@@ -106,6 +110,10 @@ pub enum UpstreamError {
     /// The client's request body could not be sent: too large, stalled, or cut off.
     #[error(transparent)]
     Upload(#[from] UploadError),
+    /// `[upstream] max_in_flight` requests are in flight, or every upstream socket allowed is
+    /// open: nothing was sent.
+    #[error("{0}")]
+    Busy(&'static str),
 }
 
 /// Which rules a fetch follows.
@@ -117,7 +125,7 @@ pub enum Guard {
     Trusted,
 }
 
-type HttpClient = Client<HttpsConnector<HttpConnector<GuardedResolver>>, RequestBody>;
+type HttpClient = Client<Counted<HttpsConnector<HttpConnector<GuardedResolver>>>, RequestBody>;
 
 /// A request body sent upstream: empty for cache fills, the client's body streamed for other
 /// methods on routes.
@@ -180,6 +188,9 @@ pub struct Upstream {
     max_redirects: usize,
     allow_https_downgrade: bool,
     inflight: Arc<InflightRegistry>,
+    /// Upstream sockets open now (busy or idle in the pools) are this bound less its permits.
+    sockets: Arc<Semaphore>,
+    max_sockets: usize,
 }
 
 /// A response from an origin: its head, and its body still unread.
@@ -200,18 +211,24 @@ pub struct UpstreamHead {
 }
 
 impl Upstream {
-    /// Builds both connection pools; their connection tasks run on `tasks`.
+    /// Builds both connection pools, their connection tasks run on `tasks`: at most
+    /// `budget.max_in_flight` requests in flight and `budget.max_upstream_sockets` sockets open.
     ///
     /// # Errors
     /// [`SetupError::Tls`] when the TLS configuration cannot be built, [`SetupError::UserAgent`]
     /// when `[upstream] user_agent` is not a valid header value.
-    pub fn new(config: &UpstreamConfig, tasks: &Tasks) -> Result<Self, SetupError> {
+    pub fn new(
+        config: &UpstreamConfig,
+        budget: &DescriptorBudget,
+        tasks: &Tasks,
+    ) -> Result<Self, SetupError> {
         let policy = Arc::new(HostPolicy::new(
             config.allowed_hosts.clone(),
             config.trusted_private_hosts.clone(),
             config.allow_private_networks,
         ));
         let tls = tls_config()?;
+        let sockets = Arc::new(Semaphore::new(budget.max_upstream_sockets));
         let client = |resolver: GuardedResolver| {
             let mut http = HttpConnector::new_with_resolver(resolver);
             http.enforce_http(false);
@@ -223,6 +240,10 @@ impl Upstream {
                 .enable_http1()
                 .enable_http2()
                 .wrap_connector(http);
+            let counted = Counted {
+                inner: https,
+                sockets: sockets.clone(),
+            };
             Client::builder(tasks.clone())
                 .pool_idle_timeout(POOL_IDLE_TIMEOUT)
                 .pool_timer(TokioTimer::new())
@@ -230,7 +251,7 @@ impl Upstream {
                 .http2_initial_stream_window_size(H2_STREAM_WINDOW_BYTES)
                 .http2_initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES)
                 .timer(TokioTimer::new())
-                .build(https)
+                .build(counted)
         };
         Ok(Upstream {
             guarded: client(GuardedResolver {
@@ -247,7 +268,9 @@ impl Upstream {
             max_object_bytes: config.max_object_bytes,
             max_redirects: config.max_redirects,
             allow_https_downgrade: config.allow_https_downgrade,
-            inflight: Arc::default(),
+            inflight: Arc::new(InflightRegistry::new(budget.max_in_flight)),
+            sockets,
+            max_sockets: budget.max_upstream_sockets,
         })
     }
 
@@ -282,7 +305,12 @@ impl Upstream {
         } = request;
         let mut hops = 0;
         let request_time = SystemTime::now();
-        let inflight = self.inflight.register(url.as_str());
+        let inflight = self
+            .inflight
+            .register(url.as_str())
+            .ok_or(UpstreamError::Busy(
+                "upstream.max_in_flight requests are in flight",
+            ))?;
         if guard == Guard::Trusted {
             let response = self
                 .send(&self.trusted, &method, &url, &headers, body, upload)
@@ -426,6 +454,16 @@ impl Upstream {
         self.inflight.snapshot(oldest)
     }
 
+    /// The bounds: requests in flight at most, upstream sockets open at most.
+    pub fn limits(&self) -> (usize, usize) {
+        (self.inflight.max(), self.max_sockets)
+    }
+
+    /// Upstream sockets open now, busy or idle in the pools.
+    pub fn open_sockets(&self) -> usize {
+        self.max_sockets - self.sockets.available_permits()
+    }
+
     /// Turns a client error from before the head into an [`UpstreamError`], finding the guard's
     /// refusals and connect timeouts anywhere in its source chain.
     fn classify(&self, e: &(dyn std::error::Error + 'static)) -> UpstreamError {
@@ -433,6 +471,9 @@ impl Upstream {
         while let Some(err) = source {
             if let Some(t) = err.downcast_ref::<TargetError>() {
                 return UpstreamError::Refused(t.clone());
+            }
+            if err.is::<SocketsExhausted>() {
+                return UpstreamError::Busy("every upstream socket allowed is open");
             }
             if let Some(io) = err.downcast_ref::<std::io::Error>()
                 && io.kind() == std::io::ErrorKind::TimedOut

@@ -372,7 +372,8 @@ async fn a_stall_past_idle_timeout_aborts_the_client_and_is_not_stored() {
     )
     .await;
     // Head then silence: on /image-proxy the first bytes are read before the head is sent (to
-    // check the image), so the client gets a clean 502 instead of an aborted 200; nothing stored.
+    // check the image), so the client gets a clean 504 (a stall, not "not an image") instead of
+    // an aborted 200; nothing stored.
     let origin = TestOrigin::start().await;
     origin.route(
         "/f.jpg",
@@ -381,8 +382,13 @@ async fn a_stall_past_idle_timeout_aborts_the_client_and_is_not_stored() {
     let proxy = TestProxy::for_origin(&origin, "[upstream]\nidle_timeout = \"300ms\"").await;
     for attempt in 1..=2 {
         let r = proxy.get_image(&origin.url("/f.jpg")).await;
-        assert_eq!(r.status, 502, "attempt {attempt}");
-        assert_eq!(r.error_code(), "upstream_error");
+        assert_eq!(r.status, 504, "attempt {attempt}");
+        assert_eq!(r.error_code(), "upstream_timeout");
+        assert_eq!(r.header("x-content-type-options"), "nosniff");
+        assert_eq!(
+            r.cache_status(),
+            "imgedge; fwd=uri-miss; detail=upstream_timeout"
+        );
         assert_eq!(origin.hits("/f.jpg"), attempt, "nothing stored");
     }
 }

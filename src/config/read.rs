@@ -23,6 +23,9 @@ struct RawRoute {
     upstream: String,
     default_ttl: Option<String>,
     store_set_cookie: Option<bool>,
+    forward_request_headers: Option<Vec<String>>,
+    preserve_host: Option<bool>,
+    content_security_policy: Option<String>,
 }
 
 impl Config {
@@ -49,7 +52,9 @@ impl Config {
                 drain_delay: f.duration_or_zero("server.drain_delay"),
                 shutdown_grace: f.duration("server.shutdown_grace"),
                 trusted_proxies: f.parse("server.trusted_proxies", parse_networks),
+                public_hosts: f.parse("server.public_hosts", parse_host_patterns),
                 max_connections: f.range("server.max_connections", 1, 1_000_000),
+                max_concurrent_streams: f.range("server.max_concurrent_streams", 1, 10_000),
                 header_read_timeout: f.duration("server.header_read_timeout"),
                 idle_timeout: f.duration("server.idle_timeout"),
                 max_request_body_bytes: f.range("server.max_request_body_bytes", 0, u64::MAX),
@@ -75,9 +80,11 @@ impl Config {
                         .map(|_| s)
                         .map_err(|_| "not a valid header value".to_owned())
                 }),
+                max_in_flight: f.range("upstream.max_in_flight", 0, 1_000_000),
             },
             supabase: SupabaseConfig {
                 upstream: f.parse("supabase.upstream", parse_route_upstream),
+                preserve_host: f.get("supabase.preserve_host"),
             },
             routes: f.parse_optional("routes", parse_routes),
             cache: CacheConfig {
@@ -201,6 +208,12 @@ impl Config {
                 name: "supabase",
                 default_ttl: Some(self.cache.default_ttl),
                 store_set_cookie: false,
+                forward_request_headers: SUPABASE_REQUEST_HEADERS
+                    .iter()
+                    .map(|h| HeaderPattern::parse(h).expect("a valid pattern"))
+                    .collect(),
+                preserve_host: self.supabase.preserve_host,
+                content_security_policy: CspMode::Sandbox,
             });
         }
         let cache = &self.cache;
@@ -545,6 +558,23 @@ fn parse_routes(raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, String> {
                 None
             }
         };
+        let mut forward_request_headers = Vec::new();
+        for name in r.forward_request_headers.iter().flatten() {
+            match HeaderPattern::parse(name) {
+                Ok(p) => forward_request_headers.push(p),
+                Err(e) => bad.push(format!("[{i}] forward_request_headers: {e}")),
+            }
+        }
+        let content_security_policy = match r.content_security_policy.as_deref() {
+            None | Some("sandbox") => CspMode::Sandbox,
+            Some("origin") => CspMode::Origin,
+            Some(other) => {
+                bad.push(format!(
+                    "[{i}] content_security_policy {other:?}: want \"sandbox\" or \"origin\""
+                ));
+                CspMode::Sandbox
+            }
+        };
         match parse_route_upstream(r.upstream.clone()) {
             Ok(Some(upstream)) => routes.push(RouteConfig {
                 prefix: r.prefix,
@@ -552,6 +582,9 @@ fn parse_routes(raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, String> {
                 name: "route",
                 default_ttl,
                 store_set_cookie: r.store_set_cookie.unwrap_or(false),
+                forward_request_headers,
+                preserve_host: r.preserve_host.unwrap_or(false),
+                content_security_policy,
             }),
             Ok(None) => bad.push(format!("[{i}] upstream is empty")),
             Err(e) => bad.push(format!("[{i}] upstream {e}")),

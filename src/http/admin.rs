@@ -19,6 +19,7 @@ use super::routes::{IMAGE_PROXY_NAMESPACE, Routes};
 use crate::body::ProxyBody;
 use crate::cache::shared::BreakerState;
 use crate::cache::{CacheKey, INDEX_CAPACITY_BYTES, Tier, TierUsage, TieredCache};
+use crate::descriptors::{self, DescriptorBudget};
 use crate::error::ProxyError;
 use crate::metrics::{self, Metrics};
 use crate::pressure::{Level, Reading, ReservationPool};
@@ -46,6 +47,8 @@ pub struct Admin {
     pub started: Instant,
     /// The open client connections: `/health/ready` answers 503 `full` at the limit.
     pub connections: Arc<Connections>,
+    /// How the descriptor limit is shared (`descriptors.rs`), shown in `/health` and `/metrics`.
+    pub descriptors: DescriptorBudget,
 }
 
 impl Admin {
@@ -182,9 +185,10 @@ impl Admin {
     }
 
     /// `/health/live` (the process answers), `/health/ready` (503 `draining` while shutting
-    /// down, `full` while `max_connections` are open, `not-ready` while shedding load) or `/health` (everything: pressure, in-flight fetches and fills, every tier; the
-    /// in-flight URLs without their query strings, which can hold tokens, unless `headers` carry
-    /// the admin token).
+    /// down, `full` while `max_connections` are open, `not-ready` while shedding load) or `/health`
+    /// (everything: pressure, in-flight fetches and fills, every tier; the in-flight fetches as
+    /// a count and the oldest one's age, and their URLs only when `headers` carry the admin
+    /// token).
     pub async fn health(&self, path: &str, headers: &HeaderMap) -> Response<ProxyBody> {
         let level = self.pressure.borrow().level;
         match path {
@@ -238,6 +242,21 @@ impl Admin {
             cache[tier.name()] = serde_json::json!(tier.usage());
         }
         let (inflight_count, inflight_oldest) = self.upstream.inflight(HEALTH_INFLIGHT_LISTED);
+        // Without the admin token: how many and how old, never where (origin hosts, ports and
+        // other users' paths are the operator's business).
+        let oldest_age_ms = inflight_oldest
+            .first()
+            .map_or(0, |(_, age)| age.as_millis() as u64);
+        let mut inflight = serde_json::json!({
+            "count": inflight_count,
+            "oldest_age_ms": oldest_age_ms,
+        });
+        if admin {
+            inflight["oldest"] = inflight_oldest
+                .iter()
+                .map(|(url, age)| serde_json::json!({ "url": &**url, "age_ms": age.as_millis() as u64 }))
+                .collect();
+        }
         let (status, code) = match reading.level {
             l if l.sheds() => ("critical", StatusCode::SERVICE_UNAVAILABLE),
             l if l >= Level::Warning => ("degraded", StatusCode::OK),
@@ -246,16 +265,7 @@ impl Admin {
         let body = serde_json::json!({
             "status": status,
             "memory": reading,
-            "inflight": {
-                "count": inflight_count,
-                "oldest": inflight_oldest
-                    .iter()
-                    .map(|(url, age)| {
-                        let url = if admin { url } else { url.split('?').next().unwrap_or_default() };
-                        serde_json::json!({ "url": url, "age_ms": age.as_millis() as u64 })
-                    })
-                    .collect::<Vec<_>>(),
-            },
+            "inflight": inflight,
             "fills": {
                 "reserved_bytes": self.fills.used_bytes(),
                 "capacity_bytes": self.fills.capacity_bytes(),
@@ -266,6 +276,16 @@ impl Admin {
             "connections": {
                 "open": self.connections.open(),
                 "max": self.connections.max(),
+            },
+            "upstream": {
+                "in_flight": inflight_count,
+                "max_in_flight": self.descriptors.max_in_flight,
+                "sockets": self.upstream.open_sockets(),
+                "max_sockets": self.descriptors.max_upstream_sockets,
+            },
+            "fds": {
+                "open": descriptors::open_fds(),
+                "limit": self.descriptors.fd_limit,
             },
             "uptime_seconds": self.started.elapsed().as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
@@ -302,6 +322,23 @@ impl Admin {
         self.metrics
             .connections_open
             .set(gauge(self.connections.open() as u64));
+        let d = &self.descriptors;
+        self.metrics
+            .connections_max
+            .set(gauge(d.max_connections as u64));
+        self.metrics
+            .upstream_max_in_flight
+            .set(gauge(d.max_in_flight as u64));
+        self.metrics
+            .upstream_sockets
+            .set(gauge(self.upstream.open_sockets() as u64));
+        self.metrics
+            .upstream_max_sockets
+            .set(gauge(d.max_upstream_sockets as u64));
+        self.metrics.max_fds.set(gauge(d.fd_limit));
+        if let Some(open) = descriptors::open_fds() {
+            self.metrics.open_fds.set(gauge(open));
+        }
         if let Some(disk) = lower.iter().find(|t| t.name == "disk") {
             for (event, n) in [
                 ("writes", disk.writes),

@@ -16,7 +16,9 @@ use super::routes::Route;
 use crate::error::ProxyError;
 use crate::metrics::{self, Metrics};
 use crate::pressure::Reading;
+use crate::proxy::ForwardedFor;
 use crate::signing::Signer;
+use crate::target::HostPattern;
 
 /// Who a request comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +27,9 @@ pub struct Client {
     pub peer: SocketAddr,
     /// The client it is for: the peer, unless the peer is a trusted proxy that named another.
     pub ip: IpAddr,
+    /// Whether the peer is in `[server] trusted_proxies`: what it says of the request
+    /// (`X-Forwarded-*`, `Forwarded`) is believed.
+    pub behind_proxy: bool,
 }
 
 /// A request that may proceed, with what admission learned about it.
@@ -102,19 +107,117 @@ impl Admission {
         let ip = peer.ip().to_canonical();
         let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
         if !trusted(&ip) {
-            return Client { peer, ip };
+            return Client {
+                peer,
+                ip,
+                behind_proxy: false,
+            };
         }
+        let client = |ip| Client {
+            peer,
+            ip,
+            behind_proxy: true,
+        };
         let mut chain = forwarded_for(headers);
         if chain.is_empty() {
-            return Client { peer, ip };
+            return client(ip);
         }
         let first = chain[0];
         while let Some(hop) = chain.pop() {
             if !trusted(&hop) {
-                return Client { peer, ip: hop };
+                return client(hop);
             }
         }
-        Client { peer, ip: first }
+        client(first)
+    }
+}
+
+/// What an origin is told about a request ([`ForwardedFor`]): the client, and the scheme, host
+/// and port it asked for. From a trusted proxy (`client.behind_proxy`), its `X-Forwarded-Proto`,
+/// `-Host`, `-Port` (else `Forwarded`'s `proto=`, `host=`); otherwise `http` and the request's
+/// own `Host` (or HTTP/2 `:authority`).
+///
+/// The host is passed on only when it can be trusted not to poison what others are served: it
+/// matches `public_hosts` (the names imgedge is reached by), or, with `public_hosts` empty, it
+/// came from a trusted proxy or the answer will not be stored for others (`shareable` false:
+/// an upload, a request with credentials). Otherwise the origin is told no host and no port, and
+/// builds what it builds from its own (`Location` is rewritten on the way back).
+pub fn forwarded(
+    parts: &Parts,
+    client: &Client,
+    public_hosts: &[HostPattern],
+    shareable: bool,
+) -> ForwardedFor {
+    let first = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let from_forwarded = |param: &str| {
+        parts
+            .headers
+            .get(http::header::FORWARDED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|element| {
+                element.split(';').find_map(|pair| {
+                    let (name, value) = pair.split_once('=')?;
+                    name.trim()
+                        .eq_ignore_ascii_case(param)
+                        .then(|| value.trim().trim_matches('"').to_owned())
+                })
+            })
+    };
+    let (proto, host, port) = if client.behind_proxy {
+        let proto = first("x-forwarded-proto").or_else(|| from_forwarded("proto"));
+        let host = first("x-forwarded-host").or_else(|| from_forwarded("host"));
+        let port = first("x-forwarded-port").and_then(|p| p.parse::<u16>().ok());
+        (proto, host, port)
+    } else {
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            });
+        (None, host, None)
+    };
+    let proto = match proto.map(|p| p.to_ascii_lowercase()).as_deref() {
+        Some("https") => "https",
+        _ => "http",
+    };
+    let default_port = if proto == "https" { 443 } else { 80 };
+    let host = host
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .filter(|a| !a.as_str().contains('@'))
+        .and_then(|a| {
+            let name = a.host().trim_end_matches('.').to_ascii_lowercase();
+            let port = port.or(a.port_u16()).unwrap_or(default_port);
+            let trusted = if public_hosts.is_empty() {
+                client.behind_proxy || !shareable
+            } else {
+                let bare = name.trim_start_matches('[').trim_end_matches(']');
+                public_hosts.iter().any(|p| p.covers_port(bare, port))
+            };
+            let shown = match a.port_u16() {
+                Some(p) => format!("{name}:{p}"),
+                None => name,
+            };
+            trusted.then_some((shown, port))
+        });
+    ForwardedFor {
+        client: client.ip,
+        proto,
+        host,
     }
 }
 

@@ -4,7 +4,7 @@
 
 use http::header::{IF_NONE_MATCH, IF_RANGE, RANGE};
 use http::request::Parts;
-use http::{HeaderMap, HeaderName, Method, Uri};
+use http::{HeaderMap, Method, Uri};
 use percent_encoding::percent_decode_str;
 use std::time::Duration;
 use url::Url;
@@ -15,7 +15,7 @@ use crate::config::{Config, RouteConfig};
 use crate::error::ProxyError;
 use crate::freshness::RequestDirectives;
 use crate::proxy::{CREDENTIALS, Forwarding, ProxyRequest, route_request_headers};
-use crate::target;
+use crate::target::{self, HostPattern};
 use crate::upstream::{Guard, UploadLimits};
 
 /// Prefix of Supabase Storage's public object route.
@@ -97,6 +97,8 @@ pub struct Routes {
     upload: UploadLimits,
     /// `[cache] default_ttl`: `/image-proxy`'s freshness for responses that state none.
     default_ttl: Duration,
+    /// `[server] public_hosts`: the hosts imgedge is reached by, passed on to origins.
+    public_hosts: Vec<HostPattern>,
 }
 
 impl Routes {
@@ -109,7 +111,13 @@ impl Routes {
                 idle_timeout: config.server.request_body_timeout,
             },
             default_ttl: config.cache.default_ttl,
+            public_hosts: config.server.public_hosts.clone(),
         }
+    }
+
+    /// The configuration of `routes[index]` (of [`Route::Proxied`] and [`Route::Render`]).
+    pub fn config(&self, index: usize) -> &RouteConfig {
+        &self.routes[index]
     }
 
     /// Which route serves `path`: a built-in path, else the route with the longest matching
@@ -187,8 +195,18 @@ impl Routes {
                 // every request: dropping them keeps public objects storable (RFC 9111 §3.5).
                 let public_object =
                     name == "supabase" && parts.uri.path().starts_with(SUPABASE_PUBLIC_PREFIX);
-                let dropped: &[HeaderName] = if public_object { &CREDENTIALS } else { &[] };
-                let headers = route_request_headers(&parts.headers, dropped, client.ip);
+                let credentialed =
+                    !public_object && CREDENTIALS.iter().any(|h| parts.headers.contains_key(h));
+                let shareable = matches!(parts.method, Method::GET | Method::HEAD) && !credentialed;
+                let forwarded =
+                    super::admit::forwarded(parts, client, &self.public_hosts, shareable);
+                let headers = route_request_headers(
+                    &parts.headers,
+                    &route.forward_request_headers,
+                    public_object,
+                    &forwarded,
+                    route.preserve_host,
+                );
                 match parts.method {
                     Method::GET | Method::HEAD => {
                         let forwarding = Forwarding::Headers {
@@ -300,24 +318,47 @@ fn proxy_request(
     }
 }
 
-/// `upstream` + the request's path and query.
+/// `upstream` + the request's path and query, exactly as the client sent them (imgedge does not
+/// normalise paths: see [`check_path`]).
 ///
 /// # Errors
-/// [`ProxyError::BadPath`] for `.`/`..` segments (raw or percent-encoded) and backslashes: URL
-/// parsing would resolve them, letting a path climb out of its route's prefix upstream.
+/// [`ProxyError::BadPath`] for a path [`check_path`] refuses.
 fn route_url(upstream: &Url, uri: &Uri) -> Result<Url, ProxyError> {
-    for segment in uri.path().split('/') {
-        let decoded = percent_decode_str(segment).decode_utf8_lossy();
-        if decoded == "." || decoded == ".." || decoded.contains('\\') {
-            return Err(ProxyError::BadPath(format!(
-                "path segment {segment:?} is not allowed"
-            )));
-        }
-    }
+    check_path(uri.path())?;
     let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
     let joined = format!(
         "{}{path_and_query}",
         upstream.as_str().trim_end_matches('/')
     );
     Url::parse(&joined).map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))
+}
+
+/// Refuses a route path that could reach outside its route's prefix on an origin that decodes or
+/// normalises it (RFC 3986 §6.2.2) before resolving it. Each segment between raw `/`s is
+/// percent-decoded once and refused when it is a dot segment (`.` or `..`, also with path
+/// parameters: `..;x`, as Tomcat reads them), contains `/` or `\` (`..%2F`, `..%5C`), a control
+/// character or NUL, or still percent-encodes a dot, slash or backslash after decoding (`%252e`:
+/// for origins that decode twice). Nothing is rewritten: the path goes upstream and into the
+/// cache key as it was sent (case of percent-encodings, encoded unreserved characters, empty
+/// segments `//` and a trailing `/` all kept).
+///
+/// # Errors
+/// [`ProxyError::BadPath`], naming the segment.
+pub fn check_path(path: &str) -> Result<(), ProxyError> {
+    for segment in path.split('/') {
+        let decoded = percent_decode_str(segment).decode_utf8_lossy();
+        let name = decoded.split(';').next().unwrap_or_default();
+        let lower = decoded.to_ascii_lowercase();
+        let refused = name == "."
+            || name == ".."
+            || decoded.contains(['/', '\\'])
+            || decoded.chars().any(char::is_control)
+            || ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e));
+        if refused {
+            return Err(ProxyError::BadPath(format!(
+                "path segment {segment:?} is not allowed"
+            )));
+        }
+    }
+    Ok(())
 }

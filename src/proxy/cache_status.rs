@@ -33,6 +33,8 @@ pub enum Kind {
     /// `hit`: served from the cache without going forward.
     Hit,
     Forward(Fwd),
+    /// Neither: imgedge answered with an error of its own (rendered without `hit` or `fwd`).
+    Refused,
 }
 
 /// The `fwd` parameter: why the request went forward (RFC 9211 §2.2).
@@ -52,6 +54,12 @@ impl CacheStatus {
     /// A fresh hit from the tier named `tier` (`memory`, `disk`).
     pub const fn hit(tier: &'static str) -> Self {
         Self::of(Kind::Hit).with_detail(tier)
+    }
+
+    /// A request imgedge answered itself, with an error, without looking it up or going
+    /// forward (a refusal: a bad target, a rate limit, shedding); `code` is the error code.
+    pub const fn refused(code: &'static str) -> Self {
+        Self::of(Kind::Refused).with_detail(code)
     }
 
     /// A request that went forward for reason `fwd`.
@@ -181,14 +189,15 @@ const RENDERED: [(CacheStatus, &str); 9] = [
 
 impl fmt::Display for CacheStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("imgedge; ")?;
+        f.write_str("imgedge")?;
         match self.kind {
-            Kind::Hit => f.write_str("hit")?,
+            Kind::Hit => f.write_str("; hit")?,
+            Kind::Refused => {}
             Kind::Forward(fwd) => f.write_str(match fwd {
-                Fwd::UriMiss => "fwd=uri-miss",
-                Fwd::Stale => "fwd=stale",
-                Fwd::Request => "fwd=request",
-                Fwd::Method => "fwd=method",
+                Fwd::UriMiss => "; fwd=uri-miss",
+                Fwd::Stale => "; fwd=stale",
+                Fwd::Request => "; fwd=request",
+                Fwd::Method => "; fwd=method",
             })?,
         }
         if let Some(status) = self.fwd_status {
@@ -259,6 +268,10 @@ mod tests {
                 "imgedge; fwd=uri-miss; collapsed",
             ),
             (CacheStatus::FORWARD_METHOD, "imgedge; fwd=method"),
+            (
+                CacheStatus::refused("rate_limited"),
+                "imgedge; detail=rate_limited",
+            ),
         ] {
             assert_eq!(status.to_string(), text);
             assert_eq!(status.header_value(), text);

@@ -18,6 +18,48 @@ pub static IMAGE_CSP: HeaderValue = HeaderValue::from_static("default-src 'none'
 pub static SVG_CSP: HeaderValue =
     HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; sandbox");
 
+/// `Content-Security-Policy` of route responses whose type can run script (see
+/// [`may_run_script`]): nothing loads or runs, inline styles aside, and the document is
+/// sandboxed into an opaque origin, so a bucket's HTML or SVG cannot act as imgedge's origin.
+pub static SCRIPT_CSP: HeaderValue =
+    HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; sandbox");
+
+/// Whether a response of this `Content-Type` could run script when a browser opens it: true for
+/// HTML, XHTML, XML, SVG and anything not known to be passive (no type at all included); false
+/// for images other than SVG, audio, video, fonts, plain text, CSV, CSS, JavaScript (which runs
+/// only in the page that includes it), JSON, PDF, and archives and octet streams (downloaded).
+pub fn may_run_script(content_type: Option<&HeaderValue>) -> bool {
+    let Some(media_type) = content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|t| t.trim().to_ascii_lowercase())
+    else {
+        return true;
+    };
+    let (kind, sub) = media_type.split_once('/').unwrap_or((&media_type, ""));
+    let passive = match kind {
+        "image" => sub != "svg+xml" && !sub.is_empty(),
+        "audio" | "video" | "font" => !sub.is_empty(),
+        "text" => matches!(sub, "plain" | "csv" | "css" | "javascript"),
+        "application" => {
+            matches!(
+                sub,
+                "json"
+                    | "pdf"
+                    | "octet-stream"
+                    | "zip"
+                    | "gzip"
+                    | "x-gzip"
+                    | "x-tar"
+                    | "wasm"
+                    | "javascript"
+            ) || sub.ends_with("+json")
+        }
+        _ => false,
+    };
+    !passive
+}
+
 /// The SVG media type, served only with `[upstream] allow_svg`.
 pub const SVG: &str = "image/svg+xml";
 

@@ -1,6 +1,7 @@
 //! Which headers cross the proxy, each way: [`Forwarding`] (none and an allowlist for
-//! `/image-proxy`, end-to-end headers for routes) and [`end_to_end`] (hop-by-hop filtering,
-//! RFC 9110 §7.6.1).
+//! `/image-proxy`; for routes, an allowlist of request headers ([`route_request_headers`]) and
+//! every end-to-end response header) and [`end_to_end`] (hop-by-hop filtering, RFC 9110
+//! §7.6.1).
 
 use std::net::IpAddr;
 
@@ -14,6 +15,7 @@ use http::header::{
 use http::header::{COOKIE, FORWARDED};
 use http::{HeaderMap, HeaderValue};
 
+use crate::config::HeaderPattern;
 use crate::freshness::RequestFacts;
 
 /// Supabase's `apikey` request header: a credential, like `Authorization`.
@@ -25,49 +27,129 @@ pub static APIKEY: HeaderName = HeaderName::from_static("apikey");
 pub static CREDENTIALS: [HeaderName; 3] =
     [AUTHORIZATION, COOKIE, HeaderName::from_static("apikey")];
 
-/// Request headers a client could use to pose as a proxy (`X-Forwarded-*` are dropped by
-/// prefix too) or to rewrite the request behind imgedge: never passed upstream from a client.
-static CLIENT_FORWARDING: [HeaderName; 5] = [
-    FORWARDED,
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-http-method-override"),
+/// Request headers every route forwards (lower case; a trailing `-` is a prefix): content
+/// negotiation (`accept*`), conditionals (`if-*`) and ranges, caching directives, the body's own
+/// `content-*` headers (uploads; `Content-Length` is framing, set by the sender), credentials
+/// (under the credentials rule), the user agent and referrer, CORS (`origin`, preflights), and
+/// trace context (W3C, B3, request ids). Everything else a client sends is dropped unless the
+/// route lists it in `forward_request_headers`: an origin that honours what imgedge does not
+/// understand (`X-HTTP-Method-Override`, `X-Host`, `X-Original-URL`, ...) could be made to run
+/// another method or serve another host, and the answer would be cached for everyone.
+const STANDARD_REQUEST_HEADERS: [&str; 18] = [
+    "accept",
+    "accept-",
+    "if-",
+    "range",
+    "cache-control",
+    "pragma",
+    "content-",
+    "authorization",
+    "cookie",
+    "apikey",
+    "user-agent",
+    "referer",
+    "origin",
+    "access-control-request-",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "x-request-id",
 ];
 
-/// The request headers a route forwards: end-to-end ones (see [`end_to_end`]), less `dropped`
-/// and anything a client could use to pose as a proxy (`X-Forwarded-*`, `Forwarded`,
-/// `X-Real-IP`, `X-Original-URL`, `X-Rewrite-URL`, `X-HTTP-Method-Override`); then imgedge says
-/// who the client is, `X-Forwarded-For: <client>` and `Forwarded: for=<client>` (RFC 7239).
+/// Trace headers of Zipkin's B3 propagation (`b3`, `x-b3-*`).
+const B3: [&str; 2] = ["b3", "x-b3-"];
+
+/// Whether a route forwards request header `name`: a standard one, or one the route lists;
+/// never `Content-Length` (framing is the sender's).
+fn forwarded_header(name: &HeaderName, extra: &[HeaderPattern]) -> bool {
+    let n = name.as_str();
+    let listed = |p: &&str| {
+        if p.ends_with('-') {
+            n.starts_with(*p)
+        } else {
+            n == *p
+        }
+    };
+    let allowed = STANDARD_REQUEST_HEADERS.iter().chain(&B3).any(listed)
+        || extra.iter().any(|p| p.matches(name));
+    allowed && name != CONTENT_LENGTH
+}
+
+/// What imgedge tells an origin about the request it received (RFC 7239 `Forwarded`, and the
+/// `X-Forwarded-For/Host/Proto/Port` fields): who asked, and which host, scheme and port they
+/// asked. Built from the request itself, or from what a trusted proxy in front says
+/// (`[server] trusted_proxies`); never from what an untrusted client says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardedFor {
+    /// The client's address.
+    pub client: IpAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The host the client asked for, as in `Host` (`img.example`, `img.example:8080`,
+    /// `[2001:db8::1]:8080`), and the port it connected to; `None` when it cannot be trusted
+    /// (see `http::admit::forwarded`).
+    pub host: Option<(String, u16)>,
+}
+
+/// The request headers a route forwards: the standard ones (`STANDARD_REQUEST_HEADERS`) and
+/// the route's `extra` patterns, end-to-end only (nothing `Connection` names, no hop-by-hop
+/// field), less the credentials when `drop_credentials`; then what imgedge says itself:
+/// `X-Forwarded-For`, `-Host`, `-Proto`, `-Port` and `Forwarded: for=...;host=...;proto=...`
+/// (RFC 7239) from `forwarded`, and with `preserve_host` the client's `Host`.
 pub fn route_request_headers(
     headers: &HeaderMap,
-    dropped: &[HeaderName],
-    client: IpAddr,
+    extra: &[HeaderPattern],
+    drop_credentials: bool,
+    forwarded: &ForwardedFor,
+    preserve_host: bool,
 ) -> HeaderMap {
-    let mut out = end_to_end(headers, dropped);
-    let posing: Vec<HeaderName> = out
-        .keys()
-        .filter(|n| CLIENT_FORWARDING.contains(n) || n.as_str().starts_with("x-forwarded-"))
-        .cloned()
-        .collect();
-    for name in posing {
-        out.remove(&name);
+    let named_by_connection = connection_names(headers);
+    let mut out = HeaderMap::with_capacity(headers.len() + 6);
+    for (name, value) in headers {
+        let keep = forwarded_header(name, extra)
+            && !HOP_BY_HOP.contains(name)
+            && name != HOST
+            && !(drop_credentials && CREDENTIALS.contains(name))
+            && !named_by_connection.iter().any(|n| n == name.as_str());
+        if keep {
+            out.append(name.clone(), value.clone());
+        }
     }
-    let ip = client.to_string();
-    let forwarded = match client {
+    let ip = forwarded.client.to_string();
+    let mut element = match forwarded.client {
         IpAddr::V4(_) => format!("for={ip}"),
         IpAddr::V6(_) => format!("for=\"[{ip}]\""),
     };
-    out.insert(
-        HeaderName::from_static("x-forwarded-for"),
-        HeaderValue::from_str(&ip).expect("an address is a header value"),
-    );
-    out.insert(
-        FORWARDED,
-        HeaderValue::from_str(&forwarded).expect("an address is a header value"),
-    );
+    let value = |s: &str| HeaderValue::from_str(s).expect("checked host, address or number");
+    // a forwarding header of the client's own (a route may list x-forwarded-*) never survives
+    for name in [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_HOST,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_PORT,
+        &FORWARDED,
+    ] {
+        out.remove(name);
+    }
+    out.insert(X_FORWARDED_FOR.clone(), value(&ip));
+    out.insert(X_FORWARDED_PROTO.clone(), value(forwarded.proto));
+    if let Some((host, port)) = &forwarded.host {
+        out.insert(X_FORWARDED_HOST.clone(), value(host));
+        out.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(*port));
+        element.push_str(&format!(";host=\"{host}\""));
+        if preserve_host {
+            out.insert(HOST, value(host));
+        }
+    }
+    element.push_str(&format!(";proto={}", forwarded.proto));
+    out.insert(FORWARDED, value(&element));
     out
 }
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 
 /// `Surrogate-Control`: caching directives for surrogates such as this one.
 pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
@@ -104,13 +186,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// `headers` without hop-by-hop fields, those the `Connection` header names, `Host`,
 /// `Content-Length` (framing is the sender's business) and any of `also`.
 pub fn end_to_end(headers: &HeaderMap, also: &[HeaderName]) -> HeaderMap {
-    let named_by_connection: Vec<String> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .collect();
+    let named_by_connection = connection_names(headers);
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let drop = HOP_BY_HOP.contains(name)
@@ -123,6 +199,17 @@ pub fn end_to_end(headers: &HeaderMap, also: &[HeaderName]) -> HeaderMap {
         }
     }
     out
+}
+
+/// The field names `Connection` lists (lower case): hop-by-hop for this message.
+fn connection_names(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect()
 }
 
 /// Which headers cross the proxy, each way.

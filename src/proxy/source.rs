@@ -333,7 +333,14 @@ mod tests {
             tier: TieredCache::new(MemoryTier::new(64 << 20, Duration::ZERO), Vec::new()),
             collapser: Arc::new(Collapser::new(tasks.clone())),
             fills: ReservationPool::new(fill_bytes),
-            upstream: Arc::new(Upstream::new(&config.upstream, tasks).unwrap()),
+            upstream: Arc::new(
+                Upstream::new(
+                    &config.upstream,
+                    &crate::descriptors::DescriptorBudget::new(1 << 20, 100, 100),
+                    tasks,
+                )
+                .unwrap(),
+            ),
             metrics: Arc::new(Metrics::default()),
             cache: config.cache,
             pressure,

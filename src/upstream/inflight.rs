@@ -6,23 +6,43 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Every upstream fetch in flight, from sending its request until its body is dropped.
-#[derive(Default)]
+/// Every upstream fetch in flight, from sending its request until its body is dropped: at
+/// most `max` (`[upstream] max_in_flight`).
 pub(super) struct InflightRegistry {
     next: std::sync::atomic::AtomicU64,
     entries: std::sync::Mutex<std::collections::HashMap<u64, (Arc<str>, Instant)>>,
+    max: usize,
 }
 
 impl InflightRegistry {
-    pub(super) fn register(self: &Arc<Self>, url: &str) -> InflightGuard {
+    pub(super) fn new(max: usize) -> Self {
+        InflightRegistry {
+            next: Default::default(),
+            entries: Default::default(),
+            max,
+        }
+    }
+
+    pub(super) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Registers a fetch of `url`, or `None` when `max` are in flight.
+    pub(super) fn register(self: &Arc<Self>, url: &str) -> Option<InflightGuard> {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
-        self.lock().insert(id, (Arc::from(url), started));
-        InflightGuard {
+        {
+            let mut entries = self.lock();
+            if entries.len() >= self.max {
+                return None;
+            }
+            entries.insert(id, (Arc::from(url), started));
+        }
+        Some(InflightGuard {
             registry: self.clone(),
             id,
             started,
-        }
+        })
     }
 
     pub(super) fn snapshot(&self, oldest: usize) -> (usize, Vec<(Arc<str>, Duration)>) {

@@ -17,12 +17,31 @@ pub struct Binary {
 impl Binary {
     /// Starts the binary on a free loopback port with `env` and waits for /health.
     pub async fn start(env: &[(&str, String)]) -> Binary {
+        Self::start_command(
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge")),
+            env,
+        )
+        .await
+    }
+
+    /// As [`Binary::start`], with the process's descriptor limit (soft and hard) set to
+    /// `fd_limit` by the shell that starts it.
+    pub async fn start_with_fd_limit(env: &[(&str, String)], fd_limit: u32) -> Binary {
+        let mut command = tokio::process::Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -n {fd_limit} && exec \"$0\""),
+            env!("CARGO_BIN_EXE_imgedge"),
+        ]);
+        Self::start_command(command, env).await
+    }
+
+    async fn start_command(mut command: tokio::process::Command, env: &[(&str, String)]) -> Binary {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_imgedge"));
         command
             .env("IMGEDGE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .stdout(Stdio::piped())

@@ -115,6 +115,16 @@ impl Reply {
         self
     }
 
+    /// Replaces the `Content-Type` [`Reply::ok`] chose: `None` sends none at all.
+    pub fn content_type(mut self, value: Option<&str>) -> Self {
+        self.headers
+            .retain(|(name, _)| !name.eq_ignore_ascii_case("content-type"));
+        if let Some(v) = value {
+            self.headers.push(("Content-Type".into(), v.into()));
+        }
+        self
+    }
+
     pub fn chunked(mut self) -> Self {
         self.content_length = false;
         self
@@ -661,6 +671,21 @@ pub async fn raw_request(
     target: &str,
     extra: &str,
 ) -> (u16, String) {
+    let (status, text) = raw_exchange(addr, method, target, extra).await;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// As [`raw_request`], returning the status and the whole response as text, head included.
+pub async fn raw_exchange(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    extra: &str,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let request =
         format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
@@ -673,11 +698,7 @@ pub async fn raw_request(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    (status, text)
 }
 
 /// `jpeg` with an EXIF APP1 segment saying `orientation` inserted after SOI.
