@@ -31,7 +31,8 @@
 #
 # Knobs: SUPABASE_STORAGE_SRC (tarball or unpacked checkout), IMGEDGE_BIN,
 # IMGEDGE_SUPABASE_CACHE (default ~/.cache/imgedge-supabase), SB_KEEP=1 (keep SB_WORK),
-# SB_EDGE_ENV (extra VAR=value words for imgedge, e.g. "IMGEDGE_UPSTREAM__MAX_OBJECT_BYTES=...").
+# SB_EDGE_ENV (extra VAR=value words for imgedge, e.g. "IMGEDGE_UPSTREAM__MAX_OBJECT_BYTES=..."),
+# SB_EDGE_MAX_BODY (imgedge's server.max_request_body_bytes, default 1 GiB; empty: imgedge's own).
 
 SB_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SB_ROOT=$(cd "$SB_HERE/../.." && pwd)
@@ -440,10 +441,13 @@ sb_edge_start() { # NAME
   # IMGEDGE_BIN or IMGEDGE_SUPABASE_CACHE): it gets only those set here.
   local unset=() name
   for name in ${!IMGEDGE_@}; do unset+=(-u "$name"); done
+  # Uploads up to 1 GiB (the default, 50 MiB, is below the transfer benchmark's object);
+  # SB_EDGE_MAX_BODY set but empty leaves imgedge's default.
+  local body=${SB_EDGE_MAX_BODY-1073741824}
+  [[ -n $body ]] && extra=("IMGEDGE_SERVER__MAX_REQUEST_BODY_BYTES=$body" "${extra[@]}")
   env "${unset[@]}" IMGEDGE_SERVER__LISTEN="127.0.0.1:$SB_EDGE_PORT" \
     IMGEDGE_SUPABASE__UPSTREAM="$SB_GW_URL" \
     IMGEDGE_LOG__FORMAT=json \
-    IMGEDGE_SERVER__MAX_REQUEST_BODY_BYTES="${SB_EDGE_MAX_BODY:-1073741824}" \
     "${extra[@]}" "$IMGEDGE_BIN" >"$SB_EDGE_LOG" 2>&1 &
   SB_EDGE_PID=$!
   SB_PIDS+=("$SB_EDGE_PID")
