@@ -44,6 +44,7 @@ sb_edge_bin || sb_fail "no imgedge binary"
 sb_storage_prepare || sb_fail "could not prepare Storage from $SB_SRC"
 sb_client_prepare || sb_fail "could not install tests/supabase's packages"
 sb_services_start || sb_fail "could not start Postgres and the gateway"
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 SB_EDGE_ENV="IMGEDGE_UPSTREAM__MAX_OBJECT_BYTES=1073741824" sb_stack transfer || sb_fail "could not start Storage and imgedge"
 
 bucket=transfer
@@ -162,7 +163,7 @@ R_RESULTS=$results R_RSS=$rss R_IDLE_END=$idle_end_ms R_ROUNDS_END=$rounds_end_m
   R_SIZE=$size_bytes R_ROUNDS=$rounds R_CMD=$cmdline R_DATE=$(date -u '+%Y-%m-%d %H:%M') \
   R_STORAGE=$SB_STORAGE_COMMIT R_NODE=$("$SB_NODE" --version) R_NGINX=$nginx_version R_CORES=$(nproc) \
   R_EDGE="$(basename "$IMGEDGE_BIN") ($("$IMGEDGE_BIN" --version 2>/dev/null | head -n 1)), sha256 $(sb_sha256 "$IMGEDGE_BIN" | cut -c 1-12)" \
-  R_PROBE_PUT=$probe_put R_PROBE_GET=$probe_get \
+  R_PROBE_PUT=$probe_put R_PROBE_GET=$probe_get R_LOAD="$load_before, after: $(cut -d' ' -f1-3 /proc/loadavg)" \
   python3 - <<'PY'
 import os, statistics
 e = os.environ
@@ -191,7 +192,8 @@ w(f"A {size // 1048576} MiB object of random bytes (sha256 checked on every REST
   f"(@aws-sdk/client-s3, path style, SigV4 with the acceptance suite's credentials), PutObject streamed "
   f"with its length, GetObject streamed (byte count checked). Times are one transfer each, request to last "
   f"byte, in s. imgedge: {e['R_EDGE']}, with server.max_request_body_bytes and upstream.max_object_bytes at "
-  f"1 GiB; {e['R_NGINX']}; loopback, {e['R_CORES']} cores.")
+  f"1 GiB; {e['R_NGINX']}; loopback, {e['R_CORES']} cores, load average before: {e['R_LOAD']} "
+  f"(what else ran on the machine weighs on every figure; the alternation spreads it over both targets).")
 w("")
 w("| transfer | target | " + " | ".join(f"round {r}" for r in range(1, nrounds + 1)) + " | median | MB/s | imgedge peak RSS − idle |")
 w("|---|---|" + "---|" * nrounds + "---|---|---|")
