@@ -399,7 +399,7 @@ sb_gateway_start() {
   mkdir -p "$dir"
   sed -e "s#@WORK@#$dir#g" -e "s#@PORT@#$SB_GW_PORT#g" -e "s#@STORAGE_PORT@#$SB_STORAGE_PORT#g" \
     "$SB_HERE/gateway.nginx.conf.in" >"$dir/nginx.conf"
-  "$nginx" -c "$dir/nginx.conf" -p "$dir" -g 'daemon off;' >"$SB_WORK/nginx.log" 2>&1 &
+  "$nginx" -c "$dir/nginx.conf" -p "$dir" -e "$dir/error.log" -g 'daemon off;' >"$SB_WORK/nginx.log" 2>&1 &
   SB_PIDS+=($!)
   sb_wait_http "http://127.0.0.1:$SB_GW_PORT/__gateway_up" 100 $! || { sb_log "nginx did not start"; return 1; }
   SB_GW_URL=http://127.0.0.1:$SB_GW_PORT
