@@ -12,7 +12,9 @@
 -- request sent to the last answer (CLOCK_MONOTONIC through LuaJIT's ffi), not wrk's duration.
 -- Prints one line at the end:
 --   RESULT answered= sent= total= seconds= rps= p50_ms= p99_ms= max_ms= sock_errors= bytes=
---          s200= s503= ... (answers by status) retry_after_503= (503s carrying Retry-After)
+--          hits= (answers whose Cache-Status says `hit`) s200= s503= ... (answers by status)
+--          retry_after_503= (503s carrying Retry-After) c503_overloaded= ... (error answers by
+--          status and the `error` code of their JSON body)
 local ffi = require("ffi")
 ffi.cdef [[
 typedef struct { long tv_sec; long tv_nsec; } sharp_lua_timespec;
@@ -33,7 +35,7 @@ for line in io.lines(os.getenv("PATHS")) do paths[#paths + 1] = line end
 tag = os.getenv("TAG") or "x"
 done_file = os.getenv("DONE")
 total = #paths
-sent, answered, retry_after_503 = 0, 0, 0
+sent, answered, retry_after_503, hits = 0, 0, 0, 0
 t0, t1 = 0, 0
 statuses = ""
 local by_status = {}
@@ -62,14 +64,23 @@ request = function()
   return wrk.format(nil, paths[i] .. tag .. "-" .. i)
 end
 
-response = function(status, headers, _)
+response = function(status, headers, body)
   answered = answered + 1
-  by_status[status] = (by_status[status] or 0) + 1
+  local key = string.format("s%d", status)
+  if status >= 400 then
+    local code = body and string.match(body, '"error"%s*:%s*"([%w_]+)"')
+    key = string.format("c%d_%s", status, code or "none")
+    by_status[key] = (by_status[key] or 0) + 1
+    key = string.format("s%d", status)
+  end
+  by_status[key] = (by_status[key] or 0) + 1
   if status == 503 and (headers["Retry-After"] or headers["retry-after"]) then
     retry_after_503 = retry_after_503 + 1
   end
+  local cs = headers["Cache-Status"] or headers["cache-status"]
+  if cs and string.find(cs, "; hit", 1, true) then hits = hits + 1 end
   local parts = {}
-  for s, n in pairs(by_status) do parts[#parts + 1] = string.format("s%d=%d", s, n) end
+  for k, n in pairs(by_status) do parts[#parts + 1] = string.format("%s=%d", k, n) end
   table.sort(parts)
   statuses = table.concat(parts, " ")
   if answered == total then
@@ -90,8 +101,8 @@ done = function(s, latency, _)
   local e = s.errors
   io.write(string.format(
     "RESULT answered=%d sent=%d total=%d seconds=%.3f rps=%.2f p50_ms=%.1f p99_ms=%.1f max_ms=%.1f " ..
-    "sock_errors=%d bytes=%d retry_after_503=%d %s\n",
+    "sock_errors=%d bytes=%d hits=%d retry_after_503=%d %s\n",
     a, n, tot, secs, secs > 0 and a / secs or 0, latency:percentile(50) / 1e3,
     latency:percentile(99) / 1e3, latency.max / 1e3, e.connect + e.read + e.write + e.timeout,
-    s.bytes, t:get("retry_after_503"), t:get("statuses")))
+    s.bytes, t:get("hits"), t:get("retry_after_503"), t:get("statuses")))
 end

@@ -20,7 +20,7 @@
 #      CPU of each process tree (loadtest/sample.py every 0.2 s).
 #   c. the same pass again with the same URLs on the same processes (imgedge answers from its
 #      stored renditions; sharp fetches and renders again).
-#   d. b on fresh processes each under a 512 MiB memory limit (SHARP_MEM_LIMIT): a cgroup of its
+#   d. b on fresh processes (sharp first) each under a 512 MiB memory limit (SHARP_MEM_LIMIT): a cgroup of its
 #      own (v2 memory.max or v1 memory.limit_in_bytes, made under this shell's cgroup, removed
 #      afterwards; root needed) with imgedge's budget set to the limit as well (imgedge reads the
 #      limit of the cgroup mount's root, which is not its own in a nested cgroup); without usable
@@ -225,8 +225,10 @@ for name in "${images[@]}"; do
 done
 # widths: 800 everywhere but imgedge's animated GIF in its own format (the original, unchanged)
 check_fail=()
-while IFS=$'\t' read -r f format width height pages; do
+declare -A chroma
+while IFS=$'\t' read -r f format width height pages sub; do
   base=${f##*/}
+  chroma[$base]=$sub
   if [[ $base == "$gif_name.imgedge.src" ]]; then
     cmp -s "$f" "$serve/$gif_name" || check_fail+=("$base: not the original GIF")
   elif [[ $width != 800 ]]; then
@@ -242,12 +244,18 @@ declare -A L # results: L[label,target,key]
 alive() { [[ -e /proc/$1 ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
 rss_mib() { local v; v=$(awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$1/status" 2>/dev/null) || true; echo "${v:-0}"; }
 health_json() { curl -sS --max-time 5 "$BASE/health" 2>/dev/null || true; }
+edge_metrics() { # -> "shed_memory= transitions= transforms_ok= transforms_failed=" (imgedge's counters now)
+  printf 'shed_memory=%s transitions=%s transforms_ok=%s transforms_failed=%s' \
+    "$(lt_metrics_sum "$BASE" imgedge_shed_total 'reason="memory"')" "$(lt_metrics_sum "$BASE" imgedge_memory_pressure_transitions_total)" \
+    "$(lt_metrics_sum "$BASE" imgedge_transforms_total 'outcome="ok"')" "$(lt_metrics_sum "$BASE" imgedge_transforms_total 'outcome="failed"')"
+}
 pass() { # label target pid tag
-  local label=$1 target=$2 pid=$3 tag=$4 base dir t0 next=10 res line state=finished hits
+  local label=$1 target=$2 pid=$3 tag=$4 base dir t0 next=10 res line state=finished hits m0 m1 k lvl max_lvl=0 next_lvl=0
   base=$(base_of "$target")
   dir=$work/load/$label-$target
   mkdir -p "$dir"
   curl -fsS -o /dev/null --max-time 5 "$ORIGIN/__reset" || lt_die "origin /__reset failed"
+  [[ $target == imgedge ]] && m0=$(edge_metrics)
   python3 "$LT_DIR/sample.py" --interval 0.2 --out "$dir/samples.csv" "$pid" &
   SAMPLER_PID=$!
   PATHS=$work/load-paths.txt TAG=$tag DONE=$dir/done \
@@ -258,6 +266,11 @@ pass() { # label target pid tag
     [[ -e $dir/done ]] && break
     kill -0 "$WRK_PID" 2>/dev/null || { state=wrk_ended; break; }
     if ! alive "$pid"; then state=target_died; sleep 1; break; fi
+    if [[ $target == imgedge ]] && ((SECONDS >= next_lvl)); then # imgedge's memory pressure level, once a second
+      lvl=$(lt_metrics_sum "$BASE" imgedge_memory_pressure_level)
+      ((${lvl:-0} > max_lvl)) && max_lvl=$lvl
+      next_lvl=$((SECONDS + 1))
+    fi
     if ((SECONDS - t0 >= next)); then
       hits=$(curl -fsS --max-time 5 "$ORIGIN/__hits" 2>/dev/null | python3 -c 'import json, sys; print(sum(json.load(sys.stdin).values()))' 2>/dev/null || echo '?')
       progress "phase $label $target: ${next}s, $hits origin requests of $load_n, RSS $(rss_mib "$pid") MiB"
@@ -279,6 +292,13 @@ pass() { # label target pid tag
   L[$label,$target,mem]=$(awk -F, 'NR > 1 { if (!n++) c0 = $3; if ($2 > pk) pk = $2; last = $2; c1 = $3 }
     END { printf "peak_rss_mib=%.0f end_rss_mib=%.0f cpu_s=%.1f", pk / 1048576, last / 1048576, c1 - c0 }' "$dir/samples.csv")
   if alive "$pid"; then L[$label,$target,alive]=yes; else L[$label,$target,alive]=no; fi
+  if [[ $target == imgedge ]] && alive "$pid"; then # the pass's share of imgedge's counters
+    m1=$(edge_metrics)
+    L[$label,imgedge,metrics]="max_level=$max_lvl"
+    for k in shed_memory transitions transforms_ok transforms_failed; do
+      L[$label,imgedge,metrics]+=" $k=$(($(lt_kv "$k" "$m1") - $(lt_kv "$k" "$m0")))"
+    done
+  fi
   progress "phase $label $target: $(lt_kv answered "$line")/$load_n answered in $(lt_kv seconds "$line") s, $(lt_kv rps "$line") req/s, p50 $(lt_kv p50_ms "$line") ms, p99 $(lt_kv p99_ms "$line") ms, ${L[$label,$target,mem]}, alive ${L[$label,$target,alive]}$([[ $state == finished ]] || echo " ($state)")"
 }
 restart_both() { # [edge launcher] [sharp launcher...]: fresh processes
@@ -378,8 +398,8 @@ else
 fi
 edge_budget=$(health_json | python3 -c 'import json, sys; print(json.load(sys.stdin)["memory"]["budget_bytes"])' 2>/dev/null || echo '?')
 edge_d_pid=$LT_IMGEDGE_PID sharp_d_pid=$SHARP_PID
+pass d sharp "$SHARP_PID" "d$runid" # sharp first here: b and c ran imgedge first
 pass d imgedge "$LT_IMGEDGE_PID" "d$runid"
-pass d sharp "$SHARP_PID" "d$runid"
 edge_health_d=$(health_json | python3 -c 'import json, sys
 h = json.load(sys.stdin); m = h["memory"]
 print("status %s, memory level %s, RSS %.0f MiB of a %.0f MiB budget, memory tier %.0f MiB in %d entries" % (h["status"], m["level"],
@@ -404,6 +424,19 @@ loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- report ----
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+statuses_of() { # RESULT line -> "200=106, 503=12 (overloaded 12; 12 with Retry-After)"
+  local line=$1 tok code out='' codes
+  while read -r tok; do
+    [[ -n $tok ]] || continue
+    code=${tok:1:3}
+    codes=$(grep -oE "(^| )c${code}_[a-z_]+=[0-9]+" <<<"$line" | sed "s/^ *c${code}_//; s/=/ /" | paste -sd, - | sed 's/,/, /g')
+    out+="${out:+, }$code=${tok#*=}"
+    if [[ -n $codes || $code == 503 ]]; then
+      out+=" (${codes}$([[ $code == 503 ]] && echo "; $(lt_kv retry_after_503 "$line") with Retry-After"))"
+    fi
+  done < <(grep -oE '(^| )s[0-9]{3}=[0-9]+' <<<"$line")
+  echo "${out:-none}"
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 name_=sharp
 ((quick)) && name_=sharp-quick
@@ -464,13 +497,14 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
     echo "$row |"
   done
   echo
-  echo "Output bytes at q=80 (the files are in \`$out_dir\` as \`<image>.<target>.<jpeg|webp>\`, for SSIM; the sources are in the corpus, the GIF in \`$gif_cache\`):"
+  echo "Output bytes at q=80, with each JPEG's chroma subsampling (the files are in \`$out_dir\` as \`<image>.<target>.<jpeg|webp>\`, for SSIM; the sources are in the corpus, the GIF in \`$gif_cache\`):"
   echo
   echo "| image | JPEG imgedge | JPEG sharp | ratio | WebP imgedge | WebP sharp | ratio |"
   echo "|---|---:|---:|---:|---:|---:|---:|"
   for name in "${images[@]}"; do
-    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$name" \
-      "${b_a[imgedge,$name,jpeg]}" "${b_a[sharp,$name,jpeg]}" "$(ratio "${b_a[imgedge,$name,jpeg]}" "${b_a[sharp,$name,jpeg]}")" \
+    printf '| %s | %s (%s) | %s (%s) | %s | %s | %s | %s |\n' "$name" \
+      "${b_a[imgedge,$name,jpeg]}" "${chroma[$name.imgedge.jpeg]:-?}" "${b_a[sharp,$name,jpeg]}" "${chroma[$name.sharp.jpeg]:-?}" \
+      "$(ratio "${b_a[imgedge,$name,jpeg]}" "${b_a[sharp,$name,jpeg]}")" \
       "${b_a[imgedge,$name,webp]}" "${b_a[sharp,$name,webp]}" "$(ratio "${b_a[imgedge,$name,webp]}" "${b_a[sharp,$name,webp]}")"
   done
   echo
@@ -486,24 +520,34 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
   echo
   echo "- **b**: cold (a new \`v=\` per request), fresh processes."
   echo "- **c**: the same URLs again on the same processes: imgedge answers from its stored renditions; sharp fetches and renders again."
-  echo "- **d**: cold, fresh processes, $((mem_limit / 1048576)) MiB: $cg_note. imgedge's /health reported budget_bytes=$edge_budget."
+  echo "- **d**: cold, fresh processes, sharp's pass first (b and c: imgedge's first), $((mem_limit / 1048576)) MiB: $cg_note. imgedge's /health reported budget_bytes=$edge_budget."
   echo
-  echo "| phase | target | answered | s | req/s | p50 ms | p99 ms | max ms | answers by status | socket errors | origin requests | peak RSS MiB | RSS after MiB | CPU s | CPU ms/req |"
-  echo "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+  echo "| phase | target | answered | s | req/s | p50 ms | p99 ms | max ms | answers by status | stored (Cache-Status hit) | socket errors | origin requests | peak RSS MiB | RSS after MiB | CPU s | CPU ms/req |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
   for label in b c d; do
     for t in imgedge sharp; do
       line=${L[$label,$t,line]} mem=${L[$label,$t,mem]}
       a=$(lt_kv answered "$line") cpu=$(lt_kv cpu_s "$mem")
-      sts=$(grep -oE 's[0-9]{3}=[0-9]+' <<<"$line" | sed 's/^s//' | tr '\n' ' ' | sed 's/ $//; s/ /, /g')
-      ra=$(lt_kv retry_after_503 "$line")
-      [[ $sts == *503* ]] && sts+=" ($ra with Retry-After)"
-      printf '| %s | %s | %s/%s%s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$t" "$a" "$load_n" \
+      printf '| %s | %s | %s/%s%s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$label" "$t" "$a" "$load_n" \
         "$([[ ${L[$label,$t,state]} == finished ]] || echo " (${L[$label,$t,state]})")" \
         "$(lt_kv seconds "$line")" "$(lt_kv rps "$line")" "$(lt_kv p50_ms "$line")" "$(lt_kv p99_ms "$line")" "$(lt_kv max_ms "$line")" \
-        "${sts:-none}" "$(lt_kv sock_errors "$line")" "${L[$label,$t,origin]}" "$(lt_kv peak_rss_mib "$mem")" "$(lt_kv end_rss_mib "$mem")" \
+        "$(statuses_of "$line")" "$(lt_kv hits "$line")" "$(lt_kv sock_errors "$line")" "${L[$label,$t,origin]}" "$(lt_kv peak_rss_mib "$mem")" "$(lt_kv end_rss_mib "$mem")" \
         "$cpu" "$(awk -v c="$cpu" -v n="$a" 'BEGIN { if (n > 0) printf "%.0f", c * 1000 / n; else print "-" }')"
     done
   done
+  echo
+  for label in b c d; do
+    m=${L[$label,imgedge,metrics]:-}
+    [[ -n $m ]] || continue
+    line=${L[$label,imgedge,line]}
+    why=''
+    if [[ $(lt_kv s503 "$line") =~ ^[1-9] ]] && awk -v m="$(lt_kv max_ms "$line")" 'BEGIN { exit !(m < 5000) }'; then
+      why=" Every answer came within 5 s, so no 503 was a transform queue timeout: those not shed for memory could not reserve their pixels."
+    fi
+    echo "- imgedge in $label: $(lt_kv transforms_ok "$m") transforms ($(lt_kv transforms_failed "$m") failed); highest memory pressure level $(lt_kv max_level "$m"), $(lt_kv transitions "$m") level changes, $(lt_kv shed_memory "$m") requests shed for memory.$why"
+  done
+  echo
+  echo "(From imgedge's /metrics: \`imgedge_transforms_total\`, \`imgedge_memory_pressure_level\` read once a second (0 normal, 1 evicting, 2 warning, 3 bypass, 4 critical), \`imgedge_memory_pressure_transitions_total\`, \`imgedge_shed_total{reason=\"memory\"}\`. A 503 \`overloaded\` that was not shed for memory is a transform that got no turn within \`transform.queue_timeout\` (5 s; transforms run $(nproc) at once by default) or could not reserve its pixels from the in-flight fill pool (\`memory.inflight_fill_bytes\`: 25% of the budget by default, 128 MiB in d).)"
   echo
   echo "Phase d, after the pass:"
   echo

@@ -6,8 +6,9 @@
 //     wide (16:9, centre crop) with its hue turned by 360/FRAMES degrees more than the last, so
 //     every frame differs; prints `OUT WIDTHxHEIGHT FRAMES BYTES`
 //   node tools.js probe FILE...
-//     one line per file: `FILE<TAB>format<TAB>width<TAB>height<TAB>pages` (height of one page),
-//     or `FILE<TAB>error<TAB>0<TAB>0<TAB>0` when sharp cannot read it
+//     one line per file: `FILE<TAB>format<TAB>width<TAB>height<TAB>pages<TAB>chroma` (height of
+//     one page; chroma: a JPEG's chroma subsampling, e.g. 4:2:0, else -), or
+//     `FILE<TAB>error<TAB>0<TAB>0<TAB>0<TAB>-` when sharp cannot read it
 'use strict'
 
 const fs = require('node:fs')
@@ -32,9 +33,9 @@ async function probe (files) {
     try {
       const m = await sharp(f, { animated: true }).metadata()
       const h = m.pageHeight || m.height
-      console.log(`${f}\t${m.format}\t${m.width}\t${h}\t${m.pages || 1}`)
+      console.log(`${f}\t${m.format}\t${m.width}\t${h}\t${m.pages || 1}\t${m.chromaSubsampling || '-'}`)
     } catch {
-      console.log(`${f}\terror\t0\t0\t0`)
+      console.log(`${f}\terror\t0\t0\t0\t-`)
     }
   }
 }
