@@ -37,7 +37,8 @@
 # on 2 cores.
 # Env: CORPUS, EDGE_BIN, SHARP_OUT_DIR (default: a new /tmp/imgedge-sharp-out.XXXXXX, printed),
 # SHARP_CACHE (default /tmp/imgedge-sharp-cache), CONNS (16), SHARP_LOAD_SECONDS (cap of one pass,
-# default 240; 90 with --quick), SHARP_MEM_LIMIT (536870912), NODE, LT_KEEP=1.
+# default 240; 90 with --quick), SHARP_MEM_LIMIT (536870912), SHARP_CGROUP=0 (phase d without
+# cgroups: imgedge's budget only), NODE, LT_KEEP=1.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -372,11 +373,11 @@ exec "$@"
 EOF
 chmod +x "$work/in-cgroup"
 cg_edge='' cg_sharp=''
-if ((EUID == 0)) && cg_make && cg_new edge && cg_edge=$cg_new_dir && cg_new sharp && cg_sharp=$cg_new_dir; then
+if [[ ${SHARP_CGROUP:-1} != 0 ]] && ((EUID == 0)) && cg_make && cg_new edge && cg_edge=$cg_new_dir && cg_new sharp && cg_sharp=$cg_new_dir; then
   cg_mode=cgroup
   cg_note="a cgroup $cg_kind of its own for each process ($cg_edge, $cg_sharp: memory limit $mem_limit bytes, swap 0), made under this shell's cgroup and removed afterwards; imgedge's budget set to the same ${mem_limit} bytes (IMGEDGE_MEMORY__BUDGET_BYTES), with cache.memory_capacity_bytes at its default (256 MiB, within 60% of the budget)"
 else
-  cg_note="cgroups unusable here (root: $((EUID == 0)), cgroup ${cg_kind:-none} under ${cg_parent:-?}): imgedge's budget only (IMGEDGE_MEMORY__BUDGET_BYTES=$mem_limit, cache.memory_capacity_bytes at its default 256 MiB); sharp has no limit, its RSS is watched"
+  cg_note="no cgroup ($([[ ${SHARP_CGROUP:-1} == 0 ]] && echo 'SHARP_CGROUP=0' || echo "unusable here: root $((EUID == 0)), cgroup ${cg_kind:-none} under ${cg_parent:-?}")): imgedge's budget only (IMGEDGE_MEMORY__BUDGET_BYTES=$mem_limit, cache.memory_capacity_bytes at its default 256 MiB); sharp has no limit, its RSS is watched"
 fi
 {
   echo '#!/bin/sh'
@@ -547,12 +548,13 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
     echo "- imgedge in $label: $(lt_kv transforms_ok "$m") transforms ($(lt_kv transforms_failed "$m") failed); highest memory pressure level $(lt_kv max_level "$m"), $(lt_kv transitions "$m") level changes, $(lt_kv shed_memory "$m") requests shed for memory.$why"
   done
   echo
-  echo "(From imgedge's /metrics: \`imgedge_transforms_total\`, \`imgedge_memory_pressure_level\` read once a second (0 normal, 1 evicting, 2 warning, 3 bypass, 4 critical), \`imgedge_memory_pressure_transitions_total\`, \`imgedge_shed_total{reason=\"memory\"}\`. A 503 \`overloaded\` that was not shed for memory is a transform that got no turn within \`transform.queue_timeout\` (5 s; transforms run $(nproc) at once by default) or could not reserve its pixels from the in-flight fill pool (\`memory.inflight_fill_bytes\`: 25% of the budget by default, 128 MiB in d).)"
+  echo "(From imgedge's /metrics: \`imgedge_transforms_total\`, \`imgedge_memory_pressure_level\` read once a second (0 normal, 1 evicting, 2 warning, 3 bypass, 4 critical), \`imgedge_memory_pressure_transitions_total\`, \`imgedge_shed_total{reason=\"memory\"}\`. A 503 \`overloaded\` that was not shed for memory is a transform that got no turn within \`transform.queue_timeout\` (5 s; transforms run $(nproc) at once by default) or could not reserve its pixels from the in-flight fill pool (\`memory.inflight_fill_bytes\`: 25% of the budget by default, $((mem_limit / 4 / 1048576)) MiB in d).)"
   echo
   echo "Phase d, after the pass:"
   echo
   for t in imgedge sharp; do
-    echo "- $t: at the end of its own pass: $([[ ${L[d,$t,alive]} == yes ]] && echo alive || echo gone); after both passes: ${L[d,$t,after]}${L[d,$t,cg]:+; its cgroup: ${L[d,$t,cg]}}"
+    pk=$(lt_kv peak_rss_mib "${L[d,$t,mem]}")
+    echo "- $t: at the end of its own pass: $([[ ${L[d,$t,alive]} == yes ]] && echo alive || echo gone); after both passes: ${L[d,$t,after]}; peak RSS $pk MiB, $( ((pk * 1048576 > mem_limit)) && echo above || echo within) the $((mem_limit / 1048576)) MiB${L[d,$t,cg]:+; its cgroup: ${L[d,$t,cg]} (the cgroup counts the pages it was charged for: shared library pages first touched elsewhere are in RSS, not here)}"
   done
   echo "- imgedge's /health after both passes: $edge_health_d"
   if [[ -n $oom_lines ]]; then
