@@ -145,13 +145,15 @@ cp "$gif_cache" "$serve/$gif_name"
 { cat "$MANIFEST"; printf '%s\t%s\timage/gif\t%s\n' "$gif_name" "$(stat -c %s "$gif_cache")" "$(sha256sum <"$gif_cache" | cut -c1-64)"; } >"$serve/MANIFEST.tsv"
 
 # phase a's images: the 8 largest, the 3 largest WebP ones, the GIF (--quick: the largest JPEG,
-# PNG and WebP, and the GIF)
+# PNG and WebP, and the GIF). No `head` in these pipelines: under pipefail a writer it leaves
+# early dies of SIGPIPE, which fails the pipeline and ends the subshell (sometimes).
 if ((quick)); then
-  mapfile -t images < <(for t in jpeg png webp; do awk -F'\t' -v t="image/$t" '$3 == t {print $2 "\t" $1}' "$MANIFEST" | sort -rn | head -n1 | cut -f2; done)
+  mapfile -t images < <(for t in jpeg png webp; do awk -F'\t' -v t="image/$t" '$3 == t {print $2 "\t" $1}' "$MANIFEST" | sort -rn | awk 'NR == 1' | cut -f2; done)
 else
-  mapfile -t images < <({ sort -t$'\t' -k2,2nr "$MANIFEST" | head -n 8; awk -F'\t' '$3 == "image/webp"' "$MANIFEST" | sort -t$'\t' -k2,2nr | head -n 3; } |
+  mapfile -t images < <({ sort -t$'\t' -k2,2nr "$MANIFEST" | awk 'NR <= 8'; awk -F'\t' '$3 == "image/webp"' "$MANIFEST" | sort -t$'\t' -k2,2nr | awk 'NR <= 3'; } |
     sort -t$'\t' -k2,2nr | awk -F'\t' '!seen[$1]++ {print $1}')
 fi
+((${#images[@]} >= 3)) || lt_die "phase a found only ${#images[@]} images in $MANIFEST"
 images+=("$gif_name")
 declare -A src_type src_bytes
 while IFS=$'\t' read -r name bytes ctype _; do src_type[$name]=${ctype#image/}; src_bytes[$name]=$bytes; done <"$serve/MANIFEST.tsv"
@@ -259,6 +261,11 @@ pass() { # label target pid tag
   [[ $target == imgedge ]] && m0=$(edge_metrics)
   python3 "$LT_DIR/sample.py" --interval 0.2 --out "$dir/samples.csv" "$pid" &
   SAMPLER_PID=$!
+  for ((k = 0; k < 100; k++)); do # its first sample before the load (a pass may last 20 ms)
+    [[ $(wc -l 2>/dev/null <"$dir/samples.csv" || echo 0) -ge 2 ]] && break
+    sleep 0.05
+  done
+  ((k < 100)) || lt_die "loadtest/sample.py wrote no sample in 5 s"
   PATHS=$work/load-paths.txt TAG=$tag DONE=$dir/done \
     wrk -t1 -c"$conns" -d"${load_cap}s" --timeout 60s -s "$here/sharp.lua" "$base" >"$dir/wrk.out" 2>&1 &
   WRK_PID=$!
@@ -417,7 +424,7 @@ for t in imgedge sharp; do
     L[d,$t,after]="exited (status $st$( ((st == 137)) && echo ': SIGKILL, the OOM killer'))"
   fi
 done
-oom_lines=$(dmesg 2>/dev/null | tail -n +"$((dmesg_before + 1))" | grep -iE 'out of memory|oom-kill|killed process' | head -n 5 || true)
+oom_lines=$(dmesg 2>/dev/null | tail -n +"$((dmesg_before + 1))" | grep -iE 'out of memory|oom-kill|killed process' | awk 'NR <= 5' || true)
 progress "phase d: imgedge ${L[d,imgedge,after]} ${L[d,imgedge,cg]:-}; sharp ${L[d,sharp,after]} ${L[d,sharp,cg]:-}"
 lt_stop "$LT_IMGEDGE_PID"
 lt_stop "$SHARP_PID"
@@ -430,7 +437,7 @@ statuses_of() { # RESULT line -> "200=106, 503=12 (overloaded 12; 12 with Retry-
   while read -r tok; do
     [[ -n $tok ]] || continue
     code=${tok:1:3}
-    codes=$(grep -oE "(^| )c${code}_[a-z_]+=[0-9]+" <<<"$line" | sed "s/^ *c${code}_//; s/=/ /" | paste -sd, - | sed 's/,/, /g')
+    codes=$(grep -oE "(^| )c${code}_[a-z_]+=[0-9]+" <<<"$line" | sed "s/^ *c${code}_//; s/=/ /" | paste -sd, - | sed 's/,/, /g' || true)
     out+="${out:+, }$code=${tok#*=}"
     if [[ -n $codes || $code == 503 ]]; then
       out+=" (${codes}$([[ $code == 503 ]] && echo "; $(lt_kv retry_after_503 "$line") with Retry-After"))"
@@ -453,7 +460,7 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
   echo "- imgedge: $bin_version, $bin_source, sha256 ${bin_sha:0:12}; started as loadtest/lib.sh starts it (origin allowed and trusted, memory tier 2 GiB, log level warn; phase d: see there)."
   echo "- sharp peer: loadtest/peers/sharp/server.js on $peer_desc (sharp's defaults: fit cover, Lanczos3, quality 80 for JPEG/WebP; PNG at sharp's PNG defaults, no palette). Node's fetch reads each source whole into a Buffer; no cache."
   echo "- Both behind the same loadtest/origin.py (a hard-linked copy of the corpus plus the GIF); every cold request names a new source (\`?v=<unique>\` on the origin URL, ignored by origin.py). $(nproc) cores; load average $loadavg_start at the start, $loadavg_end at the end: the machine was shared, so these figures are a noisy baseline; compare within this report."
-  echo "- wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}') (loadtest/sharp.lua) and curl run on the same cores."
+  echo "- wrk $(wrk -v 2>&1 | awk 'NR == 1 {print $2}') (loadtest/sharp.lua) and curl run on the same cores."
   echo
   echo "## a. Cold thumbnails, one request at a time (w=800, q=80)"
   echo
