@@ -33,8 +33,8 @@
 # first use, npm's cache in SHARP_CACHE). wrk is installed from Debian when missing (as root).
 # --quick: 4 images in a, 1 round, a quarter of the corpus in b-d (about 2 minutes): a smoke of
 # the script; its report is reports/sharp-quick-<UTC>.md (not committed).
-# Writes loadtest/reports/sharp-<UTC>.md and prints its path. A full run takes about 6-10 minutes
-# on 2 cores.
+# Writes loadtest/reports/sharp-<UTC>.md and prints its path. A full run took 3-4.5 minutes here
+# (2 cores shared with a build; --quick about 1 minute, plus 12 s for the GIF the first time).
 # Env: CORPUS, EDGE_BIN, SHARP_OUT_DIR (default: a new /tmp/imgedge-sharp-out.XXXXXX, printed),
 # SHARP_CACHE (default /tmp/imgedge-sharp-cache), CONNS (16), SHARP_LOAD_SECONDS (cap of one pass,
 # default 240; 90 with --quick), SHARP_MEM_LIMIT (536870912), SHARP_CGROUP=0 (phase d without
