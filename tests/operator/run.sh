@@ -91,6 +91,7 @@ fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/imgedge-operator.XXXXXX")
 pids=()
+# shellcheck disable=SC2329 # run by the EXIT trap
 cleanup() {
   local rc=$? pid i
   trap - EXIT
@@ -150,6 +151,7 @@ for ((i = 0; i < 50; i++)); do
   kill -0 "$redis_pid" 2>/dev/null || die "redis-server exited: $(tail -n 20 "$work/redis.log")"
   sleep 0.1
 done
+(exec 3<>"/dev/tcp/127.0.0.1/$rport") 2>/dev/null || die "redis-server does not accept connections on :$rport"
 
 start_edge() { # name port env...: imgedge in front of the origin, its log in $work/NAME.log
   local name=$1 port=$2
