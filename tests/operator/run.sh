@@ -24,8 +24,9 @@
 #
 # Needs python3, curl and, from Debian, prometheus (promtool 2.42 comes with it) and
 # redis-server: installed with apt-get when missing (as root), with a policy-rc.d that keeps
-# their services from starting. The binary: IMGEDGE_BIN, default target/release/imgedge, built
-# with `cargo build --release --locked` only when that is missing. OPERATOR_LOAD_SECONDS (10).
+# their services from starting. The binary: IMGEDGE_BIN, default target/release/imgedge (under
+# CARGO_TARGET_DIR when set), built with `cargo build --release --locked` only when that is
+# missing. OPERATOR_LOAD_SECONDS (10).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -81,7 +82,9 @@ python3 "$here/check.py" dashboard "$dashboard" >&2 || die "the dashboard is not
 
 bin=${IMGEDGE_BIN:-}
 if [[ -z $bin ]]; then
-  bin=$root/target/release/imgedge
+  tdir=${CARGO_TARGET_DIR:-target}
+  [[ $tdir == /* ]] || tdir=$root/$tdir
+  bin=$tdir/release/imgedge
   if [[ ! -x $bin ]]; then
     log "building imgedge: cargo build --release --locked"
     (cd "$root" && cargo build --release --locked --quiet) || die "cargo build --release failed"
