@@ -16,7 +16,8 @@
 #
 # Knobs: N (200 scrapes per phase), INTERVAL_MS (50), CONNECTIONS (32), IMGEDGE_BIN (default
 # target/release/imgedge, under CARGO_TARGET_DIR when set, built with `cargo build --release
-# --locked` only when missing), REPORT_DIR (loadtest/reports). Needs python3 and curl; wrk is
+# --locked` only when missing), REPORT_DIR (loadtest/reports), SCRAPER_NICE (-10 as root; 0: the
+# scraper at the same priority as wrk and imgedge). Needs python3 and curl; wrk is
 # installed from Debian when missing (as root).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -113,7 +114,9 @@ status=$(curl -fsS -o /dev/null -D - "$base$path" | tr -d '\r' | sed -n 's/^cach
 # The scraper runs at nice -10 when it may (root): it shares the 2 cores with wrk, and a scraper
 # starved of CPU would time its own waiting, which Prometheus on another host does not do.
 nice_scraper=()
-if ((EUID == 0)); then nice_scraper=(nice -n -10); fi
+scraper_nice=${SCRAPER_NICE:--10}
+[[ $scraper_nice =~ ^-?[0-9]+$ ]] || die "SCRAPER_NICE must be an integer"
+if ((EUID == 0 && scraper_nice != 0)); then nice_scraper=(nice -n "$scraper_nice"); fi
 scrape() { # phase
   "${nice_scraper[@]}" python3 - "$port" "$n" "$interval_ms" "$1" <<'PY'
 import http.client, json, sys, time
@@ -165,7 +168,7 @@ hits_after=$(curl -fsS "$base/metrics" | awk '$1 ~ /^imgedge_cache_requests_tota
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$report_dir"
 report=$report_dir/scrape-$stamp.md
-python3 - "$idle" "$loaded" "$work/wrk.txt" "$n" "$interval_ms" "$conns" "$duration" "$bin_version" "$bin_sha" "$stamp" "${hits_after:-?}" "$image" "$work/imgedge.log" "$load_before" "${nice_scraper[*]:-not reniced}" >"$report" <<'PY'
+python3 - "$idle" "$loaded" "$work/wrk.txt" "$n" "$interval_ms" "$conns" "$duration" "$bin_version" "$bin_sha" "$stamp" "${hits_after:-?}" "$image" "$work/imgedge.log" "$load_before" "${nice_scraper[*]:-scraper not reniced}" >"$report" <<'PY'
 import json, os, re, sys
 idle, load = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 wrk = open(sys.argv[3]).read()
@@ -181,7 +184,7 @@ sockerr = re.search(r"Socket errors:(.*)", wrk)
 ok = load["p99"] < 5.0 and load["errors"] == 0 and idle["errors"] == 0
 load1 = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
 print(f"# /metrics scrape latency under load ({stamp})\n")
-print(f"Command: `N={n} INTERVAL_MS={interval} CONNECTIONS={conns} bash loadtest/scrape.sh`; binary `{version}`, "
+print(f"Command: `N={n} INTERVAL_MS={interval} CONNECTIONS={conns}{'' if nice.startswith('nice -n -10') else ' SCRAPER_NICE=0' if 'not' in nice else ' SCRAPER_NICE=' + nice.split()[-1]} bash loadtest/scrape.sh`; binary `{version}`, "
       f"sha256 {sha}…; {os.cpu_count()} cores, load average {load_before} before the run and {load1} at the end "
       f"(anything else running on the machine shows there). imgedge with its defaults plus a "
       f"disk tier and the Supabase route to loadtest/origin.py; the load is wrk -t2 -c{conns} -d{duration}s on one "
