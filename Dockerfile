@@ -14,13 +14,13 @@
 # The toolchain CI builds and tests with (Cargo.toml: rust-version = "1.95").
 FROM rust:1.95.0-slim-bookworm AS builder
 
-# tikv-jemalloc-sys (the release allocator) builds jemalloc with make, turbojpeg-sys
-# (libjpeg-turbo, JPEG decoding for transforms) with cmake and nasm; the slim image has gcc and
-# libc6-dev (enough for libwebp-sys) but none of these. Not version-pinned (DL3008): bookworm is a stable release that only
+# tikv-jemalloc-sys (the release allocator) builds jemalloc with make, mozjpeg-sys (MozJPEG,
+# JPEG for transforms) its SIMD code with nasm; the slim image has gcc and libc6-dev (enough for
+# libwebp-sys) but neither of these. Not version-pinned (DL3008): bookworm is a stable release that only
 # takes fixes, and an exact pin breaks the build once an update replaces that version.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make cmake nasm \
+    && apt-get install -y --no-install-recommends make nasm \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src

@@ -21,6 +21,8 @@ pub enum ProxyBody {
     Tee(Box<TeeBody>),
     /// A reader of a shared fill (collapsed forwarding).
     Shared(Box<SharedReader>),
+    /// Bytes already read off a body (to look at them), then the rest of it.
+    Prefixed(Option<Bytes>, Box<ProxyBody>),
 }
 
 impl ProxyBody {
@@ -31,6 +33,11 @@ impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
         ProxyBody::Full((!bytes.is_empty()).then_some(bytes))
+    }
+
+    /// `first` (read off `rest` already), then `rest`.
+    pub fn prefixed(first: Bytes, rest: ProxyBody) -> Self {
+        ProxyBody::Prefixed((!first.is_empty()).then_some(first), Box::new(rest))
     }
 }
 
@@ -48,6 +55,10 @@ impl Body for ProxyBody {
             ProxyBody::Shared(reader) => {
                 reader.poll_chunk(cx).map(|c| c.map(|r| r.map(Frame::data)))
             }
+            ProxyBody::Prefixed(first, rest) => match first.take() {
+                Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                None => Pin::new(rest.as_mut()).poll_frame(cx),
+            },
         }
     }
 
@@ -56,6 +67,7 @@ impl Body for ProxyBody {
             ProxyBody::Full(bytes) => bytes.is_none(),
             ProxyBody::Tee(tee) => tee.is_end_stream(),
             ProxyBody::Shared(reader) => reader.is_end_stream(),
+            ProxyBody::Prefixed(first, rest) => first.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -69,6 +81,16 @@ impl Body for ProxyBody {
                 None => SizeHint::default(),
             },
             ProxyBody::Shared(reader) => SizeHint::with_exact(reader.remaining_bytes()),
+            ProxyBody::Prefixed(first, rest) => {
+                let first = first.as_ref().map_or(0, |b| b.len() as u64);
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + first);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + first);
+                }
+                hint
+            }
         }
     }
 }

@@ -367,6 +367,13 @@ pub struct TransformConfig {
     /// When not empty, the only `width`s served; others are 400 `bad_parameter` (against
     /// strangers rendering every width of every image).
     pub allowed_widths: Vec<u32>,
+    /// The longest a transform may take, from its start (its turn, then its source read) to
+    /// its output; past it 503 `transform_timeout`.
+    pub timeout: Duration,
+    /// Frames an animation may have; more are 422 `image_too_large`.
+    pub max_animation_frames: u32,
+    /// Pixels decoded over all of an animation's frames; more are 422 `image_too_large`.
+    pub max_animation_pixels: u64,
 }
 
 /// `[log]`: tracing output.

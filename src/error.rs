@@ -70,6 +70,17 @@ pub enum ProxyError {
     /// open: nothing was sent; try again shortly (`Retry-After: 1`).
     #[error("{0}: try again shortly")]
     Busy(&'static str),
+    /// A render-route source that is not an image this server renders, or does not decode
+    /// (Supabase answers these 400).
+    #[error("{0}")]
+    InvalidSource(String),
+    /// A transform ran past `[transform] timeout` (`Retry-After: 1`: the time depends on the
+    /// machine's load as much as on the image).
+    #[error("the transform did not finish within transform.timeout: try again shortly")]
+    TransformTimeout,
+    /// A transform failed on imgedge's side (an encoder refused).
+    #[error("{0}")]
+    TransformFailed(String),
 }
 
 impl ProxyError {
@@ -88,7 +99,8 @@ impl ProxyError {
     /// `upstream_error`, `upstream_timeout`, `not_found`, `method_not_allowed`, `not_cached`,
     /// `unauthorized`, `bad_request`, `overloaded`, `bad_redirect`, `not_an_image`,
     /// `bad_signature`, `rate_limited`, `uri_too_long`, `payload_too_large`, `request_timeout`,
-    /// `bad_parameter`, `image_too_large`, `busy`.
+    /// `bad_parameter`, `image_too_large`, `busy`, `invalid_source`, `transform_timeout`,
+    /// `transform_failed`.
     pub fn status(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::Target(TargetError::BadUrl(_)) => (StatusCode::BAD_REQUEST, "bad_url"),
@@ -126,6 +138,11 @@ impl ProxyError {
             }
             ProxyError::Upload(UploadError::Failed(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            ProxyError::InvalidSource(_) => (StatusCode::BAD_REQUEST, "invalid_source"),
+            ProxyError::TransformTimeout => (StatusCode::SERVICE_UNAVAILABLE, "transform_timeout"),
+            ProxyError::TransformFailed(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "transform_failed")
+            }
         }
     }
 }
@@ -144,6 +161,7 @@ impl ProxyError {
                 | ProxyError::NotAnImage(_)
                 | ProxyError::SourceTooLarge(_)
                 | ProxyError::ImageTooLarge(_)
+                | ProxyError::InvalidSource(_)
         )
     }
 }

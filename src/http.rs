@@ -261,7 +261,10 @@ fn error_response(e: &ProxyError) -> Response<ProxyBody> {
         CacheStatus::refused(code)
     };
     headers.insert(CACHE_STATUS.clone(), cache_status.header_value());
-    if matches!(e, ProxyError::Overloaded | ProxyError::Busy(_)) {
+    if matches!(
+        e,
+        ProxyError::Overloaded | ProxyError::Busy(_) | ProxyError::TransformTimeout
+    ) {
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));

@@ -33,7 +33,7 @@ pub use forwarding::{
     route_request_headers,
 };
 pub use hit::{if_none_match_matches, single_byte_range};
-pub use source::{LeadingBytes, SourceObject};
+pub use source::{LeadingBytes, SourceObject, SourceStream};
 
 use crate::body::ProxyBody;
 use crate::cache::{CacheKey, CachedObject, TieredCache};

@@ -206,8 +206,9 @@ async fn a_decode_bomb_is_refused_from_its_header() {
     );
     let proxy = TestProxy::for_origin(&origin, "").await;
     let got = proxy.get(&format!("{RENDER}?width=100")).await;
-    assert_eq!(got.status, 502, "{}", got.text());
-    assert_eq!(got.error_code(), "not_an_image");
+    // 400, as Supabase answers a render of what it cannot render
+    assert_eq!(got.status, 400, "{}", got.text());
+    assert_eq!(got.error_code(), "invalid_source");
 }
 
 #[tokio::test]
@@ -309,14 +310,24 @@ fn png_claiming(width: u32, height: u32) -> Vec<u8> {
 #[tokio::test]
 async fn a_transform_reserves_its_pixels_from_the_fill_pool_first() {
     let origin = TestOrigin::start().await;
-    let png = picture(200, 100, ImageFormat::Png);
-    // the original fits the pool; its decoded pixels (200 x 100 x 4 bytes) do not
-    assert!(png.len() < 50_000, "{}", png.len());
+    // a progressive JPEG holds every coefficient while it decodes: 3000 x 2000 x 3 x 2 bytes,
+    // which the pool cannot hold, although the file itself (one colour) is small
+    let png = {
+        let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        compress.set_size(3000, 2000);
+        compress.set_progressive_mode();
+        let mut started = compress.start_compress(Vec::new()).unwrap();
+        started
+            .write_scanlines(&vec![90u8; 3000 * 2000 * 3])
+            .unwrap();
+        started.finish().unwrap()
+    };
+    assert!(png.len() < 1 << 20, "{}", png.len());
     origin.route(
         OBJECT,
-        Reply::ok(png.clone()).header("content-type", "image/png"),
+        Reply::ok(png.clone()).header("content-type", "image/jpeg"),
     );
-    let proxy = TestProxy::for_origin(&origin, "[memory]\ninflight_fill_bytes = 50000\n").await;
+    let proxy = TestProxy::for_origin(&origin, "[memory]\ninflight_fill_bytes = 16000000\n").await;
     assert_eq!(proxy.get(OBJECT).await.status, 200);
     let got = proxy.get(&format!("{RENDER}?width=20")).await;
     assert_eq!(got.status, 503, "{}", got.text());
@@ -864,16 +875,44 @@ fn animated_gif(width: u32, height: u32) -> Vec<u8> {
         encoder
             .set_repeat(image::codecs::gif::Repeat::Infinite)
             .unwrap();
-        for shade in [0u8, 200] {
+        for (shade, delay_ms) in [(0u8, 100), (200, 250)] {
             let frame = RgbaImage::from_pixel(width, height, image::Rgba([shade, 0, 0, 255]));
-            encoder.encode_frame(image::Frame::new(frame)).unwrap();
+            let delay = image::Delay::from_numer_denom_ms(delay_ms, 1);
+            encoder
+                .encode_frame(image::Frame::from_parts(frame, 0, 0, delay))
+                .unwrap();
         }
     }
     out
 }
 
+/// The frames of an animated GIF or WebP: (width, height, delay in ms) each.
+fn frames_of(bytes: &[u8]) -> Vec<(u32, u32, u32)> {
+    use image::AnimationDecoder;
+    let frames: Vec<image::Frame> = if bytes.starts_with(b"GIF") {
+        image::codecs::gif::GifDecoder::new(Cursor::new(bytes))
+            .unwrap()
+            .into_frames()
+            .collect_frames()
+            .unwrap()
+    } else {
+        image::codecs::webp::WebPDecoder::new(Cursor::new(bytes))
+            .unwrap()
+            .into_frames()
+            .collect_frames()
+            .unwrap()
+    };
+    frames
+        .iter()
+        .map(|f| {
+            let (n, d) = f.delay().numer_denom_ms();
+            (f.buffer().width(), f.buffer().height(), n / d)
+        })
+        .collect()
+}
+
 #[tokio::test]
-async fn animations_pass_through_unless_a_format_is_asked_for() {
+async fn animations_are_resized_frame_by_frame_with_their_timing() {
     let origin = TestOrigin::start().await;
     let gif = animated_gif(120, 60);
     let object = "/storage/v1/object/public/photos/spin.gif";
@@ -881,36 +920,49 @@ async fn animations_pass_through_unless_a_format_is_asked_for() {
     origin.route(
         object,
         Reply::ok(gif.clone())
-            .header("content-type", "image/gif")
+            .content_type(Some("image/gif"))
             .header("etag", "\"g1\"")
             .header("cache-control", "public, max-age=60"),
     );
     let proxy = TestProxy::for_origin(&origin, "").await;
+    let source = frames_of(&gif);
+    assert_eq!(source, [(120, 60, 100), (120, 60, 250)]);
     let browser = "image/webp,*/*";
-    for query in ["width=40", "width=40&format=origin", "width=40&quality=50"] {
+    // (query, Accept, content type): WebP for a client that takes it, else a GIF; a format
+    // asked for wins
+    for (query, accept, content_type) in [
+        ("width=40", browser, "image/webp"),
+        ("width=40&quality=50", browser, "image/webp"),
+        ("width=40", "*/*", "image/gif"),
+        ("width=40&format=origin", browser, "image/gif"),
+        ("width=40&format=webp", "*/*", "image/webp"),
+    ] {
         let got = proxy
             .send(
                 Method::GET,
                 &format!("{render}?{query}"),
-                &[("accept", browser)],
+                &[("accept", accept)],
             )
             .await;
         assert_eq!(got.status, 200, "{query}: {}", got.text());
-        assert_eq!(got.body, gif, "{query}: the animation, unchanged");
+        assert_eq!(got.header("content-type"), content_type, "{query}");
         assert_eq!(
-            got.header("etag"),
-            "\"g1\"",
-            "{query}: the original's validator"
+            frames_of(&got.body),
+            [(40, 20, 100), (40, 20, 250)],
+            "{query}: every frame resized, each with its delay"
         );
     }
-    assert_eq!(transforms(&proxy).await, 0);
-    // a format asked for: its first frame
-    let got = proxy.get(&format!("{render}?width=40&format=webp")).await;
+    // /image-proxy asking for a still format: the first frame
+    let got = proxy
+        .get(&format!(
+            "/image-proxy?w=40&format=jpeg&url={}",
+            origin.url(object)
+        ))
+        .await;
     assert_eq!(got.status, 200, "{}", got.text());
-    assert_eq!(got.header("content-type"), "image/webp");
+    assert_eq!(got.header("content-type"), "image/jpeg");
     let still = decoded(&got);
     assert_eq!((still.width(), still.height()), (40, 20));
-    assert_eq!(transforms(&proxy).await, 1);
     // what /image-info says of it
     let info = proxy.get(&format!("/image-info{object}")).await;
     assert_eq!(info.status, 200, "{}", info.text());
@@ -918,7 +970,26 @@ async fn animations_pass_through_unless_a_format_is_asked_for() {
     assert_eq!(json["format"], "gif");
     assert_eq!(json["frames"], 2);
     assert_eq!(json["animated"], true);
-    assert_eq!(origin.hits(object), 1);
+    assert_eq!(json["duration_ms"], 350);
+    // once for the route, once for /image-proxy (another namespace)
+    assert_eq!(origin.hits(object), 2);
+}
+
+#[tokio::test]
+async fn animations_over_their_limits_are_refused() {
+    let origin = TestOrigin::start().await;
+    let object = "/storage/v1/object/public/photos/spin.gif";
+    let render = "/storage/v1/render/image/public/photos/spin.gif";
+    origin.route(
+        object,
+        Reply::ok(animated_gif(120, 60)).header("content-type", "image/gif"),
+    );
+    for limit in ["max_animation_frames = 1", "max_animation_pixels = 10000"] {
+        let proxy = TestProxy::for_origin(&origin, &format!("[transform]\n{limit}\n")).await;
+        let got = proxy.get(&format!("{render}?width=40&format=webp")).await;
+        assert_eq!(got.status, 422, "{limit}: {}", got.text());
+        assert_eq!(got.error_code(), "image_too_large", "{limit}");
+    }
 }
 
 /// AVIF output, in a build with the `avif` feature: `cargo test --features avif --test render`.

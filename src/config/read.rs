@@ -132,6 +132,9 @@ impl Config {
                 max_concurrent: f.range("transform.max_concurrent", 0, 1024),
                 queue_timeout: f.duration("transform.queue_timeout"),
                 allowed_widths: f.parse("transform.allowed_widths", parse_widths),
+                timeout: f.duration("transform.timeout"),
+                max_animation_frames: f.range("transform.max_animation_frames", 1, 100_000),
+                max_animation_pixels: f.range("transform.max_animation_pixels", 1, u64::MAX),
             },
             memory: MemoryConfig {
                 budget_bytes: f.get("memory.budget_bytes"),

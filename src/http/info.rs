@@ -4,7 +4,7 @@
 //! `GET /image-info/<route path>` what that route path serves (e.g.
 //! `/image-info/storage/v1/object/public/{bucket}/{path}`), as JSON:
 //! `{width, height, format, content_type, bytes, etag, orientation, has_alpha, frames,
-//! animated}`. The answer comes from the object's source record ([`super::record`]) while that
+//! animated, duration_ms}`. The answer comes from the object's source record ([`super::record`]) while that
 //! is fresh; otherwise from the stored object when a tier holds it, else from its first bytes
 //! (a `Range` request, nothing stored but the record): an object too large to store is never
 //! read whole for its metadata.
@@ -98,7 +98,7 @@ pub async fn handle(
         Some(read) => read,
         None => {
             let mut lead = proxy.leading_bytes(&request, PROBE_BYTES).await?;
-            if !lead.whole && super::record::ImageMeta::probe(&lead.bytes).is_none() {
+            if !lead.whole && crate::transform::probe(&lead.bytes).is_err() {
                 lead = proxy.leading_bytes(&request, PROBE_MORE_BYTES).await?;
             }
             let record = SourceRecord::new(
@@ -197,6 +197,7 @@ fn respond(
         "has_alpha": image.has_alpha,
         "frames": image.frames,
         "animated": image.animated,
+        "duration_ms": image.duration_ms,
     }))
     .expect("JSON serializes");
     status.record_in_span();

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cache::{CacheKey, CachedObject};
 use crate::freshness::Freshness;
+use crate::transform::ImageInfo;
 
 /// The freshness of what is served but not stored (derived from a source that may not be).
 pub const NOT_STORED: Freshness = Freshness {
@@ -46,42 +47,7 @@ pub struct SourceRecord {
     /// it: the version of a source without validators.
     pub digest: Option<String>,
     /// What its header says of the image; `None` when it is not one this build reads.
-    pub image: Option<ImageMeta>,
-}
-
-/// An image's header, as `/image-info` answers it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageMeta {
-    /// `jpeg`, `png`, `gif`, `webp`.
-    pub format: String,
-    /// Pixels, as stored (before the EXIF orientation is applied).
-    pub width: u32,
-    pub height: u32,
-    /// EXIF orientation, 1-8 (1 when there is none).
-    pub orientation: u8,
-    pub has_alpha: bool,
-    /// Frames; `None` when the bytes read ended before they could all be counted.
-    pub frames: Option<u32>,
-    /// More than one frame (GIF, WebP, APNG), as far as the header tells.
-    pub animated: bool,
-}
-
-impl ImageMeta {
-    /// Reads an image's header from `bytes` (the whole object or its leading part), decoding
-    /// no pixels ([`crate::transform::probe`]); `None` when it is not an image this build
-    /// reads or its header is cut short.
-    pub fn probe(bytes: &[u8]) -> Option<ImageMeta> {
-        let info = crate::transform::probe(bytes).ok()?;
-        Some(ImageMeta {
-            format: info.format.to_owned(),
-            width: info.width,
-            height: info.height,
-            orientation: info.orientation,
-            has_alpha: info.has_alpha,
-            frames: info.frames,
-            animated: info.animated,
-        })
-    }
+    pub image: Option<ImageInfo>,
 }
 
 impl SourceRecord {
@@ -109,7 +75,7 @@ impl SourceRecord {
             etag: text(ETAG),
             last_modified: text(LAST_MODIFIED),
             digest: whole.then(|| hex(&Sha256::digest(body)[..16])),
-            image: ImageMeta::probe(body),
+            image: crate::transform::probe(body).ok(),
         };
         record.generation = match previous {
             Some(p) if p.same_version(&record) => p.generation,

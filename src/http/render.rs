@@ -6,8 +6,9 @@
 //! serves it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -29,33 +30,45 @@ use crate::error::ProxyError;
 use crate::freshness::{self, Freshness, Usability};
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pressure::{Reading, ReservationPool};
-use crate::proxy::{
-    CACHE_STATUS, CacheStatus, Proxy, ProxyRequest, SourceObject, if_none_match_matches,
+use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, ProxyRequest, if_none_match_matches};
+use crate::transform::{
+    self, Format, Limits, Params, Plan, Pool, SourceReader, SourceSender, TransformError, Turn,
 };
-use crate::transform::{self, Format, Params, Pool, TransformError};
+use http_body_util::BodyExt;
 
 /// The render route's settings, pool, and the memory it answers to.
 pub struct Render {
     pub config: TransformConfig,
+    /// What a transform answers to, from `config`.
+    pub limits: Limits,
     pub pool: Pool,
-    /// The in-flight pool fills reserve from: a transform reserves its decoded pixels there.
+    /// The in-flight pool fills reserve from: a transform reserves what its plan says it will
+    /// hold there.
     pub fills: Arc<ReservationPool>,
     /// At bypass pressure and above no transform starts.
     pub pressure: watch::Receiver<Reading>,
     pub metrics: Arc<Metrics>,
-    /// Transforms in flight, by source cache key, source validator and parameters: concurrent
-    /// requests for one variant wait for the first one's result instead of transforming again.
+    /// Renditions being made, by source cache key and parameters: concurrent requests for one
+    /// rendition wait for the first one's instead of making it again.
     inflight: Mutex<HashMap<String, Arc<Shared>>>,
 }
 
-/// One transform's result, shared by every request that waited for it.
-type Shared = OnceCell<Result<Rendered, ProxyError>>;
+/// One rendition being made, shared by every request that waited for it.
+type Shared = OnceCell<Result<Arc<Made>, ProxyError>>;
 
-/// An encoded variant.
-#[derive(Clone)]
-struct Rendered {
-    bytes: Bytes,
-    content_type: &'static str,
+/// A rendition, made now or found stored by the request that led, as every request serves it.
+struct Made {
+    object: CachedObject,
+    /// What the leading request's `Cache-Status` said of it.
+    status: CacheStatus,
+}
+
+/// Whose render this is: Supabase's render route answers a source that is not an image 400
+/// (as Supabase does), `/image-proxy` 502 (the origin sent what it said was an image).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    RenderRoute,
+    ImageProxy,
 }
 
 impl Render {
@@ -67,6 +80,7 @@ impl Render {
     ) -> Self {
         Render {
             pool: Pool::new(&config),
+            limits: Limits::new(&config),
             config,
             fills,
             pressure,
@@ -79,12 +93,13 @@ impl Render {
     ///
     /// # Errors
     /// [`ProxyError::MethodNotAllowed`] for other than GET and HEAD; [`ProxyError::BadParameter`]
-    /// for a bad parameter; the source's errors as the object route gives them (a missing
-    /// object is 404 `not_found`); [`ProxyError::SourceTooLarge`] for a source over
-    /// `max_source_bytes`; [`ProxyError::ImageTooLarge`] for one over `max_source_pixels`;
-    /// [`ProxyError::NotAnImage`] for one that does not decode; [`ProxyError::Overloaded`]
-    /// at bypass memory pressure or above, when the decoded pixels cannot be reserved from the
-    /// fill pool, or when no transform turn came within `queue_timeout`.
+    /// for a bad parameter (nothing fetched); the source's errors as the object route gives them
+    /// (a missing object is 404 `not_found`); [`ProxyError::SourceTooLarge`] for a source over
+    /// `max_source_bytes`; [`ProxyError::ImageTooLarge`] for one over `max_source_pixels` (or an
+    /// animation over its limits); [`ProxyError::InvalidSource`] for one that is not an image or
+    /// does not decode; [`ProxyError::Overloaded`] at bypass memory pressure or above, when the
+    /// transform's bytes cannot be reserved from the fill pool, or when no transform turn came
+    /// within `queue_timeout`; [`ProxyError::TransformTimeout`] past `[transform] timeout`.
     pub async fn handle(
         &self,
         proxy: &Arc<Proxy>,
@@ -111,10 +126,40 @@ impl Render {
             Proxied::Forward { .. } => unreachable!("a GET resolves to a cacheable request"),
         };
         if params.is_original() && params.download.is_none() {
-            // the original, as the object route serves it (HEAD, ranges and validators included)
-            return proxy.handle(request).await;
+            // the original, as the object route serves it (HEAD, ranges and validators
+            // included), when it is an image: Supabase renders what it serves, and refuses what
+            // it cannot render
+            return self.original(proxy, request).await;
         }
-        self.respond(proxy, request, params, parts).await
+        self.respond(proxy, request, params, parts, Caller::RenderRoute)
+            .await
+    }
+
+    /// The original, as the object route serves it, unless its first bytes are not an image
+    /// this server renders: then 400 `invalid_source`, as Supabase answers a render of a
+    /// non-image source without parameters.
+    async fn original(
+        &self,
+        proxy: &Arc<Proxy>,
+        request: ProxyRequest,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let head = request.head;
+        let response = proxy.handle(request).await?;
+        if response.status() != StatusCode::OK || head {
+            return Ok(response);
+        }
+        let (parts, mut body) = response.into_parts();
+        let (first, ended) = read_prefix(&mut body, Vec::new(), transform::HEADER_BYTES).await?;
+        if transform::probe(&first).is_err() {
+            return Err(ProxyError::InvalidSource(
+                "the source image is invalid or unsupported for rendering".into(),
+            ));
+        }
+        let rest = if ended { ProxyBody::empty() } else { body };
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::prefixed(Bytes::from(first), rest),
+        ))
     }
 
     /// Answers an `/image-proxy` request that carries transform parameters (`w`, `h`, `fit`,
@@ -122,7 +167,7 @@ impl Render {
     /// `/image-proxy` request, whose object is the source, content checks included.
     ///
     /// # Errors
-    /// As [`Render::handle`].
+    /// As [`Render::handle`], but a source that does not decode is 502 `not_an_image`.
     pub async fn image_proxy(
         &self,
         proxy: &Arc<Proxy>,
@@ -131,7 +176,8 @@ impl Render {
         parts: &Parts,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         self.check_width(&params)?;
-        self.respond(proxy, request, params, parts).await
+        self.respond(proxy, request, params, parts, Caller::ImageProxy)
+            .await
     }
 
     /// `[transform] allowed_widths`, when set.
@@ -151,21 +197,19 @@ impl Render {
     }
 
     /// `request`'s object transformed by `params`: a stored rendition, or 304 for a client that
-    /// holds it, or transformed now from the whole source (on the pool, shared with concurrent
-    /// requests for the same rendition) and stored. What is known of the source comes from its
-    /// source record while that is fresh; the source itself is read only to transform, or to
-    /// rebuild the record.
+    /// holds it, or made now (shared with concurrent requests for the same rendition) and
+    /// stored. What is known of the source comes from its source record while that is fresh;
+    /// otherwise the source is read, streamed into the decoder.
     async fn respond(
         &self,
         proxy: &Arc<Proxy>,
         request: ProxyRequest,
         mut params: Params,
         parts: &Parts,
+        caller: Caller,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let now = SystemTime::now();
         let primary = request.primary.clone();
-        // an animation is served as it is unless a format was asked for (then its first frame)
-        let keeps_animation = params.format.is_none() || params.negotiate;
         if params.negotiate {
             // RFC 9110 §12.5.1: WebP when the client lists it (not only through a wildcard)
             params.format = accepts_webp(&parts.headers).then_some(Format::Webp);
@@ -178,9 +222,6 @@ impl Render {
         });
         let fresh_record = fresh.and_then(|f| SourceRecord::from_object(&f.object));
         if let (Some(record), Some(record_object)) = (&fresh_record, fresh) {
-            if keeps_animation && record.is_animated() {
-                return proxy.handle(request).await;
-            }
             let etag = record.rendition_etag(&primary, &canonical);
             if let Some(response) = not_modified(parts, etag.as_ref(), &params) {
                 return Ok(response);
@@ -190,20 +231,101 @@ impl Render {
                 record_object.object.response_time,
                 record_object.object.freshness,
             );
-            if let Some(hit) = self
-                .stored(proxy, key, &request, &params, source, now)
-                .await
-            {
-                return Ok(hit);
+            if let Some(found) = self.stored(proxy, key, source, now).await {
+                let status = found.status;
+                return Ok(self.finish(
+                    proxy.serve_stored(&found.object, &request, now, status),
+                    &params,
+                ));
             }
         }
-        // the source, whole: its record is rebuilt from it (the same generation when it is the
-        // same version), then the rendition is looked up again or made
         let previous = stored_record
             .as_ref()
             .and_then(|f| SourceRecord::from_object(&f.object));
+        let key = format!("{}\n{canonical}", primary.as_str());
+        let (made, ran) = self
+            .collapsed(&key, || {
+                self.make(proxy, &request, &params, previous, fresh_record, caller)
+            })
+            .await;
+        let made = made?;
+        if let Some(response) = not_modified(parts, made.object.headers.get(ETAG), &params) {
+            return Ok(response);
+        }
+        let status = if ran {
+            made.status
+        } else {
+            made.status.collapsed()
+        };
+        Ok(self.finish(
+            proxy.serve_stored(&made.object, &request, now, status),
+            &params,
+        ))
+    }
+
+    /// Runs `make` once for concurrent callers with the same `key`; the result, and whether
+    /// this caller ran it.
+    async fn collapsed<F>(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> F,
+    ) -> (Result<Arc<Made>, ProxyError>, bool)
+    where
+        F: Future<Output = Result<Arc<Made>, ProxyError>>,
+    {
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.to_owned())
+            .or_default()
+            .clone();
+        let mut ran = false;
+        let made = cell
+            .get_or_init(|| {
+                ran = true;
+                make()
+            })
+            .await
+            .clone();
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if inflight.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(key);
+            }
+        }
+        if !ran {
+            self.metrics
+                .transforms
+                .get_or_create(&OutcomeLabels {
+                    outcome: "collapsed",
+                })
+                .inc();
+        }
+        (made, ran)
+    }
+
+    /// The rendition, made by this request: a turn of the pool first (a transform waiting for
+    /// one holds nothing), then the source (streamed, or whole when it is in memory), its record
+    /// (rebuilt: the same generation when it is the same version), the stored rendition when
+    /// there is one; else the plan from the source's header, the reservation of what it says,
+    /// and the transform on the pool, the source fed to it as it arrives.
+    async fn make(
+        &self,
+        proxy: &Arc<Proxy>,
+        request: &ProxyRequest,
+        params: &Params,
+        previous: Option<SourceRecord>,
+        fresh_record: Option<SourceRecord>,
+        caller: Caller,
+    ) -> Result<Arc<Made>, ProxyError> {
+        let primary = &request.primary;
+        let canonical = params.canonical();
+        let turn = self.pool.turn().await?;
+        let deadline = Instant::now() + self.limits.timeout;
+        let now = SystemTime::now();
         let source = proxy
-            .source(request.clone(), self.config.max_source_bytes)
+            .source_stream(request.clone(), self.config.max_source_bytes)
             .await
             .map_err(|e| match e {
                 ProxyError::TooLarge(why) => ProxyError::SourceTooLarge(why),
@@ -215,13 +337,16 @@ impl Render {
                 s => ProxyError::Upstream(format!("the source answered {s}")),
             });
         }
-        let record = SourceRecord::new(
-            &source.headers,
-            &source.body,
-            Some(source.body.len() as u64),
-            previous.as_ref(),
-        );
-        let freshness = proxy.derived_freshness(&request, source.status, &source.headers, now);
+        let mut body = source.body;
+        let (mut prefix, mut ended) =
+            read_prefix(&mut body, Vec::new(), transform::HEADER_BYTES).await?;
+        let total = if ended {
+            Some(prefix.len() as u64)
+        } else {
+            source.length
+        };
+        let record = SourceRecord::new(&source.headers, &prefix, total, previous.as_ref());
+        let freshness = proxy.derived_freshness(request, source.status, &source.headers, now);
         // stored again when it is new, changed, or was stale (its freshness is the source's)
         if let Some(freshness) = freshness
             && fresh_record.as_ref() != Some(&record)
@@ -229,164 +354,144 @@ impl Render {
             let object = record.to_object(&source.headers, freshness, now);
             proxy.store_derived(primary.source_record(), object).await;
         }
-        if keeps_animation && record.is_animated() {
-            drop(source);
-            return proxy.handle(request).await;
-        }
-        let etag = record.rendition_etag(&primary, &canonical);
-        if let Some(response) = not_modified(parts, etag.as_ref(), &params) {
-            return Ok(response);
-        }
         let key = primary.rendition(record.generation, &canonical);
         if let Some(source_freshness) = freshness
-            && let Some(hit) = self
-                .stored(
-                    proxy,
-                    key.clone(),
-                    &request,
-                    &params,
-                    (now, source_freshness),
-                    now,
-                )
+            && let Some(found) = self
+                .stored(proxy, key.clone(), (now, source_freshness), now)
                 .await
         {
-            return Ok(hit);
+            return Ok(Arc::new(found));
         }
         if !self.pressure.borrow().level.stores() {
             return Err(ProxyError::Overloaded);
         }
-        // collapsed by version, not generation: concurrent first requests each made a record
-        let version = record.version().unwrap_or_default();
-        let inflight_key = format!("{}\n{version}\n{canonical}", primary.as_str());
-        let rendered = self.render(&inflight_key, &source, &params).await?;
+        // the plan, from as much of the header as it needs
+        let plan = loop {
+            match transform::plan(&prefix, total, params, &self.limits) {
+                Err(TransformError::NotAnImage(_))
+                    if !ended && prefix.len() < transform::MAX_HEADER_BYTES =>
+                {
+                    let want = (prefix.len() * 2).min(transform::MAX_HEADER_BYTES);
+                    (prefix, ended) = read_prefix(&mut body, prefix, want).await?;
+                }
+                plan => break plan,
+            }
+        };
+        let plan = plan.map_err(|e| transform_error(e, caller))?;
+        let reservation = self
+            .fills
+            .try_reserve(plan.reserve_bytes)
+            .ok_or(ProxyError::Overloaded)?;
+        let output = self
+            .run(turn, plan, params, (prefix, ended, body), deadline, caller)
+            .await;
+        drop(reservation);
+        self.metrics
+            .transforms
+            .get_or_create(&OutcomeLabels {
+                outcome: if output.is_ok() { "ok" } else { "failed" },
+            })
+            .inc();
+        let output = output?;
         let mut headers = HeaderMap::new();
         for name in [CACHE_CONTROL, EXPIRES, LAST_MODIFIED] {
             if let Some(v) = source.headers.get(&name) {
                 headers.insert(name, v.clone());
             }
         }
-        drop(source);
-        if let Some(etag) = etag {
+        if let Some(etag) = record.rendition_etag(primary, &canonical) {
             headers.insert(ETAG, etag);
         }
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static(rendered.content_type),
-        );
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(rendered.bytes.len()));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(output.content_type));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(output.bytes.len()));
         headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         let object = CachedObject {
             status: StatusCode::OK,
             headers,
-            body: rendered.bytes,
+            body: Bytes::from(output.bytes),
             response_time: now,
             freshness: freshness.unwrap_or(super::record::NOT_STORED),
         };
         let mut status = CacheStatus::MISS.with_detail("transform");
         if freshness.is_some() {
-            let object = CachedObject {
+            let copy = CachedObject {
                 headers: object.headers.clone(),
                 body: object.body.clone(),
                 ..object
             };
-            if proxy.store_derived(key, object).await {
+            if proxy.store_derived(key, copy).await {
                 status = status.stored();
             }
         }
-        let response = proxy.serve_stored(&object, &request, now, status);
-        Ok(self.finish(response, &params))
+        Ok(Arc::new(Made { object, status }))
     }
 
-    /// The rendition stored under `key`, served as a hit (with [`Render::finish`]'s headers);
-    /// made from the version of the source its record names, so when it went stale since (the
-    /// source was revalidated, not changed) it is as fresh as the source now is (`source`:
-    /// response time and freshness), and stored so again. `None` when none is stored.
+    /// Runs the planned transform on the pool with `turn`: from the source's `prefix` alone
+    /// when that is all of it (`ended`), else with the rest of `body` fed to the decoder as it
+    /// arrives (at most a few chunks held between them). A failure of the source's body is
+    /// answered as the origin's failure (a stall is 504).
+    async fn run(
+        &self,
+        turn: Turn,
+        plan: Plan,
+        params: &Params,
+        (prefix, ended, body): (Vec<u8>, bool, ProxyBody),
+        deadline: Instant,
+        caller: Caller,
+    ) -> Result<transform::Output, ProxyError> {
+        let (params, limits) = (params.clone(), self.limits);
+        if ended {
+            let reader = SourceReader::whole(Bytes::from(prefix), deadline);
+            return self
+                .pool
+                .run(turn, move || {
+                    transform::run(reader, &plan, &params, &limits)
+                })
+                .await?
+                .map_err(|e| transform_error(e, caller));
+        }
+        let (reader, tx) =
+            SourceReader::streaming(Bytes::from(prefix), self.config.max_source_bytes, deadline);
+        let work = self.pool.run(turn, move || {
+            transform::run(reader, &plan, &params, &limits)
+        });
+        let (output, fed) = tokio::join!(work, feed(body, tx));
+        match (output?, fed) {
+            (Err(TransformError::SourceFailed), Err(e)) => Err(e),
+            (output, _) => output.map_err(|e| transform_error(e, caller)),
+        }
+    }
+
+    /// The rendition stored under `key`, as a hit; made from the version of the source its
+    /// record names, so when it went stale since (the source was revalidated, not changed) it is
+    /// as fresh as the source now is (`source`: response time and freshness), and stored so
+    /// again. `None` when none is stored.
     async fn stored(
         &self,
         proxy: &Proxy,
         key: CacheKey,
-        request: &ProxyRequest,
-        params: &Params,
         (response_time, freshness): (SystemTime, Freshness),
         now: SystemTime,
-    ) -> Option<Response<ProxyBody>> {
+    ) -> Option<Made> {
         let found = proxy.lookup_derived(&key).await?;
-        let mut object = found.object;
-        if !object.is_fresh(now) {
-            let copy = || CachedObject {
-                status: object.status,
-                headers: object.headers.clone(),
-                body: object.body.clone(),
-                response_time,
-                freshness,
-            };
-            let refreshed = Arc::new(copy());
-            proxy.store_derived(key, copy()).await;
-            object = refreshed;
-        }
-        let status = CacheStatus::hit(found.tier_name);
-        Some(self.finish(proxy.serve_stored(&object, request, now, status), params))
-    }
-
-    /// Transforms `source` by `params` on the pool; concurrent calls with the same `key` (one
-    /// rendition of one version of the source) share the first one's transform.
-    async fn render(
-        &self,
-        key: &str,
-        source: &SourceObject,
-        params: &Params,
-    ) -> Result<Rendered, ProxyError> {
-        let cell = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.to_owned())
-            .or_default()
-            .clone();
-        let mut ran = false;
-        let rendered = cell
-            .get_or_init(|| {
-                ran = true;
-                let (pool, fills, body, params) = (
-                    self.pool.clone(),
-                    self.fills.clone(),
-                    source.body.clone(),
-                    params.clone(),
-                );
-                let (max_pixels, max_dimension) =
-                    (self.config.max_source_pixels, self.config.max_dimension);
-                async move {
-                    let output = pool
-                        .run(move || {
-                            transform::transform(&body, &params, max_pixels, max_dimension, |n| {
-                                fills.try_reserve(n)
-                            })
-                        })
-                        .await??;
-                    Ok(Rendered {
-                        bytes: Bytes::from(output.bytes),
-                        content_type: output.content_type,
-                    })
-                }
-            })
-            .await
-            .clone();
-        {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if inflight.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                inflight.remove(key);
-            }
-        }
-        let outcome = match (ran, &rendered) {
-            (false, _) => "collapsed",
-            (true, Ok(_)) => "ok",
-            (true, Err(_)) => "failed",
+        let object = found.object;
+        let copy = || CachedObject {
+            status: object.status,
+            headers: object.headers.clone(),
+            body: object.body.clone(),
+            response_time,
+            freshness,
         };
-        self.metrics
-            .transforms
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
-        rendered
+        let object = if object.is_fresh(now) {
+            copy_object(&object)
+        } else {
+            proxy.store_derived(key, copy()).await;
+            copy()
+        };
+        Some(Made {
+            object,
+            status: CacheStatus::hit(found.tier_name),
+        })
     }
 
     /// What a rendition response gains per request, not stored with it (one rendition serves
@@ -406,6 +511,78 @@ impl Render {
                 .insert(CONTENT_DISPOSITION, attachment(name));
         }
         response
+    }
+}
+
+/// A stored object's copy (its body shared, not copied).
+fn copy_object(object: &CachedObject) -> CachedObject {
+    CachedObject {
+        status: object.status,
+        headers: object.headers.clone(),
+        body: object.body.clone(),
+        response_time: object.response_time,
+        freshness: object.freshness,
+    }
+}
+
+/// Reads `body` onto `prefix` until it holds at least `want` bytes or the body ends; whether it
+/// ended.
+///
+/// # Errors
+/// The origin's failure, as a [`ProxyError`].
+async fn read_prefix(
+    body: &mut ProxyBody,
+    mut prefix: Vec<u8>,
+    want: usize,
+) -> Result<(Vec<u8>, bool), ProxyError> {
+    while prefix.len() < want {
+        match body.frame().await {
+            None => return Ok((prefix, true)),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    prefix.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    Ok((prefix, http_body::Body::is_end_stream(body)))
+}
+
+/// Feeds the rest of `body` to a decoder through `tx`, chunk by chunk at the decoder's pace,
+/// until the body ends (the sender dropped: the end) or the decoder stops reading. A failure
+/// of the body is sent on (the decoder stops) and returned.
+async fn feed(mut body: ProxyBody, tx: SourceSender) -> Result<(), ProxyError> {
+    loop {
+        match body.frame().await {
+            None => return Ok(()),
+            Some(Err(e)) => {
+                let _ = tx.send(Err(())).await;
+                return Err(e.into());
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data()
+                    && tx.send(Ok(data)).await.is_err()
+                {
+                    // the decoder is done with the source
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// A transform's failure as the client is told it.
+fn transform_error(e: TransformError, caller: Caller) -> ProxyError {
+    match e {
+        TransformError::NotAnImage(why) | TransformError::Undecodable(why)
+            if caller == Caller::RenderRoute =>
+        {
+            ProxyError::InvalidSource(format!(
+                "the source image is invalid or unsupported for rendering: {why}"
+            ))
+        }
+        e => e.into(),
     }
 }
 
@@ -499,10 +676,17 @@ impl From<TransformError> for ProxyError {
     fn from(e: TransformError) -> Self {
         match e {
             TransformError::BadParameter(why) => ProxyError::BadParameter(why),
-            e @ TransformError::TooManyPixels { .. } => ProxyError::ImageTooLarge(e.to_string()),
-            e @ TransformError::Undecodable(_) => ProxyError::NotAnImage(e.to_string()),
-            e @ TransformError::Encode(_) => ProxyError::Upstream(e.to_string()),
+            e @ (TransformError::TooManyPixels { .. } | TransformError::TooManyFrames { .. }) => {
+                ProxyError::ImageTooLarge(e.to_string())
+            }
+            e @ (TransformError::NotAnImage(_) | TransformError::Undecodable(_)) => {
+                ProxyError::NotAnImage(e.to_string())
+            }
+            e @ TransformError::Encode(_) => ProxyError::TransformFailed(e.to_string()),
             TransformError::NoMemory { .. } => ProxyError::Overloaded,
+            TransformError::TimedOut => ProxyError::TransformTimeout,
+            e @ TransformError::SourceTooLarge => ProxyError::SourceTooLarge(e.to_string()),
+            e @ TransformError::SourceFailed => ProxyError::Upstream(e.to_string()),
         }
     }
 }

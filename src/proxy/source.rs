@@ -52,7 +52,51 @@ pub struct SourceObject {
     pub reservation: Option<Reservation>,
 }
 
+/// A source as work that reads it as it arrives gets it ([`Proxy::source_stream`]).
+pub struct SourceStream {
+    /// 200, or whatever the origin (or the tier) answered.
+    pub status: StatusCode,
+    /// The headers a client would have been served, `Cache-Status` included.
+    pub headers: HeaderMap,
+    /// The whole body when it is in memory already (a hit); otherwise the body as it streams
+    /// (a fill being stored, or a miss that is not).
+    pub body: ProxyBody,
+    /// The body's length, when known.
+    pub length: Option<u64>,
+}
+
 impl Proxy {
+    /// `req`'s object as a `GET` without validators or ranges gets it (tiers, collapsed
+    /// forwarding, storing), its body left to the caller to read as it arrives: nothing is
+    /// collected here, so a source that is not stored is never held whole.
+    ///
+    /// # Errors
+    /// What [`Proxy::handle`] returns; [`ProxyError::TooLarge`] when the body announces more
+    /// than `max_bytes`.
+    pub async fn source_stream(
+        self: &Arc<Self>,
+        mut req: ProxyRequest,
+        max_bytes: u64,
+    ) -> Result<SourceStream, ProxyError> {
+        req.head = false;
+        req.if_none_match = None;
+        req.range = None;
+        req.if_range = None;
+        let (parts, body) = self.handle(req).await?.into_parts();
+        let length = http_body::Body::size_hint(&body).exact();
+        if let Some(n) = length.filter(|&n| n > max_bytes) {
+            return Err(ProxyError::TooLarge(format!(
+                "the source is {n} bytes, over the limit of {max_bytes}"
+            )));
+        }
+        Ok(SourceStream {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            length,
+        })
+    }
+
     /// `req`'s object, complete, as a `GET` without validators or ranges gets it: from a tier,
     /// from a fill in flight (collapsed forwarding: concurrent callers and clients share one
     /// origin request), or from the origin, storing it as any miss is. A shared fill's body is
@@ -89,6 +133,11 @@ impl Proxy {
             ProxyBody::Tee(tee) => {
                 let (body, reservation) = self.collect(*tee, max_bytes, too_large).await?;
                 (body, Some(reservation))
+            }
+            ProxyBody::Prefixed(..) => {
+                return Err(ProxyError::Upstream(
+                    "a prefixed body is not a source (Proxy::handle makes none)".into(),
+                ));
             }
         };
         Ok(SourceObject {
@@ -178,9 +227,12 @@ impl Proxy {
     }
 
     /// Stores an object under a derived key in every tier, unless memory pressure is at bypass
-    /// or above; returns whether it was stored.
+    /// or above or its body is larger than `[cache] max_cacheable_bytes` (what is derived obeys
+    /// the limits of what is fetched); returns whether it was stored.
     pub async fn store_derived(&self, key: CacheKey, object: CachedObject) -> bool {
-        if !self.pressure.borrow().level.stores() {
+        if !self.pressure.borrow().level.stores()
+            || object.body.len() as u64 > self.cache.max_cacheable_bytes
+        {
             return false;
         }
         self.tier.insert(key, object).await;

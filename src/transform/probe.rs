@@ -8,11 +8,34 @@
 
 use super::TransformError;
 
-/// What [`probe`] reads from an image's header: the shape the HTTP side serialises as JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// An image format [`probe`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    Jpeg,
+    Png,
+    Gif,
+    Webp,
+}
+
+impl ImageKind {
+    /// Its name: `jpeg`, `png`, `gif`, `webp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageKind::Jpeg => "jpeg",
+            ImageKind::Png => "png",
+            ImageKind::Gif => "gif",
+            ImageKind::Webp => "webp",
+        }
+    }
+}
+
+/// What [`probe`] reads from an image's header: the one image-metadata type, served as JSON by
+/// `/image-info` and stored in source records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ImageInfo {
     /// `"jpeg"`, `"png"`, `"gif"` or `"webp"`.
-    pub format: &'static str,
+    pub format: ImageKind,
     /// Size in pixels as stored, before EXIF orientation (GIF: the logical screen; WebP: the
     /// canvas).
     pub width: u32,
@@ -31,6 +54,24 @@ pub struct ImageInfo {
     /// Whether the image is animated, as far as the bytes given show: an APNG's `acTL` with more
     /// than one frame, a second GIF image descriptor, the WebP `VP8X` animation flag.
     pub animated: bool,
+    /// An animation's total duration in milliseconds: the sum of its frames' delays (GIF
+    /// graphic control extensions, APNG `fcTL`, WebP `ANMF`); `None` for a still image, or when
+    /// the bytes given end before every frame is seen.
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    /// A progressive JPEG or an interlaced PNG: decoded whole, not row by row.
+    #[serde(skip)]
+    pub progressive: bool,
+    /// A JPEG's colour components (1 grey, 3 YCbCr or RGB, 4 CMYK or YCCK).
+    #[serde(skip)]
+    pub components: u8,
+    /// The largest frame seen (GIF image descriptors, APNG `fcTL`), which may be larger than
+    /// the logical screen; the image's size otherwise.
+    #[serde(skip)]
+    pub largest_frame: (u32, u32),
+    /// A lossless WebP (`VP8L`), which libwebp decodes whole.
+    #[serde(skip)]
+    pub lossless: bool,
 }
 
 /// Reads `bytes` (a whole image or its first bytes) as a JPEG, PNG, GIF or WebP header.
@@ -118,14 +159,21 @@ fn jpeg(b: &[u8]) -> Result<ImageInfo, TransformError> {
             0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => {
                 let height = be16(segment, 1).ok_or_else(truncated)?;
                 let width = be16(segment, 3).ok_or_else(truncated)?;
+                let components = *segment.get(5).ok_or_else(truncated)?;
                 return Ok(ImageInfo {
-                    format: "jpeg",
+                    format: ImageKind::Jpeg,
                     width: u32::from(width),
                     height: u32::from(height),
                     orientation,
                     has_alpha: false,
                     frames: Some(1),
                     animated: false,
+                    duration_ms: None,
+                    // SOF2, 6, 10, 14: progressive
+                    progressive: matches!(code, 0xC2 | 0xC6 | 0xCA | 0xCE),
+                    components,
+                    largest_frame: (u32::from(width), u32::from(height)),
+                    lossless: false,
                 });
             }
             0xE1 if segment.starts_with(b"Exif\0\0") => {
@@ -183,8 +231,9 @@ fn png(b: &[u8]) -> Result<ImageInfo, TransformError> {
     let width = be32(b, 16).ok_or_else(truncated)?;
     let height = be32(b, 20).ok_or_else(truncated)?;
     let colour_type = *b.get(25).ok_or_else(truncated)?;
+    let interlaced = *b.get(28).ok_or_else(truncated)? == 1;
     let mut info = ImageInfo {
-        format: "png",
+        format: ImageKind::Png,
         width,
         height,
         orientation: 1,
@@ -192,15 +241,37 @@ fn png(b: &[u8]) -> Result<ImageInfo, TransformError> {
         has_alpha: matches!(colour_type, 4 | 6),
         frames: None,
         animated: false,
+        duration_ms: None,
+        progressive: interlaced,
+        components: 0,
+        largest_frame: (width, height),
+        lossless: true,
     };
+    // an APNG's fcTL chunks: frame sizes and delays, counted to the end of the bytes given
+    let mut duration_ms = 0u64;
+    let mut complete = false;
     let mut at = 8;
     // each chunk is at least 12 bytes: bounded by the input's length
     while let (Some(len), Some(kind)) = (be32(b, at), b.get(at + 4..at + 8)) {
         let data = at + 8;
         match kind {
-            b"IDAT" => {
+            b"IDAT" if !info.animated => {
                 info.frames.get_or_insert(1);
                 break;
+            }
+            b"fcTL" => {
+                if let (Some(w), Some(h), Some(num), Some(den)) = (
+                    be32(b, data + 4),
+                    be32(b, data + 8),
+                    be16(b, data + 20),
+                    be16(b, data + 22),
+                ) {
+                    let largest = &mut info.largest_frame;
+                    *largest = (largest.0.max(w), largest.1.max(h));
+                    // a denominator of 0 means 1/100 s
+                    let den = if den == 0 { 100 } else { u64::from(den) };
+                    duration_ms += u64::from(num) * 1000 / den;
+                }
             }
             b"acTL" => {
                 let frames = be32(b, data).ok_or_else(truncated)?;
@@ -214,10 +285,16 @@ fn png(b: &[u8]) -> Result<ImageInfo, TransformError> {
                     info.orientation = v;
                 }
             }
-            b"IEND" => break,
+            b"IEND" => {
+                complete = true;
+                break;
+            }
             _ => {}
         }
         at = data.saturating_add(len as usize).saturating_add(4);
+    }
+    if info.animated {
+        info.duration_ms = complete.then_some(duration_ms);
     }
     Ok(info)
 }
@@ -228,14 +305,20 @@ fn gif(b: &[u8]) -> Result<ImageInfo, TransformError> {
     let height = le16(b, 8).ok_or_else(truncated)?;
     let flags = *b.get(10).ok_or_else(truncated)?;
     let mut info = ImageInfo {
-        format: "gif",
+        format: ImageKind::Gif,
         width: u32::from(width),
         height: u32::from(height),
         orientation: 1,
         has_alpha: false,
         frames: None,
         animated: false,
+        duration_ms: None,
+        progressive: false,
+        components: 0,
+        largest_frame: (u32::from(width), u32::from(height)),
+        lossless: true,
     };
+    let mut duration_ms = 0u64;
     let colour_table = |flags: u8| {
         if flags & 0x80 != 0 {
             3 << ((flags & 0x07) + 1)
@@ -272,6 +355,8 @@ fn gif(b: &[u8]) -> Result<ImageInfo, TransformError> {
                     && let Some(packed) = b.get(at + 3)
                 {
                     info.has_alpha |= packed & 0x01 != 0;
+                    // the delay, in hundredths of a second
+                    duration_ms += u64::from(le16(b, at + 4).unwrap_or(0)) * 10;
                 }
                 match sub_blocks(at + 2) {
                     Some(next) => at = next,
@@ -282,6 +367,10 @@ fn gif(b: &[u8]) -> Result<ImageInfo, TransformError> {
             0x2C => {
                 images += 1;
                 info.animated = images > 1;
+                if let (Some(w), Some(h)) = (le16(b, at + 5), le16(b, at + 7)) {
+                    let largest = &mut info.largest_frame;
+                    *largest = (largest.0.max(u32::from(w)), largest.1.max(u32::from(h)));
+                }
                 let Some(&local) = b.get(at + 9) else {
                     return Ok(info);
                 };
@@ -292,6 +381,9 @@ fn gif(b: &[u8]) -> Result<ImageInfo, TransformError> {
             }
             0x3B => {
                 info.frames = Some(images);
+                if info.animated {
+                    info.duration_ms = Some(duration_ms);
+                }
                 return Ok(info);
             }
             _ => return Err(bad("gif: unknown block")),
@@ -305,13 +397,18 @@ fn webp(b: &[u8]) -> Result<ImageInfo, TransformError> {
     let kind = b.get(12..16).ok_or_else(truncated)?;
     let data = 20;
     let mut info = ImageInfo {
-        format: "webp",
+        format: ImageKind::Webp,
         width: 0,
         height: 0,
         orientation: 1,
         has_alpha: false,
         frames: Some(1),
         animated: false,
+        duration_ms: None,
+        progressive: false,
+        components: 0,
+        largest_frame: (0, 0),
+        lossless: false,
     };
     match kind {
         b"VP8 " => {
@@ -334,6 +431,7 @@ fn webp(b: &[u8]) -> Result<ImageInfo, TransformError> {
             info.width = (bits & 0x3fff) + 1;
             info.height = ((bits >> 14) & 0x3fff) + 1;
             info.has_alpha = bits & (1 << 28) != 0;
+            info.lossless = true;
         }
         b"VP8X" => {
             let flags = *b.get(data).ok_or_else(truncated)?;
@@ -343,6 +441,7 @@ fn webp(b: &[u8]) -> Result<ImageInfo, TransformError> {
             info.animated = flags & 0x02 != 0;
             let riff_end = (le32(b, 4).unwrap_or(0) as usize).saturating_add(8);
             let mut frames = 0u32;
+            let mut duration_ms = 0u64;
             let mut at = 12;
             // each chunk is at least 8 bytes: bounded by the input's length
             let complete = loop {
@@ -354,7 +453,12 @@ fn webp(b: &[u8]) -> Result<ImageInfo, TransformError> {
                 };
                 let len = len as usize;
                 match kind {
-                    b"ANMF" => frames += 1,
+                    b"ANMF" => {
+                        frames += 1;
+                        // the frame's duration: 24 bits after its offset and size
+                        duration_ms += u64::from(le24(b, at + 8 + 12).unwrap_or(0));
+                    }
+                    b"VP8L" => info.lossless = true,
                     b"EXIF" => {
                         let end = (at + 8).saturating_add(len).min(b.len());
                         let exif = &b[(at + 8).min(end)..end];
@@ -370,10 +474,12 @@ fn webp(b: &[u8]) -> Result<ImageInfo, TransformError> {
             };
             if info.animated {
                 info.frames = complete.then_some(frames);
+                info.duration_ms = complete.then_some(duration_ms);
             }
         }
         _ => return Err(bad("webp: unknown first chunk")),
     }
+    info.largest_frame = (info.width, info.height);
     Ok(info)
 }
 
@@ -403,13 +509,31 @@ pub(super) mod tests {
         }))
     }
 
+    /// `info` with what the tests below do not look at set aside.
+    fn base(info: ImageInfo) -> ImageInfo {
+        ImageInfo {
+            duration_ms: None,
+            progressive: false,
+            components: 0,
+            largest_frame: (0, 0),
+            lossless: false,
+            ..info
+        }
+    }
+
     fn info(
-        format: &'static str,
+        format: &str,
         (width, height): (u32, u32),
         has_alpha: bool,
         frames: Option<u32>,
         animated: bool,
     ) -> ImageInfo {
+        let format = match format {
+            "jpeg" => ImageKind::Jpeg,
+            "png" => ImageKind::Png,
+            "gif" => ImageKind::Gif,
+            _ => ImageKind::Webp,
+        };
         ImageInfo {
             format,
             width,
@@ -418,6 +542,11 @@ pub(super) mod tests {
             has_alpha,
             frames,
             animated,
+            duration_ms: None,
+            progressive: false,
+            components: 0,
+            largest_frame: (0, 0),
+            lossless: false,
         }
     }
 
@@ -498,7 +627,7 @@ pub(super) mod tests {
     fn jpeg_size_and_orientation_from_a_prefix() {
         let jpeg = encoded(rgb(300, 200), ImageFormat::Jpeg);
         assert_eq!(
-            probe(&jpeg).unwrap(),
+            base(probe(&jpeg).unwrap()),
             info("jpeg", (300, 200), false, Some(1), false)
         );
         for (orientation, little) in [(6, true), (8, false), (3, true)] {
@@ -528,17 +657,17 @@ pub(super) mod tests {
     fn png_alpha_and_truncation() {
         let opaque = encoded(rgb(40, 30), ImageFormat::Png);
         assert_eq!(
-            probe(&opaque).unwrap(),
+            base(probe(&opaque).unwrap()),
             info("png", (40, 30), false, Some(1), false)
         );
         let clear = encoded(rgba(40, 30), ImageFormat::Png);
         assert_eq!(
-            probe(&clear).unwrap(),
+            base(probe(&clear).unwrap()),
             info("png", (40, 30), true, Some(1), false)
         );
         // signature and IHDR only: the size, not yet whether it is animated
         assert_eq!(
-            probe(&clear[..33]).unwrap(),
+            base(probe(&clear[..33]).unwrap()),
             info("png", (40, 30), true, None, false)
         );
         assert!(probe(&clear[..20]).is_err());
@@ -556,7 +685,10 @@ pub(super) mod tests {
         let started = Instant::now();
         let got = probe(&bomb).unwrap();
         assert!(started.elapsed() < Duration::from_millis(100));
-        assert_eq!(got, info("png", (100_000, 100_000), false, Some(1), false));
+        assert_eq!(
+            base(got),
+            info("png", (100_000, 100_000), false, Some(1), false)
+        );
     }
 
     #[test]
@@ -569,7 +701,7 @@ pub(super) mod tests {
         apng.extend_from_slice(&chunk(b"acTL", &actl));
         apng.extend_from_slice(&png[33..]);
         assert_eq!(
-            probe(&apng).unwrap(),
+            base(probe(&apng).unwrap()),
             info("png", (20, 10), false, Some(3), true)
         );
         assert!(is_animated(&apng[..60]));
@@ -595,12 +727,12 @@ pub(super) mod tests {
     fn gif_frames_are_counted_to_the_trailer() {
         let still = gif(1, false);
         assert_eq!(
-            probe(&still).unwrap(),
+            base(probe(&still).unwrap()),
             info("gif", (32, 16), false, Some(1), false)
         );
         let animated = gif(3, true);
         assert_eq!(
-            probe(&animated).unwrap(),
+            base(probe(&animated).unwrap()),
             info("gif", (32, 16), true, Some(3), true)
         );
         // cut before the trailer: animated (two descriptors seen), the count unknown
@@ -609,7 +741,7 @@ pub(super) mod tests {
         assert_eq!((got.frames, got.animated), (None, true));
         // the header alone
         assert_eq!(
-            probe(&animated[..13]).unwrap(),
+            base(probe(&animated[..13]).unwrap()),
             info("gif", (32, 16), false, None, false)
         );
         assert!(probe(&animated[..8]).is_err());
@@ -620,19 +752,20 @@ pub(super) mod tests {
         let lossless = encoded(rgba(50, 40), ImageFormat::WebP);
         assert_eq!(&lossless[12..16], b"VP8L");
         assert_eq!(
-            probe(&lossless).unwrap(),
+            base(probe(&lossless).unwrap()),
             info("webp", (50, 40), true, Some(1), false)
         );
-        let lossy = super::super::webp::encode_lossy(&rgb(50, 40), 80, None).unwrap();
+        let lossy = super::super::encode::webp::encode_lossy(&rgb(50, 40), 80, None).unwrap();
         assert_eq!(&lossy[12..16], b"VP8 ");
         assert_eq!(
-            probe(&lossy).unwrap(),
+            base(probe(&lossy).unwrap()),
             info("webp", (50, 40), false, Some(1), false)
         );
-        let extended = super::super::webp::encode_lossy(&rgba(50, 40), 80, Some(b"icc")).unwrap();
+        let extended =
+            super::super::encode::webp::encode_lossy(&rgba(50, 40), 80, Some(b"icc")).unwrap();
         assert_eq!(&extended[12..16], b"VP8X");
         assert_eq!(
-            probe(&extended[..40]).unwrap(),
+            base(probe(&extended[..40]).unwrap()),
             info("webp", (50, 40), true, Some(1), false)
         );
     }
@@ -657,7 +790,7 @@ pub(super) mod tests {
         ]);
         let mut expected = info("webp", (64, 48), true, Some(3), true);
         expected.orientation = 6;
-        assert_eq!(probe(&file).unwrap(), expected);
+        assert_eq!(base(probe(&file).unwrap()), expected);
         // a prefix: animated from the header, the count unknown
         let got = probe(&file[..60]).unwrap();
         assert_eq!((got.frames, got.animated, got.width), (None, true, 64));

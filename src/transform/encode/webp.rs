@@ -2,11 +2,11 @@
 //! a quality, with an alpha channel when the image has one, and the source's ICC profile added
 //! to the container here, since the crate has no API for it.
 //!
-//! Only encoding lives here; decoding a WebP source is the `image` crate's.
+//! Only encoding of still images lives here; decoding is `decode/webp.rs` and `ffi.rs`.
 
 use image::DynamicImage;
 
-use super::TransformError;
+use crate::transform::TransformError;
 
 /// The RIFF container's `VP8X` flag for an `ICCP` chunk (WebP container spec, "Extended File
 /// Format").

@@ -6,7 +6,7 @@
 
 use image::DynamicImage;
 
-use super::TransformError;
+use crate::transform::TransformError;
 
 /// rav1e's speed, 1 (slowest, smallest) to 10: a proxy encodes while a client waits, and at
 /// ravif's default (5) a 320 × 240 image took about half a second here.
