@@ -153,6 +153,10 @@ upstream = "$ORIGIN"
 # RFC 9111 lets a shared cache store Set-Cookie, and the suite checks it does; imgedge's
 # default (off) is the safer choice for a public edge.
 store_set_cookie = true
+# Request headers are an allow-list (README "Forwarded request headers"): the suite's own
+# protocol (Req-Num numbers each request of a test, Surrogate-Capability is echoed back) and the
+# headers its Vary tests select by reach its origin as any route's listed headers would.
+forward_request_headers = ["req-num", "surrogate-capability", "foo", "bar", "baz", "a", "b", "c", "abc", "other"]
 
 [log]
 level = "warn"
