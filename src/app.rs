@@ -187,6 +187,12 @@ impl App {
             tasks: tasks.clone(),
             content: ContentPolicy::new(&config.upstream),
         }));
+        let render = Render::new(
+            config.transform.clone(),
+            fills.clone(),
+            pressure.clone(),
+            metrics.clone(),
+        );
         let router = Router {
             routes: Routes::new(&config),
             admission: Admission {
@@ -196,12 +202,6 @@ impl App {
                 signer: Signer::new(config.signing.keys.clone()),
                 rate: rate.clone(),
             },
-            render: Render::new(
-                config.transform.clone(),
-                fills.clone(),
-                pressure.clone(),
-                metrics.clone(),
-            ),
             admin: Admin {
                 tier: tier.clone(),
                 fills,
@@ -213,7 +213,9 @@ impl App {
                 started: Instant::now(),
                 connections: Connections::new(budget.max_connections),
                 descriptors: budget,
+                transforms: render.pool.clone(),
             },
+            render,
             proxy,
             metrics,
             request_ids: RequestIds::new(),

@@ -105,11 +105,14 @@ impl Router {
         }
         let status = response.status().as_u16();
         self.metrics.request(route.name(), status);
+        let source = access_log::source_of(response.headers());
         response.map(|inner| LoggedBody {
             inner,
             span,
             log: Some(AccessLog {
                 start,
+                route: route.name(),
+                source,
                 status,
                 bytes: 0,
                 error,

@@ -35,6 +35,21 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+/// The buckets of `imgedge_request_duration_seconds`: 0.5 ms to 16 s, doubling.
+fn request_duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TierLabels {
     pub tier: &'static str,
 }
@@ -52,8 +67,13 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     /// `imgedge_collapsed_total`: requests that followed another request's fill.
     pub collapsed: Counter,
-    /// `imgedge_response_bytes_total`: body bytes sent to clients.
-    pub response_bytes: Counter,
+    /// `imgedge_response_bytes_total{source}`: body bytes sent to clients, by where they came
+    /// from: `memory`, `disk`, `shared` (tier hits), `origin` (misses, streamed or shared),
+    /// `transform` (renditions made for the request), `local` (imgedge's own answers).
+    pub response_bytes: Family<SourceLabels, Counter>,
+    /// `imgedge_request_duration_seconds{route}`: from a request's arrival to the end of its
+    /// response body.
+    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// `imgedge_cache_bytes{tier}`: weighted size of each tier, set at scrape.
     pub cache_bytes: Family<TierLabels, Gauge>,
     /// `imgedge_cache_entries{tier}`: entries in each tier, set at scrape.
@@ -104,6 +124,18 @@ pub struct Metrics {
     pub max_fds: Gauge,
     /// `imgedge_connections_max`: Client connections allowed open at once (server.max_connections, lowered to fit the descriptor limit); set at scrape.
     pub connections_max: Gauge,
+    /// `imgedge_fill_reserved_bytes`: Bytes reserved in the in-flight fill pool (fills, transforms, shared-tier reads); set at scrape.
+    pub fill_reserved_bytes: Gauge,
+    /// `imgedge_fill_limit_bytes`: What may be reserved until the next memory sample (the headroom below the bypass line); set at scrape.
+    pub fill_limit_bytes: Gauge,
+    /// `imgedge_fill_capacity_bytes`: The fill pool's capacity (memory.inflight_fill_bytes); set at scrape.
+    pub fill_capacity_bytes: Gauge,
+    /// `imgedge_transform_queue`: Transforms waiting for a turn of the pool; set at scrape.
+    pub transform_queue: Gauge,
+    /// `imgedge_transforms_running`: Transforms holding a turn (reading their source or running); set at scrape.
+    pub transforms_running: Gauge,
+    /// `imgedge_transform_turns`: Transforms that may run at once (transform.max_concurrent); set at scrape.
+    pub transform_turns: Gauge,
     /// `imgedge_transforms_total{outcome}`: render-route transforms run (`ok`, `failed`), and
     /// requests that shared another request's transform of the same variant (`collapsed`).
     pub transforms: Family<OutcomeLabels, Counter>,
@@ -139,7 +171,8 @@ impl Default for Metrics {
             upstream_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             collapsed: Counter::default(),
             transforms: Family::default(),
-            response_bytes: Counter::default(),
+            response_bytes: Family::default(),
+            request_duration: Family::new_with_constructor(request_duration_histogram),
             cache_bytes: Family::default(),
             cache_entries: Family::default(),
             shared_events: Family::default(),
@@ -160,6 +193,12 @@ impl Default for Metrics {
             open_fds: Gauge::default(),
             max_fds: Gauge::default(),
             connections_max: Gauge::default(),
+            fill_reserved_bytes: Gauge::default(),
+            fill_limit_bytes: Gauge::default(),
+            fill_capacity_bytes: Gauge::default(),
+            transform_queue: Gauge::default(),
+            transforms_running: Gauge::default(),
+            transform_turns: Gauge::default(),
             registry: Registry::default(),
         };
         // The text encoder appends `_total` to counters.
@@ -195,8 +234,13 @@ impl Default for Metrics {
         );
         registry.register(
             "imgedge_response_bytes",
-            "Body bytes sent to clients",
+            "Body bytes sent to clients, by where they came from",
             m.response_bytes.clone(),
+        );
+        registry.register(
+            "imgedge_request_duration_seconds",
+            "Time from a request's arrival to the end of its response body, by route",
+            m.request_duration.clone(),
         );
         registry.register(
             "imgedge_cache_bytes",
@@ -297,6 +341,36 @@ impl Default for Metrics {
             "imgedge_connections_max",
             "Client connections allowed open at once (server.max_connections, lowered to fit the descriptor limit)",
             m.connections_max.clone(),
+        );
+        registry.register(
+            "imgedge_fill_reserved_bytes",
+            "Bytes reserved in the in-flight fill pool (fills, transforms, shared-tier reads)",
+            m.fill_reserved_bytes.clone(),
+        );
+        registry.register(
+            "imgedge_fill_limit_bytes",
+            "What may be reserved until the next memory sample (the headroom below the bypass line)",
+            m.fill_limit_bytes.clone(),
+        );
+        registry.register(
+            "imgedge_fill_capacity_bytes",
+            "The fill pool's capacity (memory.inflight_fill_bytes)",
+            m.fill_capacity_bytes.clone(),
+        );
+        registry.register(
+            "imgedge_transform_queue",
+            "Transforms waiting for a turn of the pool",
+            m.transform_queue.clone(),
+        );
+        registry.register(
+            "imgedge_transforms_running",
+            "Transforms holding a turn (reading their source or running)",
+            m.transforms_running.clone(),
+        );
+        registry.register(
+            "imgedge_transform_turns",
+            "Transforms that may run at once (transform.max_concurrent)",
+            m.transform_turns.clone(),
         );
         Metrics { registry, ..m }
     }

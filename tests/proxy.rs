@@ -736,8 +736,18 @@ async fn health_and_metrics_report_the_tier() {
         "imgedge_cache_entries{tier=\"memory\"} 1",
         "imgedge_upstream_duration_seconds_count 1",
         "imgedge_memory_rss_bytes ",
-        "imgedge_response_bytes_total ",
+        "imgedge_request_duration_seconds_count{route=\"image-proxy\"} 2",
+        "imgedge_fill_capacity_bytes ",
+        "imgedge_transform_turns ",
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
+    }
+    // the bytes of the miss came from the origin, those of the hit from memory
+    for source in ["origin", "memory"] {
+        let line = format!(
+            "imgedge_response_bytes_total{{source=\"{source}\"}} {}",
+            JPEG.len()
+        );
+        assert!(text.contains(&line), "{line} missing from\n{text}");
     }
 }

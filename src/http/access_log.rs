@@ -14,7 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use tracing::Span;
 
 use crate::body::ProxyBody;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteLabels, SourceLabels};
 use crate::upstream::UpstreamError;
 
 /// `X-Request-Id`: echoed when the client sent a sane one, generated otherwise.
@@ -56,6 +56,42 @@ impl RequestIds {
     }
 }
 
+/// Where a response's body comes from, read off its `Cache-Status` (the one record of what the
+/// cache did): a tier for hits and for stored copies the origin confirmed or stood in for,
+/// `transform` for renditions made for the request, `origin` for other misses, `local` for what
+/// imgedge answers itself (errors, `/health`, `/metrics`).
+pub(super) fn source_of(headers: &HeaderMap) -> &'static str {
+    let Some(status) = headers
+        .get(&crate::proxy::CACHE_STATUS)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return "local";
+    };
+    let tier = || {
+        if status.contains("detail=disk") {
+            "disk"
+        } else if status.contains("detail=shared") {
+            "shared"
+        } else {
+            "memory"
+        }
+    };
+    if status.starts_with("imgedge; hit") {
+        tier()
+    } else if status.contains("detail=transform") {
+        "transform"
+    } else if status.contains("fwd-status=304")
+        || status.contains("detail=stale-if-error")
+        || status.contains("detail=unreachable")
+    {
+        "memory"
+    } else if status.contains("fwd=") {
+        "origin"
+    } else {
+        "local"
+    }
+}
+
 impl Default for RequestIds {
     fn default() -> Self {
         Self::new()
@@ -65,6 +101,9 @@ impl Default for RequestIds {
 /// What the access line reports once a response body is done.
 pub(super) struct AccessLog {
     pub(super) start: Instant,
+    /// The route's name and where the body comes from, for the metrics.
+    pub(super) route: &'static str,
+    pub(super) source: &'static str,
     pub(super) status: u16,
     pub(super) bytes: u64,
     /// The error message of an error response.
@@ -76,9 +115,19 @@ pub(super) struct AccessLog {
 impl AccessLog {
     /// `outcome`: `complete`, `aborted` (the body failed) or `client-gone` (dropped unfinished).
     fn finish(self, span: &Span, outcome: &'static str) {
-        self.metrics.response_bytes.inc_by(self.bytes);
+        let elapsed = self.start.elapsed();
+        self.metrics
+            .response_bytes
+            .get_or_create(&SourceLabels {
+                source: self.source,
+            })
+            .inc_by(self.bytes);
+        self.metrics
+            .request_duration
+            .get_or_create(&RouteLabels { route: self.route })
+            .observe(elapsed.as_secs_f64());
         if self.enabled {
-            let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+            let duration_ms = elapsed.as_secs_f64() * 1000.0;
             span.in_scope(|| {
                 tracing::info!(
                     status = self.status,

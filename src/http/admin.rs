@@ -49,6 +49,8 @@ pub struct Admin {
     pub connections: Arc<Connections>,
     /// How the descriptor limit is shared (`descriptors.rs`), shown in `/health` and `/metrics`.
     pub descriptors: DescriptorBudget,
+    /// The transform pool (shared with the render route), for its queue and turns.
+    pub transforms: crate::transform::Pool,
 }
 
 impl Admin {
@@ -271,6 +273,7 @@ impl Admin {
                 "capacity_bytes": self.fills.capacity_bytes(),
                 "limit_bytes": self.fills.limit_bytes(),
             },
+            "transforms": self.transforms.stats(),
             "cache": cache,
             "draining": self.draining.load(Ordering::Relaxed),
             "connections": {
@@ -322,6 +325,21 @@ impl Admin {
         self.metrics
             .connections_open
             .set(gauge(self.connections.open() as u64));
+        self.metrics
+            .fill_reserved_bytes
+            .set(gauge(self.fills.used_bytes()));
+        self.metrics
+            .fill_limit_bytes
+            .set(gauge(self.fills.limit_bytes()));
+        self.metrics
+            .fill_capacity_bytes
+            .set(gauge(self.fills.capacity_bytes()));
+        let pool = self.transforms.stats();
+        self.metrics.transform_queue.set(gauge(pool.waiting as u64));
+        self.metrics
+            .transforms_running
+            .set(gauge(pool.running as u64));
+        self.metrics.transform_turns.set(gauge(pool.turns as u64));
         let d = &self.descriptors;
         self.metrics
             .connections_max
