@@ -298,20 +298,74 @@ impl Drop for Reservation {
 
 /// The memory budget when none is configured: this process's cgroup limit (v2, then v1), else
 /// physical memory. `None` only when nothing can be read.
+///
+/// The cgroup is the process's own, from `/proc/self/cgroup`, and its limit the smallest on the
+/// way up to the mount's root (a parent's limit binds its children): in a container with a
+/// cgroup namespace that is the root itself; in a nested cgroup without one (a systemd unit's
+/// `MemoryMax=`, a cgroup made by hand) the mount's root file would be the whole machine's.
 pub fn detect_budget_bytes() -> Option<u64> {
-    cgroup_limit_bytes(
-        std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-            .ok()
-            .as_deref(),
-        std::fs::read_to_string("/sys/fs/cgroup/memory/memory.limit_in_bytes")
-            .ok()
-            .as_deref(),
-    )
-    .or_else(|| {
-        let mut system = sysinfo::System::new().ok()?;
-        system.refresh_memory();
-        Some(system.total_memory()).filter(|&m| m > 0)
-    })
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).ok();
+    let limit_on_the_way_up = |mount: &str, path: &str, file: &str, v2: bool| {
+        let mut dir = std::path::PathBuf::from(mount).join(path.trim_start_matches('/'));
+        let mut smallest: Option<u64> = None;
+        loop {
+            let contents = read(&dir.join(file));
+            let limit = if v2 {
+                cgroup_limit_bytes(contents.as_deref(), None)
+            } else {
+                cgroup_limit_bytes(None, contents.as_deref())
+            };
+            if let Some(l) = limit {
+                smallest = Some(smallest.map_or(l, |s| s.min(l)));
+            }
+            if dir == std::path::Path::new(mount) || !dir.pop() {
+                return smallest;
+            }
+        }
+    };
+    let (v2_path, v1_path) = cgroup_paths(&own);
+    v2_path
+        .and_then(|p| limit_on_the_way_up("/sys/fs/cgroup", &p, "memory.max", true))
+        .or_else(|| {
+            v1_path.and_then(|p| {
+                limit_on_the_way_up("/sys/fs/cgroup/memory", &p, "memory.limit_in_bytes", false)
+            })
+        })
+        .or_else(|| {
+            cgroup_limit_bytes(
+                read(std::path::Path::new("/sys/fs/cgroup/memory.max")).as_deref(),
+                read(std::path::Path::new(
+                    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                ))
+                .as_deref(),
+            )
+        })
+        .or_else(|| {
+            let mut system = sysinfo::System::new().ok()?;
+            system.refresh_memory();
+            Some(system.total_memory()).filter(|&m| m > 0)
+        })
+}
+
+/// This process's cgroup paths from `/proc/self/cgroup`'s contents: the v2 one (`0::/path`) and
+/// the v1 memory controller's (`N:...memory...:/path`).
+pub fn cgroup_paths(proc_self_cgroup: &str) -> (Option<String>, Option<String>) {
+    let (mut v2, mut v1) = (None, None);
+    for line in proc_self_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if id == "0" && controllers.is_empty() {
+            v2 = Some(path.to_owned());
+        } else if controllers.split(',').any(|c| c == "memory") {
+            v1 = Some(path.to_owned());
+        }
+    }
+    (v2, v1)
 }
 
 /// A cgroup memory limit from the v2 `memory.max` or v1 `memory.limit_in_bytes` contents:
@@ -415,5 +469,14 @@ mod tests {
         );
         assert_eq!(cgroup_limit_bytes(None, Some("9223372036854771712")), None);
         assert_eq!(cgroup_limit_bytes(None, None), None);
+        assert_eq!(
+            cgroup_paths("12:cpu,cpuacct:/a\n9:memory:/user.slice/job\n0::/ignored\n"),
+            (
+                Some("/ignored".to_owned()),
+                Some("/user.slice/job".to_owned())
+            )
+        );
+        assert_eq!(cgroup_paths("0::/\n"), (Some("/".to_owned()), None));
+        assert_eq!(cgroup_paths(""), (None, None));
     }
 }

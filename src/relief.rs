@@ -94,8 +94,11 @@ pub async fn run(mut pressure: watch::Receiver<Reading>, relief: Relief) {
         evict_to,
         fill_line,
     } = relief;
-    let mut level = pressure.borrow().level;
+    // the first reading is acted on as any other: an instance that starts above a line counts
+    // its transition and gives up what that level gives up
+    let mut level = Level::Normal;
     let mut episode: Option<Eviction> = None;
+    pressure.mark_changed();
     while pressure.changed().await.is_ok() {
         let reading = *pressure.borrow_and_update();
         fills.set_headroom(

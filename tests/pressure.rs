@@ -399,3 +399,35 @@ async fn while_draining_readiness_fails_and_requests_are_still_served() {
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "d");
 }
+
+/// An instance that starts above a line acts on it as on any later reading: the transition is
+/// counted and the level's relief happens (found by the operator test: it used to start from the
+/// first reading and count nothing).
+#[tokio::test]
+async fn a_process_that_starts_under_pressure_counts_it_and_acts_on_it() {
+    let origin = TestOrigin::start().await;
+    let rss = Arc::new(SetRss::new(BUDGET / 100 * 96));
+    let config = test_config(
+        &origin,
+        &format!(
+            "[memory]\nbudget_bytes = {BUDGET}\nsample_interval = \"10ms\"\n[cache]\nmemory_capacity_bytes = 268435456"
+        ),
+    );
+    let proxy = TestProxy::start_with(config, Some(rss)).await;
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = proxy.get("/metrics").await.text();
+        if metrics.contains("imgedge_memory_pressure_transitions_total{to=\"emergency\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        metrics.contains("imgedge_memory_pressure_transitions_total{to=\"emergency\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("imgedge_memory_relief_total{action=\"cleared\"} 1"),
+        "{metrics}"
+    );
+}
