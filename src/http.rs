@@ -18,16 +18,17 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{
-    ALLOW, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_SECURITY_POLICY, CONTENT_TYPE, RETRY_AFTER,
-    X_CONTENT_TYPE_OPTIONS,
+    ALLOW, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LOCATION, CONTENT_SECURITY_POLICY,
+    CONTENT_TYPE, LOCATION, RETRY_AFTER, X_CONTENT_TYPE_OPTIONS,
 };
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use tracing::Instrument;
 use tracing::field::Empty;
+use url::Url;
 
 pub use access_log::LoggedBody;
 pub use admin::{Admin, PURGE_PATH};
-pub use admit::{Admission, Admitted, Client};
+pub use admit::{Admission, Admitted, Asked, Client};
 pub use render::Render;
 pub use routes::{Route, Routes, SUPABASE_PUBLIC_PREFIX, SUPABASE_RENDER_PREFIX};
 
@@ -65,6 +66,9 @@ impl Router {
         let route = self.routes.route_of(req.uri().path());
         let id = self.request_ids.of(req.headers());
         let client = self.admission.client(req.headers(), peer);
+        // What a route response's Location is rewritten to names what this request asked for.
+        let asked = matches!(route, Route::Proxied { .. })
+            .then(|| Asked::of(req.headers(), req.uri(), &client));
         let span = tracing::info_span!(
             "request",
             id = %id.to_str().unwrap_or_default(),
@@ -94,10 +98,13 @@ impl Router {
         response.headers_mut().insert(REQUEST_ID.clone(), id);
         match route {
             Route::ImageProxy => image_proxy_headers(response.headers_mut()),
-            Route::Proxied { index, .. } => route_response_headers(
-                response.headers_mut(),
-                self.routes.config(index).content_security_policy,
-            ),
+            Route::Proxied { index, .. } => {
+                let config = self.routes.config(index);
+                if let Some(asked) = &asked {
+                    rewrite_locations(response.headers_mut(), &config.upstream, asked);
+                }
+                route_response_headers(response.headers_mut(), config.content_security_policy);
+            }
             Route::Render { .. } | Route::ImageInfo => {
                 route_response_headers(response.headers_mut(), CspMode::Sandbox)
             }
@@ -244,6 +251,63 @@ fn route_response_headers(headers: &mut HeaderMap, csp: CspMode) {
     }
 }
 
+/// `Location` and `Content-Location` values that point at the route's `upstream` (its scheme,
+/// host and port, the scheme's default port written or not, and under its base path) rewritten
+/// to point at the origin the client used ([`Asked::origin`]), as nginx's `proxy_redirect
+/// default` does: redirects and the URLs an origin builds from its own address (a resumable
+/// upload's `Location`) lead back through imgedge. Relative values and other origins' are left
+/// as they are. Done per response, on the way out, never to what is stored: a stored response
+/// keeps the origin's value, so one client's `Host` never reaches another.
+fn rewrite_locations(headers: &mut HeaderMap, upstream: &Url, asked: &Asked) {
+    let mut origin = None;
+    for name in [LOCATION, CONTENT_LOCATION] {
+        if !headers.contains_key(&name) {
+            continue;
+        }
+        let Some(origin) = origin.get_or_insert_with(|| asked.origin()).as_deref() else {
+            return;
+        };
+        let values: Vec<HeaderValue> = headers
+            .get_all(&name)
+            .iter()
+            .map(|value| {
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| under_upstream(v, upstream))
+                    .map(|rest| {
+                        let slash = if rest.starts_with('/') { "" } else { "/" };
+                        format!("{origin}{slash}{rest}")
+                    })
+                    .and_then(|v| HeaderValue::from_str(&v).ok())
+                    .unwrap_or_else(|| value.clone())
+            })
+            .collect();
+        headers.remove(&name);
+        for value in values {
+            headers.append(name.clone(), value);
+        }
+    }
+}
+
+/// The rest of `location` (path, query, fragment, exactly as written) after `upstream`'s origin
+/// and base path, when it is an absolute URL there; `None` otherwise.
+fn under_upstream<'a>(location: &'a str, upstream: &Url) -> Option<&'a str> {
+    let url = Url::parse(location).ok()?;
+    let same_origin = url.scheme() == upstream.scheme()
+        && url.host() == upstream.host()
+        && url.port_or_known_default() == upstream.port_or_known_default();
+    if !same_origin {
+        return None;
+    }
+    let (_, after_scheme) = location.split_once("://")?;
+    let rest = &after_scheme[after_scheme
+        .find(['/', '?', '#'])
+        .unwrap_or(after_scheme.len())..];
+    let rest = rest.strip_prefix(upstream.path().trim_end_matches('/'))?;
+    (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
+}
+
 /// `{"error": code, "message": text}` with the error's status; never cached downstream, not
 /// sniffed, nothing in it loads or runs, and its `Cache-Status` says whether the request went
 /// forward (`fwd=uri-miss`: the origin failed or sent what imgedge refuses) or was refused by
@@ -291,4 +355,87 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Proxy
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewritten(location: &str, upstream: &str, host: &str) -> String {
+        let mut headers = HeaderMap::new();
+        headers.insert(LOCATION, HeaderValue::from_str(location).unwrap());
+        headers.insert(CONTENT_LOCATION, HeaderValue::from_str(location).unwrap());
+        let mut request = HeaderMap::new();
+        request.insert(http::header::HOST, HeaderValue::from_str(host).unwrap());
+        let client = Client {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            ip: "127.0.0.1".parse().unwrap(),
+            behind_proxy: false,
+        };
+        let asked = Asked::of(&request, &http::Uri::from_static("/"), &client);
+        rewrite_locations(&mut headers, &Url::parse(upstream).unwrap(), &asked);
+        assert_eq!(headers.get(LOCATION), headers.get(CONTENT_LOCATION));
+        headers[LOCATION].to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn locations_at_the_upstream_are_rewritten_to_the_origin_the_client_used() {
+        let up = "http://storage.internal:8000";
+        let edge = "img.example:8080";
+        for (location, expected) in [
+            (
+                "http://storage.internal:8000/storage/v1/upload/resumable/aGk%3D?x=1#f",
+                "http://img.example:8080/storage/v1/upload/resumable/aGk%3D?x=1#f",
+            ),
+            // scheme and host compare as URLs do; the rest is kept exactly as written
+            (
+                "HTTP://Storage.Internal:8000//a/./b",
+                "http://img.example:8080//a/./b",
+            ),
+            ("http://storage.internal:8000", "http://img.example:8080/"),
+            (
+                "http://storage.internal:8000?q",
+                "http://img.example:8080/?q",
+            ),
+            // relative, another port, scheme or host: untouched
+            ("/storage/v1/x", "/storage/v1/x"),
+            (
+                "http://storage.internal:8001/x",
+                "http://storage.internal:8001/x",
+            ),
+            (
+                "https://storage.internal:8000/x",
+                "https://storage.internal:8000/x",
+            ),
+            ("http://elsewhere.example/x", "http://elsewhere.example/x"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(rewritten(location, up, edge), expected, "{location}");
+        }
+        // default ports, written or not, are the same origin
+        assert_eq!(
+            rewritten(
+                "https://abcd.supabase.co:443/a",
+                "https://abcd.supabase.co",
+                "img.example"
+            ),
+            "http://img.example/a"
+        );
+        assert_eq!(
+            rewritten("http://h/a", "http://h:80", "img.example:80"),
+            "http://img.example:80/a"
+        );
+        // the upstream's base path is the route's root
+        for (location, expected) in [
+            ("http://h/base/files/a", "http://img.example/files/a"),
+            ("http://h/base", "http://img.example/"),
+            ("http://h/basement/a", "http://h/basement/a"),
+            ("http://h/other/a", "http://h/other/a"),
+        ] {
+            assert_eq!(
+                rewritten(location, "http://h/base/", "img.example"),
+                expected
+            );
+        }
+    }
 }

@@ -40,3 +40,37 @@ async fn the_headers_storage_reads_reach_it_with_the_host_the_client_used() {
     assert_eq!(get("x-forwarded-host"), Some("edge.example:8080"));
     assert_eq!(get("x-forwarded-port"), Some("8080"));
 }
+
+/// A resumable upload's `Location`, built by Storage (or by a gateway that did not trust
+/// imgedge) from its own address, comes back pointing at imgedge, so the upload's PATCHes go
+/// through it too.
+#[tokio::test]
+async fn a_resumable_upload_s_location_at_the_upstream_points_back_at_imgedge() {
+    let origin = TestOrigin::start().await;
+    let path = "/storage/v1/upload/resumable";
+    origin.route(
+        path,
+        Reply::ok("").status(201).header(
+            "Location",
+            &format!("http://{}/storage/v1/upload/resumable/YS9i", origin.addr),
+        ),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let r = proxy
+        .send_body(
+            Method::POST,
+            path,
+            &[
+                ("Authorization", "Bearer k"),
+                ("Tus-Resumable", "1.0.0"),
+                ("Upload-Length", "1"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        r.header("location"),
+        format!("http://{}/storage/v1/upload/resumable/YS9i", proxy.addr)
+    );
+}
