@@ -11,6 +11,7 @@ pub mod rate;
 pub mod record;
 pub mod render;
 pub mod routes;
+pub mod supabase;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -214,15 +215,48 @@ impl Router {
                         url,
                         headers,
                         upload,
+                        writes,
                     } => {
-                        let upload = Upload::new(body, &parts.headers, upload)?;
-                        self.proxy
+                        let capture = match &writes {
+                            Some(w) if w.needs_body() => supabase::BODY_PREFIX_BYTES,
+                            _ => 0,
+                        };
+                        let upload = Upload::new(body, &parts.headers, upload, capture)?;
+                        let captured = upload.captured.clone();
+                        let response = self
+                            .proxy
                             .forward(&namespace, method, url, headers, upload)
-                            .await
+                            .await?;
+                        if let Some(writes) = writes
+                            && response.status().is_success()
+                        {
+                            self.invalidate(admitted.route, &writes, captured.body().as_deref())
+                                .await;
+                        }
+                        Ok(response)
                     }
                 }
             }
         }
+    }
+}
+
+impl Router {
+    /// Forgets what a successful Supabase write made stale: every stored response for the
+    /// objects it changed (and so the renditions and source records made from them), as a
+    /// purge of their paths would. `body`: the whole request body, when it was kept.
+    async fn invalidate(&self, route: Route, writes: &supabase::Writes, body: Option<&[u8]>) {
+        let paths = writes.stale_paths(body);
+        for path in &paths {
+            let key = path
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|uri| self.routes.purge_key(route, &uri).ok());
+            if let Some(key) = key {
+                self.admin.tier.invalidate(&key).await;
+            }
+        }
+        tracing::debug!(paths = paths.len(), "invalidated what the write changed");
     }
 }
 

@@ -41,7 +41,7 @@ use inflight::{InflightGuard, InflightRegistry};
 use resolver::GuardedResolver;
 use sockets::{Counted, SocketsExhausted};
 use tokio::sync::Semaphore;
-pub use upload::{Upload, UploadError, UploadLimits, UploadProgress};
+pub use upload::{Captured, Upload, UploadError, UploadLimits, UploadProgress};
 
 use crate::config::UpstreamConfig;
 use crate::descriptors::DescriptorBudget;

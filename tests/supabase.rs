@@ -74,3 +74,192 @@ async fn a_resumable_upload_s_location_at_the_upstream_points_back_at_imgedge() 
         format!("http://{}/storage/v1/upload/resumable/YS9i", proxy.addr)
     );
 }
+
+/// A `width` × `height` PNG.
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn stored(body: Vec<u8>) -> Reply {
+    Reply::ok(body)
+        .header("Content-Type", "image/png")
+        .header("Cache-Control", "public, max-age=3600")
+}
+
+const PUBLIC: &str = "/storage/v1/object/public/pics/cat.png";
+
+/// Gets `path` twice: the second answer must be a hit.
+async fn warm(proxy: &TestProxy, path: &str) {
+    proxy.get(path).await;
+    assert_eq!(
+        proxy.get(path).await.cache_status(),
+        "imgedge; hit; detail=memory",
+        "{path}"
+    );
+}
+
+/// An update (as supabase-js's `update()` sends it) makes the public object and its renditions
+/// stale: the next requests are misses that fetch and render the new version. A write that
+/// fails invalidates nothing.
+#[tokio::test]
+async fn an_update_invalidates_the_public_object_and_its_renditions() {
+    let origin = TestOrigin::start().await;
+    origin.route(PUBLIC, stored(png(200, 100)));
+    origin.route(
+        "/storage/v1/object/info/public/pics/cat.png",
+        Reply::ok("{}")
+            .content_type(Some("application/json"))
+            .header("Cache-Control", "max-age=3600"),
+    );
+    origin.route(
+        "/storage/v1/object/pics/cat.png",
+        Reply::ok("{\"Key\":\"pics/cat.png\"}").content_type(Some("application/json")),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let render = "/storage/v1/render/image/public/pics/cat.png?width=50";
+    warm(&proxy, PUBLIC).await;
+    warm(&proxy, render).await;
+    warm(&proxy, "/storage/v1/object/info/public/pics/cat.png").await;
+    assert_eq!(origin.hits(PUBLIC), 1);
+
+    // A failed write changes nothing.
+    origin.route(
+        "/storage/v1/object/pics/cat.png",
+        Reply::ok("{\"statusCode\":\"403\"}")
+            .status(400)
+            .content_type(Some("application/json")),
+    );
+    let r = proxy
+        .send_body(
+            Method::PUT,
+            "/storage/v1/object/pics/cat.png",
+            &[("Authorization", "Bearer k")],
+            png(100, 200),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        proxy.get(PUBLIC).await.cache_status(),
+        "imgedge; hit; detail=memory"
+    );
+
+    origin.route(
+        "/storage/v1/object/pics/cat.png",
+        Reply::ok("{\"Key\":\"pics/cat.png\"}").content_type(Some("application/json")),
+    );
+    origin.route(PUBLIC, stored(png(100, 200)));
+    let r = proxy
+        .send_body(
+            Method::PUT,
+            "/storage/v1/object/pics/cat.png",
+            &[("Authorization", "Bearer k"), ("x-upsert", "true")],
+            png(100, 200),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = proxy.get(PUBLIC).await;
+    assert_eq!(r.cache_status(), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(r.body, png(100, 200));
+    let r = proxy.get(render).await;
+    assert_eq!(
+        image::load_from_memory(&r.body).unwrap().height(),
+        100,
+        "the new version rendered: {}",
+        r.cache_status()
+    );
+    assert_eq!(
+        proxy
+            .get("/storage/v1/object/info/public/pics/cat.png")
+            .await
+            .cache_status(),
+        "imgedge; fwd=uri-miss; stored"
+    );
+}
+
+/// A move (its JSON body names the source and destination), a bulk delete (its body names the
+/// keys), S3's DeleteObjects (XML) and a resumable upload's last PATCH (its URL names the
+/// object) invalidate what they changed.
+#[tokio::test]
+async fn writes_named_in_bodies_and_upload_ids_invalidate_their_objects() {
+    let origin = TestOrigin::start().await;
+    let paths = [
+        "/storage/v1/object/public/pics/old.png",
+        "/storage/v1/object/public/pics/new.png",
+        "/storage/v1/object/public/pics/a%20b.png",
+        "/storage/v1/object/public/pics/dir/c.png",
+        "/storage/v1/object/public/pics/s3.png",
+        "/storage/v1/object/public/pics/tus.png",
+    ];
+    for path in paths {
+        origin.route(path, stored(png(4, 4)));
+    }
+    let ok = || Reply::ok("{}").content_type(Some("application/json"));
+    origin.route("/storage/v1/object/move", ok());
+    origin.route("/storage/v1/object/pics", ok());
+    origin.route("/storage/v1/s3/pics?delete", ok());
+    // base64url of "pics/tus.png/<version>"
+    let tus = "/storage/v1/upload/resumable/cGljcy90dXMucG5nLzEyMzQ";
+    origin.route(tus, ok().status(204));
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    for path in paths {
+        warm(&proxy, path).await;
+    }
+    let auth = [
+        ("Authorization", "Bearer k"),
+        ("Content-Type", "application/json"),
+    ];
+    let sent = [
+        (
+            Method::POST,
+            "/storage/v1/object/move",
+            r#"{"bucketId":"pics","sourceKey":"old.png","destinationKey":"new.png"}"#.to_owned(),
+        ),
+        (
+            Method::DELETE,
+            "/storage/v1/object/pics",
+            r#"{"prefixes":["a b.png","dir/c.png"]}"#.to_owned(),
+        ),
+        (
+            Method::POST,
+            "/storage/v1/s3/pics?delete",
+            "<Delete><Object><Key>s3.png</Key></Object></Delete>".to_owned(),
+        ),
+        (Method::PATCH, tus, "the last bytes".to_owned()),
+    ];
+    for (method, path, body) in sent {
+        let r = proxy.send_body(method, path, &auth, body).await;
+        assert!(r.status < 300, "{path}: {}", r.status);
+    }
+    for path in paths {
+        assert_eq!(
+            proxy.get(path).await.cache_status(),
+            "imgedge; fwd=uri-miss; stored",
+            "{path}"
+        );
+        assert_eq!(origin.hits(path), 2, "{path}");
+    }
+
+    // A body past the 64 KiB kept is forwarded whole all the same; it names nothing then.
+    warm(&proxy, paths[0]).await;
+    let mut big =
+        r#"{"bucketId":"pics","sourceKey":"old.png","destinationKey":"new.png","pad":""#.to_owned();
+    big.push_str(&"x".repeat(70 * 1024));
+    big.push_str("\"}");
+    let r = proxy
+        .send_body(Method::POST, "/storage/v1/object/move", &auth, big.clone())
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        origin.last_body("/storage/v1/object/move").1,
+        big.into_bytes()
+    );
+    assert_eq!(
+        proxy.get(paths[0]).await.cache_status(),
+        "imgedge; hit; detail=memory"
+    );
+}

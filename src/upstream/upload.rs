@@ -2,13 +2,16 @@
 //! held to `[server] max_request_body_bytes`, and timed by its own rule, a longest pause
 //! between two chunks (`[server] request_body_timeout`, as nginx's `client_body_timeout`), so a
 //! slow upload that keeps moving is never failed by the upstream's `header_timeout`: that one
-//! starts when the last byte has been sent.
+//! starts when the last byte has been sent. A small body may also be kept as it passes
+//! ([`Captured`]), for what needs to read it after it was sent (the objects a Supabase move
+//! names).
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http::header::CONTENT_LENGTH;
 use http_body::{Body, Frame, SizeHint};
@@ -53,15 +56,23 @@ pub struct UploadLimits {
 pub struct Upload {
     pub body: RequestBody,
     pub progress: UploadProgress,
+    /// The body as it passed, when asked for (see [`Upload::new`]).
+    pub captured: Captured,
 }
 
 impl Upload {
-    /// Wraps the client's `body`, whose request carried `headers`.
+    /// Wraps the client's `body`, whose request carried `headers`. With `capture_bytes` above
+    /// 0, a body of at most that many bytes is also kept as it passes ([`Captured`]).
     ///
     /// # Errors
     /// [`UploadError::TooLarge`] at once when `Content-Length` announces more than the limit:
     /// nothing is read and the upstream is not contacted.
-    pub fn new<B>(body: B, headers: &HeaderMap, limits: UploadLimits) -> Result<Upload, UploadError>
+    pub fn new<B>(
+        body: B,
+        headers: &HeaderMap,
+        limits: UploadLimits,
+        capture_bytes: usize,
+    ) -> Result<Upload, UploadError>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -76,6 +87,7 @@ impl Upload {
             });
         }
         let (state, watch) = watch::channel(State::Sending);
+        let captured = Captured::new(capture_bytes);
         let guarded = Guarded {
             inner: body.map_err(Into::into).boxed_unsync(),
             limits,
@@ -83,11 +95,73 @@ impl Upload {
             stall: Box::pin(tokio::time::sleep(limits.idle_timeout)),
             waiting: false,
             state,
+            captured: captured.clone(),
         };
         Ok(Upload {
             body: guarded.boxed_unsync(),
             progress: UploadProgress(watch),
+            captured,
         })
+    }
+}
+
+/// An upload's body, kept as it passes when it is small: shared between the body (which fills
+/// it) and whoever reads it once the upload ended.
+#[derive(Debug, Clone)]
+pub struct Captured(Option<Arc<Mutex<Capture>>>);
+
+#[derive(Debug)]
+enum Capture {
+    /// Bytes so far, and how many may be kept.
+    Keeping(BytesMut, usize),
+    /// The whole body.
+    Complete(Bytes),
+    /// Larger than the limit, or it did not end well: nothing kept.
+    Dropped,
+}
+
+impl Captured {
+    /// Keeps up to `max_bytes`; 0 keeps nothing.
+    fn new(max_bytes: usize) -> Self {
+        Captured(
+            (max_bytes > 0)
+                .then(|| Arc::new(Mutex::new(Capture::Keeping(BytesMut::new(), max_bytes)))),
+        )
+    }
+
+    /// The whole body, when it was sent to its end within the limit; `None` while it is still
+    /// being sent, when it was larger, failed, or was never asked for.
+    pub fn body(&self) -> Option<Bytes> {
+        match &*self.0.as_ref()?.lock().ok()? {
+            Capture::Complete(b) => Some(b.clone()),
+            _ => None,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(Capture) -> Capture) {
+        if let Some(slot) = &self.0
+            && let Ok(mut c) = slot.lock()
+        {
+            *c = f(std::mem::replace(&mut *c, Capture::Dropped));
+        }
+    }
+
+    fn data(&self, data: &Bytes) {
+        self.update(|c| match c {
+            Capture::Keeping(mut kept, max) if kept.len() + data.len() <= max => {
+                kept.extend_from_slice(data);
+                Capture::Keeping(kept, max)
+            }
+            _ => Capture::Dropped,
+        });
+    }
+
+    fn end(&self, complete: bool) {
+        self.update(|c| match c {
+            Capture::Keeping(kept, _) if complete => Capture::Complete(kept.freeze()),
+            Capture::Complete(b) => Capture::Complete(b),
+            _ => Capture::Dropped,
+        });
     }
 }
 
@@ -130,10 +204,12 @@ struct Guarded {
     /// Whether the last poll of the client's body was pending (the stall timer is running).
     waiting: bool,
     state: watch::Sender<State>,
+    captured: Captured,
 }
 
 impl Guarded {
     fn fail(&mut self, e: UploadError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.captured.end(false);
         self.state.send_replace(State::Failed(e.clone()));
         Poll::Ready(Some(Err(e.into())))
     }
@@ -169,6 +245,7 @@ impl Body for Guarded {
         this.waiting = false;
         match frame {
             None => {
+                this.captured.end(true);
                 this.state.send_replace(State::Sent);
                 Poll::Ready(None)
             }
@@ -181,6 +258,7 @@ impl Body for Guarded {
                             max_bytes: this.limits.max_bytes,
                         });
                     }
+                    this.captured.data(data);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -198,6 +276,9 @@ impl Body for Guarded {
 
 impl Drop for Guarded {
     fn drop(&mut self) {
+        // A sender may stop at the last data frame once the body says it is at its end,
+        // without asking for the end itself.
+        self.captured.end(self.inner.is_end_stream());
         // Dropped before its end: the fetch no longer waits for it.
         self.state.send_if_modified(|s| {
             let sending = *s == State::Sending;
@@ -267,7 +348,7 @@ mod tests {
         let body = Later(Some(Box::pin(tokio::time::sleep_until(
             started + Duration::from_millis(80),
         ))));
-        let mut upload = Upload::new(body, &HeaderMap::new(), limits(100)).unwrap();
+        let mut upload = Upload::new(body, &HeaderMap::new(), limits(100), 0).unwrap();
         tokio::time::sleep_until(started + Duration::from_millis(60)).await;
         let frame = upload.body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"late"));
@@ -279,6 +360,7 @@ mod tests {
             Full::new(Bytes::from_static(b"hello")),
             &HeaderMap::new(),
             limits(5),
+            0,
         )
         .unwrap();
         let mut progress = upload.progress.clone();
@@ -295,6 +377,7 @@ mod tests {
             Full::new(Bytes::from_static(b"hello!")),
             &headers,
             limits(5),
+            0,
         );
         assert!(matches!(
             result,
@@ -305,7 +388,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_growing_past_the_limit_fails_and_says_why() {
         let body = ThenSilent(VecDeque::from([&b"abc"[..], b"def"]));
-        let upload = Upload::new(body, &HeaderMap::new(), limits(5)).unwrap();
+        let upload = Upload::new(body, &HeaderMap::new(), limits(5), 0).unwrap();
         let mut progress = upload.progress.clone();
         assert!(upload.body.collect().await.is_err());
         assert_eq!(
@@ -317,12 +400,71 @@ mod tests {
     #[tokio::test]
     async fn a_stalled_body_fails_after_the_pause_limit_however_much_came_before() {
         let body = ThenSilent(VecDeque::from([&b"abc"[..]]));
-        let upload = Upload::new(body, &HeaderMap::new(), limits(100)).unwrap();
+        let upload = Upload::new(body, &HeaderMap::new(), limits(100), 0).unwrap();
         let progress = upload.progress.clone();
         assert!(upload.body.collect().await.is_err());
         assert_eq!(
             progress.failure(),
             Some(UploadError::Stalled(Duration::from_millis(50)))
         );
+    }
+
+    #[tokio::test]
+    async fn a_small_body_is_kept_whole_once_sent_and_a_larger_one_not_at_all() {
+        let chunks = || ThenEnd(VecDeque::from([&b"abc"[..], b"def"]));
+        let upload = Upload::new(chunks(), &HeaderMap::new(), limits(100), 6).unwrap();
+        let captured = upload.captured.clone();
+        let mut body = upload.body;
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(captured.body(), None, "not while it is being sent");
+        while body.frame().await.is_some() {}
+        assert_eq!(captured.body().as_deref(), Some(&b"abcdef"[..]));
+
+        let upload = Upload::new(chunks(), &HeaderMap::new(), limits(100), 5).unwrap();
+        let captured = upload.captured.clone();
+        upload.body.collect().await.unwrap();
+        assert_eq!(captured.body(), None, "over the limit");
+
+        let upload = Upload::new(chunks(), &HeaderMap::new(), limits(100), 6).unwrap();
+        let captured = upload.captured.clone();
+        let mut body = upload.body;
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(captured.body(), None, "dropped before its end");
+
+        // A sender that stops at the last data frame of a body that says it has ended.
+        let upload = Upload::new(
+            Full::new(Bytes::from_static(b"whole")),
+            &HeaderMap::new(),
+            limits(100),
+            6,
+        )
+        .unwrap();
+        let captured = upload.captured.clone();
+        let mut body = upload.body;
+        body.frame().await.unwrap().unwrap();
+        assert!(body.is_end_stream());
+        drop(body);
+        assert_eq!(captured.body().as_deref(), Some(&b"whole"[..]));
+    }
+
+    /// Sends its chunks, then ends.
+    struct ThenEnd(VecDeque<&'static [u8]>);
+
+    impl Body for ThenEnd {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(
+                self.get_mut()
+                    .0
+                    .pop_front()
+                    .map(|chunk| Ok(Frame::data(Bytes::from_static(chunk)))),
+            )
+        }
     }
 }
