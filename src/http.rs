@@ -70,6 +70,14 @@ impl Router {
         // What a route response's Location is rewritten to names what this request asked for.
         let asked = matches!(route, Route::Proxied { .. })
             .then(|| Asked::of(req.headers(), req.uri(), &client));
+        // imgedge's own errors on the Supabase routes are written as Storage writes its own.
+        let error_body = match route {
+            Route::Render { .. } => Some(supabase::ErrorBody::Json),
+            Route::Proxied {
+                name: "supabase", ..
+            } => Some(supabase::ErrorBody::for_path(req.uri().path())),
+            _ => None,
+        };
         let span = tracing::info_span!(
             "request",
             id = %id.to_str().unwrap_or_default(),
@@ -93,7 +101,7 @@ impl Router {
                         .inc();
                 }
                 let message = e.to_string();
-                (error_response(&e), Some(message))
+                (error_response(&e, error_body.as_ref()), Some(message))
             }
         };
         response.headers_mut().insert(REQUEST_ID.clone(), id);
@@ -342,14 +350,28 @@ fn under_upstream<'a>(location: &'a str, upstream: &Url) -> Option<&'a str> {
     (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
 }
 
-/// `{"error": code, "message": text}` with the error's status; never cached downstream, not
-/// sniffed, nothing in it loads or runs, and its `Cache-Status` says whether the request went
-/// forward (`fwd=uri-miss`: the origin failed or sent what imgedge refuses) or was refused by
-/// imgedge itself, with the error code as `detail`.
-fn error_response(e: &ProxyError) -> Response<ProxyBody> {
+/// `{"error": code, "message": text}` with the error's status (on the Supabase routes, in
+/// Storage's shape: [`supabase::ErrorBody`]); never cached downstream, not sniffed, nothing in
+/// it loads or runs, and its `Cache-Status` says whether the request went forward
+/// (`fwd=uri-miss`: the origin failed or sent what imgedge refuses) or was refused by imgedge
+/// itself, with the error code as `detail`.
+fn error_response(e: &ProxyError, shape: Option<&supabase::ErrorBody>) -> Response<ProxyBody> {
     let (status, code) = e.status();
-    let body = serde_json::json!({ "error": code, "message": e.client_message() });
-    let mut response = json_response(status, &body);
+    let mut response = match shape {
+        None => {
+            let body = serde_json::json!({ "error": code, "message": e.client_message() });
+            json_response(status, &body)
+        }
+        Some(shape) => {
+            let (content_type, body) = shape.render(status, code, &e.client_message());
+            let mut response = Response::new(ProxyBody::full(body));
+            *response.status_mut() = status;
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, content_type);
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+    };
     let headers = response.headers_mut();
     headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(CONTENT_SECURITY_POLICY, content::IMAGE_CSP.clone());

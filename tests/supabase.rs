@@ -263,3 +263,83 @@ async fn writes_named_in_bodies_and_upload_ids_invalidate_their_objects() {
         "imgedge; hit; detail=memory"
     );
 }
+
+/// imgedge's own errors on the Supabase routes read as Storage's: `statusCode`, `code`
+/// (Storage's), `message`, and imgedge's code in `error`; XML on the S3 protocol. The status is
+/// imgedge's; what the origin answers passes as it is; other routes keep imgedge's shape.
+#[tokio::test]
+async fn imgedge_s_own_errors_on_the_supabase_routes_take_storage_s_shape() {
+    let origin = TestOrigin::start().await;
+    let storage_error = r#"{"statusCode":"404","error":"not_found","message":"Object not found"}"#;
+    origin.route(
+        "/storage/v1/object/public/b/missing.png",
+        Reply::ok(storage_error)
+            .status(400)
+            .content_type(Some("application/json")),
+    );
+    let proxy = TestProxy::for_origin(&origin, "[server]\nmax_request_body_bytes = 10\n").await;
+
+    let (status, raw) = raw_exchange(
+        proxy.addr,
+        "GET",
+        "/storage/v1/object/public/b/..%2Fx.png",
+        "",
+    )
+    .await;
+    assert_eq!(status, 400, "{raw}");
+    let body: serde_json::Value =
+        serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["statusCode"], "400");
+    assert_eq!(body["code"], "InvalidKey");
+    assert_eq!(body["error"], "bad_path");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+
+    let r = proxy
+        .get("/storage/v1/render/image/public/b/a.png?width=wide")
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["statusCode"], "400");
+    assert_eq!(r.json()["code"], "InvalidRequest");
+    assert_eq!(r.error_code(), "bad_parameter");
+
+    let r = proxy
+        .send_body(
+            Method::PUT,
+            "/storage/v1/object/b/big.bin",
+            &[("Authorization", "Bearer k")],
+            vec![0u8; 11],
+        )
+        .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["code"], "EntityTooLarge");
+    assert_eq!(r.json()["error"], "payload_too_large");
+
+    let r = proxy
+        .send_body(
+            Method::PUT,
+            "/storage/v1/s3/b/dir/big.bin",
+            &[("Authorization", "AWS4-HMAC-SHA256 ...")],
+            vec![0u8; 11],
+        )
+        .await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.header("content-type"), "application/xml");
+    let text = r.text();
+    for part in [
+        "<Code>EntityTooLarge</Code>",
+        "<Resource>b/dir/big.bin</Resource>",
+        "<ImgedgeCode>payload_too_large</ImgedgeCode>",
+    ] {
+        assert!(text.contains(part), "{part} not in {text}");
+    }
+    assert_eq!(origin.total_hits(), 0, "refused before anything was sent");
+
+    // The origin's own error passes as it is.
+    let r = proxy.get("/storage/v1/object/public/b/missing.png").await;
+    assert_eq!((r.status, r.text().as_str()), (400, storage_error));
+
+    // Elsewhere, imgedge's shape.
+    let r = proxy.get("/image-proxy").await;
+    assert_eq!(r.error_code(), "bad_url");
+    assert!(r.json().get("statusCode").is_none());
+}
