@@ -38,8 +38,9 @@ use crate::config::CspMode;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, content};
+use crate::server::Busy;
 use crate::transform::Params;
-use crate::upstream::{BoxError, Upload};
+use crate::upstream::{BoxError, Linger, Upload};
 use access_log::{AccessLog, REQUEST_ID, RequestIds};
 use routes::{Proxied, get_or_head};
 
@@ -57,8 +58,14 @@ pub struct Router {
 }
 
 impl Router {
-    /// Answers one request that came from `peer`. Never fails: errors become JSON responses.
-    pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<LoggedBody>
+    /// Answers one request that came from `peer` on a connection `busy` keeps busy. Never
+    /// fails: errors become JSON responses.
+    pub async fn handle<B>(
+        &self,
+        req: Request<B>,
+        peer: SocketAddr,
+        busy: Busy,
+    ) -> Response<LoggedBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -88,7 +95,7 @@ impl Router {
             upstream_status = Empty,
         );
         let result = self
-            .dispatch(route, req, client)
+            .dispatch(route, req, client, busy)
             .instrument(span.clone())
             .await;
         let (mut response, error) = match result {
@@ -140,6 +147,7 @@ impl Router {
         route: Route,
         req: Request<B>,
         client: Client,
+        busy: Busy,
     ) -> Result<Response<ProxyBody>, ProxyError>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -229,7 +237,13 @@ impl Router {
                             Some(w) if w.needs_body() => supabase::BODY_PREFIX_BYTES,
                             _ => 0,
                         };
-                        let upload = Upload::new(body, &parts.headers, upload, capture)?;
+                        // HTTP/1: a body nothing upstream wants any more is read to its end
+                        // (HTTP/2 ends the stream without harm).
+                        let linger = (parts.version < http::Version::HTTP_2).then(|| Linger {
+                            tasks: self.proxy.tasks().clone(),
+                            hold: Some(Box::new(busy.hold())),
+                        });
+                        let upload = Upload::new(body, &parts.headers, upload, capture, linger)?;
                         let captured = upload.captured.clone();
                         let response = self
                             .proxy
