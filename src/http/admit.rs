@@ -174,8 +174,9 @@ impl Asked {
     }
 
     /// `http` or `https`, and the host; no host when none was given or it is not a valid
-    /// authority.
-    fn target(&self) -> (&'static str, Option<TargetHost>) {
+    /// authority. With `own_host`, the request's own `Host` stands in when a trusted proxy
+    /// names none (as Kong's `X-Forwarded-Host` falls back to `$host`).
+    fn target(&self, own_host: bool) -> (&'static str, Option<TargetHost>) {
         let first = |v: &Option<HeaderValue>| {
             v.as_ref()
                 .and_then(|v| v.to_str().ok())
@@ -197,18 +198,23 @@ impl Asked {
                     })
                 })
         };
-        let (proto, host, port) = if self.behind_proxy {
-            let proto = first(&self.forwarded_proto).or_else(|| from_forwarded("proto"));
-            let host = first(&self.forwarded_host).or_else(|| from_forwarded("host"));
-            let port = first(&self.forwarded_port).and_then(|p| p.parse::<u16>().ok());
-            (proto, host, port)
-        } else {
-            let host = self
-                .host
+        let own = || {
+            self.host
                 .as_ref()
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            (None, host, None)
+                .map(str::to_owned)
+        };
+        let (proto, host, port) = if self.behind_proxy {
+            let proto = first(&self.forwarded_proto).or_else(|| from_forwarded("proto"));
+            let named = first(&self.forwarded_host).or_else(|| from_forwarded("host"));
+            let port = first(&self.forwarded_port).and_then(|p| p.parse::<u16>().ok());
+            match named {
+                Some(host) => (proto, Some(host), port),
+                None if own_host => (proto, own(), None),
+                None => (proto, None, port),
+            }
+        } else {
+            (None, own(), None)
         };
         let proto = match proto.map(|p| p.to_ascii_lowercase()).as_deref() {
             Some("https") => "https",
@@ -239,7 +245,7 @@ impl Asked {
     /// `None` without a valid host. For answers to this one request only (see
     /// [`forwarded`] for what may be told an origin).
     pub fn origin(&self) -> Option<String> {
-        let (proto, host) = self.target();
+        let (proto, host) = self.target(true);
         let host = host?;
         let default_port = if proto == "https" { 443 } else { 80 };
         Some(if host.port_shown || host.port == default_port {
@@ -276,7 +282,7 @@ pub fn forwarded(
     public_hosts: &[HostPattern],
     shareable: bool,
 ) -> ForwardedFor {
-    let (proto, host) = Asked::of(&parts.headers, &parts.uri, client).target();
+    let (proto, host) = Asked::of(&parts.headers, &parts.uri, client).target(false);
     let host = host
         .filter(|h| {
             if public_hosts.is_empty() {
@@ -490,6 +496,16 @@ mod tests {
             )
             .as_deref(),
             Some("https://cdn.example")
+        );
+        // A trusted proxy that names no host: the request's own.
+        assert_eq!(
+            asked(
+                true,
+                &[("host", "img.example"), ("x-forwarded-proto", "https")],
+                "/"
+            )
+            .as_deref(),
+            Some("https://img.example")
         );
     }
 }
