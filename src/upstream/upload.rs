@@ -420,12 +420,14 @@ impl Body for Guarded {
     }
 
     fn is_end_stream(&self) -> bool {
+        // Given up or failed: not an end (a chunked upload would be ended cleanly, short); the
+        // next poll says why.
         self.shared
             .client
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .is_none_or(|c| c.body.is_end_stream())
+            .is_some_and(|c| c.body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
