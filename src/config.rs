@@ -157,14 +157,15 @@ pub enum CspMode {
 
 /// The request headers Supabase Storage reads beyond the standard ones: uploads (`x-upsert`,
 /// `x-metadata`), the client library's `x-client-info`, resumable uploads (TUS:
-/// `tus-resumable`, `upload-*`), and the S3 protocol (`x-amz-*`, and the AWS SDKs' signed
-/// `amz-sdk-*`, `content-md5`).
-pub const SUPABASE_REQUEST_HEADERS: [&str; 8] = [
+/// `tus-resumable`, `upload-*`, and `x-signature`, the token of a signed upload URL), and the S3
+/// protocol (`x-amz-*`, and the AWS SDKs' signed `amz-sdk-*`, `content-md5`).
+pub const SUPABASE_REQUEST_HEADERS: [&str; 9] = [
     "x-upsert",
     "x-metadata",
     "x-client-info",
     "tus-resumable",
     "upload-*",
+    "x-signature",
     "x-amz-*",
     "amz-sdk-*",
     "content-md5",

@@ -11,6 +11,7 @@ pub mod rate;
 pub mod record;
 pub mod render;
 pub mod routes;
+pub mod supabase;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,16 +19,17 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{
-    ALLOW, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_SECURITY_POLICY, CONTENT_TYPE, RETRY_AFTER,
-    X_CONTENT_TYPE_OPTIONS,
+    ALLOW, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LOCATION, CONTENT_SECURITY_POLICY,
+    CONTENT_TYPE, LOCATION, RETRY_AFTER, X_CONTENT_TYPE_OPTIONS,
 };
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use tracing::Instrument;
 use tracing::field::Empty;
+use url::Url;
 
 pub use access_log::LoggedBody;
 pub use admin::{Admin, PURGE_PATH};
-pub use admit::{Admission, Admitted, Client};
+pub use admit::{Admission, Admitted, Asked, Client};
 pub use render::Render;
 pub use routes::{Route, Routes, SUPABASE_PUBLIC_PREFIX, SUPABASE_RENDER_PREFIX};
 
@@ -36,8 +38,9 @@ use crate::config::CspMode;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, content};
+use crate::server::Busy;
 use crate::transform::Params;
-use crate::upstream::{BoxError, Upload};
+use crate::upstream::{BoxError, Linger, Upload};
 use access_log::{AccessLog, REQUEST_ID, RequestIds};
 use routes::{Proxied, get_or_head};
 
@@ -55,8 +58,14 @@ pub struct Router {
 }
 
 impl Router {
-    /// Answers one request that came from `peer`. Never fails: errors become JSON responses.
-    pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<LoggedBody>
+    /// Answers one request that came from `peer` on a connection `busy` keeps busy. Never
+    /// fails: errors become JSON responses.
+    pub async fn handle<B>(
+        &self,
+        req: Request<B>,
+        peer: SocketAddr,
+        busy: Busy,
+    ) -> Response<LoggedBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -65,6 +74,17 @@ impl Router {
         let route = self.routes.route_of(req.uri().path());
         let id = self.request_ids.of(req.headers());
         let client = self.admission.client(req.headers(), peer);
+        // What a route response's Location is rewritten to names what this request asked for.
+        let asked = matches!(route, Route::Proxied { .. })
+            .then(|| Asked::of(req.headers(), req.uri(), &client));
+        // imgedge's own errors on the Supabase routes are written as Storage writes its own.
+        let error_body = match route {
+            Route::Render { .. } => Some(supabase::ErrorBody::Json),
+            Route::Proxied {
+                name: "supabase", ..
+            } => Some(supabase::ErrorBody::for_path(req.uri().path())),
+            _ => None,
+        };
         let span = tracing::info_span!(
             "request",
             id = %id.to_str().unwrap_or_default(),
@@ -75,7 +95,7 @@ impl Router {
             upstream_status = Empty,
         );
         let result = self
-            .dispatch(route, req, client)
+            .dispatch(route, req, client, busy)
             .instrument(span.clone())
             .await;
         let (mut response, error) = match result {
@@ -88,16 +108,19 @@ impl Router {
                         .inc();
                 }
                 let message = e.to_string();
-                (error_response(&e), Some(message))
+                (error_response(&e, error_body.as_ref()), Some(message))
             }
         };
         response.headers_mut().insert(REQUEST_ID.clone(), id);
         match route {
             Route::ImageProxy => image_proxy_headers(response.headers_mut()),
-            Route::Proxied { index, .. } => route_response_headers(
-                response.headers_mut(),
-                self.routes.config(index).content_security_policy,
-            ),
+            Route::Proxied { index, .. } => {
+                let config = self.routes.config(index);
+                if let Some(asked) = &asked {
+                    rewrite_locations(response.headers_mut(), &config.upstream, asked);
+                }
+                route_response_headers(response.headers_mut(), config.content_security_policy);
+            }
             Route::Render { .. } | Route::ImageInfo => {
                 route_response_headers(response.headers_mut(), CspMode::Sandbox)
             }
@@ -127,6 +150,7 @@ impl Router {
         route: Route,
         req: Request<B>,
         client: Client,
+        busy: Busy,
     ) -> Result<Response<ProxyBody>, ProxyError>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -210,15 +234,54 @@ impl Router {
                         url,
                         headers,
                         upload,
+                        writes,
                     } => {
-                        let upload = Upload::new(body, &parts.headers, upload)?;
-                        self.proxy
+                        let capture = match &writes {
+                            Some(w) if w.needs_body() => supabase::BODY_PREFIX_BYTES,
+                            _ => 0,
+                        };
+                        // HTTP/1: a body nothing upstream wants any more is read to its end
+                        // (HTTP/2 ends the stream without harm).
+                        let linger = (parts.version < http::Version::HTTP_2).then(|| Linger {
+                            tasks: self.proxy.tasks().clone(),
+                            hold: Some(Box::new(busy.hold())),
+                        });
+                        let upload = Upload::new(body, &parts.headers, upload, capture, linger)?;
+                        let captured = upload.captured.clone();
+                        let response = self
+                            .proxy
                             .forward(&namespace, method, url, headers, upload)
-                            .await
+                            .await?;
+                        if let Some(writes) = writes
+                            && response.status().is_success()
+                        {
+                            self.invalidate(admitted.route, &writes, captured.body().as_deref())
+                                .await;
+                        }
+                        Ok(response)
                     }
                 }
             }
         }
+    }
+}
+
+impl Router {
+    /// Forgets what a successful Supabase write made stale: every stored response for the
+    /// objects it changed (and so the renditions and source records made from them), as a
+    /// purge of their paths would. `body`: the whole request body, when it was kept.
+    async fn invalidate(&self, route: Route, writes: &supabase::Writes, body: Option<&[u8]>) {
+        let paths = writes.stale_paths(body);
+        for path in &paths {
+            let key = path
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|uri| self.routes.purge_key(route, &uri).ok());
+            if let Some(key) = key {
+                self.admin.tier.invalidate(&key).await;
+            }
+        }
+        tracing::debug!(paths = paths.len(), "invalidated what the write changed");
     }
 }
 
@@ -247,14 +310,85 @@ fn route_response_headers(headers: &mut HeaderMap, csp: CspMode) {
     }
 }
 
-/// `{"error": code, "message": text}` with the error's status; never cached downstream, not
-/// sniffed, nothing in it loads or runs, and its `Cache-Status` says whether the request went
-/// forward (`fwd=uri-miss`: the origin failed or sent what imgedge refuses) or was refused by
-/// imgedge itself, with the error code as `detail`.
-fn error_response(e: &ProxyError) -> Response<ProxyBody> {
+/// `Location` and `Content-Location` values that point at the route's `upstream` (its scheme,
+/// host and port, the scheme's default port written or not, and under its base path) rewritten
+/// to point at the origin the client used ([`Asked::origin`]), as nginx's `proxy_redirect
+/// default` does: redirects and the URLs an origin builds from its own address (a resumable
+/// upload's `Location`) lead back through imgedge. Relative values and other origins' are left
+/// as they are. Done per response, on the way out, never to what is stored: a stored response
+/// keeps the origin's value, so one client's `Host` never reaches another.
+fn rewrite_locations(headers: &mut HeaderMap, upstream: &Url, asked: &Asked) {
+    let mut origin = None;
+    for name in [LOCATION, CONTENT_LOCATION] {
+        if !headers.contains_key(&name) {
+            continue;
+        }
+        let Some(origin) = origin.get_or_insert_with(|| asked.origin()).as_deref() else {
+            return;
+        };
+        let values: Vec<HeaderValue> = headers
+            .get_all(&name)
+            .iter()
+            .map(|value| {
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| under_upstream(v, upstream))
+                    .map(|rest| {
+                        let slash = if rest.starts_with('/') { "" } else { "/" };
+                        format!("{origin}{slash}{rest}")
+                    })
+                    .and_then(|v| HeaderValue::from_str(&v).ok())
+                    .unwrap_or_else(|| value.clone())
+            })
+            .collect();
+        headers.remove(&name);
+        for value in values {
+            headers.append(name.clone(), value);
+        }
+    }
+}
+
+/// The rest of `location` (path, query, fragment, exactly as written) after `upstream`'s origin
+/// and base path, when it is an absolute URL there; `None` otherwise.
+fn under_upstream<'a>(location: &'a str, upstream: &Url) -> Option<&'a str> {
+    let url = Url::parse(location).ok()?;
+    let same_origin = url.scheme() == upstream.scheme()
+        && url.host() == upstream.host()
+        && url.port_or_known_default() == upstream.port_or_known_default();
+    if !same_origin {
+        return None;
+    }
+    let (_, after_scheme) = location.split_once("://")?;
+    let rest = &after_scheme[after_scheme
+        .find(['/', '?', '#'])
+        .unwrap_or(after_scheme.len())..];
+    let rest = rest.strip_prefix(upstream.path().trim_end_matches('/'))?;
+    (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
+}
+
+/// `{"error": code, "message": text}` with the error's status (on the Supabase routes, in
+/// Storage's shape: [`supabase::ErrorBody`]); never cached downstream, not sniffed, nothing in
+/// it loads or runs, and its `Cache-Status` says whether the request went forward
+/// (`fwd=uri-miss`: the origin failed or sent what imgedge refuses) or was refused by imgedge
+/// itself, with the error code as `detail`.
+fn error_response(e: &ProxyError, shape: Option<&supabase::ErrorBody>) -> Response<ProxyBody> {
     let (status, code) = e.status();
-    let body = serde_json::json!({ "error": code, "message": e.client_message() });
-    let mut response = json_response(status, &body);
+    let mut response = match shape {
+        None => {
+            let body = serde_json::json!({ "error": code, "message": e.client_message() });
+            json_response(status, &body)
+        }
+        Some(shape) => {
+            let (content_type, body) = shape.render(status, code, &e.client_message());
+            let mut response = Response::new(ProxyBody::full(body));
+            *response.status_mut() = status;
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, content_type);
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+    };
     let headers = response.headers_mut();
     headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(CONTENT_SECURITY_POLICY, content::IMAGE_CSP.clone());
@@ -297,4 +431,87 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Proxy
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewritten(location: &str, upstream: &str, host: &str) -> String {
+        let mut headers = HeaderMap::new();
+        headers.insert(LOCATION, HeaderValue::from_str(location).unwrap());
+        headers.insert(CONTENT_LOCATION, HeaderValue::from_str(location).unwrap());
+        let mut request = HeaderMap::new();
+        request.insert(http::header::HOST, HeaderValue::from_str(host).unwrap());
+        let client = Client {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            ip: "127.0.0.1".parse().unwrap(),
+            behind_proxy: false,
+        };
+        let asked = Asked::of(&request, &http::Uri::from_static("/"), &client);
+        rewrite_locations(&mut headers, &Url::parse(upstream).unwrap(), &asked);
+        assert_eq!(headers.get(LOCATION), headers.get(CONTENT_LOCATION));
+        headers[LOCATION].to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn locations_at_the_upstream_are_rewritten_to_the_origin_the_client_used() {
+        let up = "http://storage.internal:8000";
+        let edge = "img.example:8080";
+        for (location, expected) in [
+            (
+                "http://storage.internal:8000/storage/v1/upload/resumable/aGk%3D?x=1#f",
+                "http://img.example:8080/storage/v1/upload/resumable/aGk%3D?x=1#f",
+            ),
+            // scheme and host compare as URLs do; the rest is kept exactly as written
+            (
+                "HTTP://Storage.Internal:8000//a/./b",
+                "http://img.example:8080//a/./b",
+            ),
+            ("http://storage.internal:8000", "http://img.example:8080/"),
+            (
+                "http://storage.internal:8000?q",
+                "http://img.example:8080/?q",
+            ),
+            // relative, another port, scheme or host: untouched
+            ("/storage/v1/x", "/storage/v1/x"),
+            (
+                "http://storage.internal:8001/x",
+                "http://storage.internal:8001/x",
+            ),
+            (
+                "https://storage.internal:8000/x",
+                "https://storage.internal:8000/x",
+            ),
+            ("http://elsewhere.example/x", "http://elsewhere.example/x"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(rewritten(location, up, edge), expected, "{location}");
+        }
+        // default ports, written or not, are the same origin
+        assert_eq!(
+            rewritten(
+                "https://abcd.supabase.co:443/a",
+                "https://abcd.supabase.co",
+                "img.example"
+            ),
+            "http://img.example/a"
+        );
+        assert_eq!(
+            rewritten("http://h/a", "http://h:80", "img.example:80"),
+            "http://img.example:80/a"
+        );
+        // the upstream's base path is the route's root
+        for (location, expected) in [
+            ("http://h/base/files/a", "http://img.example/files/a"),
+            ("http://h/base", "http://img.example/"),
+            ("http://h/basement/a", "http://h/basement/a"),
+            ("http://h/other/a", "http://h/other/a"),
+        ] {
+            assert_eq!(
+                rewritten(location, "http://h/base/", "img.example"),
+                expected
+            );
+        }
+    }
 }

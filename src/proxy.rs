@@ -135,6 +135,12 @@ impl Proxy {
         }
     }
 
+    /// Where the proxy's background work runs (and the reading of request bodies nothing
+    /// upstream wants any more).
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
     /// Answers `req` from the memory tier, a fill in flight, or the origin. The returned body
     /// streams; failures after this returns abort the client connection.
     ///

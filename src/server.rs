@@ -175,6 +175,24 @@ impl Activity {
     }
 }
 
+/// A request's hold on its connection: while a guard from [`Busy::hold`] lives, the connection
+/// counts as busy with a request, as while a response is being sent (no idle or head
+/// timeout), whatever else has ended. For a request body still being read after its response
+/// (upload.rs's lingering close).
+#[derive(Clone)]
+pub struct Busy(Arc<Activity>);
+
+impl Busy {
+    /// Keeps the connection busy until the guard is dropped.
+    pub fn hold(&self) -> BusyGuard {
+        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        BusyGuard(ActivityGuard(self.0.clone()))
+    }
+}
+
+/// See [`Busy::hold`].
+pub struct BusyGuard(#[allow(dead_code)] ActivityGuard);
+
 /// One request in flight: ends with its response body (when hyper drops it).
 struct ActivityGuard(Arc<Activity>);
 
@@ -386,8 +404,9 @@ async fn serve_connection(
         let activity = activity.clone();
         move |req: Request<Incoming>| {
             let (router, guard) = (router.clone(), activity.begin(req.version()));
+            let busy = Busy(activity.clone());
             async move {
-                let response = router.handle(req, peer).await;
+                let response = router.handle(req, peer, busy).await;
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody {
                     inner,
                     _activity: guard,

@@ -41,7 +41,9 @@ use inflight::{InflightGuard, InflightRegistry};
 use resolver::GuardedResolver;
 use sockets::{Counted, SocketsExhausted};
 use tokio::sync::Semaphore;
-pub use upload::{Upload, UploadError, UploadLimits, UploadProgress};
+pub use upload::{
+    Captured, LINGER_TIME, Linger, Upload, UploadError, UploadLimits, UploadProgress,
+};
 
 use crate::config::UpstreamConfig;
 use crate::descriptors::DescriptorBudget;
@@ -313,9 +315,9 @@ impl Upstream {
             ))?;
         if guard == Guard::Trusted {
             let response = self
-                .send(&self.trusted, &method, &url, &headers, body, upload)
+                .send(&self.trusted, &method, &url, &headers, body, upload.clone())
                 .await?;
-            return self.receive(response, &method, request_time, inflight);
+            return self.receive(response, &method, request_time, inflight, upload);
         }
         loop {
             self.check_target(&url)?;
@@ -329,7 +331,7 @@ impl Upstream {
                 self.allow_https_downgrade,
             )?;
             let Some(next) = next else {
-                return self.receive(response, &method, request_time, inflight);
+                return self.receive(response, &method, request_time, inflight, None);
             };
             if hops == self.max_redirects {
                 return Err(UpstreamError::TooManyRedirects(self.max_redirects));
@@ -393,13 +395,15 @@ impl Upstream {
         }
     }
 
-    /// Checks the announced length and wraps the body.
+    /// Checks the announced length and wraps the body (which gives the request's `upload` up
+    /// when it is over first).
     fn receive(
         &self,
         response: http::Response<Incoming>,
         method: &Method,
         request_time: SystemTime,
         inflight: InflightGuard,
+        upload: Option<UploadProgress>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let response_time = SystemTime::now();
         let (parts, incoming) = response.into_parts();
@@ -411,6 +415,9 @@ impl Upstream {
         if let Some(length) = content_length
             && length > self.max_object_bytes
         {
+            if let Some(upload) = &upload {
+                upload.abandon();
+            }
             return Err(UpstreamError::TooLarge {
                 length_bytes: length,
                 max_bytes: self.max_object_bytes,
@@ -434,6 +441,7 @@ impl Upstream {
             max_bytes: self.max_object_bytes,
             done: false,
             peeked: None,
+            upload,
         };
         Ok(UpstreamResponse {
             head: UpstreamHead {

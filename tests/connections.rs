@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Reads until the peer closes (or resets) the connection; `Err` when it is still open after
@@ -29,7 +29,7 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Result<Vec<u8
 }
 
 /// Reads one response with a `Content-Length` body from a keep-alive connection.
-async fn read_response(stream: &mut TcpStream) -> (u16, String) {
+async fn read_response(stream: &mut (impl AsyncRead + Unpin)) -> (u16, String) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -327,4 +327,172 @@ async fn uploads_are_held_to_their_own_limits_not_the_upstream_header_timeout() 
         1,
         "a stalled upload reached the origin whole"
     );
+}
+
+/// How [`early_answering_origin`] treats the body it does not read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Early {
+    /// Answers 403, then reads and discards the rest until the peer closes (as nginx's
+    /// lingering close does).
+    Lingers,
+    /// Answers 403, then reads nothing and keeps the connection open for a minute.
+    Stops,
+    /// Resets the connection without answering.
+    Resets,
+}
+
+/// An origin that answers as soon as it has read a request head, without reading the body.
+async fn early_answering_origin(early: Early) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if early == Early::Resets {
+                    // SO_LINGER 0 is how a RST is sent; nothing blocks on this drop.
+                    #[allow(deprecated)]
+                    let _ = stream.set_linger(Some(Duration::ZERO));
+                    return;
+                }
+                let body = r#"{"Error":"SignatureDoesNotMatch"}"#;
+                let response = format!(
+                    "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(response.as_bytes()).await.is_err() {
+                    return;
+                }
+                if early == Early::Stops {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return;
+                }
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A proxy whose Supabase route goes to `addr`, with `extra` `[server]` keys.
+async fn proxy_in_front_of(addr: std::net::SocketAddr, extra: &str) -> TestProxy {
+    TestProxy::start(
+        imgedge::Config::from_toml(&format!(
+            "[server]\n{extra}\n[supabase]\nupstream = \"http://{addr}\"\n[log]\naccess = false\n"
+        ))
+        .unwrap(),
+    )
+    .await
+}
+
+/// An origin that answers an upload before reading its body (a signature check on the head,
+/// as S3 does), keeps reading or not, or fails outright: the client still reads the answer, as
+/// from nginx, instead of a reset while it is still sending. imgedge reads and discards the
+/// rest of the body (a lingering close) within the body's own limits, and the connection then
+/// serves the next request.
+#[tokio::test]
+async fn an_early_answer_to_an_upload_reaches_the_client_that_is_still_sending() {
+    const BODY_BYTES: usize = 24 << 20;
+    for (early, status) in [
+        (Early::Lingers, 403),
+        (Early::Stops, 403),
+        (Early::Resets, 502),
+    ] {
+        let proxy = proxy_in_front_of(early_answering_origin(early).await, "").await;
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let head = format!(
+            "PUT /storage/v1/s3/b/big.bin HTTP/1.1\r\nHost: imgedge\r\n\
+             Authorization: AWS4-HMAC-SHA256 x\r\nContent-Length: {BODY_BYTES}\r\n\r\n"
+        );
+        let sending = tokio::spawn(async move {
+            writer.write_all(head.as_bytes()).await?;
+            let chunk = vec![7u8; 64 * 1024];
+            for _ in 0..BODY_BYTES / chunk.len() {
+                writer.write_all(&chunk).await?;
+            }
+            Ok::<_, std::io::Error>(writer)
+        });
+        let (got, body) = read_response(&mut reader).await;
+        assert_eq!(got, status, "{early:?}: {body}");
+        if status == 403 {
+            assert_eq!(body, r#"{"Error":"SignatureDoesNotMatch"}"#);
+        }
+        // Stops: only imgedge reading the body lets the client send it whole.
+        let mut writer = tokio::time::timeout(Duration::from_secs(10), sending)
+            .await
+            .unwrap_or_else(|_| panic!("{early:?}: the body not sent within 10 s"))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{early:?}: sending the body failed: {e}"));
+        writer
+            .write_all(b"GET /health/live HTTP/1.1\r\nHost: imgedge\r\n\r\n")
+            .await
+            .unwrap();
+        let (got, _) = read_response(&mut reader).await;
+        assert_eq!(got, 200, "{early:?}: the next request on the connection");
+    }
+}
+
+/// The rest of a body is read only within its limits: a client that stops sending is closed
+/// after `request_body_timeout`, one that sends more than `max_request_body_bytes` once past it.
+#[tokio::test]
+async fn a_lingering_body_is_held_to_the_body_limits() {
+    let proxy = proxy_in_front_of(
+        early_answering_origin(Early::Stops).await,
+        "request_body_timeout = \"300ms\"\nmax_request_body_bytes = 4194304",
+    )
+    .await;
+    // Stops sending after 1 MiB of 4.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head =
+        "PUT /storage/v1/s3/b/k HTTP/1.1\r\nHost: imgedge\r\nContent-Length: 4194304\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![1u8; 1 << 20]).await.unwrap();
+    let (status, _) = read_response(&mut stream).await;
+    assert_eq!(status, 403);
+    let started = Instant::now();
+    closed_within(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("closed once the client paused past request_body_timeout");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+
+    // Chunked, going on past the limit: closed there, not read forever.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head =
+        "PUT /storage/v1/s3/b/k HTTP/1.1\r\nHost: imgedge\r\nTransfer-Encoding: chunked\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 1 << 16, "x".repeat(1 << 16));
+    let (mut reader, mut writer) = stream.into_split();
+    let sending = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while writer.write_all(chunk.as_bytes()).await.is_ok() {
+            sent += 1 << 16;
+            if sent > 64 << 20 {
+                break;
+            }
+        }
+        sent
+    });
+    let (status, _) = read_response(&mut reader).await;
+    assert_eq!(status, 403);
+    let sent = tokio::time::timeout(Duration::from_secs(10), sending)
+        .await
+        .expect("the connection closed")
+        .unwrap();
+    assert!(sent < 32 << 20, "{sent} bytes taken from a body over 4 MiB");
 }

@@ -539,3 +539,63 @@ async fn responses_that_vary_are_stored_per_variant() {
     let r = get("image/webp").await;
     assert_eq!(r.cache_status(), "imgedge; fwd=uri-miss; stored");
 }
+
+/// An absolute `Location` or `Content-Location` at the route's upstream is rewritten to the
+/// origin the client used, per response: a stored redirect is served to each client with its
+/// own host, never another's. Relative ones and other origins' pass as they are.
+#[tokio::test]
+async fn locations_at_the_upstream_lead_back_through_imgedge() {
+    let origin = TestOrigin::start().await;
+    let up = format!("http://{}", origin.addr);
+    origin.route(
+        "/moved",
+        Reply::ok("")
+            .status(301)
+            .header("Location", &format!("{up}/new?x=1"))
+            .header("Cache-Control", "max-age=600"),
+    );
+    origin.route(
+        "/made",
+        Reply::ok("made")
+            .status(201)
+            .header("Location", "/relative/1")
+            .header("Content-Location", &format!("{up}/made/1")),
+    );
+    origin.route(
+        "/away",
+        Reply::ok("")
+            .status(302)
+            .header("Location", "http://elsewhere.example/x"),
+    );
+    let proxy = route_proxy(&origin).await;
+    for (host, cache) in [
+        ("a.example:8080", "imgedge; fwd=uri-miss; stored"),
+        ("b.example", "imgedge; hit; detail=memory"),
+    ] {
+        let r = proxy.send(Method::GET, "/moved", &[("Host", host)]).await;
+        assert_eq!((r.status, r.cache_status().as_str()), (301, cache));
+        assert_eq!(r.header("location"), format!("http://{host}/new?x=1"));
+    }
+    let r = proxy
+        .send_body(Method::POST, "/made", &[("Host", "a.example")], "x")
+        .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("location"), "/relative/1");
+    assert_eq!(r.header("content-location"), "http://a.example/made/1");
+    let r = proxy.get("/away").await;
+    assert_eq!(r.header("location"), "http://elsewhere.example/x");
+
+    // Behind a trusted proxy, the scheme and host it names.
+    let behind = route_proxy_with(&origin, "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n").await;
+    let r = behind
+        .send(
+            Method::GET,
+            "/moved",
+            &[
+                ("X-Forwarded-Proto", "https"),
+                ("X-Forwarded-Host", "cdn.example"),
+            ],
+        )
+        .await;
+    assert_eq!(r.header("location"), "https://cdn.example/new?x=1");
+}

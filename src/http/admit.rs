@@ -6,8 +6,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use http::HeaderMap;
+use http::header::HOST;
 use http::request::Parts;
+use http::uri::Authority;
+use http::{HeaderMap, HeaderValue, Uri};
 use ipnet::IpNet;
 use tokio::sync::watch;
 
@@ -132,10 +134,142 @@ impl Admission {
     }
 }
 
+/// Where a request says it was sent: the scheme, host and port the client asked for, from the
+/// request's own `Host` (or HTTP/2 `:authority`) over `http`, or from a trusted proxy
+/// (`client.behind_proxy`) its `X-Forwarded-Proto`, `-Host`, `-Port` (else `Forwarded`'s
+/// `proto=`, `host=`). Holds the header values (cheap handles) and reads them only when asked,
+/// so a request that never needs them (most hits) costs no parsing.
+#[derive(Debug, Clone)]
+pub struct Asked {
+    behind_proxy: bool,
+    /// The URI's authority (HTTP/2), else `Host`.
+    host: Option<HeaderValue>,
+    forwarded_proto: Option<HeaderValue>,
+    forwarded_host: Option<HeaderValue>,
+    forwarded_port: Option<HeaderValue>,
+    forwarded: Option<HeaderValue>,
+}
+
+impl Asked {
+    /// What a request with `headers` and `uri` from `client` says.
+    pub fn of(headers: &HeaderMap, uri: &Uri, client: &Client) -> Self {
+        let host = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| headers.get(HOST).cloned());
+        let from_proxy = |name: &str| {
+            client
+                .behind_proxy
+                .then(|| headers.get(name).cloned())
+                .flatten()
+        };
+        Asked {
+            behind_proxy: client.behind_proxy,
+            host,
+            forwarded_proto: from_proxy("x-forwarded-proto"),
+            forwarded_host: from_proxy("x-forwarded-host"),
+            forwarded_port: from_proxy("x-forwarded-port"),
+            forwarded: from_proxy("forwarded"),
+        }
+    }
+
+    /// `http` or `https`, and the host; no host when none was given or it is not a valid
+    /// authority. With `own_host`, the request's own `Host` stands in when a trusted proxy
+    /// names none (as Kong's `X-Forwarded-Host` falls back to `$host`).
+    fn target(&self, own_host: bool) -> (&'static str, Option<TargetHost>) {
+        let first = |v: &Option<HeaderValue>| {
+            v.as_ref()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let from_forwarded = |param: &str| {
+            self.forwarded
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .and_then(|element| {
+                    element.split(';').find_map(|pair| {
+                        let (name, value) = pair.split_once('=')?;
+                        name.trim()
+                            .eq_ignore_ascii_case(param)
+                            .then(|| value.trim().trim_matches('"').to_owned())
+                    })
+                })
+        };
+        let own = || {
+            self.host
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (proto, host, port) = if self.behind_proxy {
+            let proto = first(&self.forwarded_proto).or_else(|| from_forwarded("proto"));
+            let named = first(&self.forwarded_host).or_else(|| from_forwarded("host"));
+            let port = first(&self.forwarded_port).and_then(|p| p.parse::<u16>().ok());
+            match named {
+                Some(host) => (proto, Some(host), port),
+                None if own_host => (proto, own(), None),
+                None => (proto, None, port),
+            }
+        } else {
+            (None, own(), None)
+        };
+        let proto = match proto.map(|p| p.to_ascii_lowercase()).as_deref() {
+            Some("https") => "https",
+            _ => "http",
+        };
+        let default_port = if proto == "https" { 443 } else { 80 };
+        let host = host
+            .and_then(|h| h.parse::<Authority>().ok())
+            .filter(|a| !a.as_str().contains('@'))
+            .map(|a| {
+                let name = a.host().trim_end_matches('.').to_ascii_lowercase();
+                let shown = match a.port_u16() {
+                    Some(p) => format!("{name}:{p}"),
+                    None => name.clone(),
+                };
+                TargetHost {
+                    name,
+                    port: port.or(a.port_u16()).unwrap_or(default_port),
+                    port_shown: a.port_u16().is_some(),
+                    shown,
+                }
+            });
+        (proto, host)
+    }
+
+    /// The origin the client used, as URLs on it start: `http://img.example:8080`,
+    /// `https://img.example` (the port written only when it is not the scheme's default);
+    /// `None` without a valid host. For answers to this one request only (see
+    /// [`forwarded`] for what may be told an origin).
+    pub fn origin(&self) -> Option<String> {
+        let (proto, host) = self.target(true);
+        let host = host?;
+        let default_port = if proto == "https" { 443 } else { 80 };
+        Some(if host.port_shown || host.port == default_port {
+            format!("{proto}://{}", host.shown)
+        } else {
+            format!("{proto}://{}:{}", host.shown, host.port)
+        })
+    }
+}
+
+/// The host a request was made to (see [`Asked`]).
+struct TargetHost {
+    /// The name or address literal, lower case, without a trailing dot (`[...]` kept for IPv6).
+    name: String,
+    /// As `Host` writes it: `name` and, when the client gave one, `:port`.
+    shown: String,
+    /// The port it connected to: given, or the scheme's default.
+    port: u16,
+    /// Whether `shown` carries the port.
+    port_shown: bool,
+}
+
 /// What an origin is told about a request ([`ForwardedFor`]): the client, and the scheme, host
-/// and port it asked for. From a trusted proxy (`client.behind_proxy`), its `X-Forwarded-Proto`,
-/// `-Host`, `-Port` (else `Forwarded`'s `proto=`, `host=`); otherwise `http` and the request's
-/// own `Host` (or HTTP/2 `:authority`).
+/// and port it asked for ([`Asked`]).
 ///
 /// The host is passed on only when it can be trusted not to poison what others are served: it
 /// matches `public_hosts` (the names imgedge is reached by), or, with `public_hosts` empty, it
@@ -148,72 +282,17 @@ pub fn forwarded(
     public_hosts: &[HostPattern],
     shareable: bool,
 ) -> ForwardedFor {
-    let first = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
-    };
-    let from_forwarded = |param: &str| {
-        parts
-            .headers
-            .get(http::header::FORWARDED)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|element| {
-                element.split(';').find_map(|pair| {
-                    let (name, value) = pair.split_once('=')?;
-                    name.trim()
-                        .eq_ignore_ascii_case(param)
-                        .then(|| value.trim().trim_matches('"').to_owned())
-                })
-            })
-    };
-    let (proto, host, port) = if client.behind_proxy {
-        let proto = first("x-forwarded-proto").or_else(|| from_forwarded("proto"));
-        let host = first("x-forwarded-host").or_else(|| from_forwarded("host"));
-        let port = first("x-forwarded-port").and_then(|p| p.parse::<u16>().ok());
-        (proto, host, port)
-    } else {
-        let host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            });
-        (None, host, None)
-    };
-    let proto = match proto.map(|p| p.to_ascii_lowercase()).as_deref() {
-        Some("https") => "https",
-        _ => "http",
-    };
-    let default_port = if proto == "https" { 443 } else { 80 };
+    let (proto, host) = Asked::of(&parts.headers, &parts.uri, client).target(false);
     let host = host
-        .and_then(|h| h.parse::<http::uri::Authority>().ok())
-        .filter(|a| !a.as_str().contains('@'))
-        .and_then(|a| {
-            let name = a.host().trim_end_matches('.').to_ascii_lowercase();
-            let port = port.or(a.port_u16()).unwrap_or(default_port);
-            let trusted = if public_hosts.is_empty() {
+        .filter(|h| {
+            if public_hosts.is_empty() {
                 client.behind_proxy || !shareable
             } else {
-                let bare = name.trim_start_matches('[').trim_end_matches(']');
-                public_hosts.iter().any(|p| p.covers_port(bare, port))
-            };
-            let shown = match a.port_u16() {
-                Some(p) => format!("{name}:{p}"),
-                None => name,
-            };
-            trusted.then_some((shown, port))
-        });
+                let bare = h.name.trim_start_matches('[').trim_end_matches(']');
+                public_hosts.iter().any(|p| p.covers_port(bare, h.port))
+            }
+        })
+        .map(|h| (h.shown, h.port));
     ForwardedFor {
         client: client.ip,
         proto,
@@ -349,5 +428,84 @@ mod tests {
             "nothing usable: the peer"
         );
         assert_eq!(client(&cdn, "10.1.1.1:443", &[]), "10.1.1.1");
+    }
+
+    #[test]
+    fn the_origin_asked_for_is_the_host_or_what_a_trusted_proxy_says() {
+        let asked = |behind_proxy: bool, headers: &[(&'static str, &str)], uri: &str| {
+            let mut h = HeaderMap::new();
+            for (k, v) in headers {
+                h.append(*k, v.parse().unwrap());
+            }
+            let client = Client {
+                peer: "10.0.0.1:1".parse().unwrap(),
+                ip: "10.0.0.1".parse().unwrap(),
+                behind_proxy,
+            };
+            Asked::of(&h, &uri.parse().unwrap(), &client).origin()
+        };
+        let direct = |host: &str| asked(false, &[("host", host)], "/");
+        assert_eq!(
+            direct("Img.Example.:8080").as_deref(),
+            Some("http://img.example:8080")
+        );
+        assert_eq!(
+            direct("[2001:db8::1]:81").as_deref(),
+            Some("http://[2001:db8::1]:81")
+        );
+        assert_eq!(direct("img.example").as_deref(), Some("http://img.example"));
+        assert_eq!(direct("user@img.example"), None);
+        assert_eq!(direct("a b"), None);
+        assert_eq!(asked(false, &[], "/"), None);
+        // HTTP/2: the authority
+        assert_eq!(
+            asked(false, &[], "http://h2.example:8443/x").as_deref(),
+            Some("http://h2.example:8443")
+        );
+        // What an untrusted client says of proxies is ignored; a trusted proxy is believed.
+        let spoof = [
+            ("host", "img.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+        ];
+        assert_eq!(
+            asked(false, &spoof, "/").as_deref(),
+            Some("http://img.example")
+        );
+        assert_eq!(
+            asked(true, &spoof, "/").as_deref(),
+            Some("https://evil.example")
+        );
+        assert_eq!(
+            asked(
+                true,
+                &[
+                    ("x-forwarded-host", "cdn.example"),
+                    ("x-forwarded-port", "8443")
+                ],
+                "/"
+            )
+            .as_deref(),
+            Some("http://cdn.example:8443")
+        );
+        assert_eq!(
+            asked(
+                true,
+                &[("forwarded", "for=1.2.3.4;host=\"cdn.example\";proto=https")],
+                "/"
+            )
+            .as_deref(),
+            Some("https://cdn.example")
+        );
+        // A trusted proxy that names no host: the request's own.
+        assert_eq!(
+            asked(
+                true,
+                &[("host", "img.example"), ("x-forwarded-proto", "https")],
+                "/"
+            )
+            .as_deref(),
+            Some("https://img.example")
+        );
     }
 }

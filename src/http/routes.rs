@@ -10,6 +10,7 @@ use std::time::Duration;
 use url::Url;
 
 use super::admit::Client;
+use super::supabase::Writes;
 use crate::cache::CacheKey;
 use crate::config::{Config, RouteConfig};
 use crate::error::ProxyError;
@@ -85,6 +86,8 @@ pub enum Proxied {
         headers: HeaderMap,
         /// What its body is held to.
         upload: UploadLimits,
+        /// On the Supabase route, the objects it changes when it succeeds.
+        writes: Option<Writes>,
     },
 }
 
@@ -230,6 +233,9 @@ impl Routes {
                         url,
                         headers,
                         upload: self.upload,
+                        writes: (name == "supabase")
+                            .then(|| Writes::of(&parts.method, &parts.uri, &parts.headers))
+                            .flatten(),
                     }),
                 }
             }

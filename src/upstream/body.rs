@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::inflight::InflightGuard;
-use super::{UpstreamError, error_chain};
+use super::{UploadProgress, UpstreamError, error_chain};
 
 /// An origin's response body as a stream of chunks, exactly as they arrive (at most
 /// [`READ_BUFFER_BYTES`](super::READ_BUFFER_BYTES) each; never coalesced or buffered here). It fails rather than ends when
@@ -37,6 +37,18 @@ pub struct UpstreamBody {
     pub(super) done: bool,
     /// The first bytes, read ahead by [`UpstreamBody::peek`] and handed out first.
     pub(super) peeked: Option<Bytes>,
+    /// The request's upload, if it had one: given up when this response is over while it is
+    /// still being sent (the origin answered before reading it all; see
+    /// [`UploadProgress::abandon`]).
+    pub(super) upload: Option<UploadProgress>,
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(upload) = &self.upload {
+            upload.abandon();
+        }
+    }
 }
 
 impl UpstreamBody {

@@ -11,6 +11,8 @@
 #                   template database that every fresh database is copied from
 #   gateway         nginx (Debian's nginx-light) from gateway.nginx.conf.in: hosted Supabase's
 #                   gateway, /storage/v1 stripped, X-Forwarded-Host/-Port/-Proto/-Prefix
+#                   (a loopback peer's own X-Forwarded-Host/-Port/-Proto kept, as Kong's
+#                   trusted_ips does for imgedge)
 #   purge stub      answers Storage's CDN purge calls (POST /purge), as the suite's managed runner
 #   imgedge         $IMGEDGE_BIN in front of the gateway (`[supabase] upstream`), JSON logs
 #
