@@ -15,7 +15,7 @@ use crate::config::{Config, MemoryBudgetError};
 use crate::descriptors::{self, DescriptorBudget};
 use crate::http::access_log::RequestIds;
 use crate::http::rate::{self, RateLimits};
-use crate::http::{Admin, Admission, Render, Router, Routes};
+use crate::http::{Admin, Admission, Render, Router, Routes, TargetedIn};
 use crate::metrics::Metrics;
 use crate::pressure::{Monitor, ReservationPool, detect_budget_bytes};
 use crate::proxy::content::ContentPolicy;
@@ -220,6 +220,10 @@ impl App {
             metrics,
             request_ids: RequestIds::new(),
             access_log: config.log.access,
+            targeted: TargetedIn {
+                own_field: config.cache.targeted_field,
+                forward_cdn_cache_control: config.cache.forward_cdn_cache_control,
+            },
         };
         Ok((Arc::new(router), tier))
     }

@@ -106,6 +106,27 @@ pub struct RouteConfig {
     /// What route responses that can run script (HTML, XML, SVG, anything unknown) carry:
     /// imgedge's sandboxing policy, or the origin's own.
     pub content_security_policy: CspMode,
+    /// The route's own `cdn_cache_control` and `surrogate_control`; `None` (unset or empty) to
+    /// use `[cache]`'s (see [`RouteConfig::targeted_out`]).
+    pub cdn_cache_control: Option<Option<http::HeaderValue>>,
+    pub surrogate_control: Option<Option<http::HeaderValue>>,
+}
+
+impl RouteConfig {
+    /// The targeted fields this route's responses carry towards a CDN: its own settings, else
+    /// `defaults` (`[cache]`'s).
+    pub fn targeted_out(&self, defaults: &TargetedOut) -> TargetedOut {
+        TargetedOut {
+            cdn_cache_control: self
+                .cdn_cache_control
+                .clone()
+                .unwrap_or_else(|| defaults.cdn_cache_control.clone()),
+            surrogate_control: self
+                .surrogate_control
+                .clone()
+                .unwrap_or_else(|| defaults.surrogate_control.clone()),
+        }
+    }
 }
 
 /// A request header name (`x-upsert`) or every name with a prefix (`x-amz-*`), lower case.
@@ -140,6 +161,16 @@ impl HeaderPattern {
             HeaderPattern::Prefix(p) => name.as_str().starts_with(p.as_str()),
         }
     }
+}
+
+/// The targeted cache-control fields imgedge writes on responses, for the CDN in front of it
+/// (RFC 9213 §3 `CDN-Cache-Control`; `Surrogate-Control` for CDNs that read that instead): on
+/// successful responses (2xx, 304) whose origin did not forbid shared caching (`private`,
+/// `no-store`, `no-cache`, `Set-Cookie`), replacing the origin's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetedOut {
+    pub cdn_cache_control: Option<http::HeaderValue>,
+    pub surrogate_control: Option<http::HeaderValue>,
 }
 
 /// `[[routes]] content_security_policy`.
@@ -253,6 +284,10 @@ pub struct SupabaseConfig {
     pub upstream: Option<Url>,
     /// The route's `preserve_host` (see [`RouteConfig::preserve_host`]).
     pub preserve_host: bool,
+    /// The route's `cdn_cache_control` and `surrogate_control`: `None` (empty) to use
+    /// `[cache]`'s.
+    pub cdn_cache_control: Option<Option<http::HeaderValue>>,
+    pub surrogate_control: Option<Option<http::HeaderValue>>,
 }
 
 /// `[cache]`: the memory tier.
@@ -284,6 +319,17 @@ pub struct CacheConfig {
     pub disk_capacity_bytes: u64,
     /// `[cache.shared]`: the optional shared tier on Redis.
     pub shared: SharedConfig,
+    /// imgedge's own targeted cache-control field (RFC 9213), lower case, first on its target
+    /// list before `CDN-Cache-Control`: `imgedge-cache-control` by default; `None` when set
+    /// empty.
+    pub targeted_field: Option<&'static str>,
+    /// Whether an origin's `CDN-Cache-Control` is passed on to clients (a CDN in front); off:
+    /// it is addressed to imgedge and dropped. imgedge's own field is never passed on.
+    pub forward_cdn_cache_control: bool,
+    /// What responses carry towards a CDN in front, by default on every route (a route may say
+    /// otherwise): `CDN-Cache-Control` (RFC 9213 §3) and `Surrogate-Control`, each `None` when
+    /// not emitted (see [`TargetedOut`]).
+    pub targeted_out: TargetedOut,
 }
 
 /// `[cache.shared]`: the shared tier on Redis (or Valkey), after the disk tier.
@@ -337,6 +383,7 @@ impl CacheConfig {
             default_ttl,
             max_heuristic_ttl: self.max_heuristic_ttl,
             negative_ttl: self.negative_ttl,
+            targeted_field: self.targeted_field,
         }
     }
 }

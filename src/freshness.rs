@@ -1,6 +1,8 @@
 //! RFC 9111 rules a shared cache applies to a response: may it be stored, how long is it fresh,
 //! how old is it. Pure functions of headers and explicit times; no I/O, no clock reads.
 
+mod targeted;
+
 use std::time::{Duration, SystemTime};
 
 use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES, LAST_MODIFIED};
@@ -250,6 +252,23 @@ pub struct FreshnessPolicy {
     pub max_heuristic_ttl: Duration,
     /// Lifetime of 404, 405, 410, 414 and 501 responses (negative caching).
     pub negative_ttl: Duration,
+    /// imgedge's own targeted field (RFC 9213, `[cache] targeted_field`, lower case), first on
+    /// its target list before `CDN-Cache-Control`; `None`: only `CDN-Cache-Control`.
+    pub targeted_field: Option<&'static str>,
+}
+
+pub use targeted::{CDN_CACHE_CONTROL, is_dictionary};
+
+/// The cache directives that govern what imgedge stores of a response with `headers`: those of
+/// the first targeted field with a valid value (imgedge's own `targeted_field`, then
+/// `CDN-Cache-Control`; RFC 9213 §2), else `Cache-Control`'s.
+pub fn effective_directives(
+    headers: &HeaderMap,
+    targeted_field: Option<&str>,
+) -> ResponseDirectives {
+    targeted::targeted_directives(headers, targeted_field)
+        .map(|(d, _)| d)
+        .unwrap_or_else(|| ResponseDirectives::parse(headers))
 }
 
 /// Statuses a cache may store without explicit freshness (RFC 9110 §15.1), other than the
@@ -265,6 +284,10 @@ const NEGATIVE_STATUSES: [u16; 5] = [404, 405, 410, 414, 501];
 /// the other heuristically cacheable statuses 10% of the time since `Last-Modified`, capped by
 /// `max_heuristic_ttl`, or `default_ttl` without `Last-Modified` (§4.2.2).
 ///
+/// The directives are those of a targeted field when one on imgedge's target list has a valid
+/// value (its own `policy.targeted_field`, then `CDN-Cache-Control`): `Cache-Control`,
+/// `Expires` and `Surrogate-Control` are then ignored (RFC 9213 §2).
+///
 /// # Errors
 /// The [`NotStorable`] reason, which becomes the `Cache-Status` detail.
 pub fn storable(
@@ -274,8 +297,15 @@ pub fn storable(
     times: ResponseTimes,
     policy: FreshnessPolicy,
 ) -> Result<Freshness, NotStorable> {
-    let d = ResponseDirectives::parse(headers);
-    let surrogate = SurrogateDirectives::parse(headers);
+    let (d, surrogate, expires_applies) =
+        match targeted::targeted_directives(headers, policy.targeted_field) {
+            Some((d, _)) => (d, SurrogateDirectives::default(), false),
+            None => (
+                ResponseDirectives::parse(headers),
+                SurrogateDirectives::parse(headers),
+                true,
+            ),
+        };
     if surrogate.no_store {
         return Err(NotStorable::NoStore);
     }
@@ -305,7 +335,7 @@ pub fn storable(
     let lifetime = surrogate
         .max_age
         .map(delta)
-        .or_else(|| explicit_lifetime(&d, headers, times.response_time))
+        .or_else(|| explicit_lifetime(&d, headers, times.response_time, expires_applies))
         .or_else(|| heuristic_lifetime(status, headers, times.response_time, policy))
         .ok_or(if HEURISTIC_STATUSES.contains(&status.as_u16()) {
             NotStorable::NoFreshness
@@ -336,11 +366,12 @@ fn explicit_lifetime(
     d: &ResponseDirectives,
     headers: &HeaderMap,
     response_time: SystemTime,
+    expires_applies: bool,
 ) -> Option<Duration> {
     if let Some(s) = d.s_maxage.or(d.max_age) {
         return Some(delta(s));
     }
-    let expires = headers.get(EXPIRES)?;
+    let expires = headers.get(EXPIRES).filter(|_| expires_applies)?;
     // An invalid Expires, such as "0", means already expired (§5.3).
     let Some(expires) = http_date(expires) else {
         return Some(Duration::ZERO);
@@ -499,8 +530,9 @@ fn initial_age(headers: &HeaderMap, t: ResponseTimes) -> Duration {
         .min(MAX_DELTA)
 }
 
-/// The `Age` field (§5.1): absent is zero; anything but one field line holding one non-negative
-/// integer (a list, a second line, a sign, a fraction, a parameter) is invalid.
+/// The `Age` field (§5.1): absent is zero; a list on one line counts by its first member, as
+/// §5.1 asks of a cache ("SHOULD use the first member", so `0, 7200` is 0 and `7200, 0` is
+/// 7200); a second field line, a sign, a fraction or a parameter is invalid.
 fn age_value(headers: &HeaderMap) -> Result<Duration, ()> {
     let mut lines = headers.get_all(AGE).iter();
     let Some(value) = lines.next() else {
@@ -509,7 +541,8 @@ fn age_value(headers: &HeaderMap) -> Result<Duration, ()> {
     if lines.next().is_some() {
         return Err(());
     }
-    let value = value.to_str().map_err(|_| ())?.trim();
+    let value = value.to_str().map_err(|_| ())?;
+    let value = value.split(',').next().unwrap_or_default().trim();
     // An integer too large to represent is 2^31 (§1.2.2).
     delta_seconds(value).map(delta).ok_or(())
 }
@@ -569,6 +602,7 @@ mod tests {
             default_ttl: Some(Duration::from_secs(default_secs)),
             max_heuristic_ttl: Duration::from_secs(86_400),
             negative_ttl: Duration::from_secs(60),
+            targeted_field: None,
         }
     }
 
@@ -817,13 +851,21 @@ mod tests {
             )
         };
         assert!(decide_age(&["10"]).is_ok());
+        // a list on one line counts by its first member (§5.1): `0, 7200` is fresh, and
+        // `7200, 0` (an hour past max-age=3600) is not
+        assert_eq!(
+            decide_age(&["0, 7200"]).unwrap().initial_age,
+            Duration::ZERO
+        );
+        assert_eq!(decide_age(&["0,0"]).unwrap().initial_age, Duration::ZERO);
+        assert_eq!(decide_age(&["7200, 0"]).unwrap_err(), NotStorable::Stale);
         for bad in [
             &["abc"][..],
             &["-10"],
             &["1.5"],
             &["old, 0"],
             &["0", "0"],
-            &["0, 0"],
+            &["0", "7200"],
             &["1;a=b"],
             &[""],
         ] {

@@ -34,7 +34,7 @@ pub use render::Render;
 pub use routes::{Route, Routes, SUPABASE_PUBLIC_PREFIX, SUPABASE_RENDER_PREFIX};
 
 use crate::body::ProxyBody;
-use crate::config::CspMode;
+use crate::config::{CspMode, TargetedOut};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, content};
@@ -55,6 +55,51 @@ pub struct Router {
     pub request_ids: RequestIds,
     /// `[log] access`: write an access line per request.
     pub access_log: bool,
+    /// Which targeted cache-control fields of an origin's responses clients see.
+    pub targeted: TargetedIn,
+}
+
+/// What becomes of an origin's targeted cache-control fields (RFC 9213) on the way to clients:
+/// imgedge's own field is addressed to it and dropped; `CDN-Cache-Control` is dropped unless
+/// `[cache] forward_cdn_cache_control` (it may be meant for a CDN in front too).
+#[derive(Debug, Clone, Default)]
+pub struct TargetedIn {
+    pub own_field: Option<&'static str>,
+    pub forward_cdn_cache_control: bool,
+}
+
+/// The targeted cache-control fields of a response on its way out: the origin's dropped as
+/// `targeted` says; then, on a successful response (2xx, 304) whose origin did not forbid
+/// shared caching (`private`, `no-store`, `no-cache` in the directives that govern it, or
+/// `Set-Cookie`), the route's own `CDN-Cache-Control` and `Surrogate-Control`, replacing the
+/// origin's. An error never carries them: a CDN must not keep it for the year it keeps images.
+fn targeted_fields(
+    headers: &mut HeaderMap,
+    status: StatusCode,
+    out: &TargetedOut,
+    targeted: &TargetedIn,
+) {
+    let directives = crate::freshness::effective_directives(headers, targeted.own_field);
+    if let Some(own) = targeted.own_field {
+        headers.remove(own);
+    }
+    if !targeted.forward_cdn_cache_control {
+        headers.remove(crate::freshness::CDN_CACHE_CONTROL);
+    }
+    let shareable = (status.is_success() || status == StatusCode::NOT_MODIFIED)
+        && !directives.private
+        && !directives.no_store
+        && !directives.no_cache
+        && !headers.contains_key(http::header::SET_COOKIE);
+    if !shareable {
+        return;
+    }
+    if let Some(v) = &out.cdn_cache_control {
+        headers.insert(crate::freshness::CDN_CACHE_CONTROL, v.clone());
+    }
+    if let Some(v) = &out.surrogate_control {
+        headers.insert(crate::proxy::SURROGATE_CONTROL.clone(), v.clone());
+    }
 }
 
 impl Router {
@@ -125,6 +170,10 @@ impl Router {
                 route_response_headers(response.headers_mut(), CspMode::Sandbox)
             }
             Route::Health | Route::Metrics | Route::Other => {}
+        }
+        if let Some(out) = self.routes.targeted_out(route) {
+            let status = response.status();
+            targeted_fields(response.headers_mut(), status, out, &self.targeted);
         }
         let status = response.status().as_u16();
         self.metrics.request(route.name(), status);

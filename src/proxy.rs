@@ -162,7 +162,9 @@ impl Proxy {
         // origin would tell this client.
         let credentialed = req.forwarding.facts().authorized;
         let found = self.tier.lookup(&req.key).await.filter(|f| {
-            !credentialed || freshness::ResponseDirectives::parse(&f.object.headers).shareable()
+            !credentialed
+                || freshness::effective_directives(&f.object.headers, self.cache.targeted_field)
+                    .shareable()
         });
         let found_in = found.as_ref().map(|f| f.tier);
         let found_name = found.as_ref().map(|f| f.tier_name);

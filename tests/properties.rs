@@ -248,6 +248,7 @@ proptest! {
             default_ttl: Some(Duration::from_secs(3600)),
             max_heuristic_ttl: Duration::from_secs(86_400),
             negative_ttl: Duration::from_secs(60),
+            targeted_field: None,
         };
         let facts = RequestFacts { authorized, forwarded_client_headers: false };
         let times = ResponseTimes { request_time, response_time };

@@ -26,6 +26,8 @@ struct RawRoute {
     forward_request_headers: Option<Vec<String>>,
     preserve_host: Option<bool>,
     content_security_policy: Option<String>,
+    cdn_cache_control: Option<String>,
+    surrogate_control: Option<String>,
 }
 
 impl Config {
@@ -85,6 +87,12 @@ impl Config {
             supabase: SupabaseConfig {
                 upstream: f.parse("supabase.upstream", parse_route_upstream),
                 preserve_host: f.get("supabase.preserve_host"),
+                cdn_cache_control: f.parse("supabase.cdn_cache_control", |s: String| {
+                    parse_targeted_value("cdn_cache_control", &s, true).map(|v| v.map(Some))
+                }),
+                surrogate_control: f.parse("supabase.surrogate_control", |s: String| {
+                    parse_targeted_value("surrogate_control", &s, false).map(|v| v.map(Some))
+                }),
             },
             routes: f.parse_optional("routes", parse_routes),
             cache: CacheConfig {
@@ -102,6 +110,31 @@ impl Config {
                         .map(std::path::PathBuf::from))
                 }),
                 disk_capacity_bytes: f.range("cache.disk_capacity_bytes", 64 << 20, u64::MAX),
+                targeted_field: f.parse("cache.targeted_field", |s: String| {
+                    let name = s.trim().to_ascii_lowercase();
+                    if name.is_empty() {
+                        return Ok(None);
+                    }
+                    if http::HeaderName::try_from(name.as_str()).is_err()
+                        || ["cache-control", "cdn-cache-control", "surrogate-control"]
+                            .contains(&name.as_str())
+                    {
+                        return Err(format!(
+                            "{s:?} is not a field name of imgedge's own (not Cache-Control, CDN-Cache-Control or Surrogate-Control)"
+                        ));
+                    }
+                    // one name per process, read once: kept for the process's life
+                    Ok(Some(&*Box::leak(name.into_boxed_str())))
+                }),
+                forward_cdn_cache_control: f.get("cache.forward_cdn_cache_control"),
+                targeted_out: TargetedOut {
+                    cdn_cache_control: f.parse("cache.cdn_cache_control", |s: String| {
+                        parse_targeted_value("cdn_cache_control", &s, true)
+                    }),
+                    surrogate_control: f.parse("cache.surrogate_control", |s: String| {
+                        parse_targeted_value("surrogate_control", &s, false)
+                    }),
+                },
                 shared: SharedConfig {
                     urls: f.parse("cache.shared.url", parse_redis_urls),
                     // Redis strings hold at most 512 MiB.
@@ -217,6 +250,8 @@ impl Config {
                     .collect(),
                 preserve_host: self.supabase.preserve_host,
                 content_security_policy: CspMode::Sandbox,
+                cdn_cache_control: self.supabase.cdn_cache_control.clone(),
+                surrogate_control: self.supabase.surrogate_control.clone(),
             });
         }
         let cache = &self.cache;
@@ -568,6 +603,20 @@ fn parse_routes(raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, String> {
                 Err(e) => bad.push(format!("[{i}] forward_request_headers: {e}")),
             }
         }
+        // empty or absent: the route uses [cache]'s
+        let mut targeted = |name: &str, value: &Option<String>, cdn: bool| {
+            value
+                .as_ref()
+                .and_then(|v| match parse_targeted_value(name, v, cdn) {
+                    Ok(v) => v.map(Some),
+                    Err(e) => {
+                        bad.push(format!("[{i}] {e}"));
+                        None
+                    }
+                })
+        };
+        let cdn_cache_control = targeted("cdn_cache_control", &r.cdn_cache_control, true);
+        let surrogate_control = targeted("surrogate_control", &r.surrogate_control, false);
         let content_security_policy = match r.content_security_policy.as_deref() {
             None | Some("sandbox") => CspMode::Sandbox,
             Some("origin") => CspMode::Origin,
@@ -588,6 +637,8 @@ fn parse_routes(raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, String> {
                 forward_request_headers,
                 preserve_host: r.preserve_host.unwrap_or(false),
                 content_security_policy,
+                cdn_cache_control,
+                surrogate_control,
             }),
             Ok(None) => bad.push(format!("[{i}] upstream is empty")),
             Err(e) => bad.push(format!("[{i}] upstream {e}")),
@@ -598,6 +649,28 @@ fn parse_routes(raw: Vec<RawRoute>) -> Result<Vec<RouteConfig>, String> {
     } else {
         Err(bad.join("; "))
     }
+}
+
+/// A `cdn_cache_control` or `surrogate_control` value to emit: empty for none; otherwise a
+/// valid field value and, for `CDN-Cache-Control`, a valid Structured Field Dictionary (RFC 9213
+/// §2.1: a CDN ignores one that is not).
+fn parse_targeted_value(
+    name: &str,
+    value: &str,
+    cdn: bool,
+) -> Result<Option<http::HeaderValue>, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let header = http::HeaderValue::from_str(value)
+        .map_err(|_| format!("{name} {value:?} is not a valid field value"))?;
+    if cdn && !crate::freshness::is_dictionary(value) {
+        return Err(format!(
+            "{name} {value:?} is not a Structured Field Dictionary (RFC 9213 §2.1), e.g. \"max-age=31536000\""
+        ));
+    }
+    Ok(Some(header))
 }
 
 /// `[cache.shared] url`: empty (off), one `redis://` or `rediss://` URL, or several

@@ -12,7 +12,7 @@ use url::Url;
 use super::admit::Client;
 use super::supabase::Writes;
 use crate::cache::CacheKey;
-use crate::config::{Config, RouteConfig};
+use crate::config::{Config, RouteConfig, TargetedOut};
 use crate::error::ProxyError;
 use crate::freshness::RequestDirectives;
 use crate::proxy::{CREDENTIALS, Forwarding, ProxyRequest, route_request_headers};
@@ -102,6 +102,10 @@ pub struct Routes {
     default_ttl: Duration,
     /// `[server] public_hosts`: the hosts imgedge is reached by, passed on to origins.
     public_hosts: Vec<HostPattern>,
+    /// The targeted cache-control fields each route's responses carry towards a CDN (by route
+    /// index), and `/image-proxy`'s and `/image-info`'s (`[cache]`'s).
+    targeted_out: Vec<TargetedOut>,
+    default_targeted_out: TargetedOut,
 }
 
 impl Routes {
@@ -115,6 +119,22 @@ impl Routes {
             },
             default_ttl: config.cache.default_ttl,
             public_hosts: config.server.public_hosts.clone(),
+            targeted_out: config
+                .routes
+                .iter()
+                .map(|r| r.targeted_out(&config.cache.targeted_out))
+                .collect(),
+            default_targeted_out: config.cache.targeted_out.clone(),
+        }
+    }
+
+    /// What responses of `route` carry towards a CDN in front (`CDN-Cache-Control`,
+    /// `Surrogate-Control`); `None` for imgedge's own endpoints.
+    pub fn targeted_out(&self, route: Route) -> Option<&TargetedOut> {
+        match route {
+            Route::Proxied { index, .. } | Route::Render { index } => self.targeted_out.get(index),
+            Route::ImageProxy | Route::ImageInfo => Some(&self.default_targeted_out),
+            Route::Health | Route::Metrics | Route::Other => None,
         }
     }
 

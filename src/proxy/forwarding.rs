@@ -157,7 +157,7 @@ pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-co
 /// Origin response headers passed to `/image-proxy` clients; everything else (hop-by-hop,
 /// `Set-Cookie`, `Content-Disposition` (a download or a file name is not an image proxy's to
 /// pass on), server internals) is dropped. `Age` is forwarded on a miss but never stored.
-const IMAGE_RESPONSE_HEADERS: [HeaderName; 10] = [
+const IMAGE_RESPONSE_HEADERS: [HeaderName; 11] = [
     CONTENT_TYPE,
     ETAG,
     LAST_MODIFIED,
@@ -168,6 +168,9 @@ const IMAGE_RESPONSE_HEADERS: [HeaderName; 10] = [
     LOCATION,
     RETRY_AFTER,
     AGE,
+    // kept with the object for revalidation; passed to clients only with
+    // [cache] forward_cdn_cache_control (http.rs)
+    HeaderName::from_static("cdn-cache-control"),
 ];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and others a proxy must not pass on as they are.
