@@ -384,6 +384,7 @@ impl CacheConfig {
             max_heuristic_ttl: self.max_heuristic_ttl,
             negative_ttl: self.negative_ttl,
             targeted_field: self.targeted_field,
+            valid_until: None,
         }
     }
 }

@@ -255,6 +255,20 @@ pub struct FreshnessPolicy {
     /// imgedge's own targeted field (RFC 9213, `[cache] targeted_field`, lower case), first on
     /// its target list before `CDN-Cache-Control`; `None`: only `CDN-Cache-Control`.
     pub targeted_field: Option<&'static str>,
+    /// When the request's authority ends (a signed URL's token expires): nothing is fresh past
+    /// it, and nothing is served stale (the response must be revalidated, with a token the origin
+    /// will refuse).
+    pub valid_until: Option<SystemTime>,
+}
+
+impl FreshnessPolicy {
+    /// The policy, for a request whose authority ends at `valid_until`.
+    pub fn valid_until(self, valid_until: Option<SystemTime>) -> Self {
+        FreshnessPolicy {
+            valid_until,
+            ..self
+        }
+    }
 }
 
 pub use targeted::{CDN_CACHE_CONTROL, is_dictionary};
@@ -342,13 +356,31 @@ pub fn storable(
         } else {
             NotStorable::Status
         })?;
+    let initial_age = initial_age(headers, times);
+    let (lifetime, bounded) = match policy.valid_until {
+        Some(until) => {
+            let left = until
+                .duration_since(times.response_time)
+                .unwrap_or_default();
+            (lifetime.min(initial_age.saturating_add(left)), true)
+        }
+        None => (lifetime, false),
+    };
     let freshness = Freshness {
         lifetime,
-        initial_age: initial_age(headers, times),
+        initial_age,
         // s-maxage implies proxy-revalidate for a shared cache (§5.2.2.10).
-        must_revalidate: d.must_revalidate || d.s_maxage.is_some(),
-        stale_while_revalidate: delta(d.stale_while_revalidate.unwrap_or(0)),
-        stale_if_error: delta(d.stale_if_error.unwrap_or(0)),
+        must_revalidate: d.must_revalidate || d.s_maxage.is_some() || bounded,
+        stale_while_revalidate: if bounded {
+            Duration::ZERO
+        } else {
+            delta(d.stale_while_revalidate.unwrap_or(0))
+        },
+        stale_if_error: if bounded {
+            Duration::ZERO
+        } else {
+            delta(d.stale_if_error.unwrap_or(0))
+        },
     };
     // Stale on arrival is still worth keeping when it can be revalidated or served stale.
     let usable_stale = headers.contains_key(http::header::ETAG)
@@ -603,6 +635,7 @@ mod tests {
             max_heuristic_ttl: Duration::from_secs(86_400),
             negative_ttl: Duration::from_secs(60),
             targeted_field: None,
+            valid_until: None,
         }
     }
 

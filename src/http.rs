@@ -238,7 +238,7 @@ impl Router {
                 ))
                 .await
             }
-            Route::Render { index } => {
+            Route::Render { index, kind } => {
                 let (mut parts, _) = req.into_parts();
                 let admitted = self.admission.admit(route, &mut parts, client)?;
                 // boxed: the render future is large, and held inline it would make every
@@ -246,7 +246,7 @@ impl Router {
                 Box::pin(self.render.handle(
                     &self.proxy,
                     &self.routes,
-                    index,
+                    (index, kind),
                     &parts,
                     &admitted.client,
                 ))

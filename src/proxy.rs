@@ -73,6 +73,9 @@ pub struct ProxyRequest {
     /// The route's freshness for responses that state none and have no `Last-Modified`.
     pub default_ttl: Option<Duration>,
     pub forwarding: Forwarding,
+    /// When the request's authority ends (a signed URL's token expires): what it fetches is
+    /// kept fresh until then at most, and never served stale after.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// What the proxy works with; built once by the app (`app.rs`), which hands the same handles

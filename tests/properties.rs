@@ -249,6 +249,7 @@ proptest! {
             max_heuristic_ttl: Duration::from_secs(86_400),
             negative_ttl: Duration::from_secs(60),
             targeted_field: None,
+            valid_until: None,
         };
         let facts = RequestFacts { authorized, forwarded_client_headers: false };
         let times = ResponseTimes { request_time, response_time };

@@ -801,40 +801,109 @@ async fn renditions_are_stored_purged_with_their_source_and_dropped_when_it_chan
 }
 
 #[tokio::test]
-async fn authenticated_and_signed_render_routes_are_forwarded_to_supabase_unchanged() {
-    // the origin answers only the exact path and query it is sent
+async fn an_authenticated_render_is_made_from_the_object_fetched_with_the_client_s_credentials() {
     let origin = TestOrigin::start().await;
-    let authenticated =
-        "/storage/v1/render/image/authenticated/photos/a.png?width=40&resize=contain";
-    let token = "eyJhbGciOiJIUzI1NiJ9.e30.sig";
-    let signed = format!("/storage/v1/render/image/sign/photos/a.png?token={token}&width=40");
+    let object = "/storage/v1/object/authenticated/photos/a.png";
+    let render = "/storage/v1/render/image/authenticated/photos/a.png?width=40&resize=contain";
+    // as Storage answers an authenticated object: fresh, but not marked for sharing
     origin.route(
-        authenticated,
-        Reply::ok("rendered by supabase (authenticated)"),
+        object,
+        Reply::ok(picture(200, 100, ImageFormat::Png))
+            .header("content-type", "image/png")
+            .header("cache-control", "max-age=3600"),
     );
-    origin.route(&signed, Reply::ok("rendered by supabase (signed)"));
     let proxy = TestProxy::for_origin(&origin, "").await;
-    let got = proxy
-        .send(
-            Method::GET,
-            authenticated,
-            &[("authorization", "Bearer user-jwt"), ("apikey", "anon")],
-        )
-        .await;
-    assert_eq!(got.status, 200, "{}", got.text());
-    assert_eq!(got.text(), "rendered by supabase (authenticated)");
-    let sent = origin.last_request(authenticated);
-    for (name, value) in [("authorization", "Bearer user-jwt"), ("apikey", "anon")] {
+    for round in 1..=2 {
+        let got = proxy
+            .send(
+                Method::GET,
+                render,
+                &[("authorization", "Bearer user-jwt"), ("apikey", "anon")],
+            )
+            .await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        let image = decoded(&got);
+        assert_eq!((image.width(), image.height()), (40, 20));
+        let sent = origin.last_request(object);
+        for (name, value) in [("authorization", "Bearer user-jwt"), ("apikey", "anon")] {
+            assert!(
+                sent.iter().any(|(k, v)| k == name && v == value),
+                "{name} not forwarded: {sent:?}"
+            );
+        }
+        // RFC 9111 §3.5: an answer to credentials without public, s-maxage or must-revalidate
+        // is not stored, so every render asks Storage again (which checks the user's rights)
+        assert_eq!(origin.hits(object), round, "round {round}");
         assert!(
-            sent.iter().any(|(k, v)| k == name && v == value),
-            "{name} not forwarded: {sent:?}"
+            !got.cache_status().contains("stored"),
+            "{}",
+            got.cache_status()
         );
     }
-    let got = proxy.get(&signed).await;
+    assert_eq!(transforms(&proxy).await, 2);
+}
+
+/// A JWT-shaped token (its signature is Storage's to check) with `claims` as its payload.
+fn token(claims: &str) -> String {
+    use base64::Engine;
+    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!("{}.{}.sig", b(r#"{"alg":"HS256","typ":"JWT"}"#), b(claims))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn a_signed_render_takes_its_transformations_from_the_token_and_is_kept_no_longer_than_it() {
+    let origin = TestOrigin::start().await;
+    let exp = unix_now() + 2;
+    let token = token(&format!(
+        r#"{{"url":"photos/a.png","transformations":"width:40,resize:contain,format:undefined","exp":{exp}}}"#
+    ));
+    // Storage verifies the token on its signed object route; this origin answers only it
+    let object = format!("/storage/v1/object/sign/photos/a.png?token={token}");
+    origin.route(
+        &object,
+        Reply::ok(picture(200, 100, ImageFormat::Png))
+            .header("content-type", "image/png")
+            .header("etag", "\"v1\"")
+            .header("cache-control", "public, max-age=3600"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    // the query's own parameters are not the token's and are ignored, as Storage ignores them
+    let render = format!("/storage/v1/render/image/sign/photos/a.png?width=120&token={token}");
+    let got = proxy.get(&render).await;
     assert_eq!(got.status, 200, "{}", got.text());
-    assert_eq!(got.text(), "rendered by supabase (signed)");
-    assert_eq!(origin.hits(&signed), 1);
-    assert_eq!(transforms(&proxy).await, 0, "nothing rendered here");
+    let image = decoded(&got);
+    assert_eq!((image.width(), image.height()), (40, 20));
+    assert!(
+        got.cache_status().contains("stored"),
+        "{}",
+        got.cache_status()
+    );
+    let again = proxy.get(&render).await;
+    assert_eq!(again.cache_status(), "imgedge; hit; detail=memory");
+    assert_eq!(origin.hits(&object), 1);
+    // past the token's expiry nothing made from it is served without asking Storage again,
+    // however long the origin said the object stays fresh
+    let wait = Duration::from_secs(exp + 1 - unix_now()) + Duration::from_millis(200);
+    tokio::time::sleep(wait).await;
+    let late = proxy.get(&render).await;
+    assert_eq!(origin.hits(&object), 2, "{}", late.cache_status());
+
+    // a token that is not a JWT is refused before anything is fetched
+    let bad = proxy
+        .get("/storage/v1/render/image/sign/photos/a.png?token=garbage")
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert_eq!(
+        origin.hits("/storage/v1/object/sign/photos/a.png?token=garbage"),
+        0
+    );
 }
 
 #[tokio::test]

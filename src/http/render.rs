@@ -22,7 +22,8 @@ use tokio::sync::{OnceCell, watch};
 
 use super::admit::Client;
 use super::record::SourceRecord;
-use super::routes::{Proxied, Route, Routes};
+use super::routes::{Proxied, RenderKind, Route, Routes};
+use super::supabase::TokenClaims;
 use crate::body::ProxyBody;
 use crate::cache::{CacheKey, CachedObject};
 use crate::config::TransformConfig;
@@ -89,7 +90,11 @@ impl Render {
         }
     }
 
-    /// Answers a render request on the Supabase route `index`.
+    /// Answers a render request of `kind` on the Supabase route `index`: the object its object
+    /// route of the same kind serves (the client's credentials forwarded for `authenticated`;
+    /// the URL's token for `sign`, which Storage verifies, its transformations read from the
+    /// token as Storage reads them, and its expiry capping how long anything made from it is
+    /// stored), transformed by the query's parameters.
     ///
     /// # Errors
     /// [`ProxyError::MethodNotAllowed`] for other than GET and HEAD; [`ProxyError::BadParameter`]
@@ -104,19 +109,33 @@ impl Render {
         &self,
         proxy: &Arc<Proxy>,
         routes: &Routes,
-        index: usize,
+        (index, kind): (usize, RenderKind),
         parts: &Parts,
         client: &Client,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let head = super::routes::get_or_head(&parts.method)?;
-        let params = Params::from_query(parts.uri.query(), self.config.max_dimension)?;
+        let params = match kind {
+            RenderKind::Signed => {
+                let claims = TokenClaims::of_query(parts.uri.query()).ok_or_else(|| {
+                    ProxyError::BadParameter("token: want a signed URL's token".into())
+                })?;
+                Params::from_transformations(
+                    claims.transformations.as_deref().unwrap_or_default(),
+                    parts.uri.query(),
+                    self.config.max_dimension,
+                )?
+            }
+            RenderKind::Public | RenderKind::Authenticated => {
+                Params::from_query(parts.uri.query(), self.config.max_dimension)?
+            }
+        };
         self.check_width(&params)?;
         let request = match routes.resolve(
             Route::Proxied {
                 index,
                 name: "supabase",
             },
-            &object_parts(parts)?,
+            &object_parts(parts, kind)?,
             client,
         )? {
             Proxied::Cacheable(mut request) => {
@@ -634,14 +653,24 @@ fn accepts_webp(headers: &HeaderMap) -> bool {
         })
 }
 
-/// The object-route request for a render request: the same bucket and path under
-/// `/storage/v1/object/public/`, no query, GET.
-fn object_parts(parts: &Parts) -> Result<Parts, ProxyError> {
+/// The object-route request for a render request of `kind`: the same bucket and path under
+/// the object route of that kind, GET, the request's headers (credentials included: the
+/// object route decides what it forwards), no query but a signed URL's `token`.
+fn object_parts(parts: &Parts, kind: RenderKind) -> Result<Parts, ProxyError> {
     let path = parts.uri.path();
     let rest = path
-        .strip_prefix(super::routes::SUPABASE_RENDER_PREFIX)
+        .strip_prefix(kind.render_prefix())
         .ok_or_else(|| ProxyError::NotFound(format!("no route for {path}")))?;
-    let uri = format!("{}{rest}", super::routes::SUPABASE_PUBLIC_PREFIX)
+    let token = match kind {
+        RenderKind::Signed => parts
+            .uri
+            .query()
+            .and_then(super::routes::signed_token)
+            .map(|t| format!("?{t}"))
+            .unwrap_or_default(),
+        RenderKind::Public | RenderKind::Authenticated => String::new(),
+    };
+    let uri = format!("{}{rest}{token}", kind.object_prefix())
         .parse()
         .map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))?;
     let (mut object, ()) = http::Request::new(()).into_parts();

@@ -22,6 +22,9 @@ use crate::upstream::{Guard, UploadLimits};
 /// Prefix of Supabase Storage's public object route.
 pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
 
+/// Prefix of Supabase Storage's signed object route (`?token=`).
+pub const SUPABASE_SIGNED_PREFIX: &str = "/storage/v1/object/sign/";
+
 /// Prefix of Supabase Storage's public render route (image transforms), served by
 /// [`super::render`] from the public object route's cache.
 pub const SUPABASE_RENDER_PREFIX: &str = "/storage/v1/render/image/public/";
@@ -38,9 +41,11 @@ pub enum Route {
     Metrics,
     /// `/image-info`: an `/image-proxy` target's or a route path's image metadata.
     ImageInfo,
-    /// Supabase's public render route; `index` is the Supabase route's.
+    /// Supabase's render routes (public, authenticated, signed); `index` is the Supabase
+    /// route's.
     Render {
         index: usize,
+        kind: RenderKind,
     },
     /// `config.routes[index]`, named `name` in logs and metrics.
     Proxied {
@@ -91,6 +96,46 @@ pub enum Proxied {
     },
 }
 
+/// Which of Supabase's render routes: each renders the object its object route of the same
+/// kind serves (`/render/image/public/b/p` → `/object/public/b/p`, `authenticated` with the
+/// client's credentials, `sign` with the URL's token, which Storage verifies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenderKind {
+    Public,
+    Authenticated,
+    Signed,
+}
+
+impl RenderKind {
+    /// The path prefix of this render route.
+    pub fn render_prefix(self) -> &'static str {
+        match self {
+            RenderKind::Public => SUPABASE_RENDER_PREFIX,
+            RenderKind::Authenticated => "/storage/v1/render/image/authenticated/",
+            RenderKind::Signed => "/storage/v1/render/image/sign/",
+        }
+    }
+
+    /// The path prefix of the object route it renders from.
+    pub fn object_prefix(self) -> &'static str {
+        match self {
+            RenderKind::Public => SUPABASE_PUBLIC_PREFIX,
+            RenderKind::Authenticated => "/storage/v1/object/authenticated/",
+            RenderKind::Signed => "/storage/v1/object/sign/",
+        }
+    }
+
+    fn of(path: &str) -> Option<RenderKind> {
+        [
+            RenderKind::Public,
+            RenderKind::Authenticated,
+            RenderKind::Signed,
+        ]
+        .into_iter()
+        .find(|k| path.starts_with(k.render_prefix()))
+    }
+}
+
 /// The routes of one configuration.
 pub struct Routes {
     routes: Vec<RouteConfig>,
@@ -132,7 +177,9 @@ impl Routes {
     /// `Surrogate-Control`); `None` for imgedge's own endpoints.
     pub fn targeted_out(&self, route: Route) -> Option<&TargetedOut> {
         match route {
-            Route::Proxied { index, .. } | Route::Render { index } => self.targeted_out.get(index),
+            Route::Proxied { index, .. } | Route::Render { index, .. } => {
+                self.targeted_out.get(index)
+            }
             Route::ImageProxy | Route::ImageInfo => Some(&self.default_targeted_out),
             Route::Health | Route::Metrics | Route::Other => None,
         }
@@ -164,8 +211,10 @@ impl Routes {
                 .filter(|(_, r)| path.starts_with(&r.prefix))
                 .max_by_key(|(_, r)| r.prefix.len())
                 .map_or(Route::Other, |(index, r)| {
-                    if r.name == "supabase" && path.starts_with(SUPABASE_RENDER_PREFIX) {
-                        Route::Render { index }
+                    if r.name == "supabase"
+                        && let Some(kind) = RenderKind::of(path)
+                    {
+                        Route::Render { index, kind }
                     } else {
                         Route::Proxied {
                             index,
@@ -237,7 +286,7 @@ impl Routes {
                             strip_set_cookie: public_object,
                             store_set_cookie: route.store_set_cookie,
                         };
-                        Ok(Proxied::Cacheable(proxy_request(
+                        let mut request = proxy_request(
                             parts,
                             &route.prefix,
                             url,
@@ -245,7 +294,16 @@ impl Routes {
                             Guard::Trusted,
                             parts.method == Method::HEAD,
                             forwarding,
-                        )))
+                        );
+                        // a signed URL is good until its token expires, and no longer
+                        if name == "supabase"
+                            && parts.uri.path().starts_with(SUPABASE_SIGNED_PREFIX)
+                        {
+                            request.expires_at =
+                                super::supabase::TokenClaims::of_query(parts.uri.query())
+                                    .and_then(|c| c.expires_at());
+                        }
+                        Ok(Proxied::Cacheable(request))
                     }
                     _ => Ok(Proxied::Forward {
                         namespace: route.prefix.clone(),
@@ -273,12 +331,17 @@ impl Routes {
     /// As [`Routes::resolve`]; [`ProxyError::NotFound`] on a route that stores nothing.
     pub fn purge_key(&self, route: Route, uri: &Uri) -> Result<CacheKey, ProxyError> {
         match route {
-            Route::Render { index } => {
+            Route::Render { index, kind } => {
                 let rest = uri
                     .path()
-                    .strip_prefix(SUPABASE_RENDER_PREFIX)
+                    .strip_prefix(kind.render_prefix())
                     .unwrap_or_default();
-                let object: Uri = format!("{SUPABASE_PUBLIC_PREFIX}{rest}")
+                let token = (kind == RenderKind::Signed)
+                    .then(|| uri.query().and_then(signed_token))
+                    .flatten()
+                    .map(|t| format!("?{t}"))
+                    .unwrap_or_default();
+                let object: Uri = format!("{}{rest}{token}", kind.object_prefix())
                     .parse()
                     .map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))?;
                 self.purge_key(
@@ -307,6 +370,11 @@ impl Routes {
     }
 }
 
+/// The `token=...` pair of a signed URL's query, as it was sent.
+pub fn signed_token(query: &str) -> Option<&str> {
+    query.split('&').find(|p| p.starts_with("token="))
+}
+
 /// `false` for GET, `true` for HEAD.
 ///
 /// # Errors
@@ -330,6 +398,7 @@ fn proxy_request(
 ) -> ProxyRequest {
     let key = CacheKey::new(namespace, &url);
     ProxyRequest {
+        expires_at: None,
         primary: key.clone(),
         key,
         url,

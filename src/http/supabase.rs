@@ -728,3 +728,75 @@ mod tests {
         }
     }
 }
+
+/// What imgedge reads of a Storage signed-URL token (a JWT): when it expires and, for a signed
+/// render URL, the transformations it was signed with. Read, never verified: Storage verifies
+/// the token itself when imgedge fetches the original with it, so a token it refuses renders
+/// nothing, and one it accepts carries transformations it signed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenClaims {
+    /// `exp`: seconds since the epoch.
+    pub exp: Option<u64>,
+    /// `transformations`, as `getSignedURL` writes them (`height:1,width:1,resize:cover,...`).
+    pub transformations: Option<String>,
+}
+
+impl TokenClaims {
+    /// The claims of the `token=` query parameter of `query`; `None` when there is none or it is
+    /// not a JWT whose payload is a JSON object.
+    pub fn of_query(query: Option<&str>) -> Option<TokenClaims> {
+        let token = query?
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("token="))?;
+        let token = percent_decode_str(token).decode_utf8().ok()?;
+        let payload = token.split('.').nth(1)?;
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .ok()?;
+        let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+        let claims = claims.as_object()?;
+        Some(TokenClaims {
+            exp: claims.get("exp").and_then(serde_json::Value::as_u64),
+            transformations: claims
+                .get("transformations")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
+        })
+    }
+
+    /// When the token stops being valid.
+    pub fn expires_at(&self) -> Option<std::time::SystemTime> {
+        self.exp
+            .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    fn jwt(payload: &str) -> String {
+        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", b("{\"alg\":\"HS256\"}"), b(payload))
+    }
+
+    #[test]
+    fn a_token_s_expiry_and_transformations_are_read() {
+        let token = jwt(
+            r#"{"url":"b/a.png","exp":2000000000,"transformations":"height:1,width:1,resize:cover,gravity:fp:0:1"}"#,
+        );
+        let claims = TokenClaims::of_query(Some(&format!("download&token={token}"))).unwrap();
+        assert_eq!(claims.exp, Some(2_000_000_000));
+        assert_eq!(
+            claims.transformations.as_deref(),
+            Some("height:1,width:1,resize:cover,gravity:fp:0:1")
+        );
+        assert!(TokenClaims::of_query(Some("token=garbage")).is_none());
+        assert!(TokenClaims::of_query(Some("width=1")).is_none());
+        assert!(TokenClaims::of_query(None).is_none());
+        assert_eq!(
+            TokenClaims::of_query(Some(&format!("token={}", jwt("{}")))),
+            Some(TokenClaims::default())
+        );
+    }
+}

@@ -261,7 +261,9 @@ impl Proxy {
                 request_time: now,
                 response_time: now,
             },
-            self.cache.freshness_policy(req.default_ttl),
+            self.cache
+                .freshness_policy(req.default_ttl)
+                .valid_until(req.expires_at),
         )
         .ok()
     }
@@ -403,6 +405,7 @@ mod tests {
 
     fn request(url: &url::Url) -> ProxyRequest {
         ProxyRequest {
+            expires_at: None,
             key: crate::cache::CacheKey::new("image-proxy", url),
             primary: crate::cache::CacheKey::new("image-proxy", url),
             url: url.clone(),

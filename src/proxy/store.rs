@@ -64,7 +64,9 @@ impl Proxy {
             &merged,
             req.forwarding.facts(),
             upstream.head.times,
-            self.cache.freshness_policy(req.default_ttl),
+            self.cache
+                .freshness_policy(req.default_ttl)
+                .valid_until(req.expires_at),
         );
         merged.remove(AGE);
         let cache_status = if was_fresh {
@@ -109,7 +111,9 @@ impl Proxy {
             &upstream.headers,
             req.forwarding.facts(),
             upstream.times,
-            self.cache.freshness_policy(req.default_ttl),
+            self.cache
+                .freshness_policy(req.default_ttl)
+                .valid_until(req.expires_at),
         )
         .and_then(|f| {
             // Judged on what would be stored: a cookie /image-proxy or a public Supabase object

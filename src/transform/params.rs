@@ -267,6 +267,56 @@ impl Params {
         Ok(params)
     }
 
+    /// Reads the transformations a Storage signed render URL's token carries
+    /// (`height:1,width:1,resize:cover,quality:80,format:webp,gravity:fp:0:1`, as Storage's
+    /// `getSignedURL` writes them), with `download` from the request's own `query`: the same
+    /// rules as [`Params::from_query`] (an `undefined` value, which Storage writes for an unset
+    /// `resize`, is absent).
+    ///
+    /// # Errors
+    /// As [`Params::from_query`].
+    pub fn from_transformations(
+        transformations: &str,
+        query: Option<&str>,
+        max_dimension: u32,
+    ) -> Result<Params, TransformError> {
+        let mut pairs: Vec<String> = Vec::new();
+        for segment in transformations.split(',').filter(|s| !s.is_empty()) {
+            let mut parts = segment.splitn(4, ':');
+            let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if value.is_empty() || value == "undefined" {
+                continue;
+            }
+            let encode = |v: &str| {
+                percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            };
+            match name {
+                "height" | "width" | "resize" | "quality" | "format" => {
+                    pairs.push(format!("{name}={}", encode(value)));
+                }
+                "gravity" => {
+                    pairs.push(format!("gravity={}", encode(value)));
+                    if let Some(x) = parts.next() {
+                        pairs.push(format!("x_offset={}", encode(x)));
+                    }
+                    if let Some(y) = parts.next() {
+                        pairs.push(format!("y_offset={}", encode(y)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let download = query
+            .unwrap_or("")
+            .split('&')
+            .find(|p| *p == "download" || p.starts_with("download="));
+        pairs.extend(download.map(str::to_owned));
+        Params::from_query(Some(&pairs.join("&")), max_dimension)
+    }
+
     /// Reads `/image-proxy`'s transform parameters: `w`, `h` (integers, clamped to
     /// 1–`max_dimension`), `fit` (`cover`, `contain`: padded to the box, `fill`, `inside`), `q`
     /// (20–100) and `format` (`auto` or absent: negotiated from `Accept`; `jpeg`, `png`,
