@@ -862,7 +862,7 @@ async fn a_signed_render_takes_its_transformations_from_the_token_and_is_kept_no
     let origin = TestOrigin::start().await;
     let exp = unix_now() + 2;
     let token = token(&format!(
-        r#"{{"url":"photos/a.png","transformations":"width:40,resize:contain,format:undefined","exp":{exp}}}"#
+        r#"{{"url":"photos/a.png","transformations":"height:20,width:40,resize:cover,format:undefined,gravity:fp:0:1","exp":{exp}}}"#
     ));
     // Storage verifies the token on its signed object route; this origin answers only it
     let object = format!("/storage/v1/object/sign/photos/a.png?token={token}");
@@ -880,6 +880,11 @@ async fn a_signed_render_takes_its_transformations_from_the_token_and_is_kept_no
     assert_eq!(got.status, 200, "{}", got.text());
     let image = decoded(&got);
     assert_eq!((image.width(), image.height()), (40, 20));
+    // what was applied, as Storage lists it
+    assert_eq!(
+        got.header("x-transformations"),
+        "height:20,width:40,resizing_type:fill,gravity:fp:0:1"
+    );
     assert!(
         got.cache_status().contains("stored"),
         "{}",

@@ -265,7 +265,7 @@ async fn writes_named_in_bodies_and_upload_ids_invalidate_their_objects() {
 }
 
 /// imgedge's own errors on the Supabase routes read as Storage's: `statusCode`, `code`
-/// (Storage's), `message`, and imgedge's code in `error`; XML on the S3 protocol. The status is
+/// and `error` (Storage's code), `message`, and imgedge's code in `imgedgeCode`; XML on the S3 protocol. The status is
 /// imgedge's; what the origin answers passes as it is; other routes keep imgedge's shape.
 #[tokio::test]
 async fn imgedge_s_own_errors_on_the_supabase_routes_take_storage_s_shape() {
@@ -291,7 +291,8 @@ async fn imgedge_s_own_errors_on_the_supabase_routes_take_storage_s_shape() {
         serde_json::from_str(raw.split_once("\r\n\r\n").unwrap().1).unwrap();
     assert_eq!(body["statusCode"], "400");
     assert_eq!(body["code"], "InvalidKey");
-    assert_eq!(body["error"], "bad_path");
+    assert_eq!(body["error"], "InvalidKey");
+    assert_eq!(body["imgedgeCode"], "bad_path");
     assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
 
     let r = proxy
@@ -312,7 +313,8 @@ async fn imgedge_s_own_errors_on_the_supabase_routes_take_storage_s_shape() {
         .await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["code"], "EntityTooLarge");
-    assert_eq!(r.json()["error"], "payload_too_large");
+    assert_eq!(r.json()["error"], "EntityTooLarge");
+    assert_eq!(r.json()["imgedgeCode"], "payload_too_large");
 
     let r = proxy
         .send_body(

@@ -33,9 +33,12 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pressure::{Reading, ReservationPool};
 use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, ProxyRequest, if_none_match_matches};
 use crate::transform::{
-    self, Format, Limits, Params, Plan, Pool, SourceReader, SourceSender, TransformError, Turn,
+    self, Fit, Format, Limits, Params, Plan, Pool, SourceReader, SourceSender, TransformError, Turn,
 };
 use http_body_util::BodyExt;
+
+/// Storage's header listing the transformations a render applied.
+const X_TRANSFORMATIONS: http::HeaderName = http::HeaderName::from_static("x-transformations");
 
 /// The render route's settings, pool, and the memory it answers to.
 pub struct Render {
@@ -150,8 +153,16 @@ impl Render {
             // it cannot render
             return self.original(proxy, request).await;
         }
-        self.respond(proxy, request, params, parts, Caller::RenderRoute)
-            .await
+        let transformations = x_transformations(&params);
+        let mut response = self
+            .respond(proxy, request, params, parts, Caller::RenderRoute)
+            .await?;
+        if let Some(transformations) = transformations {
+            response
+                .headers_mut()
+                .insert(X_TRANSFORMATIONS, transformations);
+        }
+        Ok(response)
     }
 
     /// The original, as the object route serves it, unless its first bytes are not an image
@@ -171,7 +182,7 @@ impl Render {
         let (first, ended) = read_prefix(&mut body, Vec::new(), transform::HEADER_BYTES).await?;
         if transform::probe(&first).is_err() {
             return Err(ProxyError::InvalidSource(
-                "the source image is invalid or unsupported for rendering".into(),
+                "The source image is invalid or unsupported for rendering".into(),
             ));
         }
         let rest = if ended { ProxyBody::empty() } else { body };
@@ -598,7 +609,7 @@ fn transform_error(e: TransformError, caller: Caller) -> ProxyError {
             if caller == Caller::RenderRoute =>
         {
             ProxyError::InvalidSource(format!(
-                "the source image is invalid or unsupported for rendering: {why}"
+                "The source image is invalid or unsupported for rendering: {why}"
             ))
         }
         e => e.into(),
@@ -679,6 +690,44 @@ fn object_parts(parts: &Parts, kind: RenderKind) -> Result<Parts, ProxyError> {
     object.version = parts.version;
     object.headers = parts.headers.clone();
     Ok(object)
+}
+
+/// Storage's `X-Transformations` response header: what was applied, as its renderer lists
+/// it for imgproxy (`height:1,width:1,resizing_type:fill,quality:80,format:webp,gravity:fp:0:1`;
+/// `ImageRenderer.applyTransformation`): sizes and quality as asked for, `resizing_type` when a
+/// size was, `format` only when one was asked for (a negotiated one is not listed); `None` when
+/// none applies.
+fn x_transformations(params: &Params) -> Option<HeaderValue> {
+    let mut segments = Vec::new();
+    if let Some(h) = params.height {
+        segments.push(format!("height:{h}"));
+    }
+    if let Some(w) = params.width {
+        segments.push(format!("width:{w}"));
+    }
+    if params.width.is_some() || params.height.is_some() {
+        segments.push(
+            match params.fit {
+                Fit::Cover => "resizing_type:fill",
+                Fit::Inside => "resizing_type:fit",
+                Fit::Fill | Fit::Pad => "resizing_type:force",
+            }
+            .to_owned(),
+        );
+    }
+    if let Some(q) = params.quality {
+        segments.push(format!("quality:{q}"));
+    }
+    if let Some(format) = params.format.filter(|_| !params.negotiate) {
+        segments.push(format!("format:{}", format.as_str()));
+    }
+    if let Some(gravity) = params.gravity.storage_name() {
+        segments.push(format!("gravity:{gravity}"));
+    }
+    if segments.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&segments.join(",")).ok()
 }
 
 /// `attachment`, with `filename` when one was given (quoted, anything unsafe in a quoted string

@@ -395,10 +395,11 @@ fn xml_unescape(s: &str) -> Option<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ErrorBody {
     /// The REST API (objects, buckets, render, uploads): JSON, `{"statusCode": "413", "code":
-    /// "EntityTooLarge", "error": "payload_too_large", "message": "..."}`. `statusCode` is the
-    /// status as a string and `code` Storage's error code, which supabase-js reads
-    /// (`StorageApiError.statusCode`, `.code`); `error`, where Storage puts a short legacy name
-    /// (`not_found`), holds imgedge's own stable code, as in imgedge's other errors.
+    /// "EntityTooLarge", "error": "EntityTooLarge", "message": "...", "imgedgeCode":
+    /// "payload_too_large"}`, as Storage's `StorageBackendError.render()` writes it:
+    /// `statusCode` is the status as a string, `code` and `error` Storage's error code, which
+    /// supabase-js and Storage's acceptance suite read; imgedge's own stable code is added as
+    /// `imgedgeCode`.
     Json,
     /// The S3 protocol (`/storage/v1/s3/...`): XML, `<Error><Code>`, `<Message>`, `<Resource>`
     /// (the bucket and key), as Storage's S3 error handler writes it and AWS SDKs parse it, and
@@ -432,8 +433,9 @@ impl ErrorBody {
                 let body = serde_json::json!({
                     "statusCode": status.as_u16().to_string(),
                     "code": storage,
-                    "error": code,
+                    "error": storage,
                     "message": message,
+                    "imgedgeCode": code,
                 });
                 (
                     HeaderValue::from_static("application/json"),
@@ -500,8 +502,9 @@ mod tests {
             serde_json::json!({
                 "statusCode": "413",
                 "code": "EntityTooLarge",
-                "error": "payload_too_large",
+                "error": "EntityTooLarge",
                 "message": "big",
+                "imgedgeCode": "payload_too_large",
             })
         );
         for (status, code, storage) in [

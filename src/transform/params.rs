@@ -114,6 +114,23 @@ impl Gravity {
         }
     }
 
+    /// Its name as Supabase's `gravity` spells it, with `fp`'s offsets (`fp:0:1`); `None` for
+    /// the centre.
+    pub fn storage_name(self) -> Option<String> {
+        Some(match self {
+            Gravity::Centre => return None,
+            Gravity::FocalPoint(x, y) => format!("fp:{x}:{y}"),
+            Gravity::Edge(x, y) => {
+                let name = |v: f32, low, high| match v {
+                    0.0 => low,
+                    1.0 => high,
+                    _ => "",
+                };
+                format!("{}{}", name(y, "no", "so"), name(x, "we", "ea"))
+            }
+        })
+    }
+
     /// `gravity=`'s value (without the offsets of `fp`).
     fn parse(value: &str) -> Option<Gravity> {
         Some(match value {

@@ -615,7 +615,12 @@ impl Got {
         assert_eq!(self.header("content-type"), "application/json");
         let v = self.json();
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-        v["error"].as_str().unwrap().to_owned()
+        // on the Supabase routes `error` is Storage's code and imgedge's is `imgedgeCode`
+        v.get("imgedgeCode")
+            .unwrap_or(&v["error"])
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 }
 
