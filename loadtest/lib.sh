@@ -1,6 +1,8 @@
 # shellcheck shell=bash
-# Shared pieces of the loadtest scripts (sourced, not run): the start-up of smoke.sh and
-# smoke-k6.sh, and the binary provenance, peers and metrics helpers of bench.sh and flashcrowd.sh.
+# Shared pieces of the loadtest scripts (sourced, not run): the corpus, the binary, origin.py and
+# imgedge on free ports (smoke.sh, transform.sh, transform-load.sh, sharp.sh, refused.sh,
+# perhit.sh), the binary's provenance and the peers and metrics helpers (bench.sh, run.sh,
+# cluster.sh), k6 (run.sh) and lt_stop (every one of them, conformance.sh too).
 #
 #   lt_ensure_corpus   sets CORPUS and MANIFEST, building the corpus with loadtest/corpus.sh when
 #                      CORPUS/MANIFEST.tsv is missing
@@ -172,7 +174,7 @@ lt_imgedge_alive() {
   return 1
 }
 
-# ---- for the benchmarks (bench.sh, flashcrowd.sh) ----
+# ---- for the benchmarks (bench.sh, run.sh, cluster.sh, ...) ----
 
 lt_cmdline() { # env-regex [arg...]
   local line kv a
