@@ -12,8 +12,8 @@
 # Prints `instructions_per_hit=... syscalls_per_hit=...` and the syscall table.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-. "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+. "$here/lib/lib.sh"
 
 n=${1:-3000}
 [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || lt_die "N must be a positive integer, not '$n'"

@@ -11,8 +11,8 @@
 # max_us=...`, then `origin_requests=0 upstream_fetches=0` (or fails).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-. "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+. "$here/lib/lib.sh"
 
 seconds=${SECONDS_RUN:-3}
 [[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || lt_die "SECONDS_RUN must be a positive integer"

@@ -2,7 +2,7 @@
 # Large transfers through imgedge against the real Supabase Storage server: a SIZE_MIB (100) MiB
 # object uploaded and downloaded through imgedge and through the gateway alone, over Storage's
 # REST API (POST/GET /storage/v1/object/BUCKET/KEY, curl) and its S3 protocol
-# (/storage/v1/s3, SigV4, AWS SDK v3: loadtest/supabase-s3.mjs), targets alternating, ROUNDS (3)
+# (/storage/v1/s3, SigV4, AWS SDK v3: loadtest/lib/supabase-s3.mjs), targets alternating, ROUNDS (3)
 # rounds. Measures each transfer's time and imgedge's RSS (VmRSS every 50 ms) against its idle
 # RSS, then probes imgedge with its default limits. The environment is tests/supabase's
 # (tests/supabase/env.sh: Storage, Postgres, the nginx gateway stand-in, imgedge).
@@ -83,7 +83,7 @@ transfer() { # ROUND PROTOCOL OP TARGET(imgedge|gateway) KEY
   else
     local endpoint=$base/storage/v1/s3 json
     json=$(S3_ACCESS_KEY_ID=$SB_S3_ACCESS_KEY_ID S3_SECRET_ACCESS_KEY=$SB_S3_SECRET SB_TIMEOUT=300 \
-      sb_node_script "$here/supabase-s3.mjs" "$op" "$endpoint" "$bucket" "$key" "$file" 2>&1 | tail -n 1)
+      sb_node_script "$here/lib/supabase-s3.mjs" "$op" "$endpoint" "$bucket" "$key" "$file" 2>&1 | tail -n 1)
     read -r ok status secs bytes note < <("$SB_NODE" -e '
       let r; try { r = JSON.parse(process.argv[1]); } catch { r = { ok: false, status: 0, ms: 0, bytes: 0, error: process.argv[1] }; }
       console.log([r.ok, r.status, (r.ms / 1000).toFixed(3), r.bytes, (r.error || "").replace(/\s+/g, " ")].join(" "));' "$json")

@@ -26,7 +26,8 @@
 # LT_ALLOWED_HOSTS (lt_start's allowed_hosts, default only the origin),
 # LT_KEEP=1 keeps the log folder even on success (it is always kept on failure).
 
-LT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LT_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd) # loadtest/lib: the helpers
+LT_DIR=$(dirname "$LT_LIB")                          # loadtest: the entry points, origin.py, corpus.sh, peers.sh
 LT_ROOT=$(dirname "$LT_DIR")
 LT_ME=$(basename "$0")
 LT_ORIGIN_PID=
