@@ -59,7 +59,9 @@ hits $((2 * $(wc -l <"$work/names")))
 callgrind_control -z "$LT_IMGEDGE_PID" >/dev/null
 hits "$n"
 callgrind_control -d "$LT_IMGEDGE_PID" >/dev/null
-dump=$(ls "$work"/callgrind.out.* | head -1)
+dumps=("$work"/callgrind.out.*)
+dump=${dumps[0]}
+[[ -e $dump ]] || lt_die "callgrind wrote no dump in $work"
 instructions=$(awk '/^summary:/ {print $2}' "$dump")
 lt_stop "$LT_IMGEDGE_PID"
 lt_stop "$LT_ORIGIN_PID"

@@ -10,17 +10,19 @@
 # Targets (the issue's): imgedge's peak RSS within 32 MiB of idle; each transfer's median time
 # at most 1.1x the gateway alone's.
 #
-# Usage: [IMGEDGE_BIN=path] [SIZE_MIB=100] [ROUNDS=3] bash loadtest/supabase-transfer.sh
-#   IMGEDGE_BIN default target/release/imgedge (`cargo build --release --locked` when missing);
+# Usage: [EDGE_BIN=path] [SIZE_MIB=100] [ROUNDS=3] bash loadtest/supabase-transfer.sh
+#   EDGE_BIN (or IMGEDGE_BIN, as tests/supabase/run.sh calls it) default target/release/imgedge
+#   (`cargo build --release --locked` when missing);
 #   SUPABASE_STORAGE_SRC and IMGEDGE_SUPABASE_CACHE as for tests/supabase/run.sh.
 # imgedge runs with server.max_request_body_bytes and upstream.max_object_bytes at 1 GiB (both
 # default to 50 MiB, below the object; the probe at the end shows what the defaults do).
 # Writes loadtest/reports/supabase-transfer-<UTC>.md and prints its key figures.
 set -uo pipefail
+# shellcheck disable=SC2034 # tests/supabase/env.sh's sb_log prints it
 SB_ME=supabase-transfer
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-# shellcheck source=tests/supabase/env.sh
+# shellcheck source-path=SCRIPTDIR/.. source=tests/supabase/env.sh
 source "$repo/tests/supabase/env.sh"
 
 size_mib=${SIZE_MIB:-100}
@@ -29,10 +31,13 @@ rounds=${ROUNDS:-3}
 [[ $rounds =~ ^[0-9]+$ && $rounds -ge 1 && $rounds -le 10 ]] || { echo "ROUNDS must be 1-10" >&2; exit 2; }
 size_bytes=$((size_mib * 1048576))
 cmdline="cd $(printf %q "$repo") &&"
-for v in IMGEDGE_BIN SIZE_MIB ROUNDS SUPABASE_STORAGE_SRC; do
+for v in EDGE_BIN IMGEDGE_BIN SIZE_MIB ROUNDS SUPABASE_STORAGE_SRC; do
   [[ -n ${!v:-} ]] && cmdline+=" $v=$(printf %q "${!v}")"
 done
 cmdline+=" bash loadtest/supabase-transfer.sh"
+# EDGE_BIN, the name every loadtest script reads, else IMGEDGE_BIN, tests/supabase's (env.sh's
+# sb_edge_bin reads IMGEDGE_BIN and keeps it from imgedge's environment)
+IMGEDGE_BIN=${EDGE_BIN:-${IMGEDGE_BIN:-}}
 
 sb_find_source
 case $? in 0) ;; 1) exit 0 ;; *) exit 1 ;; esac

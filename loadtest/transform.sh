@@ -70,6 +70,7 @@ for line in open(manifest):
 print(best[1])
 PY
 )
+# shellcheck disable=SC2076 # a literal match: is the name among the images?
 [[ -n $baseline && ! " ${images[*]} " =~ " $baseline " ]] && images+=("$baseline")
 EDGE_BIN=$run_bin lt_start
 lt_log "imgedge $bin_version ($bin_source), $(vipsthumbnail --vips-version 2>/dev/null | head -n1)"
