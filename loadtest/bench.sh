@@ -74,7 +74,7 @@ declare -A base=([nginx]=http://127.0.0.1:18081 [varnish]=http://127.0.0.1:18082
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 started_at=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
-reports=$here/reports
+reports=${REPORT_DIR:-$here/reports}
 report=$reports/bench-$stamp.md
 mkdir -p "$reports"
 logdir=${BENCH_LOG_DIR:-$(mktemp -d /tmp/imgedge-bench.XXXXXX)}

@@ -95,10 +95,11 @@ tmp=$LT_TMP
 lt_release_bin "$tmp"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 started_at=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
-mkdir -p "$here/reports"
+report_dir=${REPORT_DIR:-$here/reports}
+mkdir -p "$report_dir"
 kind=cluster
 ((shared == 0)) || kind=cluster-shared
-report=$here/reports/$kind-$stamp.md
+report=$report_dir/$kind-$stamp.md
 
 # ---- processes: every PID we start, stopped on exit ----
 declare -a pids=()

@@ -448,7 +448,9 @@ statuses_of() { # RESULT line -> "200=106, 503=12 (overloaded 12; 12 with Retry-
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 name_=sharp
 ((quick)) && name_=sharp-quick
-report=$here/reports/$name_-$(date -u +%Y%m%dT%H%M%SZ).md
+report_dir=${REPORT_DIR:-$here/reports}
+mkdir -p "$report_dir"
+report=$report_dir/$name_-$(date -u +%Y%m%dT%H%M%SZ).md
 fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
 {
   echo "# imgedge vs a Node + sharp image proxy$( ((quick)) && echo ' (--quick)')"

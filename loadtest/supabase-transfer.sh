@@ -161,8 +161,9 @@ rm -f "$SB_WORK"/probe-*.body
 sb_log "imgedge with its default limits: REST upload $probe_put; REST download $probe_get"
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
-report=$here/reports/supabase-transfer-$stamp.md
-mkdir -p "$here/reports"
+report_dir=${REPORT_DIR:-$here/reports}
+report=$report_dir/supabase-transfer-$stamp.md
+mkdir -p "$report_dir"
 nginx_version=$( (command -v nginx >/dev/null && nginx -v 2>&1) || /usr/sbin/nginx -v 2>&1)
 R_RESULTS=$results R_RSS=$rss R_IDLE_END=$idle_end_ms R_ROUNDS_END=$rounds_end_ms R_REPORT=$report \
   R_SIZE=$size_bytes R_ROUNDS=$rounds R_CMD=$cmdline R_DATE=$(date -u '+%Y-%m-%d %H:%M') \

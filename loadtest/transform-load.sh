@@ -128,7 +128,9 @@ read -r hit_s hit_p50 hit_p99 hit_max < <(pass stored)
 [[ $(transforms_ok) == "$ok" ]] || lt_die "the second pass transformed again"
 total=$(wc -l <"$urls")
 
-report=$here/reports/transform-load-$(date -u +%Y%m%dT%H%M%SZ).md
+report_dir=${REPORT_DIR:-$here/reports}
+mkdir -p "$report_dir"
+report=$report_dir/transform-load-$(date -u +%Y%m%dT%H%M%SZ).md
 {
   echo "# Render route under concurrency: memory per transform, transforms per second"
   echo

@@ -124,7 +124,9 @@ for ((r = 1; r <= rounds; r++)); do
 done
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-report=$here/reports/transform-$(date -u +%Y%m%dT%H%M%SZ).md
+report_dir=${REPORT_DIR:-$here/reports}
+mkdir -p "$report_dir"
+report=$report_dir/transform-$(date -u +%Y%m%dT%H%M%SZ).md
 {
   echo "# Render route vs vipsthumbnail: 800-pixel-wide thumbnails"
   echo
