@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of imgedge against nginx proxy_cache and Varnish, on the same machine and
 # corpus, with loadtest/peers.sh (starts the origin and the two peers; loadtest/corpus.sh builds the
-# corpus when it is missing) and loadtest/load.sh (runs one wrk scenario against one target and
+# corpus when it is missing) and loadtest/lib/load.sh (runs one wrk scenario against one target and
 # measures the target's own CPU and RSS).
 # Everything listens on and talks to 127.0.0.1 only.
 #
@@ -39,8 +39,8 @@ root=$(dirname "$here")
 me=bench.sh
 log() { printf '%s: %s\n' "$me" "$*" >&2; }
 die() { log "$*"; exit 1; }
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-. "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+. "$here/lib/lib.sh"
 
 # ---- the command exactly as given (before any default is applied) ----
 cmdline=$(lt_cmdline '^(IMGEDGE_[A-Z0-9_]+|SECONDS_RUN|CONNS|CORPUS|CARGO_TARGET_DIR|BENCH_[A-Z_]+)=' "$@")
@@ -55,7 +55,7 @@ read -r -a targets <<<"${BENCH_TARGETS:-nginx varnish imgedge}"
 for t in "${targets[@]}"; do
   case $t in nginx | varnish | imgedge) ;; *) die "unknown target '$t' in BENCH_TARGETS (nginx varnish imgedge)" ;; esac
 done
-[[ -z ${BENCH_TOOLS:-} ]] || log "BENCH_TOOLS is ignored: the tools are loadtest/peers.sh and loadtest/load.sh"
+[[ -z ${BENCH_TOOLS:-} ]] || log "BENCH_TOOLS is ignored: the tools are loadtest/peers.sh and loadtest/lib/load.sh"
 export SECONDS_RUN=${SECONDS_RUN:-10}
 export CORPUS=${CORPUS:-/tmp/imgproxy-corpus}
 manifest=$CORPUS/MANIFEST.tsv
@@ -74,7 +74,7 @@ declare -A base=([nginx]=http://127.0.0.1:18081 [varnish]=http://127.0.0.1:18082
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 started_at=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
-reports=$here/reports
+reports=${REPORT_DIR:-$here/reports}
 report=$reports/bench-$stamp.md
 mkdir -p "$reports"
 logdir=${BENCH_LOG_DIR:-$(mktemp -d /tmp/imgedge-bench.XXXXXX)}
@@ -353,7 +353,7 @@ for s in "${scenarios[@]}"; do
     load1[$s,$t]=$(cut -d' ' -f1 /proc/loadavg)
     log "$s -> $t (pids: $pids)"
     # shellcheck disable=SC2086
-    if out=$(bash "$here/load.sh" "${base[$t]}" "$s" $pids 2>"$logdir/load-$s-$t.err"); then
+    if out=$(bash "$here/lib/load.sh" "${base[$t]}" "$s" $pids 2>"$logdir/load-$s-$t.err"); then
       line[$s,$t]=$out
       log "$out"
       e=$(lt_kv errors "$out")

@@ -49,8 +49,8 @@ esac
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-. "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+. "$here/lib/lib.sh"
 log() { printf 'cluster.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
@@ -95,10 +95,11 @@ tmp=$LT_TMP
 lt_release_bin "$tmp"
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 started_at=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
-mkdir -p "$here/reports"
+report_dir=${REPORT_DIR:-$here/reports}
+mkdir -p "$report_dir"
 kind=cluster
 ((shared == 0)) || kind=cluster-shared
-report=$here/reports/$kind-$stamp.md
+report=$report_dir/$kind-$stamp.md
 
 # ---- processes: every PID we start, stopped on exit ----
 declare -a pids=()
@@ -280,9 +281,9 @@ wait_status() { # backend server status(UP|DOWN) seconds
   return 1
 }
 
-# ---- load (wrk with loadtest/paths.lua) ----
+# ---- load (wrk with loadtest/lib/paths.lua) ----
 wrk_run() { # out base list seconds conns: wrk in the foreground; sets w_rps w_errors w_p50 w_p99 w_requests
-  PATHS=$3 timeout $(($4 + 60)) wrk -t2 -c"$5" -d"$4s" --timeout 30s -s "$here/paths.lua" "$2" >"$1" 2>&1 || true
+  PATHS=$3 timeout $(($4 + 60)) wrk -t2 -c"$5" -d"$4s" --timeout 30s -s "$here/lib/paths.lua" "$2" >"$1" 2>&1 || true
   wrk_parse "$1"
 }
 wrk_parse() { # out
@@ -314,7 +315,7 @@ random.Random(12).shuffle(paths)
 open(out, "w").write("\n".join(paths) + "\n")
 PY
 n_objects=$(($(manifest_names 5242880 | wc -l) * 2)) # origin objects: /NAME and the storage path
-small=$tmp/small.paths   # hits-small, as loadtest/load.sh: every object <= 1 MiB by /image-proxy
+small=$tmp/small.paths   # hits-small, as loadtest/lib/load.sh: every object <= 1 MiB by /image-proxy
 manifest_names 1048576 | awk -v o="$origin" '{ print "/image-proxy?url=" o "/" $1 }' >"$small"
 
 # Origin figures from /__hits (per path counts) for the paths of the mixed list.
@@ -477,7 +478,7 @@ fi
 # ---- kill -9 --------------------------------------------------------------------------------------
 phase "kill: kill -9 of imgedge2 ${secs}s/3 into ${secs}s of load through the hash"
 origin_reset
-PATHS=$mixed timeout $((secs + 60)) wrk -t2 -c"$conns" -d"${secs}s" --timeout 30s -s "$here/paths.lua" "$front" >"$tmp/kill.out" 2>&1 &
+PATHS=$mixed timeout $((secs + 60)) wrk -t2 -c"$conns" -d"${secs}s" --timeout 30s -s "$here/lib/paths.lua" "$front" >"$tmp/kill.out" 2>&1 &
 wrk_pid=$!
 pids+=("$wrk_pid")
 sleep $((secs / 3))
@@ -508,7 +509,7 @@ wait_status imgedge_owners imgedge2 UP 15 || die "imgedge2 not UP again"
 
 # ---- SIGTERM with drain_delay ------------------------------------------------------------------------
 phase "sigterm: SIGTERM of imgedge3 (drain_delay ${drain_s}s) ${secs}s/3 into ${secs}s of load"
-PATHS=$mixed timeout $((secs + 60)) wrk -t2 -c"$conns" -d"${secs}s" --timeout 30s -s "$here/paths.lua" "$front" >"$tmp/term.out" 2>&1 &
+PATHS=$mixed timeout $((secs + 60)) wrk -t2 -c"$conns" -d"${secs}s" --timeout 30s -s "$here/lib/paths.lua" "$front" >"$tmp/term.out" 2>&1 &
 wrk_pid=$!
 pids+=("$wrk_pid")
 sleep $((secs / 3))
@@ -535,7 +536,7 @@ if ((shared)); then
   manifest_names 131072 | awk -v o="$origin" '{ for (i = 1000; i < 3000; i++) print "/image-proxy?url=" o "/" $1 "?v=" i }' >"$misses"
   wrk_run "$tmp/base.out" "$front" "$misses.base" 6 "$conns"
   base_p99=$w_p99
-  PATHS=$misses timeout $((secs + 60)) wrk -t2 -c"$conns" -d"${secs}s" --timeout 30s -s "$here/paths.lua" "$front" >"$tmp/stop.out" 2>&1 &
+  PATHS=$misses timeout $((secs + 60)) wrk -t2 -c"$conns" -d"${secs}s" --timeout 30s -s "$here/lib/paths.lua" "$front" >"$tmp/stop.out" 2>&1 &
   wrk_pid=$!
   pids+=("$wrk_pid")
   sleep 1
@@ -591,12 +592,12 @@ tp_run() { # front|direct [cpu-list for wrk]: sets t_rps t_p99 t_err and CPU mic
   [[ -n ${2:-} ]] && wrk_cmd=(taskset -c "$2" wrk)
   h0=$(cpu_ticks "$haproxy_pid") e0=$(edge_ticks) b0=$(busy_ticks)
   if [[ $1 == front ]]; then
-    PATHS=$small timeout $((secs + 60)) "${wrk_cmd[@]}" -t2 -c"$conns" -d"${secs}s" --timeout 30s -s "$here/paths.lua" "$front" >"$tmp/tp-front.out" 2>&1 || true
+    PATHS=$small timeout $((secs + 60)) "${wrk_cmd[@]}" -t2 -c"$conns" -d"${secs}s" --timeout 30s -s "$here/lib/paths.lua" "$front" >"$tmp/tp-front.out" 2>&1 || true
     outs=("$tmp/tp-front.out")
   else
     # the three instances loaded directly at once, the connections split among them
     for s in 1 2 3; do
-      PATHS=$small timeout $((secs + 60)) "${wrk_cmd[@]}" -t1 -c"$((conns / 3))" -d"${secs}s" --timeout 30s -s "$here/paths.lua" "$(edge "$s")" >"$tmp/tp-direct$s.out" 2>&1 &
+      PATHS=$small timeout $((secs + 60)) "${wrk_cmd[@]}" -t1 -c"$((conns / 3))" -d"${secs}s" --timeout 30s -s "$here/lib/paths.lua" "$(edge "$s")" >"$tmp/tp-direct$s.out" 2>&1 &
       dpid[s]=$!
       pids+=("${dpid[s]}")
     done

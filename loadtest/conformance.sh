@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # HTTP caching conformance: runs the suite behind cache-tests.fyi (npm `http-cache-tests`) through
 # a cache in front of the suite's own origin server, all on 127.0.0.1, and prints the score of
-# its required tests (loadtest/conformance-score.mjs explains the scoring).
+# its required tests (loadtest/lib/conformance-score.mjs explains the scoring).
 #
 #   bash loadtest/conformance.sh                   # imgedge, [[routes]] prefix "/" -> suite server
 #   TARGET=nginx bash loadtest/conformance.sh      # nginx with a default proxy_cache (reference)
@@ -51,8 +51,8 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/conformance.XXXXXX")
 PIDS=() # processes this script started, stopped in reverse order on exit
 
 # lt_stop: stops a process only while it is still our own child (never a reused PID).
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/lib.sh"
 
 cleanup() {
   local rc=$? i
@@ -303,7 +303,7 @@ log "suite finished in ${elapsed} s; results in $RESULTS"
 min_args=()
 [[ -n ${CONFORMANCE_MIN:-} ]] && min_args=(--min "$CONFORMANCE_MIN")
 rc=0
-node "$HERE/conformance-score.mjs" --suite "$PKG" "${min_args[@]}" "$WORK/results.json" || rc=$?
+node "$HERE/lib/conformance-score.mjs" --suite "$PKG" "${min_args[@]}" "$WORK/results.json" || rc=$?
 case $rc in
   0) ;;
   3) die "below CONFORMANCE_MIN=$CONFORMANCE_MIN" ;;

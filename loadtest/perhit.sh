@@ -12,8 +12,8 @@
 # Prints `instructions_per_hit=... syscalls_per_hit=...` and the syscall table.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-. "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+. "$here/lib/lib.sh"
 
 n=${1:-3000}
 [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || lt_die "N must be a positive integer, not '$n'"
@@ -59,7 +59,9 @@ hits $((2 * $(wc -l <"$work/names")))
 callgrind_control -z "$LT_IMGEDGE_PID" >/dev/null
 hits "$n"
 callgrind_control -d "$LT_IMGEDGE_PID" >/dev/null
-dump=$(ls "$work"/callgrind.out.* | head -1)
+dumps=("$work"/callgrind.out.*)
+dump=${dumps[0]}
+[[ -e $dump ]] || lt_die "callgrind wrote no dump in $work"
 instructions=$(awk '/^summary:/ {print $2}' "$dump")
 lt_stop "$LT_IMGEDGE_PID"
 lt_stop "$LT_ORIGIN_PID"

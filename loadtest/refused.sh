@@ -8,12 +8,16 @@
 # Usage: [EDGE_BIN=path/to/imgedge] [SECONDS_RUN=3] bash loadtest/refused.sh
 #   EDGE_BIN unset: `cargo build --release --quiet`, then target/release/imgedge.
 # Prints one line per refusal: `refused KIND status=... code=... rps=... p50_us=... p99_us=...
-# max_us=...`, then `origin_requests=0 upstream_fetches=0` (or fails).
+# max_us=...`, then `origin_requests=0 upstream_fetches=0` (or fails), and writes the same lines,
+# with the command and the binary, to loadtest/reports/refused-<UTC>.md (REPORT_DIR to write
+# elsewhere), also when the last check fails.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-. "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+. "$here/lib/lib.sh"
 
+cmdline=$(lt_cmdline '^(EDGE_BIN|SECONDS_RUN|CORPUS|CARGO_TARGET_DIR)=' "$@")
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
 seconds=${SECONDS_RUN:-3}
 [[ $seconds =~ ^[0-9]+$ && $seconds -gt 0 ]] || lt_die "SECONDS_RUN must be a positive integer"
 command -v wrk >/dev/null || lt_die "wrk is required (apt-get install wrk)"
@@ -50,7 +54,7 @@ mx = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", text).group(1)
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 p50, p99 = us(pct["50"]), us(pct["99"])
 print(f"refused {kind} status={status} code={code} rps={rps:.0f} p50_us={p50} p99_us={p99} max_us={us(mx)}")
-' "$kind" "$status" "$code"
+' "$kind" "$status" "$code" | tee -a "$work/lines"
 }
 
 # /image-proxy?url= + TARGET, percent-encoded as a client library would.
@@ -70,5 +74,20 @@ fetches=0
 for outcome in ok error timeout; do
   fetches=$((fetches + $(lt_metrics_sum "$BASE" imgedge_upstream_requests_total "outcome=\"$outcome\"")))
 done
-echo "origin_requests=$hits upstream_fetches=${fetches:-0}"
+echo "origin_requests=$hits upstream_fetches=${fetches:-0}" | tee -a "$work/lines"
+report_dir=${REPORT_DIR:-$here/reports}
+mkdir -p "$report_dir"
+report=$report_dir/refused-$stamp.md
+{
+  echo "# Refusals: bash loadtest/refused.sh, $stamp"
+  echo
+  echo "Command: \`$cmdline\`"
+  echo
+  echo "imgedge: $bin_version, $bin_source, sha256 ${bin_sha:0:12}; $(nproc) cores; each refusal sent by \`wrk -t1 -c1\` for $seconds s over one keep-alive connection (latency from wrk, loopback included)."
+  echo
+  echo '```text'
+  cat "$work/lines"
+  echo '```'
+} >"$report"
+echo "report: $report" >&2
 [[ $hits == 0 && ${fetches:-0} == 0 ]] || lt_die "a refused request reached the origin"

@@ -21,9 +21,9 @@
 # copy), the origin (loadtest/origin.py on a free port: it counts requests per path); then per
 # target, in turn and each cold: start it (imgedge on a free port; the peers with PEERS_UPSTREAM
 # pointing them at the same origin.py), reset the origin's counters, run k6 with CSV output while
-# loadtest/sample.py samples the target's RSS, CPU and open fds once a second (5/s for flash-crowd
+# loadtest/lib/sample.py samples the target's RSS, CPU and open fds once a second (5/s for flash-crowd
 # and stampede, which last seconds), read the origin's
-# count; last, loadtest/report.py writes loadtest/reports/<scenario>-<UTC date and time>.md with
+# count; last, loadtest/lib/report.py writes loadtest/reports/<scenario>-<UTC date and time>.md with
 # the targets side by side and two PNG plots (RSS and latency over time), and the path is printed.
 #
 # imgedge runs with its defaults except: listen on the free port, the origin allowed and trusted
@@ -39,8 +39,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-source "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+source "$here/lib/lib.sh"
 
 usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 scenario='' peers=0 duration=''
@@ -191,7 +191,7 @@ for name in "${targets[@]}"; do
   mkdir -p "$dir"
   start_target "$name"
   curl -fsS -o /dev/null --max-time 5 "$ORIGIN/__reset" || lt_die "origin /__reset failed"
-  python3 "$here/sample.py" --interval "$interval" --out "$dir/samples.csv" "$PIDS" &
+  python3 "$here/lib/sample.py" --interval "$interval" --out "$dir/samples.csv" "$PIDS" &
   SAMPLER_PID=$!
   progress "$name: $BASE (pid $PIDS): k6 run k6/$scenario.js${duration:+ for $duration}"
   env K6_CSV_TIME_FORMAT=unix_milli BASE_URL="$BASE" ORIGIN_URL="$ORIGIN" MANIFEST="$MANIFEST" ${duration:+DURATION="$duration"} \
@@ -244,7 +244,7 @@ out, scenario, cmd, started, machine, desc, *targets = args[:sep]
 json.dump({"scenario": scenario, "command": cmd, "started": started, "machine": machine,
            "description": desc, "targets": targets, "notes": args[sep + 1:]}, open(out, "w"))
 PY
-python3 "$here/report.py" "$work" "$report" || lt_die "report.py failed"
+python3 "$here/lib/report.py" "$work" "$report" || lt_die "report.py failed"
 progress "report: $report"
 echo "$report"
 exit "$imgedge_rc"

@@ -14,9 +14,9 @@
 # imgedge, the body's size and series, wrk's throughput and latency) and prints it. Every
 # process it starts is stopped by PID.
 #
-# Knobs: N (200 scrapes per phase), INTERVAL_MS (50), CONNECTIONS (32), IMGEDGE_BIN (default
-# target/release/imgedge, under CARGO_TARGET_DIR when set, built with `cargo build --release
-# --locked` only when missing), REPORT_DIR (loadtest/reports), SCRAPER_NICE (-10 as root; 0: the
+# Knobs: N (200 scrapes per phase), INTERVAL_MS (50), CONNECTIONS (32), EDGE_BIN (or IMGEDGE_BIN,
+# as tests/operator/run.sh calls it; default target/release/imgedge, under CARGO_TARGET_DIR when
+# set, built with `cargo build --release --locked` only when missing), REPORT_DIR (loadtest/reports), SCRAPER_NICE (-10 as root; 0: the
 # scraper at the same priority as wrk and imgedge). Needs python3 and curl; wrk is
 # installed from Debian when missing (as root).
 set -euo pipefail
@@ -39,7 +39,7 @@ if ! command -v wrk >/dev/null; then
     { timeout 300 apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends wrk >/dev/null; } ||
     die "apt-get install wrk failed"
 fi
-bin=${IMGEDGE_BIN:-}
+bin=${EDGE_BIN:-${IMGEDGE_BIN:-}}
 if [[ -z $bin ]]; then
   tdir=${CARGO_TARGET_DIR:-target}
   [[ $tdir == /* ]] || tdir=$repo/$tdir

@@ -176,8 +176,9 @@ print("The issue's target is a shared hit's added latency (shared − memory) p5
       "origin: a real one is tens of ms away (the small origin fetches' ~40 ms is this Python "
       "origin's head and body in two writes meeting delayed ACKs, not imgedge).")
 PY
-mkdir -p "$here/reports"
-out="$here/reports/shared-$(date -u +%Y%m%dT%H%M%SZ).md"
+report_dir=${REPORT_DIR:-$here/reports}
+mkdir -p "$report_dir"
+out="$report_dir/shared-$(date -u +%Y%m%dT%H%M%SZ).md"
 cp "$work/report.md" "$out"
 cat "$out"
 echo "report: $out" >&2

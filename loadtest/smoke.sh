@@ -7,8 +7,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-source "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+source "$here/lib/lib.sh"
 
 LIMIT=5242880 # bodies above this are streamed through, never stored
 BUCKET=wallpapers

@@ -2,7 +2,7 @@
 # Large transfers through imgedge against the real Supabase Storage server: a SIZE_MIB (100) MiB
 # object uploaded and downloaded through imgedge and through the gateway alone, over Storage's
 # REST API (POST/GET /storage/v1/object/BUCKET/KEY, curl) and its S3 protocol
-# (/storage/v1/s3, SigV4, AWS SDK v3: loadtest/supabase-s3.mjs), targets alternating, ROUNDS (3)
+# (/storage/v1/s3, SigV4, AWS SDK v3: loadtest/lib/supabase-s3.mjs), targets alternating, ROUNDS (3)
 # rounds. Measures each transfer's time and imgedge's RSS (VmRSS every 50 ms) against its idle
 # RSS, then probes imgedge with its default limits. The environment is tests/supabase's
 # (tests/supabase/env.sh: Storage, Postgres, the nginx gateway stand-in, imgedge).
@@ -10,17 +10,19 @@
 # Targets (the issue's): imgedge's peak RSS within 32 MiB of idle; each transfer's median time
 # at most 1.1x the gateway alone's.
 #
-# Usage: [IMGEDGE_BIN=path] [SIZE_MIB=100] [ROUNDS=3] bash loadtest/supabase-transfer.sh
-#   IMGEDGE_BIN default target/release/imgedge (`cargo build --release --locked` when missing);
+# Usage: [EDGE_BIN=path] [SIZE_MIB=100] [ROUNDS=3] bash loadtest/supabase-transfer.sh
+#   EDGE_BIN (or IMGEDGE_BIN, as tests/supabase/run.sh calls it) default target/release/imgedge
+#   (`cargo build --release --locked` when missing);
 #   SUPABASE_STORAGE_SRC and IMGEDGE_SUPABASE_CACHE as for tests/supabase/run.sh.
 # imgedge runs with server.max_request_body_bytes and upstream.max_object_bytes at 1 GiB (both
 # default to 50 MiB, below the object; the probe at the end shows what the defaults do).
 # Writes loadtest/reports/supabase-transfer-<UTC>.md and prints its key figures.
 set -uo pipefail
+# shellcheck disable=SC2034 # tests/supabase/env.sh's sb_log prints it
 SB_ME=supabase-transfer
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-# shellcheck source=tests/supabase/env.sh
+# shellcheck source-path=SCRIPTDIR/.. source=tests/supabase/env.sh
 source "$repo/tests/supabase/env.sh"
 
 size_mib=${SIZE_MIB:-100}
@@ -29,10 +31,13 @@ rounds=${ROUNDS:-3}
 [[ $rounds =~ ^[0-9]+$ && $rounds -ge 1 && $rounds -le 10 ]] || { echo "ROUNDS must be 1-10" >&2; exit 2; }
 size_bytes=$((size_mib * 1048576))
 cmdline="cd $(printf %q "$repo") &&"
-for v in IMGEDGE_BIN SIZE_MIB ROUNDS SUPABASE_STORAGE_SRC; do
+for v in EDGE_BIN IMGEDGE_BIN SIZE_MIB ROUNDS SUPABASE_STORAGE_SRC; do
   [[ -n ${!v:-} ]] && cmdline+=" $v=$(printf %q "${!v}")"
 done
 cmdline+=" bash loadtest/supabase-transfer.sh"
+# EDGE_BIN, the name every loadtest script reads, else IMGEDGE_BIN, tests/supabase's (env.sh's
+# sb_edge_bin reads IMGEDGE_BIN and keeps it from imgedge's environment)
+IMGEDGE_BIN=${EDGE_BIN:-${IMGEDGE_BIN:-}}
 
 sb_find_source
 case $? in 0) ;; 1) exit 0 ;; *) exit 1 ;; esac
@@ -83,7 +88,7 @@ transfer() { # ROUND PROTOCOL OP TARGET(imgedge|gateway) KEY
   else
     local endpoint=$base/storage/v1/s3 json
     json=$(S3_ACCESS_KEY_ID=$SB_S3_ACCESS_KEY_ID S3_SECRET_ACCESS_KEY=$SB_S3_SECRET SB_TIMEOUT=300 \
-      sb_node_script "$here/supabase-s3.mjs" "$op" "$endpoint" "$bucket" "$key" "$file" 2>&1 | tail -n 1)
+      sb_node_script "$here/lib/supabase-s3.mjs" "$op" "$endpoint" "$bucket" "$key" "$file" 2>&1 | tail -n 1)
     read -r ok status secs bytes note < <("$SB_NODE" -e '
       let r; try { r = JSON.parse(process.argv[1]); } catch { r = { ok: false, status: 0, ms: 0, bytes: 0, error: process.argv[1] }; }
       console.log([r.ok, r.status, (r.ms / 1000).toFixed(3), r.bytes, (r.error || "").replace(/\s+/g, " ")].join(" "));' "$json")
@@ -156,8 +161,9 @@ rm -f "$SB_WORK"/probe-*.body
 sb_log "imgedge with its default limits: REST upload $probe_put; REST download $probe_get"
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
-report=$here/reports/supabase-transfer-$stamp.md
-mkdir -p "$here/reports"
+report_dir=${REPORT_DIR:-$here/reports}
+report=$report_dir/supabase-transfer-$stamp.md
+mkdir -p "$report_dir"
 nginx_version=$( (command -v nginx >/dev/null && nginx -v 2>&1) || /usr/sbin/nginx -v 2>&1)
 R_RESULTS=$results R_RSS=$rss R_IDLE_END=$idle_end_ms R_ROUNDS_END=$rounds_end_ms R_REPORT=$report \
   R_SIZE=$size_bytes R_ROUNDS=$rounds R_CMD=$cmdline R_DATE=$(date -u '+%Y-%m-%d %H:%M') \

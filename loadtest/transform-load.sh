@@ -17,14 +17,14 @@
 #    imgedge_transforms_total{outcome="ok"} must be 200, and a second pass over the same URLs
 #    (all stored renditions) is timed too.
 #
-# Starts loadtest/origin.py and imgedge (release; EDGE_BIN to skip the build) with lib.sh's
+# Starts loadtest/origin.py and imgedge (release; EDGE_BIN to skip the build) with lib/lib.sh's
 # lt_start; writes loadtest/reports/transform-load-<UTC>.md and prints its path. Env: CORPUS,
 # EDGE_BIN, LT_KEEP=1.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-source "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+source "$here/lib/lib.sh"
 
 command -v vipsheader >/dev/null || lt_die "vipsheader is needed to check widths: apt-get install libvips-tools"
 LT_TMP=$(mktemp -d "${TMPDIR:-/tmp}/imgedge-transform-load.XXXXXX")
@@ -128,7 +128,9 @@ read -r hit_s hit_p50 hit_p99 hit_max < <(pass stored)
 [[ $(transforms_ok) == "$ok" ]] || lt_die "the second pass transformed again"
 total=$(wc -l <"$urls")
 
-report=$here/reports/transform-load-$(date -u +%Y%m%dT%H%M%SZ).md
+report_dir=${REPORT_DIR:-$here/reports}
+mkdir -p "$report_dir"
+report=$report_dir/transform-load-$(date -u +%Y%m%dT%H%M%SZ).md
 {
   echo "# Render route under concurrency: memory per transform, transforms per second"
   echo

@@ -6,7 +6,7 @@
 #   bash loadtest/transform.sh [ROUNDS=3]
 #
 # Starts loadtest/origin.py and imgedge (release; EDGE_BIN to skip the build) with the Supabase
-# route in front of the origin (lib.sh's lt_start), then ROUNDS times, for each image: imgedge
+# route in front of the origin (lib/lib.sh's lt_start), then ROUNDS times, for each image: imgedge
 # restarted (renditions are stored, so a fresh process keeps every render cold), the original
 # fetched once through the object route, untimed (one of <= 5 MiB is then a memory hit; a larger
 # one is never stored and is fetched again by the render, over loopback); then, alternating which
@@ -24,8 +24,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source-path=SCRIPTDIR source=lib.sh
-source "$here/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/lib.sh
+source "$here/lib/lib.sh"
 
 rounds=${1:-3}
 [[ $rounds =~ ^[1-9][0-9]?$ ]] || lt_die "ROUNDS=$rounds: want 1-99"
@@ -70,6 +70,7 @@ for line in open(manifest):
 print(best[1])
 PY
 )
+# shellcheck disable=SC2076 # a literal match: is the name among the images?
 [[ -n $baseline && ! " ${images[*]} " =~ " $baseline " ]] && images+=("$baseline")
 EDGE_BIN=$run_bin lt_start
 lt_log "imgedge $bin_version ($bin_source), $(vipsthumbnail --vips-version 2>/dev/null | head -n1)"
@@ -123,7 +124,9 @@ for ((r = 1; r <= rounds; r++)); do
 done
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-report=$here/reports/transform-$(date -u +%Y%m%dT%H%M%SZ).md
+report_dir=${REPORT_DIR:-$here/reports}
+mkdir -p "$report_dir"
+report=$report_dir/transform-$(date -u +%Y%m%dT%H%M%SZ).md
 {
   echo "# Render route vs vipsthumbnail: 800-pixel-wide thumbnails"
   echo

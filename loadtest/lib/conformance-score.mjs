@@ -12,7 +12,7 @@
 // Scored this way, the published results shipped in the package's results/ folder give Squid 122,
 // Apache httpd 119, Traffic Server 119, Varnish 107 and nginx 94 of 165 required tests.
 //
-// Usage: node conformance-score.mjs --suite DIR [--min N] RESULTS.json
+// Usage: node loadtest/lib/conformance-score.mjs --suite DIR [--min N] RESULTS.json
 //   DIR   the installed package (node_modules/http-cache-tests)
 //   N     exit 3 when fewer than N required tests pass
 // Prints the failing required tests grouped by test suite, the optional/check counts, and as the

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Samples a process tree's resources once per interval, for loadtest/run.sh.
 
-Usage: python3 loadtest/sample.py --out FILE.csv [--interval SECONDS] PID...
+Usage: python3 loadtest/lib/sample.py --out FILE.csv [--interval SECONDS] PID...
 
 Each line of FILE.csv (after a header) is one sample of every given PID and all its descendants
 (nginx's workers, Varnish's child, found through /proc/*/stat each time, so restarted children

@@ -1,4 +1,4 @@
--- wrk script of loadtest/load.sh (and the model of flashcrowd.lua): cycles through the request paths
+-- wrk script of loadtest/lib/load.sh and loadtest/cluster.sh: cycles through the request paths
 -- listed one per line in the file named by $PATHS, and prints one machine-readable RESULT line at
 -- the end (load.sh reads it).
 local paths = {}

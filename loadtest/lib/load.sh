@@ -4,7 +4,7 @@
 # figure on a small box, not requests per second alone). loadtest/bench.sh runs it once per
 # scenario and target and parses its output line.
 #
-# Usage: bash loadtest/load.sh BASE SCENARIO PID...
+# Usage: bash loadtest/lib/load.sh BASE SCENARIO PID...
 #   BASE      e.g. http://127.0.0.1:18081
 #   SCENARIO  hits-small  /image-proxy?url=ORIGIN/NAME for every image <= 1 MiB
 #             hits-mixed  the same for every image <= 5 MiB
@@ -12,14 +12,14 @@
 #             supabase    /storage/v1/object/public/wallpapers/NAME for every image <= 5 MiB
 #   PID...    the target's processes (all of them: nginx workers, varnish child, ...)
 # Every path is fetched once first (a warm pass, so the hit scenarios measure hits), then
-# `wrk -t1 -c CONNS -d SECONDS_RUN` cycles through them (loadtest/paths.lua).
+# `wrk -t1 -c CONNS -d SECONDS_RUN` cycles through them (loadtest/lib/paths.lua).
 # Env: CORPUS (default /tmp/imgproxy-corpus), SECONDS_RUN (10), CONNS (64), ORIGIN (http://127.0.0.1:18080)
 # Prints one line: SCENARIO BASE rps= MBps= p50_ms= p99_ms= errors= cpu_us_per_req= peak_rss_mb= start_rss_mb=
 # (start_rss_mb: the targets' RSS after the warm pass, before the load; peak minus start is what the
 # load added). Needs wrk (installed from Debian when missing, as root) and curl.
 set -euo pipefail
 die() { printf 'load.sh: %s\n' "$*" >&2; exit 1; }
-(($# >= 3)) || die "usage: bash loadtest/load.sh BASE SCENARIO PID..."
+(($# >= 3)) || die "usage: bash loadtest/lib/load.sh BASE SCENARIO PID..."
 base=$1 scenario=$2; shift 2; pids=("$@")
 corpus=${CORPUS:-/tmp/imgproxy-corpus} origin=${ORIGIN:-http://127.0.0.1:18080}
 secs=${SECONDS_RUN:-10} conns=${CONNS:-64}

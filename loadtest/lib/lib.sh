@@ -1,6 +1,8 @@
 # shellcheck shell=bash
-# Shared pieces of the loadtest scripts (sourced, not run): the start-up of smoke.sh and
-# smoke-k6.sh, and the binary provenance, peers and metrics helpers of bench.sh and flashcrowd.sh.
+# Shared pieces of the loadtest scripts (sourced, not run): the corpus, the binary, origin.py and
+# imgedge on free ports (smoke.sh, transform.sh, transform-load.sh, sharp.sh, refused.sh,
+# perhit.sh), the binary's provenance and the peers and metrics helpers (bench.sh, run.sh,
+# cluster.sh), k6 (run.sh) and lt_stop (every one of them, conformance.sh too).
 #
 #   lt_ensure_corpus   sets CORPUS and MANIFEST, building the corpus with loadtest/corpus.sh when
 #                      CORPUS/MANIFEST.tsv is missing
@@ -24,7 +26,8 @@
 # LT_ALLOWED_HOSTS (lt_start's allowed_hosts, default only the origin),
 # LT_KEEP=1 keeps the log folder even on success (it is always kept on failure).
 
-LT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LT_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd) # loadtest/lib: the helpers
+LT_DIR=$(dirname "$LT_LIB")                          # loadtest: the entry points, origin.py, corpus.sh, peers.sh
 LT_ROOT=$(dirname "$LT_DIR")
 LT_ME=$(basename "$0")
 LT_ORIGIN_PID=
@@ -172,7 +175,7 @@ lt_imgedge_alive() {
   return 1
 }
 
-# ---- for the benchmarks (bench.sh, flashcrowd.sh) ----
+# ---- for the benchmarks (bench.sh, run.sh, cluster.sh, ...) ----
 
 lt_cmdline() { # env-regex [arg...]
   local line kv a

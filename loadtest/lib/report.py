@@ -2,14 +2,14 @@
 """Writes the report of one loadtest/run.sh run: a Markdown file with the k6 results of every
 target side by side and two PNG plots (RSS and latency over time).
 
-Usage: python3 loadtest/report.py RUN_DIR REPORT.md
+Usage: python3 loadtest/lib/report.py RUN_DIR REPORT.md
 
 RUN_DIR (made by run.sh) holds run.json ({scenario, command, started, targets, notes}) and under
 targets/ one folder per target, in the order run, each with:
   meta.json    {name, base_url, k6_exit, origin_requests, process}
   k6.csv.gz    k6's CSV output (timestamps in unix milliseconds)
   summary.json k6's --summary-export (threshold results)
-  samples.csv  loadtest/sample.py's samples of the target's processes
+  samples.csv  loadtest/lib/sample.py's samples of the target's processes
 Only requests tagged kind=load count (warm-ups and counter reads are kind=control). The plots are
 written beside REPORT.md as <report>-rss.png and <report>-latency.png (matplotlib, Agg backend).
 """

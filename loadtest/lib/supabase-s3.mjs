@@ -4,7 +4,7 @@
 // acceptance suite uses. Prints one JSON line: {"ok", "status", "ms", "bytes", "error"}; `ms` is
 // the request alone, from send to the last body byte (not Node's start-up or the SDK's import).
 //
-// Usage: node supabase-s3.mjs put|get ENDPOINT BUCKET KEY [FILE]
+// Usage: node loadtest/lib/supabase-s3.mjs put|get ENDPOINT BUCKET KEY [FILE]
 //   environment: S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY, S3_REGION (default us-east-1)
 import { createReadStream, statSync } from 'node:fs'
 import { GetObjectCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3'
