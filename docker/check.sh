@@ -3,6 +3,9 @@
 #
 #   bash docker/check.sh        (from the repository root; about 6 minutes, most of it the build)
 #
+# 0. Runs docker/test_dockerfile_check.py, the unit tests of docker/dockerfile_check.py (the
+#    Python that reads the Dockerfile, .dockerignore, the compose files and imgedge's output),
+#    on small Dockerfiles and compose configs they write into temp dirs.
 # 1. Lints: hadolint on the Dockerfile (any finding at all fails, style included; a rule is only
 #    waived inline in the Dockerfile, with its reason), shellcheck on this script, and
 #    `docker compose config` on compose.yaml and compose.cluster.yaml (compose's own parser; no
@@ -94,6 +97,14 @@ py() { python3 "$here/dockerfile_check.py" "$@"; }
 
 python3 -c 'import sys, tomllib; sys.exit(0)' 2>/dev/null || die "needs python3 3.11 or newer (tomllib)"
 command -v curl >/dev/null || die "needs curl"
+
+# ---- 0. the Python's own tests ---------------------------------------------------------------------
+# -B: no __pycache__ in the checkout.
+(cd "$here" && python3 -B -m unittest discover -s . -p 'test_*.py') >"$tmp/unittest.log" 2>&1 || {
+  cat "$tmp/unittest.log" >&2
+  die "docker/test_dockerfile_check.py failed (above)"
+}
+log "docker/test_dockerfile_check.py: $(grep -o '^Ran [0-9]* tests' "$tmp/unittest.log" | cut -d' ' -f2) tests ok"
 
 # ---- tools: on PATH, else pip-installed in a venv of our own ---------------------------------------
 tools=${DOCKER_CHECK_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/imgedge-docker-check}
