@@ -413,7 +413,7 @@ def cargo_needs(checkout):
             name = t.get("name") or fail(f"Cargo.toml: a [[{kind}]] without a name")
             path = t.get("path") or next((p for p in (f"{folder}/{name}.rs", f"{folder}/{name}/main.rs")
                                           if exists(p)), f"{folder}/{name}.rs")
-            exist[posixpath.normpath(path)] = f"Cargo.toml names the {kind} {name}; cargo reads the manifest only if it exists (it is not compiled)"
+            exist[posixpath.normpath(path)] = f"Cargo.toml names the {kind} {name}: cargo reads the manifest only if the file exists, though it does not compile it"
     # Path dependencies (and patches) are built from their directories.
     tables = [cargo.get(k, {}) for k in ("dependencies", "dev-dependencies", "build-dependencies")]
     for target in cargo.get("target", {}).values():
