@@ -657,7 +657,7 @@ def built_sources(root, needs):
 
 
 def stale(binary, root):
-    """The first file of the working tree's built sources newer than binary, or ''."""
+    """The newest of the working tree's built sources that is newer than binary, or ''."""
     needs = cargo_needs(root)
     built = os.stat(binary).st_mtime
     newer = sorted((os.stat(os.path.join(root, p)).st_mtime, p) for p in built_sources(root, needs)
