@@ -5,10 +5,12 @@
 #     --stop-timeout 15 imgedge
 #
 # docker/check.sh (CI) lints this file with hadolint and, as there is no container engine in CI,
-# runs this file's builder steps and the runtime stage's ENV, ENTRYPOINT, HEALTHCHECK and
-# STOPSIGNAL in a shell on a clean checkout. It parses them from here, so keep them in the forms
-# it reads: builder RUN commands use paths relative to WORKDIR, every build is exactly
-# `cargo build --release --locked`, ENTRYPOINT and HEALTHCHECK are exec form (JSON arrays).
+# runs this file's builder steps in a shell on a clean checkout (with a cargo that records what
+# each build would see; DOCKER_CHECK_BUILD=1 builds) and the release binary with the runtime
+# stage's ENV, ENTRYPOINT, HEALTHCHECK and STOPSIGNAL. It parses them from here, so keep them in
+# the forms it reads: two stages (a named builder, then the runtime), builder RUN commands use
+# paths relative to WORKDIR, every build is exactly `cargo build --release --locked` and the
+# last is the builder's last command, ENTRYPOINT and HEALTHCHECK are exec form (JSON arrays).
 
 # ---- builder ---------------------------------------------------------------------------------
 # The toolchain CI builds and tests with (Cargo.toml: rust-version = "1.95").
