@@ -238,9 +238,17 @@ async fn upload(
     (status, body)
 }
 
+/// imgedge's error code in a JSON error body (`imgedgeCode` on the Supabase routes, where
+/// `error` is Storage's).
 fn error_code(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
-        .map(|j| j["error"].as_str().unwrap_or_default().to_owned())
+        .map(|j| {
+            j.get("imgedgeCode")
+                .unwrap_or(&j["error"])
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .unwrap_or_else(|_| format!("not JSON: {body}"))
 }
 

@@ -450,8 +450,10 @@ async fn bad_inputs_get_a_clear_error_and_refused_targets_contact_nothing() {
 fn assert_refused(r: &Row, status: u16, body: &str) {
     let json: serde_json::Value =
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {body}", r.what));
+    // imgedge's code: `imgedgeCode` on the Supabase routes, where `error` is Storage's
+    let code = json.get("imgedgeCode").unwrap_or(&json["error"]);
     assert_eq!(
-        (status, json["error"].as_str().unwrap_or("")),
+        (status, code.as_str().unwrap_or("")),
         (r.status, r.code),
         "{}: {body}",
         r.what
