@@ -222,7 +222,7 @@ pub struct ServerConfig {
     /// balancer); from any other peer, the peer is the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The hosts clients reach imgedge by (`host`, `host:port`, `*.domain`): a request's `Host`
-    /// among them is passed to origins as `X-Forwarded-Host` (see `http::admit::forwarded`).
+    /// among them is passed to origins as `X-Forwarded-Host` (see `http::client::forwarded`).
     pub public_hosts: Vec<HostPattern>,
     /// Open connections at most; beyond it new connections are closed at once.
     pub max_connections: usize,

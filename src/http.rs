@@ -1,15 +1,14 @@
 //! The HTTP face: [`Router`] answers every request — route it ([`routes`]), admit it
-//! ([`admit`]) or serve the operator's endpoints ([`admin`]), hand it to the proxy, render a
-//! [`ProxyError`] as JSON — and wraps every response in the access log's body
-//! ([`access_log`]). The only module, with `error.rs`, that decides client status codes.
+//! ([`admit`]) or serve the operator's endpoints ([`admin`]), hand it to the proxy or to
+//! rendering ([`crate::render`]), render a [`ProxyError`] as JSON — and wraps every response in
+//! the access log's body ([`access_log`]). The only module, with `error.rs`, that decides client
+//! status codes.
 
 pub mod access_log;
 pub mod admin;
 pub mod admit;
-pub mod info;
+pub mod client;
 pub mod rate;
-pub mod record;
-pub mod render;
 pub mod routes;
 pub mod supabase;
 
@@ -29,16 +28,18 @@ use url::Url;
 
 pub use access_log::LoggedBody;
 pub use admin::{Admin, PURGE_PATH};
-pub use admit::{Admission, Admitted, Asked, Client};
-pub use render::Render;
-pub use routes::{Route, Routes, SUPABASE_PUBLIC_PREFIX, SUPABASE_RENDER_PREFIX};
+pub use admit::{Admission, Admitted};
+pub use client::{Asked, Client};
+pub use routes::{Route, Routes};
+pub use supabase::{SUPABASE_PUBLIC_PREFIX, SUPABASE_RENDER_PREFIX};
 
 use crate::body::ProxyBody;
 use crate::config::{CspMode, TargetedOut};
+use crate::connections::Busy;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, content};
-use crate::server::Busy;
+use crate::render::{self, Render};
 use crate::transform::Params;
 use crate::upstream::{BoxError, Linger, Upload};
 use access_log::{AccessLog, REQUEST_ID, RequestIds};
@@ -229,11 +230,12 @@ impl Router {
             Route::ImageInfo => {
                 let (mut parts, _) = req.into_parts();
                 let admitted = self.admission.admit(route, &mut parts, client)?;
-                Box::pin(info::handle(
+                let head = get_or_head(&parts.method)?;
+                let request = self.routes.image_info_source(&parts, &admitted.client)?;
+                Box::pin(render::info::handle(
                     &self.proxy,
-                    &self.routes,
-                    &parts,
-                    &admitted.client,
+                    request,
+                    head,
                     self.render.config.max_source_bytes,
                 ))
                 .await
@@ -241,16 +243,27 @@ impl Router {
             Route::Render { index, kind } => {
                 let (mut parts, _) = req.into_parts();
                 let admitted = self.admission.admit(route, &mut parts, client)?;
+                get_or_head(&parts.method)?;
+                let params = supabase::render_params(
+                    kind,
+                    parts.uri.query(),
+                    self.render.config.max_dimension,
+                )?;
+                self.render.check_width(&params)?;
+                let request = self
+                    .routes
+                    .render_source((index, kind), &parts, &admitted.client)?;
+                let transformations = supabase::x_transformations(&params);
                 // boxed: the render future is large, and held inline it would make every
                 // request's future (hits included) larger to move and set up
-                Box::pin(self.render.handle(
-                    &self.proxy,
-                    &self.routes,
-                    (index, kind),
-                    &parts,
-                    &admitted.client,
-                ))
-                .await
+                let mut response =
+                    Box::pin(self.render.supabase(&self.proxy, request, params, &parts)).await?;
+                if let Some(transformations) = transformations {
+                    response
+                        .headers_mut()
+                        .insert(supabase::X_TRANSFORMATIONS, transformations);
+                }
+                Ok(response)
             }
             Route::ImageProxy | Route::Proxied { .. } => {
                 let (mut parts, body) = req.into_parts();

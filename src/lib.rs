@@ -31,6 +31,7 @@ pub mod body;
 pub mod cache;
 pub mod collapse;
 pub mod config;
+pub mod connections;
 pub mod descriptors;
 pub mod error;
 pub mod freshness;
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod pressure;
 pub mod proxy;
 pub mod relief;
+pub mod render;
 pub mod rss;
 pub mod server;
 pub mod signing;
@@ -95,7 +97,7 @@ pub async fn serve_with_rss(
 ) -> Result<(), ServeError> {
     let server = config.server.clone();
     let app = App::build(config, rss).await?;
-    let served = server::run(listener, &app, &server, shutdown).await;
+    let served = server::run(listener, app.router(), app.tasks(), &server, shutdown).await;
     // The grace period covers the connections and the disk writes they left queued; after an
     // error, writes get the whole period.
     let deadline = match served {

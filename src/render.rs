@@ -1,9 +1,13 @@
-//! Supabase's public render route, served here instead of by Supabase:
-//! `GET|HEAD /storage/v1/render/image/public/{bucket}/{path}?width=&height=&resize=&quality=`.
-//! The original comes through the object route's cache (`/storage/v1/object/public/...`: a
-//! memory or disk hit, or a collapsed fetch), and the upstream's render route is never called.
-//! Without a size or quality the original is served byte for byte, exactly as the object route
-//! serves it.
+//! Rendering, a peer of [`crate::proxy`]: images transformed on request (Supabase's render
+//! routes, `/image-proxy`'s `w`, `h`, `fit`, `q`, `format`), their metadata (`/image-info`,
+//! [`info`]), and the derived objects both store beside the object they come from (a source
+//! record of its metadata, [`record`]; renditions). The source comes through the proxy's cache
+//! (a memory or disk hit, or a collapsed fetch) and streams into the decoder; what is made is
+//! stored in the proxy's tiers under keys derived from the source's. Requests arrive resolved:
+//! `http` routes and admits them, and nothing here knows of routes or clients.
+
+pub mod info;
+pub mod record;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,13 +21,9 @@ use http::header::{
     IF_NONE_MATCH, LAST_MODIFIED, VARY, X_CONTENT_TYPE_OPTIONS,
 };
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use tokio::sync::{OnceCell, watch};
 
-use super::admit::Client;
-use super::record::SourceRecord;
-use super::routes::{Proxied, RenderKind, Route, Routes};
-use super::supabase::TokenClaims;
 use crate::body::ProxyBody;
 use crate::cache::{CacheKey, CachedObject};
 use crate::config::TransformConfig;
@@ -33,12 +33,10 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use crate::pressure::{Reading, ReservationPool};
 use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, ProxyRequest, if_none_match_matches};
 use crate::transform::{
-    self, Fit, Format, Limits, Params, Plan, Pool, SourceReader, SourceSender, TransformError, Turn,
+    self, Format, Limits, Params, Plan, Pool, SourceReader, SourceSender, TransformError, Turn,
 };
 use http_body_util::BodyExt;
-
-/// Storage's header listing the transformations a render applied.
-const X_TRANSFORMATIONS: http::HeaderName = http::HeaderName::from_static("x-transformations");
+use record::SourceRecord;
 
 /// The render route's settings, pool, and the memory it answers to.
 pub struct Render {
@@ -93,76 +91,35 @@ impl Render {
         }
     }
 
-    /// Answers a render request of `kind` on the Supabase route `index`: the object its object
-    /// route of the same kind serves (the client's credentials forwarded for `authenticated`;
-    /// the URL's token for `sign`, which Storage verifies, its transformations read from the
-    /// token as Storage reads them, and its expiry capping how long anything made from it is
-    /// stored), transformed by the query's parameters.
+    /// Answers a request on Supabase's render routes: `request` is the resolved request for
+    /// the object to render (see `http::routes::Routes::render_source`), `params` its
+    /// parameters, already checked (see [`Render::check_width`]); `parts` the request's head
+    /// (validators, `Accept`). Without `width`, `height`, `quality`, `format` or `download` the
+    /// original is served as the object route serves it.
     ///
     /// # Errors
-    /// [`ProxyError::MethodNotAllowed`] for other than GET and HEAD; [`ProxyError::BadParameter`]
-    /// for a bad parameter (nothing fetched); the source's errors as the object route gives them
-    /// (a missing object is 404 `not_found`); [`ProxyError::SourceTooLarge`] for a source over
-    /// `max_source_bytes`; [`ProxyError::ImageTooLarge`] for one over `max_source_pixels` (or an
-    /// animation over its limits); [`ProxyError::InvalidSource`] for one that is not an image or
-    /// does not decode; [`ProxyError::Overloaded`] at bypass memory pressure or above, when the
-    /// transform's bytes cannot be reserved from the fill pool, or when no transform turn came
-    /// within `queue_timeout`; [`ProxyError::TransformTimeout`] past `[transform] timeout`.
-    pub async fn handle(
+    /// The source's errors as the object route gives them (a missing object is 404
+    /// `not_found`); [`ProxyError::SourceTooLarge`] for a source over `max_source_bytes`;
+    /// [`ProxyError::ImageTooLarge`] for one over `max_source_pixels` (or an animation over its
+    /// limits); [`ProxyError::InvalidSource`] for one that is not an image or does not decode;
+    /// [`ProxyError::Overloaded`] at bypass memory pressure or above, when the transform's bytes
+    /// cannot be reserved from the fill pool, or when no transform turn came within
+    /// `queue_timeout`; [`ProxyError::TransformTimeout`] past `[transform] timeout`.
+    pub async fn supabase(
         &self,
         proxy: &Arc<Proxy>,
-        routes: &Routes,
-        (index, kind): (usize, RenderKind),
+        request: ProxyRequest,
+        params: Params,
         parts: &Parts,
-        client: &Client,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let head = super::routes::get_or_head(&parts.method)?;
-        let params = match kind {
-            RenderKind::Signed => {
-                let claims = TokenClaims::of_query(parts.uri.query()).ok_or_else(|| {
-                    ProxyError::BadParameter("token: want a signed URL's token".into())
-                })?;
-                Params::from_transformations(
-                    claims.transformations.as_deref().unwrap_or_default(),
-                    parts.uri.query(),
-                    self.config.max_dimension,
-                )?
-            }
-            RenderKind::Public | RenderKind::Authenticated => {
-                Params::from_query(parts.uri.query(), self.config.max_dimension)?
-            }
-        };
-        self.check_width(&params)?;
-        let request = match routes.resolve(
-            Route::Proxied {
-                index,
-                name: "supabase",
-            },
-            &object_parts(parts, kind)?,
-            client,
-        )? {
-            Proxied::Cacheable(mut request) => {
-                request.head = head;
-                request
-            }
-            Proxied::Forward { .. } => unreachable!("a GET resolves to a cacheable request"),
-        };
         if params.is_original() && params.download.is_none() {
             // the original, as the object route serves it (HEAD, ranges and validators
             // included), when it is an image: Supabase renders what it serves, and refuses what
             // it cannot render
             return self.original(proxy, request).await;
         }
-        let transformations = x_transformations(&params);
-        let mut response = self
-            .respond(proxy, request, params, parts, Caller::RenderRoute)
-            .await?;
-        if let Some(transformations) = transformations {
-            response
-                .headers_mut()
-                .insert(X_TRANSFORMATIONS, transformations);
-        }
-        Ok(response)
+        self.respond(proxy, request, params, parts, Caller::RenderRoute)
+            .await
     }
 
     /// The original, as the object route serves it, unless its first bytes are not an image
@@ -197,7 +154,7 @@ impl Render {
     /// `/image-proxy` request, whose object is the source, content checks included.
     ///
     /// # Errors
-    /// As [`Render::handle`], but a source that does not decode is 502 `not_an_image`.
+    /// As [`Render::supabase`], but a source that does not decode is 502 `not_an_image`.
     pub async fn image_proxy(
         &self,
         proxy: &Arc<Proxy>,
@@ -211,7 +168,10 @@ impl Render {
     }
 
     /// `[transform] allowed_widths`, when set.
-    fn check_width(&self, params: &Params) -> Result<(), ProxyError> {
+    ///
+    /// # Errors
+    /// [`ProxyError::BadParameter`] for a width not in the list.
+    pub fn check_width(&self, params: &Params) -> Result<(), ProxyError> {
         match params.width {
             Some(width)
                 if !self.config.allowed_widths.is_empty()
@@ -440,7 +400,7 @@ impl Render {
             headers,
             body: Bytes::from(output.bytes),
             response_time: now,
-            freshness: freshness.unwrap_or(super::record::NOT_STORED),
+            freshness: freshness.unwrap_or(record::NOT_STORED),
         };
         let mut status = CacheStatus::MISS.with_detail("transform");
         if freshness.is_some() {
@@ -662,72 +622,6 @@ fn accepts_webp(headers: &HeaderMap) -> bool {
                     })
                 })
         })
-}
-
-/// The object-route request for a render request of `kind`: the same bucket and path under
-/// the object route of that kind, GET, the request's headers (credentials included: the
-/// object route decides what it forwards), no query but a signed URL's `token`.
-fn object_parts(parts: &Parts, kind: RenderKind) -> Result<Parts, ProxyError> {
-    let path = parts.uri.path();
-    let rest = path
-        .strip_prefix(kind.render_prefix())
-        .ok_or_else(|| ProxyError::NotFound(format!("no route for {path}")))?;
-    let token = match kind {
-        RenderKind::Signed => parts
-            .uri
-            .query()
-            .and_then(super::routes::signed_token)
-            .map(|t| format!("?{t}"))
-            .unwrap_or_default(),
-        RenderKind::Public | RenderKind::Authenticated => String::new(),
-    };
-    let uri = format!("{}{rest}{token}", kind.object_prefix())
-        .parse()
-        .map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))?;
-    let (mut object, ()) = http::Request::new(()).into_parts();
-    object.method = Method::GET;
-    object.uri = uri;
-    object.version = parts.version;
-    object.headers = parts.headers.clone();
-    Ok(object)
-}
-
-/// Storage's `X-Transformations` response header: what was applied, as its renderer lists
-/// it for imgproxy (`height:1,width:1,resizing_type:fill,quality:80,format:webp,gravity:fp:0:1`;
-/// `ImageRenderer.applyTransformation`): sizes and quality as asked for, `resizing_type` when a
-/// size was, `format` only when one was asked for (a negotiated one is not listed); `None` when
-/// none applies.
-fn x_transformations(params: &Params) -> Option<HeaderValue> {
-    let mut segments = Vec::new();
-    if let Some(h) = params.height {
-        segments.push(format!("height:{h}"));
-    }
-    if let Some(w) = params.width {
-        segments.push(format!("width:{w}"));
-    }
-    if params.width.is_some() || params.height.is_some() {
-        segments.push(
-            match params.fit {
-                Fit::Cover => "resizing_type:fill",
-                Fit::Inside => "resizing_type:fit",
-                Fit::Fill | Fit::Pad => "resizing_type:force",
-            }
-            .to_owned(),
-        );
-    }
-    if let Some(q) = params.quality {
-        segments.push(format!("quality:{q}"));
-    }
-    if let Some(format) = params.format.filter(|_| !params.negotiate) {
-        segments.push(format!("format:{}", format.as_str()));
-    }
-    if let Some(gravity) = params.gravity.storage_name() {
-        segments.push(format!("gravity:{gravity}"));
-    }
-    if segments.is_empty() {
-        return None;
-    }
-    HeaderValue::from_str(&segments.join(",")).ok()
 }
 
 /// `attachment`, with `filename` when one was given (quoted, anything unsafe in a quoted string

@@ -15,7 +15,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,9 +31,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::App;
 use crate::config::ServerConfig;
+use crate::connections::{Activity, ActivityGuard, Busy, ConnectionLimits, Slot};
 use crate::http::{LoggedBody, Router};
+use crate::tasks::Tasks;
 use crate::upstream::UpstreamError;
 
 /// Per-connection bound on response bytes queued in user space for a client that reads slower
@@ -47,162 +47,6 @@ const CLIENT_SEND_BUFFER_BYTES: usize = 64 * 1024;
 pub const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// How long an HTTP/2 client has to answer a ping before its connection is closed.
 pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// The open connections: counted against `max_connections`, and read by `/health/ready`.
-#[derive(Debug)]
-pub struct Connections {
-    open: AtomicUsize,
-    max: usize,
-}
-
-impl Connections {
-    /// Room for `max` connections.
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(Connections {
-            open: AtomicUsize::new(0),
-            max,
-        })
-    }
-
-    /// `[server] max_connections`.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    /// Whether no more are accepted.
-    pub fn is_full(&self) -> bool {
-        self.open() >= self.max
-    }
-
-    /// A slot for one more connection, or `None` at the limit.
-    fn claim(self: &Arc<Self>) -> Option<Slot> {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Slot(self.clone()))
-    }
-}
-
-/// One open connection; freed when dropped.
-struct Slot(Arc<Connections>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// What one connection is doing, for its timeouts: requests in flight, when it last went idle,
-/// and whether an HTTP/1.1 client has started sending its next request head. Times are
-/// milliseconds after `started`.
-struct Activity {
-    started: Instant,
-    in_flight: AtomicUsize,
-    /// When the last request in flight ended.
-    idle_since_ms: AtomicU64,
-    /// 1 + when the first byte of a request head arrived with nothing in flight; 0 when none is
-    /// being read.
-    head_since_ms: AtomicU64,
-    /// Whether any request has started.
-    used: AtomicBool,
-    /// Whether the connection speaks HTTP/2 (a byte read then is a frame, not a head).
-    h2: AtomicBool,
-}
-
-impl Activity {
-    fn new() -> Arc<Self> {
-        Arc::new(Activity {
-            started: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            head_since_ms: AtomicU64::new(0),
-            used: AtomicBool::new(false),
-            h2: AtomicBool::new(false),
-        })
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn begin(self: &Arc<Self>, version: http::Version) -> ActivityGuard {
-        if !self.used.load(Ordering::Relaxed) {
-            self.used.store(true, Ordering::Relaxed);
-            self.h2
-                .store(version == http::Version::HTTP_2, Ordering::Relaxed);
-        }
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.head_since_ms.store(0, Ordering::Relaxed);
-        ActivityGuard(self.clone())
-    }
-
-    /// Bytes arrived from the client.
-    fn read(&self) {
-        if self.in_flight.load(Ordering::Acquire) == 0
-            && self.used.load(Ordering::Relaxed)
-            && !self.h2.load(Ordering::Relaxed)
-            && self.head_since_ms.load(Ordering::Relaxed) == 0
-        {
-            self.head_since_ms
-                .store(self.now_ms().saturating_add(1), Ordering::Relaxed);
-        }
-    }
-
-    /// When the connection is to be closed if nothing changes: `None` while a request is in
-    /// flight. Until the first request and while a request head arrives, `header_read_timeout`
-    /// applies; otherwise, idle, `idle_timeout`.
-    fn deadline(&self, limits: ConnectionLimits) -> Option<Instant> {
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let ms = Duration::from_millis;
-        let (since, limit) = match self.head_since_ms.load(Ordering::Relaxed) {
-            _ if !self.used.load(Ordering::Relaxed) => (Duration::ZERO, limits.header_read_timeout),
-            0 => (
-                ms(self.idle_since_ms.load(Ordering::Relaxed)),
-                limits.idle_timeout,
-            ),
-            head => (ms(head - 1), limits.header_read_timeout),
-        };
-        Some(self.started + since + limit)
-    }
-}
-
-/// A request's hold on its connection: while a guard from [`Busy::hold`] lives, the connection
-/// counts as busy with a request, as while a response is being sent (no idle or head
-/// timeout), whatever else has ended. For a request body still being read after its response
-/// (upload.rs's lingering close).
-#[derive(Clone)]
-pub struct Busy(Arc<Activity>);
-
-impl Busy {
-    /// Keeps the connection busy until the guard is dropped.
-    pub fn hold(&self) -> BusyGuard {
-        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
-        BusyGuard(ActivityGuard(self.0.clone()))
-    }
-}
-
-/// See [`Busy::hold`].
-pub struct BusyGuard(#[allow(dead_code)] ActivityGuard);
-
-/// One request in flight: ends with its response body (when hyper drops it).
-struct ActivityGuard(Arc<Activity>);
-
-impl Drop for ActivityGuard {
-    fn drop(&mut self) {
-        let a = &self.0;
-        a.idle_since_ms.store(a.now_ms(), Ordering::Relaxed);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// The client's socket, telling its [`Activity`] when bytes arrive.
 struct WatchedIo {
@@ -292,11 +136,12 @@ impl Body for TrackedBody {
 /// Only when the listener's address cannot be read; accept errors are logged and retried.
 pub async fn run(
     listener: TcpListener,
-    app: &App,
+    router: &Arc<Router>,
+    tasks: &Tasks,
     config: &ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<Instant> {
-    let mut builder = auto::Builder::new(app.tasks().clone());
+    let mut builder = auto::Builder::new(tasks.clone());
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -309,7 +154,7 @@ pub async fn run(
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
-    let connections = app.router().admin.connections.clone();
+    let connections = router.admin.connections.clone();
     // Connection tasks: counted here so that shutdown can wait for them, run by the app so
     // that what outlives the grace period is cancelled with everything else.
     let live = TaskTracker::new();
@@ -340,7 +185,7 @@ pub async fn run(
                 }
             },
             () = stop_accepting => {
-                app.start_draining();
+                router.admin.start_draining();
                 if draining_until.is_some() || config.drain_delay.is_zero() {
                     break;
                 }
@@ -351,7 +196,7 @@ pub async fn run(
         };
         let Some(slot) = connections.claim() else {
             // Closed at once: the client sees a reset or an empty reply and can go elsewhere.
-            app.router().metrics.connections_refused.inc();
+            router.metrics.connections_refused.inc();
             drop(stream);
             continue;
         };
@@ -360,12 +205,12 @@ pub async fn run(
             stream,
             peer,
             builder.clone(),
-            app.router().clone(),
+            router.clone(),
             limits,
             stop.clone(),
             slot,
         );
-        app.tasks().spawn(live.track_future(serve));
+        tasks.spawn(live.track_future(serve));
     }
     tracing::info!("shutting down");
     drop(listener);
@@ -381,19 +226,13 @@ pub async fn run(
     Ok(grace_ends)
 }
 
-#[derive(Debug, Clone, Copy)]
-struct ConnectionLimits {
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
-}
-
 /// Serves one connection until it ends, closing it gracefully (nothing in flight is cut) when
 /// it sends no request head within `header_read_timeout`, idles past `idle_timeout`, or the
 /// server stops.
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    builder: Arc<auto::Builder<crate::tasks::Tasks>>,
+    builder: Arc<auto::Builder<Tasks>>,
     router: Arc<Router>,
     limits: ConnectionLimits,
     stop: CancellationToken,
@@ -404,7 +243,7 @@ async fn serve_connection(
         let activity = activity.clone();
         move |req: Request<Incoming>| {
             let (router, guard) = (router.clone(), activity.begin(req.version()));
-            let busy = Busy(activity.clone());
+            let busy = Busy::of(&activity);
             async move {
                 let response = router.handle(req, peer, busy).await;
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody {
@@ -466,9 +305,7 @@ async fn serve_connection(
                     // HTTP/2 says GOAWAY and closes; HTTP/1.1 closes at once only between
                     // requests, so a connection still sending its first head is dropped:
                     // nothing is in flight, nothing is cut.
-                    if !activity.h2.load(Ordering::Relaxed)
-                        && connection.as_mut().poll(cx).is_pending()
-                    {
+                    if !activity.is_h2() && connection.as_mut().poll(cx).is_pending() {
                         return Poll::Ready(Ok(()));
                     }
                     continue;

@@ -19,11 +19,11 @@ use super::routes::{IMAGE_PROXY_NAMESPACE, Routes};
 use crate::body::ProxyBody;
 use crate::cache::shared::BreakerState;
 use crate::cache::{CacheKey, INDEX_CAPACITY_BYTES, Tier, TierUsage, TieredCache};
+use crate::connections::Connections;
 use crate::descriptors::{self, DescriptorBudget};
 use crate::error::ProxyError;
 use crate::metrics::{self, Metrics};
 use crate::pressure::{Level, Reading, ReservationPool};
-use crate::server::Connections;
 use crate::upstream::{BoxError, Upstream};
 
 /// The bulk purge endpoint.

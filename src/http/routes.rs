@@ -9,8 +9,8 @@ use percent_encoding::percent_decode_str;
 use std::time::Duration;
 use url::Url;
 
-use super::admit::Client;
-use super::supabase::Writes;
+use super::client::Client;
+use super::supabase::{RenderKind, SUPABASE_PUBLIC_PREFIX, SUPABASE_SIGNED_PREFIX, Writes};
 use crate::cache::CacheKey;
 use crate::config::{Config, RouteConfig, TargetedOut};
 use crate::error::ProxyError;
@@ -19,15 +19,8 @@ use crate::proxy::{CREDENTIALS, Forwarding, ProxyRequest, route_request_headers}
 use crate::target::{self, HostPattern};
 use crate::upstream::{Guard, UploadLimits};
 
-/// Prefix of Supabase Storage's public object route.
-pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
-
-/// Prefix of Supabase Storage's signed object route (`?token=`).
-pub const SUPABASE_SIGNED_PREFIX: &str = "/storage/v1/object/sign/";
-
-/// Prefix of Supabase Storage's public render route (image transforms), served by
-/// [`super::render`] from the public object route's cache.
-pub const SUPABASE_RENDER_PREFIX: &str = "/storage/v1/render/image/public/";
+/// The path of `/image-info`, and the prefix of its route-path form.
+pub const IMAGE_INFO_PATH: &str = "/image-info";
 
 /// The cache namespace of `/image-proxy`'s objects (a route's is its prefix, which starts with
 /// `/`: the two never meet).
@@ -96,46 +89,6 @@ pub enum Proxied {
     },
 }
 
-/// Which of Supabase's render routes: each renders the object its object route of the same
-/// kind serves (`/render/image/public/b/p` → `/object/public/b/p`, `authenticated` with the
-/// client's credentials, `sign` with the URL's token, which Storage verifies).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RenderKind {
-    Public,
-    Authenticated,
-    Signed,
-}
-
-impl RenderKind {
-    /// The path prefix of this render route.
-    pub fn render_prefix(self) -> &'static str {
-        match self {
-            RenderKind::Public => SUPABASE_RENDER_PREFIX,
-            RenderKind::Authenticated => "/storage/v1/render/image/authenticated/",
-            RenderKind::Signed => "/storage/v1/render/image/sign/",
-        }
-    }
-
-    /// The path prefix of the object route it renders from.
-    pub fn object_prefix(self) -> &'static str {
-        match self {
-            RenderKind::Public => SUPABASE_PUBLIC_PREFIX,
-            RenderKind::Authenticated => "/storage/v1/object/authenticated/",
-            RenderKind::Signed => "/storage/v1/object/sign/",
-        }
-    }
-
-    fn of(path: &str) -> Option<RenderKind> {
-        [
-            RenderKind::Public,
-            RenderKind::Authenticated,
-            RenderKind::Signed,
-        ]
-        .into_iter()
-        .find(|k| path.starts_with(k.render_prefix()))
-    }
-}
-
 /// The routes of one configuration.
 pub struct Routes {
     routes: Vec<RouteConfig>,
@@ -197,9 +150,9 @@ impl Routes {
             "/image-proxy" => Route::ImageProxy,
             "/health" | "/health/live" | "/health/ready" => Route::Health,
             "/metrics" => Route::Metrics,
-            _ if path == super::info::IMAGE_INFO_PATH
+            _ if path == IMAGE_INFO_PATH
                 || path
-                    .strip_prefix(super::info::IMAGE_INFO_PATH)
+                    .strip_prefix(IMAGE_INFO_PATH)
                     .is_some_and(|rest| rest.starts_with('/')) =>
             {
                 Route::ImageInfo
@@ -271,7 +224,7 @@ impl Routes {
                     !public_object && CREDENTIALS.iter().any(|h| parts.headers.contains_key(h));
                 let shareable = matches!(parts.method, Method::GET | Method::HEAD) && !credentialed;
                 let forwarded =
-                    super::admit::forwarded(parts, client, &self.public_hosts, shareable);
+                    super::client::forwarded(parts, client, &self.public_hosts, shareable);
                 let headers = route_request_headers(
                     &parts.headers,
                     &route.forward_request_headers,
@@ -324,6 +277,83 @@ impl Routes {
         }
     }
 
+    /// The `/image-proxy` or route request whose object an `/image-info` request describes: its
+    /// target (`?url=`) or route path, as a GET of the object (no conditionals, no range).
+    ///
+    /// # Errors
+    /// [`ProxyError::NotFound`] for a route path no object route serves; as [`Routes::resolve`].
+    pub fn image_info_source(
+        &self,
+        parts: &Parts,
+        client: &Client,
+    ) -> Result<ProxyRequest, ProxyError> {
+        let path = parts.uri.path();
+        let query = parts
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let (route, target) = if path == IMAGE_INFO_PATH {
+            (Route::ImageProxy, format!("/image-proxy{query}"))
+        } else {
+            let rest = path
+                .strip_prefix(IMAGE_INFO_PATH)
+                .filter(|rest| rest.starts_with('/'))
+                .ok_or_else(|| ProxyError::NotFound(format!("no route for {path}")))?;
+            match self.route_of(rest) {
+                route @ Route::Proxied { .. } => (route, format!("{rest}{query}")),
+                _ => {
+                    return Err(ProxyError::NotFound(format!(
+                        "no object route serves {rest}"
+                    )));
+                }
+            }
+        };
+        let (mut object, ()) = http::Request::new(()).into_parts();
+        object.method = Method::GET;
+        object.uri = target
+            .parse()
+            .map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))?;
+        object.version = parts.version;
+        object.headers = parts.headers.clone();
+        match self.resolve(route, &object, client)? {
+            Proxied::Cacheable(mut request) => {
+                request.head = false;
+                request.if_none_match = None;
+                request.range = None;
+                request.if_range = None;
+                Ok(request)
+            }
+            Proxied::Forward { .. } => unreachable!("a GET resolves to a cacheable request"),
+        }
+    }
+
+    /// The request for the object a request on Supabase's render route of `kind` renders:
+    /// the object route of that kind on route `index`, as [`Routes::resolve`] makes it (see
+    /// `object_parts`); `head` as the render request's method.
+    ///
+    /// # Errors
+    /// As [`Routes::resolve`]; [`ProxyError::MethodNotAllowed`] for other than GET and HEAD.
+    pub fn render_source(
+        &self,
+        (index, kind): (usize, RenderKind),
+        parts: &Parts,
+        client: &Client,
+    ) -> Result<ProxyRequest, ProxyError> {
+        let head = get_or_head(&parts.method)?;
+        let route = Route::Proxied {
+            index,
+            name: "supabase",
+        };
+        match self.resolve(route, &object_parts(parts, kind)?, client)? {
+            Proxied::Cacheable(mut request) => {
+                request.head = head;
+                Ok(request)
+            }
+            Proxied::Forward { .. } => unreachable!("a GET resolves to a cacheable request"),
+        }
+    }
+
     /// The cache key a `PURGE` of `uri` on `route` names: the object of that route. On the
     /// render route, the source object (purging it purges its renditions and source record).
     ///
@@ -373,6 +403,34 @@ impl Routes {
 /// The `token=...` pair of a signed URL's query, as it was sent.
 pub fn signed_token(query: &str) -> Option<&str> {
     query.split('&').find(|p| p.starts_with("token="))
+}
+
+/// The object-route request for a render request of `kind`: the same bucket and path under
+/// the object route of that kind, GET, the request's headers (credentials included: the
+/// object route decides what it forwards), no query but a signed URL's `token`.
+fn object_parts(parts: &Parts, kind: RenderKind) -> Result<Parts, ProxyError> {
+    let path = parts.uri.path();
+    let rest = path
+        .strip_prefix(kind.render_prefix())
+        .ok_or_else(|| ProxyError::NotFound(format!("no route for {path}")))?;
+    let token = match kind {
+        RenderKind::Signed => parts
+            .uri
+            .query()
+            .and_then(signed_token)
+            .map(|t| format!("?{t}"))
+            .unwrap_or_default(),
+        RenderKind::Public | RenderKind::Authenticated => String::new(),
+    };
+    let uri = format!("{}{rest}{token}", kind.object_prefix())
+        .parse()
+        .map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))?;
+    let (mut object, ()) = http::Request::new(()).into_parts();
+    object.method = Method::GET;
+    object.uri = uri;
+    object.version = parts.version;
+    object.headers = parts.headers.clone();
+    Ok(object)
 }
 
 /// `false` for GET, `true` for HEAD.

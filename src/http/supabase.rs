@@ -9,6 +9,18 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 
 use crate::config::SUPABASE_PREFIX;
+use crate::error::ProxyError;
+use crate::transform::{Fit, Params};
+
+/// Prefix of Supabase Storage's public object route.
+pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
+
+/// Prefix of Supabase Storage's signed object route (`?token=`).
+pub const SUPABASE_SIGNED_PREFIX: &str = "/storage/v1/object/sign/";
+
+/// Prefix of Supabase Storage's public render route (image transforms), served by
+/// [`super::render`] from the public object route's cache.
+pub const SUPABASE_RENDER_PREFIX: &str = "/storage/v1/render/image/public/";
 
 /// The most of a request body read to learn what it writes (move, copy, bulk deletes); a
 /// larger body is streamed upstream all the same, and invalidates by its path only.
@@ -772,6 +784,115 @@ impl TokenClaims {
         self.exp
             .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
     }
+}
+
+/// Which of Supabase's render routes: each renders the object its object route of the same
+/// kind serves (`/render/image/public/b/p` → `/object/public/b/p`, `authenticated` with the
+/// client's credentials, `sign` with the URL's token, which Storage verifies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenderKind {
+    Public,
+    Authenticated,
+    Signed,
+}
+
+impl RenderKind {
+    /// The path prefix of this render route.
+    pub fn render_prefix(self) -> &'static str {
+        match self {
+            RenderKind::Public => SUPABASE_RENDER_PREFIX,
+            RenderKind::Authenticated => "/storage/v1/render/image/authenticated/",
+            RenderKind::Signed => "/storage/v1/render/image/sign/",
+        }
+    }
+
+    /// The path prefix of the object route it renders from.
+    pub fn object_prefix(self) -> &'static str {
+        match self {
+            RenderKind::Public => SUPABASE_PUBLIC_PREFIX,
+            RenderKind::Authenticated => "/storage/v1/object/authenticated/",
+            RenderKind::Signed => "/storage/v1/object/sign/",
+        }
+    }
+
+    /// The render route `path` is on, if any.
+    pub fn of(path: &str) -> Option<RenderKind> {
+        [
+            RenderKind::Public,
+            RenderKind::Authenticated,
+            RenderKind::Signed,
+        ]
+        .into_iter()
+        .find(|k| path.starts_with(k.render_prefix()))
+    }
+}
+
+/// Storage's header listing the transformations a render applied.
+pub const X_TRANSFORMATIONS: http::HeaderName = http::HeaderName::from_static("x-transformations");
+
+/// The parameters of a request on Storage's render route of `kind`: its query's, or for a
+/// signed URL the transformations its token carries (with `download` from the query; the
+/// query's other parameters are ignored, as Storage ignores them).
+///
+/// # Errors
+/// [`ProxyError::BadParameter`] for a bad parameter, or a signed URL without a JWT as its
+/// `token`.
+pub fn render_params(
+    kind: RenderKind,
+    query: Option<&str>,
+    max_dimension: u32,
+) -> Result<Params, ProxyError> {
+    Ok(match kind {
+        RenderKind::Signed => {
+            let claims = TokenClaims::of_query(query).ok_or_else(|| {
+                ProxyError::BadParameter("token: want a signed URL's token".into())
+            })?;
+            Params::from_transformations(
+                claims.transformations.as_deref().unwrap_or_default(),
+                query,
+                max_dimension,
+            )?
+        }
+        RenderKind::Public | RenderKind::Authenticated => Params::from_query(query, max_dimension)?,
+    })
+}
+
+/// Storage's `X-Transformations` response header: what was applied, as its renderer lists
+/// it for imgproxy (`height:1,width:1,resizing_type:fill,quality:80,format:webp,gravity:fp:0:1`;
+/// `ImageRenderer.applyTransformation`): sizes and quality as asked for, `resizing_type` when a
+/// size was, `format` only when one was asked for (a negotiated one is not listed); `None` when
+/// none applies.
+pub fn x_transformations(params: &Params) -> Option<HeaderValue> {
+    let mut segments = Vec::new();
+    if let Some(h) = params.height {
+        segments.push(format!("height:{h}"));
+    }
+    if let Some(w) = params.width {
+        segments.push(format!("width:{w}"));
+    }
+    if params.width.is_some() || params.height.is_some() {
+        segments.push(
+            match params.fit {
+                Fit::Cover => "resizing_type:fill",
+                Fit::Inside => "resizing_type:fit",
+                Fit::Fill | Fit::Pad => "resizing_type:force",
+            }
+            .to_owned(),
+        );
+    }
+    if let Some(q) = params.quality {
+        segments.push(format!("quality:{q}"));
+    }
+    if let Some(format) = params.format.filter(|_| !params.negotiate) {
+        segments.push(format!("format:{}", format.as_str()));
+    }
+    if let Some(gravity) = params.gravity.storage_name() {
+        segments.push(format!("gravity:{gravity}"));
+    }
+    if segments.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&segments.join(",")).ok()
 }
 
 #[cfg(test)]

@@ -87,7 +87,7 @@ pub struct ForwardedFor {
     pub proto: &'static str,
     /// The host the client asked for, as in `Host` (`img.example`, `img.example:8080`,
     /// `[2001:db8::1]:8080`), and the port it connected to; `None` when it cannot be trusted
-    /// (see `http::admit::forwarded`).
+    /// (see `http::client::forwarded`).
     pub host: Option<(String, u16)>,
 }
 

@@ -4,8 +4,8 @@
 //! `GET /image-info/<route path>` what that route path serves (e.g.
 //! `/image-info/storage/v1/object/public/{bucket}/{path}`), as JSON:
 //! `{width, height, format, content_type, bytes, etag, orientation, has_alpha, frames,
-//! animated, duration_ms}`. The answer comes from the object's source record ([`super::record`]) while that
-//! is fresh; otherwise from the stored object when a tier holds it, else from its first bytes
+//! animated, duration_ms}`. The answer comes from the object's source record
+//! ([`super::record`]) while that is fresh; otherwise from the stored object when a tier holds it, else from its first bytes
 //! (a `Range` request, nothing stored but the record): an object too large to store is never
 //! read whole for its metadata.
 
@@ -13,19 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
-use http::request::Parts;
-use http::{HeaderValue, Method, Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 
-use super::admit::Client;
 use super::record::{NOT_STORED, SourceRecord};
-use super::routes::{Proxied, Route, Routes, get_or_head};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::freshness::{self, Usability};
 use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, ProxyRequest};
-
-/// The path of the endpoint, and the prefix of its route-path form.
-pub const IMAGE_INFO_PATH: &str = "/image-info";
+use crate::transform::ImageInfo;
 
 /// Bytes first read of an object no tier holds: image headers (a JPEG's EXIF and ICC segments
 /// included) nearly always end well before.
@@ -34,22 +29,20 @@ const PROBE_BYTES: usize = 64 * 1024;
 /// thumbnail or colour profile before its frame header).
 const PROBE_MORE_BYTES: usize = 1024 * 1024;
 
-/// Answers an `/image-info` request.
+/// Answers an `/image-info` request for the object `request` fetches (a GET of it, without
+/// conditionals or ranges: see `http::routes::Routes::image_info_source`); `head`: HEAD, no
+/// body.
 ///
 /// # Errors
-/// [`ProxyError::MethodNotAllowed`] for other than GET and HEAD; [`ProxyError::NotFound`] for a
-/// route path no object route serves, or a missing object; what resolving the `/image-proxy`
-/// target or route path gives (guard, content checks); [`ProxyError::NotAnImage`] when the
-/// object's header is not one of an image this build reads.
+/// [`ProxyError::NotFound`] for a missing object; the origin's failures;
+/// [`ProxyError::NotAnImage`] when the object's header is not one of an image this build
+/// reads.
 pub async fn handle(
     proxy: &Arc<Proxy>,
-    routes: &Routes,
-    parts: &Parts,
-    client: &Client,
+    request: ProxyRequest,
+    head: bool,
     max_source_bytes: u64,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let head = get_or_head(&parts.method)?;
-    let request = source_request(routes, parts, client)?;
     let now = SystemTime::now();
     let record_key = request.primary.source_record();
     let stored = proxy.lookup_derived(&record_key).await;
@@ -126,52 +119,14 @@ pub async fn handle(
     respond(&record, cache_control, age, head, status)
 }
 
-/// The `/image-proxy` or route request whose object an `/image-info` request describes: its
-/// target (`?url=`) or route path, as a GET of the object.
-fn source_request(
-    routes: &Routes,
-    parts: &Parts,
-    client: &Client,
-) -> Result<ProxyRequest, ProxyError> {
-    let path = parts.uri.path();
-    let query = parts
-        .uri
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let (route, target) = if path == IMAGE_INFO_PATH {
-        (Route::ImageProxy, format!("/image-proxy{query}"))
-    } else {
-        let rest = path
-            .strip_prefix(IMAGE_INFO_PATH)
-            .filter(|rest| rest.starts_with('/'))
-            .ok_or_else(|| ProxyError::NotFound(format!("no route for {path}")))?;
-        match routes.route_of(rest) {
-            route @ Route::Proxied { .. } => (route, format!("{rest}{query}")),
-            _ => {
-                return Err(ProxyError::NotFound(format!(
-                    "no object route serves {rest}"
-                )));
-            }
-        }
-    };
-    let (mut object, ()) = http::Request::new(()).into_parts();
-    object.method = Method::GET;
-    object.uri = target
-        .parse()
-        .map_err(|e| ProxyError::BadPath(format!("invalid path: {e}")))?;
-    object.version = parts.version;
-    object.headers = parts.headers.clone();
-    match routes.resolve(route, &object, client)? {
-        Proxied::Cacheable(mut request) => {
-            request.head = false;
-            request.if_none_match = None;
-            request.range = None;
-            request.if_range = None;
-            Ok(request)
-        }
-        Proxied::Forward { .. } => unreachable!("a GET resolves to a cacheable request"),
-    }
+/// `/image-info`'s JSON: the image's [`ImageInfo`] and what the record says of the object.
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    #[serde(flatten)]
+    image: &'a ImageInfo,
+    content_type: Option<&'a str>,
+    bytes: Option<u64>,
+    etag: Option<&'a str>,
 }
 
 /// The JSON answer for `record`, with the `Cache-Control` and `Age` of its stored object.
@@ -186,19 +141,12 @@ fn respond(
         .image
         .as_ref()
         .ok_or_else(|| ProxyError::NotAnImage("not an image".into()))?;
-    let body = serde_json::to_vec(&serde_json::json!({
-        "width": image.width,
-        "height": image.height,
-        "format": image.format,
-        "content_type": record.content_type,
-        "bytes": record.bytes,
-        "etag": record.etag,
-        "orientation": image.orientation,
-        "has_alpha": image.has_alpha,
-        "frames": image.frames,
-        "animated": image.animated,
-        "duration_ms": image.duration_ms,
-    }))
+    let body = serde_json::to_vec(&Answer {
+        image,
+        content_type: record.content_type.as_deref(),
+        bytes: record.bytes,
+        etag: record.etag.as_deref(),
+    })
     .expect("JSON serializes");
     status.record_in_span();
     let mut response = Response::new(if head {
