@@ -169,7 +169,10 @@ async fn the_supabase_route_rejects_bad_paths_and_is_off_without_upstream() {
     ] {
         let (status, body) = raw_get(proxy.addr, path).await;
         assert_eq!(status, 400, "{path}");
-        assert!(body.contains("\"imgedgeCode\":\"bad_path\""), "{path}: {body}");
+        assert!(
+            body.contains("\"imgedgeCode\":\"bad_path\""),
+            "{path}: {body}"
+        );
     }
     let off = TestProxy::for_origin(&origin, "[supabase]\nupstream = \"\"").await;
     let r = off.get("/storage/v1/object/public/b/x.jpg").await;
