@@ -7,6 +7,7 @@
 //!
 //! No HTTP decisions live here (see `freshness.rs`), and nothing here touches the network.
 
+pub mod breaker;
 pub mod disk;
 pub mod entry;
 pub mod memory;

@@ -17,7 +17,7 @@ use url::Url;
 use super::json_response;
 use super::routes::{IMAGE_PROXY_NAMESPACE, Routes};
 use crate::body::ProxyBody;
-use crate::cache::shared::BreakerState;
+use crate::cache::breaker::BreakerState;
 use crate::cache::{CacheKey, INDEX_CAPACITY_BYTES, Tier, TierUsage, TieredCache};
 use crate::connections::Connections;
 use crate::descriptors::{self, DescriptorBudget};
