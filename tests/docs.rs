@@ -1,9 +1,13 @@
 //! The documents a user reads cannot drift from the code: every key of config/default.toml is in
-//! README.md's configuration table with its default, and nothing else is; the example
+//! docs/configuration.md's key table with its default, and nothing else is; the example
 //! configuration is valid.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+
+/// The page with the full configuration reference, and the heading of its key table.
+const CONFIGURATION: &str = "docs/configuration.md";
+const KEY_TABLE_HEADING: &str = "## Every key";
 
 /// `section.key` → default, from config/default.toml.
 fn default_keys() -> BTreeMap<String, toml::Value> {
@@ -30,15 +34,16 @@ fn default_keys() -> BTreeMap<String, toml::Value> {
     keys
 }
 
-/// `section.key` → the default column's value, from the rows of README.md's configuration
-/// table. A row may name several keys of one section (`memory.evicting`, `warning`, ...) with
-/// as many defaults; `[[routes]]` (no defaults) is left out.
-fn readme_keys() -> BTreeMap<String, toml::Value> {
-    let readme = std::fs::read_to_string("README.md").unwrap();
-    let table = readme
-        .split("\n## Configuration\n")
+/// `section.key` → the default column's value, from the rows of docs/configuration.md's key
+/// table (the section under `## Every key`). A row may name several keys of one section
+/// (`memory.evicting`, `warning`, ...) with as many defaults; `[[routes]]` (no defaults) is left
+/// out.
+fn documented_keys() -> BTreeMap<String, toml::Value> {
+    let page = std::fs::read_to_string(CONFIGURATION).unwrap();
+    let table = page
+        .split(&format!("\n{KEY_TABLE_HEADING}\n"))
         .nth(1)
-        .expect("README.md has a Configuration section")
+        .unwrap_or_else(|| panic!("{CONFIGURATION} has a section {KEY_TABLE_HEADING:?}"))
         .split("\n## ")
         .next()
         .unwrap();
@@ -58,7 +63,7 @@ fn readme_keys() -> BTreeMap<String, toml::Value> {
         }
         let section = names[0].split('.').next().unwrap().to_owned();
         let defaults = ticked(cells[1]);
-        assert_eq!(names.len(), defaults.len(), "README row: {row}");
+        assert_eq!(names.len(), defaults.len(), "{CONFIGURATION} row: {row}");
         for (name, default) in names.iter().zip(defaults) {
             let key = if name.contains('.') {
                 name.clone()
@@ -67,7 +72,7 @@ fn readme_keys() -> BTreeMap<String, toml::Value> {
             };
             let value: toml::Table = format!("v = {default}")
                 .parse()
-                .unwrap_or_else(|e| panic!("README default of {key}: {default}: {e}"));
+                .unwrap_or_else(|e| panic!("{CONFIGURATION}: default of {key}: {default}: {e}"));
             keys.insert(key, value["v"].clone());
         }
     }
@@ -75,26 +80,26 @@ fn readme_keys() -> BTreeMap<String, toml::Value> {
 }
 
 #[test]
-fn the_readme_configuration_table_lists_every_key_with_its_default() {
-    let (defaults, readme) = (default_keys(), readme_keys());
+fn the_configuration_table_lists_every_key_with_its_default() {
+    let (defaults, documented) = (default_keys(), documented_keys());
     let missing: Vec<_> = defaults
         .keys()
-        .filter(|k| !readme.contains_key(*k))
+        .filter(|k| !documented.contains_key(*k))
         .collect();
-    let unknown: Vec<_> = readme
+    let unknown: Vec<_> = documented
         .keys()
         .filter(|k| !defaults.contains_key(*k))
         .collect();
     assert!(
         missing.is_empty() && unknown.is_empty(),
-        "README.md's configuration table lacks {missing:?} and names keys config/default.toml \
+        "{CONFIGURATION}'s key table lacks {missing:?} and names keys config/default.toml \
          does not have: {unknown:?}"
     );
     for (key, value) in &defaults {
         assert_eq!(
-            &readme[key], value,
-            "{key}: README.md says {}, config/default.toml {value}",
-            readme[key]
+            &documented[key], value,
+            "{key}: {CONFIGURATION} says {}, config/default.toml {value}",
+            documented[key]
         );
     }
 }
