@@ -10,8 +10,9 @@
 #
 # Knobs:
 #   TARGET              imgedge (default), nginx, varnish, none
-#   EDGE_BIN            imgedge binary; default `cargo build --quiet` then
-#                       ${CARGO_TARGET_DIR:-target}/debug/imgedge
+#   EDGE_BIN            imgedge binary; default ${CARGO_TARGET_DIR:-target}/release/imgedge,
+#                       the test command's one release build (`cargo build --release --locked`,
+#                       run here first; a no-op when it is up to date)
 #   CONFORMANCE_DIR     where the suite is installed with npm (default /tmp/http-cache-tests);
 #                       the latest results are kept there as results-$TARGET.json
 #   CONFORMANCE_MIN     exit 1 when fewer required tests than this pass (for CI)
@@ -137,10 +138,11 @@ start_imgedge() {
   EDGE_BIN=${EDGE_BIN:-}
   if [[ -z $EDGE_BIN ]]; then
     command -v cargo >/dev/null || die "no EDGE_BIN and no cargo to build imgedge"
-    (cd "$ROOT" && timeout 1800 cargo build --quiet) || die "cargo build failed"
+    (cd "$ROOT" && timeout 1800 cargo build --release --locked --quiet) ||
+      die "cargo build --release --locked failed"
     local tdir=${CARGO_TARGET_DIR:-target}
     [[ $tdir == /* ]] || tdir=$ROOT/$tdir
-    EDGE_BIN=$tdir/debug/imgedge
+    EDGE_BIN=$tdir/release/imgedge
   fi
   [[ -x $EDGE_BIN ]] || die "imgedge binary not found or not executable: $EDGE_BIN"
   cat >"$WORK/imgedge.toml" <<EOF
@@ -153,7 +155,7 @@ upstream = "$ORIGIN"
 # RFC 9111 lets a shared cache store Set-Cookie, and the suite checks it does; imgedge's
 # default (off) is the safer choice for a public edge.
 store_set_cookie = true
-# Request headers are an allow-list (README "Forwarded request headers"): the suite's own
+# Request headers are an allow-list (docs/routes.md, "Forwarded request headers"): the suite's own
 # protocol (Req-Num numbers each request of a test, Surrogate-Capability is echoed back) and the
 # headers its Vary tests select by reach its origin as any route's listed headers would.
 forward_request_headers = ["req-num", "surrogate-capability", "foo", "bar", "baz", "a", "b", "c", "abc", "other"]

@@ -4,7 +4,7 @@
 # memory hits (the first 20 corpus images of at most 1 MiB through /image-proxy, warmed first).
 # CPU time under wrk moves by up to 20% between identical runs on a shared 2-core machine; these
 # counts repeat, so two binaries can be compared one after the other (as for issue 8's
-# restructuring, README "Benchmarks").
+# restructuring, docs/benchmarks.md).
 #
 # Usage: [EDGE_BIN=path/to/imgedge] bash loadtest/perhit.sh [N=3000]
 #   EDGE_BIN unset: `cargo build --release --quiet`, then target/release/imgedge.

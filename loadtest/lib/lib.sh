@@ -193,8 +193,9 @@ lt_cmdline() { # env-regex [arg...]
 lt_release_bin() { # dir
   local tdir="" dirty watched=(src Cargo.toml Cargo.lock config build.rs)
   if [[ -z ${EDGE_BIN:-} ]]; then
-    lt_log "building imgedge: cargo build --release --quiet"
-    (cd "$LT_ROOT" && timeout 1800 cargo build --release --quiet) || lt_die "cargo build --release failed"
+    lt_log "building imgedge: cargo build --release --locked (a no-op when it is up to date)"
+    (cd "$LT_ROOT" && timeout 1800 cargo build --release --locked --quiet) ||
+      lt_die "cargo build --release --locked failed"
     tdir=${CARGO_TARGET_DIR:-target}
     [[ $tdir == /* ]] || tdir=$LT_ROOT/$tdir
     EDGE_BIN=$tdir/release/imgedge
