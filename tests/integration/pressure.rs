@@ -1,13 +1,11 @@
 //! Memory pressure through the real HTTP stack, with the RSS reading injected so that every
 //! level is reached deterministically.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use imgedge::rss::SetRss;
-use support::*;
 
 const BUDGET: u64 = 1 << 30;
 

@@ -2,13 +2,11 @@
 //! of a route path, kept so that a second request never reaches the origin, read from the first
 //! bytes (a `Range` request) when no tier holds the object, purged with it.
 
-mod support;
-
 use std::io::Cursor;
 
+use crate::support::*;
 use image::{DynamicImage, ImageFormat, RgbImage, RgbaImage};
 use reqwest::Method;
-use support::*;
 
 const OBJECT: &str = "/storage/v1/object/public/photos/cat.png";
 

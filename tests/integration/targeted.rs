@@ -5,10 +5,8 @@
 //! `Surrogate-Control` on what may be shared, never on errors or private answers.
 //! (The cache-tests suite has no RFC 9213 tests; these are ours.)
 
-mod support;
-
+use crate::support::{Reply, TestOrigin, TestProxy};
 use reqwest::Method;
-use support::{Reply, TestOrigin, TestProxy};
 
 async fn route_proxy(origin: &TestOrigin, extra: &str, route: &str) -> TestProxy {
     TestProxy::for_origin(

@@ -2,12 +2,10 @@
 //! relief, the disk tier's writer, shared fills still in flight, client and upstream
 //! connections — so nothing of it outlives the server (or keeps its tiers and buffers alive).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use reqwest::Method;
-use support::*;
 use tokio::net::TcpListener;
 use tokio::runtime::{Builder, Runtime};
 use tokio::sync::{Notify, oneshot};

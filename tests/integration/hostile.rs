@@ -1,9 +1,7 @@
 //! Hostile input: what origins and clients send to break a proxy. Every case must get a clear
 //! answer and leave the proxy serving (no panic, no growth).
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 /// Largest integer header values an origin can send: none may overflow a duration sum or the
 /// memory tier's expiry (RFC 9111 §1.2.2: such values count as 2^31 seconds).

@@ -1,5 +1,5 @@
 //! The shared tier against real Redis servers: a Redis Cluster of three masters, and TLS
-//! (`rediss://`) with a certificate authority made here with openssl. tests/shared.rs stages
+//! (`rediss://`) with a certificate authority made here with openssl. tests/integration/shared.rs stages
 //! failures on fake servers; these prove what a fake cannot: that keys spread over a cluster's
 //! slots are written and read back through the redis crate's cluster client, and that the TLS
 //! handshake verifies the server against the roots it is given and refuses one it does not know.
@@ -7,15 +7,13 @@
 //! They need `redis-server`, `redis-cli` and `openssl` on PATH (Debian: redis-server, openssl;
 //! .ci/run installs them). Without them they fail, naming the package.
 
-mod support;
-
 use std::net::TcpStream as StdTcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::binary::*;
-use support::*;
+use crate::support::binary::*;
+use crate::support::*;
 
 /// A redis-server process on 127.0.0.1, killed when dropped.
 struct RedisServer {

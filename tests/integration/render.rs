@@ -3,14 +3,12 @@
 //! origin), the original byte for byte without parameters, a decode bomb refused from its
 //! header, variant validators and 304s, HEAD, a missing source.
 
-mod support;
-
 use std::io::Cursor;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use image::{DynamicImage, ImageFormat, RgbImage, RgbaImage};
 use reqwest::Method;
-use support::*;
 
 const OBJECT: &str = "/storage/v1/object/public/photos/a/cat.png";
 const RENDER: &str = "/storage/v1/render/image/public/photos/a/cat.png";
@@ -1066,7 +1064,7 @@ async fn animations_over_their_limits_are_refused() {
     }
 }
 
-/// AVIF output, in a build with the `avif` feature: `cargo test --features avif --test render`.
+/// AVIF output, in a build with the `avif` feature: `cargo test --features avif --test integration render::`.
 #[cfg(feature = "avif")]
 #[tokio::test]
 async fn avif_is_served_when_asked_for() {

@@ -156,7 +156,7 @@ fn modules_use_only_lower_layers_and_no_module_cycles() {
     for (from, used) in &graph {
         let Some(from_layer) = layer_of(from) else {
             wrong.push(format!(
-                "src/{from}: in no layer (add it to tests/layers.rs and ARCHITECTURE.md)"
+                "src/{from}: in no layer (add it to tests/integration/layers.rs and ARCHITECTURE.md)"
             ));
             continue;
         };

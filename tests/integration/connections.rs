@@ -2,14 +2,12 @@
 //! keep-alive connections closed, `max_connections` enforced and reported, request bodies held
 //! to their size and pause limits while slow uploads that keep moving succeed.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

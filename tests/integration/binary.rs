@@ -1,14 +1,12 @@
 //! The real `imgedge` binary as a subprocess: its command line, its logs, and its memory under
 //! slow clients (RSS read from /proc, not inside the test process).
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::binary::*;
+use crate::support::*;
 use bytes::Bytes;
-use support::binary::*;
-use support::*;
 
 #[tokio::test]
 async fn invalid_configuration_exits_non_zero_naming_every_bad_field() {

@@ -3,12 +3,10 @@
 //! are refused, nothing a route serves can run script on imgedge's origin, `/health` shows no
 //! URLs to strangers, and upstream work is bounded (503 `busy`, never `EMFILE`).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{Fault, Reply, TestOrigin, TestProxy};
 use reqwest::Method;
-use support::{Fault, Reply, TestOrigin, TestProxy};
 
 async fn route_proxy_with(origin: &TestOrigin, extra: &str, route: &str) -> TestProxy {
     let config = format!(
@@ -114,7 +112,7 @@ async fn image_proxy_forwards_no_client_header() {
     let r = proxy
         .send(
             Method::GET,
-            &support::image_path(&origin.url("/i.png")),
+            &crate::support::image_path(&origin.url("/i.png")),
             &[
                 ("Authorization", "Bearer secret"),
                 ("Cookie", "s=1"),
@@ -289,7 +287,7 @@ async fn paths_that_could_climb_out_of_a_route_are_refused() {
         "/storage/v1/object/public/b/..%2F..%2Fadmin",
     ] {
         // raw: an HTTP client library would resolve the dot segments itself
-        let (status, response) = support::raw_exchange(proxy.addr, "GET", path, "").await;
+        let (status, response) = crate::support::raw_exchange(proxy.addr, "GET", path, "").await;
         assert_eq!(status, 400, "{path}: {response}");
         let lower = response.to_ascii_lowercase();
         assert!(lower.contains("\"bad_path\""), "{path}: {response}");
@@ -614,7 +612,7 @@ async fn http2_streams_per_connection_are_bounded() {
 /// descriptors: `/health` answers throughout and nothing logs `EMFILE`.
 #[tokio::test]
 async fn a_low_descriptor_limit_is_never_exceeded() {
-    use support::binary::{Binary, health, origin_env};
+    use crate::support::binary::{Binary, health, origin_env};
     let origin = TestOrigin::start().await;
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());
     for i in 0..200 {

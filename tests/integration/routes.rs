@@ -2,9 +2,7 @@
 //! headers passed both ways, only GET and HEAD cached, RFC 9111 storage rules for forwarded
 //! requests, invalidation, and the Supabase route's handling of credentials.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 /// A proxy with `[[routes]] prefix = "/"` in front of `origin` (and the Supabase route, from
 /// the test config, at /storage/v1/), with `extra` TOML before the route.

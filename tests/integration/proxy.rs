@@ -1,13 +1,11 @@
 //! Behaviour of the proxy routes through real loopback sockets: caching and the tee, streaming,
 //! headers, and every error code, against a scripted origin.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
-use support::*;
 use tokio::sync::Notify;
 
 const JPEG: &[u8] = b"\xff\xd8\xff\xe0 not really a jpeg, but bytes all the same \xff\xd9";

@@ -1,9 +1,7 @@
 //! RFC 9111 request directives, wired through real sockets (the timing rules themselves are unit
 //! tests in freshness.rs, with explicit clocks).
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 async fn cached_proxy(origin: &TestOrigin) -> TestProxy {
     origin.route(

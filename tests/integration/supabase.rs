@@ -2,9 +2,7 @@
 //! host it builds URLs and verifies signatures from), what a write invalidates, the shape of
 //! imgedge's own errors there.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 /// The request headers Storage reads cross, the signed TUS endpoint's `x-signature` included;
 /// an upload tells Storage the host the client used, so that the upload URL it builds and the

@@ -1,12 +1,10 @@
 //! Collapsed forwarding through real sockets: concurrent misses share one origin fetch, and
 //! followers stream it while it fills.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 use tokio::sync::{Notify, mpsc};
 
 const BODY: u64 = 1_000_000;

@@ -5,7 +5,7 @@
 //! climbs out of its prefix, no duration passes 2^31 seconds, no range leaves its body.
 //!
 //! Each property runs `PROPTEST_CASES` cases (256 by default); CI runs the default, a few
-//! seconds in all. For a longer search: `PROPTEST_CASES=100000 cargo test --test properties`.
+//! seconds in all. For a longer search: `PROPTEST_CASES=100000 cargo test --test integration properties::`.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime};
