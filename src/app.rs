@@ -42,7 +42,7 @@ pub enum SetupError {
 }
 
 /// A running imgedge, before and after its listener: the router and what it owns.
-pub struct App {
+pub(crate) struct App {
     router: Arc<Router>,
     /// The tiers, closed at shutdown (once their writers have stopped).
     tier: TieredCache,
@@ -57,7 +57,7 @@ impl App {
     /// room, or the upstream clients cannot be built. Nothing is left running then. A disk tier
     /// that cannot be opened is logged and left out, never an error; so is a shared tier whose
     /// Redis cannot be reached (it is retried).
-    pub async fn build(config: Config, rss: Arc<dyn RssSource>) -> Result<App, SetupError> {
+    pub(crate) async fn build(config: Config, rss: Arc<dyn RssSource>) -> Result<App, SetupError> {
         let tasks = Tasks::new();
         match Self::build_on(config, rss, &tasks).await {
             Ok((router, tier)) => Ok(App {
@@ -230,18 +230,13 @@ impl App {
     }
 
     /// What answers requests.
-    pub fn router(&self) -> &Arc<Router> {
+    pub(crate) fn router(&self) -> &Arc<Router> {
         &self.router
     }
 
     /// Where connection tasks are spawned, so that they end with the app.
-    pub fn tasks(&self) -> &Tasks {
+    pub(crate) fn tasks(&self) -> &Tasks {
         &self.tasks
-    }
-
-    /// From now on `/health/ready` answers 503 `draining`; serving goes on.
-    pub fn start_draining(&self) {
-        self.router.admin.start_draining();
     }
 
     /// Ends the app: first the writes queued for the lower tiers are written, until
@@ -249,7 +244,7 @@ impl App {
     /// then every task is stopped (cancelling what still runs: fills no client reads,
     /// refreshes, connections past the grace period) and the tiers are closed (foyer writes out
     /// its buffers).
-    pub async fn shutdown(self, flush_deadline: tokio::time::Instant) {
+    pub(crate) async fn shutdown(self, flush_deadline: tokio::time::Instant) {
         self.tier.flush(flush_deadline).await;
         self.tasks.shutdown().await;
         self.tier.close().await;

@@ -14,7 +14,7 @@ use crate::upstream::UpstreamError;
 /// A response body. An `Err` frame aborts the client connection (HTTP/1.1: the connection is
 /// closed before the announced length or the last chunk; HTTP/2: the stream is reset), so a
 /// failed body is never mistaken for a complete one.
-pub enum ProxyBody {
+pub(crate) enum ProxyBody {
     /// A body held whole; `None` once sent, or for an empty body.
     Full(Option<Bytes>),
     /// A body streaming from the origin.
@@ -26,17 +26,17 @@ pub enum ProxyBody {
 }
 
 impl ProxyBody {
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         ProxyBody::Full(None)
     }
 
-    pub fn full(bytes: impl Into<Bytes>) -> Self {
+    pub(crate) fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
         ProxyBody::Full((!bytes.is_empty()).then_some(bytes))
     }
 
     /// `first` (read off `rest` already), then `rest`.
-    pub fn prefixed(first: Bytes, rest: ProxyBody) -> Self {
+    pub(crate) fn prefixed(first: Bytes, rest: ProxyBody) -> Self {
         ProxyBody::Prefixed((!first.is_empty()).then_some(first), Box::new(rest))
     }
 }

@@ -7,12 +7,12 @@
 //!
 //! No HTTP decisions live here (see `freshness.rs`), and nothing here touches the network.
 
-pub mod breaker;
-pub mod disk;
-pub mod entry;
-pub mod memory;
-pub mod shared;
-pub mod tier;
+pub(crate) mod breaker;
+pub(crate) mod disk;
+pub(crate) mod entry;
+pub(crate) mod memory;
+pub(crate) mod shared;
+pub(crate) mod tier;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +23,8 @@ use http::HeaderMap;
 use moka::future::Cache;
 
 use crate::freshness::{Freshness, MAX_DELTA};
-pub use memory::{MemoryTier, MemoryUsage};
-pub use tier::{Tier, TierUsage};
+pub(crate) use memory::MemoryTier;
+pub(crate) use tier::{Tier, TierUsage};
 
 /// What identifies a stored response: the namespace of the route that fetched it and the
 /// normalized absolute upstream URL, `"{namespace} {url}"` (a URL holds no space, so no two pairs
@@ -107,7 +107,7 @@ pub struct VaryIndex {
 
 /// A complete response held in the memory tier.
 #[derive(Debug)]
-pub struct CachedObject {
+pub(crate) struct CachedObject {
     /// Its status: 200, or another cacheable one (RFC 9111 §3).
     pub status: http::StatusCode,
     /// The headers served on a hit: the forwarded end-to-end headers, `Content-Length` and
@@ -124,12 +124,12 @@ pub struct CachedObject {
 }
 
 /// Bytes charged per entry on top of body and headers: the key, the struct, moka's node.
-pub const ENTRY_OVERHEAD_BYTES: u64 = 256;
+pub(crate) const ENTRY_OVERHEAD_BYTES: u64 = 256;
 
 impl CachedObject {
     /// The weight of this entry in the memory tier: body plus stored header bytes plus
     /// [`ENTRY_OVERHEAD_BYTES`] and the key.
-    pub fn weight_bytes(&self, key: &CacheKey) -> u64 {
+    pub(crate) fn weight_bytes(&self, key: &CacheKey) -> u64 {
         let headers: usize = self
             .headers
             .iter()
@@ -139,19 +139,19 @@ impl CachedObject {
     }
 
     /// `current_age` (RFC 9111 §4.2.3) at `now`.
-    pub fn age(&self, now: SystemTime) -> Duration {
+    pub(crate) fn age(&self, now: SystemTime) -> Duration {
         self.freshness.current_age(self.response_time, now)
     }
 
     /// Whether it is still fresh at `now` (RFC 9111 §4.2).
-    pub fn is_fresh(&self, now: SystemTime) -> bool {
+    pub(crate) fn is_fresh(&self, now: SystemTime) -> bool {
         self.freshness.lifetime > self.age(now)
     }
 
     /// How much longer a tier keeps it at `now`: its remaining freshness plus `stale_retention`,
     /// capped at [`MAX_DELTA`]; zero once that time has passed. Saturating throughout: an entry from an
     /// older disk, or a foreign value, may carry any lifetime.
-    pub fn kept_for(&self, stale_retention: Duration, now: SystemTime) -> Duration {
+    pub(crate) fn kept_for(&self, stale_retention: Duration, now: SystemTime) -> Duration {
         let elapsed = now.duration_since(self.response_time).unwrap_or_default();
         self.freshness
             .time_to_live()
@@ -165,7 +165,7 @@ impl CachedObject {
 /// for its key go straight upstream, without waiting on collapsed forwarding and, when it was too
 /// large, without collecting its body.
 #[derive(Debug, Clone)]
-pub struct PassMarker {
+pub(crate) struct PassMarker {
     /// Why it was not stored: a `Cache-Status` detail such as `too-large` or `no-store`.
     pub reason: &'static str,
     /// Its size when it was last seen, in bytes (at least this much without `Content-Length`).
@@ -174,9 +174,9 @@ pub struct PassMarker {
 
 impl PassMarker {
     /// The reason for objects over `max_cacheable_bytes`.
-    pub const TOO_LARGE: &'static str = "too-large";
+    pub(crate) const TOO_LARGE: &'static str = "too-large";
 
-    pub fn is_too_large(&self) -> bool {
+    pub(crate) fn is_too_large(&self) -> bool {
         self.reason == Self::TOO_LARGE
     }
 }
@@ -188,7 +188,7 @@ const PASS_TTL: Duration = Duration::from_secs(120);
 const VARY_INDEX_IDLE: Duration = Duration::from_secs(3600);
 /// The bytes pass markers may take, and the bytes `Vary` indexes may take, each: their keys are
 /// client-chosen URLs (up to `max_url_bytes`), so they are weighed by bytes, not counted.
-pub const INDEX_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
+pub(crate) const INDEX_CAPACITY_BYTES: u64 = 16 * 1024 * 1024;
 /// Bytes charged per pass marker or `Vary` index on top of its key.
 const INDEX_ENTRY_OVERHEAD_BYTES: u32 = 160;
 
@@ -210,7 +210,7 @@ fn index_weight(key: &CacheKey) -> u32 {
 /// Where a lookup found an object: the memory tier (0) or a tier below it (1, 2, ...: the order
 /// of [`TieredCache::tier_names`]).
 #[derive(Debug, Clone)]
-pub struct Found {
+pub(crate) struct Found {
     pub object: Arc<CachedObject>,
     pub tier: usize,
     /// The tier's name, `memory` or a lower tier's (`disk`, `shared`): the `Cache-Status` detail
@@ -222,7 +222,7 @@ pub struct Found {
 /// order; plus pass markers and variant indexes (memory only). Cheap to clone (handles to
 /// shared state).
 #[derive(Clone)]
-pub struct TieredCache {
+pub(crate) struct TieredCache {
     memory: MemoryTier,
     /// The tiers below memory, in lookup order; each behind the storage seam (`tier.rs`).
     lower: Arc<[Tier]>,
@@ -234,7 +234,7 @@ pub struct TieredCache {
 
 impl TieredCache {
     /// `memory` in front of `lower`, looked up in that order.
-    pub fn new(memory: MemoryTier, lower: Vec<Tier>) -> Self {
+    pub(crate) fn new(memory: MemoryTier, lower: Vec<Tier>) -> Self {
         let passes = Cache::builder()
             .max_capacity(INDEX_CAPACITY_BYTES)
             .weigher(|k: &CacheKey, _: &PassMarker| index_weight(k))
@@ -258,30 +258,30 @@ impl TieredCache {
     }
 
     /// The memory tier, for what acts on it alone (eviction and clearing under pressure).
-    pub fn memory(&self) -> &MemoryTier {
+    pub(crate) fn memory(&self) -> &MemoryTier {
         &self.memory
     }
 
     /// The tiers below memory, in lookup order.
-    pub fn lower(&self) -> &[Tier] {
+    pub(crate) fn lower(&self) -> &[Tier] {
         &self.lower
     }
 
     /// Every tier's name in lookup order: `memory`, then the lower tiers'.
-    pub fn tier_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+    pub(crate) fn tier_names(&self) -> impl Iterator<Item = &'static str> + '_ {
         std::iter::once("memory").chain(self.lower.iter().map(Tier::name))
     }
 
     /// Whether an object is stored under `key` in memory, or (as far as this process knows, see
     /// [`tier::Holdings`]) in a lower tier. Reads nothing.
-    pub fn contains(&self, key: &CacheKey) -> bool {
+    pub(crate) fn contains(&self, key: &CacheKey) -> bool {
         self.memory.contains(key) || self.lower.iter().any(|t| t.holds(key))
     }
 
     /// The object stored under `key`, fresh or stale, from the first tier that has it; an
     /// object found below memory is promoted into memory and into the lower tiers above the one
     /// that had it.
-    pub async fn lookup(&self, key: &CacheKey) -> Option<Found> {
+    pub(crate) async fn lookup(&self, key: &CacheKey) -> Option<Found> {
         if let Some(object) = self.memory.get(key).await {
             return Some(Found {
                 object,
@@ -309,7 +309,7 @@ impl TieredCache {
     /// marker. Writes below memory happen in the background. When the memory tier holds a
     /// source record for `key` made from another version of the object (another `ETag` or
     /// `Last-Modified`), the record is dropped, and with it the renditions of that version.
-    pub async fn insert(&self, key: CacheKey, object: CachedObject) {
+    pub(crate) async fn insert(&self, key: CacheKey, object: CachedObject) {
         self.passes.invalidate(&key).await;
         let record = key.source_record();
         if let Some(old) = self.memory.get(&record).await
@@ -326,7 +326,7 @@ impl TieredCache {
 
     /// Drops every object from the memory tier (the lower tiers keep them) and every pass marker
     /// and `Vary` index, releasing them now: for critical memory pressure.
-    pub async fn clear_memory(&self) {
+    pub(crate) async fn clear_memory(&self) {
         self.memory.clear().await;
         self.passes.invalidate_all();
         self.variants.invalidate_all();
@@ -336,7 +336,7 @@ impl TieredCache {
 
     /// Pass markers and `Vary` indexes held, and their weighted bytes (pending maintenance run
     /// first).
-    pub async fn index_usage(&self) -> (u64, u64) {
+    pub(crate) async fn index_usage(&self) -> (u64, u64) {
         self.passes.run_pending_tasks().await;
         self.variants.run_pending_tasks().await;
         (
@@ -346,7 +346,7 @@ impl TieredCache {
     }
 
     /// Discards the writes queued for every lower tier; see [`Tier::drop_queued_writes`].
-    pub fn drop_queued_writes(&self) {
+    pub(crate) fn drop_queued_writes(&self) {
         for tier in self.lower.iter() {
             tier.drop_queued_writes();
         }
@@ -354,7 +354,7 @@ impl TieredCache {
 
     /// Waits until the writes queued for every lower tier have been written, at most until
     /// `deadline` (see [`Tier::flush`]); returns how many were still waiting then.
-    pub async fn flush(&self, deadline: tokio::time::Instant) -> u64 {
+    pub(crate) async fn flush(&self, deadline: tokio::time::Instant) -> u64 {
         let mut left = 0;
         for tier in self.lower.iter() {
             if let Err(n) = tier.flush(deadline).await {
@@ -370,7 +370,7 @@ impl TieredCache {
     }
 
     /// Closes every lower tier (after their writers stopped).
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         for tier in self.lower.iter() {
             tier.close().await;
         }
@@ -378,7 +378,7 @@ impl TieredCache {
 
     /// Forgets the object, any pass marker, any variants and its source record (so its
     /// renditions too) under `key` (RFC 9111 §4.4).
-    pub async fn invalidate(&self, key: &CacheKey) {
+    pub(crate) async fn invalidate(&self, key: &CacheKey) {
         self.forget(key).await;
         self.forget(&key.source_record()).await;
         self.passes.invalidate(key).await;
@@ -394,13 +394,13 @@ impl TieredCache {
     }
 
     /// The variant index of a primary key, if its latest response had `Vary`.
-    pub async fn vary_index(&self, primary: &CacheKey) -> Option<VaryIndex> {
+    pub(crate) async fn vary_index(&self, primary: &CacheKey) -> Option<VaryIndex> {
         self.variants.get(primary).await
     }
 
     /// Records `names` as the variant index of `primary`, keeping the current one when the names
     /// are the same (so the variants stored under it stay reachable).
-    pub async fn set_vary_index(
+    pub(crate) async fn set_vary_index(
         &self,
         primary: &CacheKey,
         names: Vec<http::HeaderName>,
@@ -419,12 +419,12 @@ impl TieredCache {
     }
 
     /// Remembers, for two minutes, that the response under `key` was not stored.
-    pub async fn mark_pass(&self, key: CacheKey, marker: PassMarker) {
+    pub(crate) async fn mark_pass(&self, key: CacheKey, marker: PassMarker) {
         self.passes.insert(key, marker).await;
     }
 
     /// The pass marker for `key`, if one is remembered.
-    pub async fn pass_marker(&self, key: &CacheKey) -> Option<PassMarker> {
+    pub(crate) async fn pass_marker(&self, key: &CacheKey) -> Option<PassMarker> {
         self.passes.get(key).await
     }
 }

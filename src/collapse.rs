@@ -37,11 +37,11 @@ use crate::tee::StoreTarget;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// Largest piece a reader copies out of a filling buffer at once, in bytes.
-pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+pub(crate) const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// What followers learn once the leader has a response head.
 #[derive(Clone)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Still waiting for the head.
     Waiting,
     /// Read the shared body; serve this status and these headers.
@@ -53,20 +53,20 @@ pub enum Outcome {
 }
 
 /// The response head of a shared fill, as served to every reader (without `Cache-Status`).
-pub struct SharedHead {
+pub(crate) struct SharedHead {
     pub status: StatusCode,
     pub headers: HeaderMap,
 }
 
 /// The in-flight fills, by cache key.
-pub struct Collapser {
+pub(crate) struct Collapser {
     fills: Mutex<HashMap<CacheKey, Arc<Fill>>>,
     /// Where the fill tasks run.
     tasks: Tasks,
 }
 
 /// One in-flight fetch that followers can join.
-pub struct Fill {
+pub(crate) struct Fill {
     key: CacheKey,
     outcome: watch::Sender<Outcome>,
     body: Mutex<SharedBuffer>,
@@ -108,7 +108,7 @@ impl SharedBuffer {
 }
 
 /// A request's part in a fill.
-pub enum Role {
+pub(crate) enum Role {
     /// Fetch, then [`Leader::share`] or [`Leader::pass`]; dropping it unpublished lets followers
     /// fetch on their own.
     Leader(Leader),
@@ -118,7 +118,7 @@ pub enum Role {
 
 impl Collapser {
     /// No fills yet; their tasks will be spawned on `tasks`.
-    pub fn new(tasks: Tasks) -> Self {
+    pub(crate) fn new(tasks: Tasks) -> Self {
         Collapser {
             fills: Mutex::default(),
             tasks,
@@ -126,7 +126,7 @@ impl Collapser {
     }
 
     /// Joins the fill for `key`, or starts one.
-    pub fn join(self: &Arc<Self>, key: &CacheKey) -> Role {
+    pub(crate) fn join(self: &Arc<Self>, key: &CacheKey) -> Role {
         let mut fills = self.lock();
         if let Some(fill) = fills.get(key) {
             return Role::Follower(fill.clone());
@@ -145,7 +145,7 @@ impl Collapser {
     /// follower joined), freeing its buffer; nothing of it is stored. Returns how many. For
     /// emergency memory pressure: such a fill holds up to `max_cacheable_bytes` for the cache
     /// alone.
-    pub fn abort_unread(&self) -> usize {
+    pub(crate) fn abort_unread(&self) -> usize {
         let fills = self.lock();
         let mut aborted = 0;
         for fill in fills.values() {
@@ -182,7 +182,7 @@ impl Fill {
     }
 
     /// Waits for the leader's outcome, at most `lock_timeout`; `None` on timeout.
-    pub async fn wait_outcome(&self, lock_timeout: Duration) -> Option<Outcome> {
+    pub(crate) async fn wait_outcome(&self, lock_timeout: Duration) -> Option<Outcome> {
         let mut rx = self.outcome.subscribe();
         let waited = tokio::time::timeout(
             lock_timeout,
@@ -204,7 +204,7 @@ impl Fill {
 }
 
 /// The leader's handle on its fill.
-pub struct Leader {
+pub(crate) struct Leader {
     fill: Arc<Fill>,
     collapser: Arc<Collapser>,
     published: bool,
@@ -214,7 +214,7 @@ impl Leader {
     /// Shares the response: spawns the task that reads `body` (whose `Content-Length` is
     /// `total_bytes`) into the shared buffer and stores it, tells followers, and returns the
     /// leader's own reader.
-    pub fn share(
+    pub(crate) fn share(
         mut self,
         head: SharedHead,
         body: UpstreamBody,
@@ -240,12 +240,12 @@ impl Leader {
     }
 
     /// Tells followers to fetch on their own.
-    pub fn pass(mut self) {
+    pub(crate) fn pass(mut self) {
         self.publish(Outcome::Pass);
     }
 
     /// Tells followers the fetch failed with `error`.
-    pub fn fail(mut self, error: ProxyError) {
+    pub(crate) fn fail(mut self, error: ProxyError) {
         self.publish(Outcome::Failed(error));
     }
 
@@ -351,7 +351,7 @@ fn wake_all(buffer: &mut SharedBuffer) {
 }
 
 /// One client's view of a shared fill: every byte from the first, at the client's pace.
-pub struct SharedReader {
+pub(crate) struct SharedReader {
     fill: Arc<Fill>,
     offset: usize,
     total: usize,
@@ -360,7 +360,7 @@ pub struct SharedReader {
 
 impl SharedReader {
     /// A reader of `fill` from its first byte: the leader's, or a follower's.
-    pub fn new(fill: Arc<Fill>) -> Self {
+    pub(crate) fn new(fill: Arc<Fill>) -> Self {
         let total = fill.lock().total;
         fill.readers.fetch_add(1, Ordering::AcqRel);
         SharedReader {
@@ -376,7 +376,7 @@ impl SharedReader {
     ///
     /// # Errors
     /// The fill's failure, as a reader sees it.
-    pub async fn complete(self) -> Result<Bytes, UpstreamError> {
+    pub(crate) async fn complete(self) -> Result<Bytes, UpstreamError> {
         poll_fn(|cx| {
             let mut buffer = self.fill.lock();
             if let Some(e) = &buffer.failed {
@@ -397,17 +397,17 @@ impl SharedReader {
     }
 
     /// Bytes still to come.
-    pub fn remaining_bytes(&self) -> u64 {
+    pub(crate) fn remaining_bytes(&self) -> u64 {
         (self.total - self.offset) as u64
     }
 
-    pub fn is_end_stream(&self) -> bool {
+    pub(crate) fn is_end_stream(&self) -> bool {
         self.finished || self.offset == self.total
     }
 
     /// The next piece: copied out of the buffer while it fills, sliced (zero-copy) once every
     /// byte arrived; never past `readable`.
-    pub fn poll_chunk(
+    pub(crate) fn poll_chunk(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, UpstreamError>>> {

@@ -12,14 +12,14 @@ use tokio::time::Instant;
 
 /// The open connections: counted against `max_connections`, and read by `/health/ready`.
 #[derive(Debug)]
-pub struct Connections {
+pub(crate) struct Connections {
     open: AtomicUsize,
     max: usize,
 }
 
 impl Connections {
     /// Room for `max` connections.
-    pub fn new(max: usize) -> Arc<Self> {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
         Arc::new(Connections {
             open: AtomicUsize::new(0),
             max,
@@ -27,22 +27,22 @@ impl Connections {
     }
 
     /// `[server] max_connections`.
-    pub fn max(&self) -> usize {
+    pub(crate) fn max(&self) -> usize {
         self.max
     }
 
     /// Connections open now.
-    pub fn open(&self) -> usize {
+    pub(crate) fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
 
     /// Whether no more are accepted.
-    pub fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.open() >= self.max
     }
 
     /// A slot for one more connection, or `None` at the limit.
-    pub fn claim(self: &Arc<Self>) -> Option<Slot> {
+    pub(crate) fn claim(self: &Arc<Self>) -> Option<Slot> {
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max).then_some(n + 1)
@@ -53,7 +53,7 @@ impl Connections {
 }
 
 /// One open connection; freed when dropped.
-pub struct Slot(Arc<Connections>);
+pub(crate) struct Slot(Arc<Connections>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -64,7 +64,7 @@ impl Drop for Slot {
 /// What one connection is doing, for its timeouts: requests in flight, when it last went idle,
 /// and whether an HTTP/1.1 client has started sending its next request head. Times are
 /// milliseconds after `started`.
-pub struct Activity {
+pub(crate) struct Activity {
     started: Instant,
     in_flight: AtomicUsize,
     /// When the last request in flight ended.
@@ -79,7 +79,7 @@ pub struct Activity {
 }
 
 impl Activity {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Activity {
             started: Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -94,7 +94,7 @@ impl Activity {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    pub fn begin(self: &Arc<Self>, version: http::Version) -> ActivityGuard {
+    pub(crate) fn begin(self: &Arc<Self>, version: http::Version) -> ActivityGuard {
         if !self.used.load(Ordering::Relaxed) {
             self.used.store(true, Ordering::Relaxed);
             self.h2
@@ -106,12 +106,12 @@ impl Activity {
     }
 
     /// Whether the connection speaks HTTP/2.
-    pub fn is_h2(&self) -> bool {
+    pub(crate) fn is_h2(&self) -> bool {
         self.h2.load(Ordering::Relaxed)
     }
 
     /// Bytes arrived from the client.
-    pub fn read(&self) {
+    pub(crate) fn read(&self) {
         if self.in_flight.load(Ordering::Acquire) == 0
             && self.used.load(Ordering::Relaxed)
             && !self.h2.load(Ordering::Relaxed)
@@ -125,7 +125,7 @@ impl Activity {
     /// When the connection is to be closed if nothing changes: `None` while a request is in
     /// flight. Until the first request and while a request head arrives, `header_read_timeout`
     /// applies; otherwise, idle, `idle_timeout`.
-    pub fn deadline(&self, limits: ConnectionLimits) -> Option<Instant> {
+    pub(crate) fn deadline(&self, limits: ConnectionLimits) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
@@ -147,28 +147,28 @@ impl Activity {
 /// timeout), whatever else has ended. For a request body still being read after its response
 /// (upload.rs's lingering close).
 #[derive(Clone)]
-pub struct Busy(Arc<Activity>);
+pub(crate) struct Busy(Arc<Activity>);
 
 impl Busy {
     /// The hold a request of the connection whose `activity` this is may take.
-    pub fn of(activity: &Arc<Activity>) -> Busy {
+    pub(crate) fn of(activity: &Arc<Activity>) -> Busy {
         Busy(activity.clone())
     }
 }
 
 impl Busy {
     /// Keeps the connection busy until the guard is dropped.
-    pub fn hold(&self) -> BusyGuard {
+    pub(crate) fn hold(&self) -> BusyGuard {
         self.0.in_flight.fetch_add(1, Ordering::AcqRel);
         BusyGuard(ActivityGuard(self.0.clone()))
     }
 }
 
 /// See [`Busy::hold`].
-pub struct BusyGuard(#[allow(dead_code)] ActivityGuard);
+pub(crate) struct BusyGuard(#[allow(dead_code)] ActivityGuard);
 
 /// One request in flight: ends with its response body (when hyper drops it).
-pub struct ActivityGuard(Arc<Activity>);
+pub(crate) struct ActivityGuard(Arc<Activity>);
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
@@ -181,7 +181,7 @@ impl Drop for ActivityGuard {
 /// The timeouts a connection's [`Activity::deadline`] follows (`[server] header_read_timeout`,
 /// `idle_timeout`).
 #[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
+pub(crate) struct ConnectionLimits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
 }

@@ -8,18 +8,18 @@ use std::path::Path;
 /// Descriptors kept aside for everything that is neither a client connection nor an upstream
 /// socket: the listener, the runtime's epoll and event descriptors, the disk tier's files, Redis
 /// connections, logs.
-pub const RESERVED_FDS: u64 = 128;
+pub(crate) const RESERVED_FDS: u64 = 128;
 
 /// The most upstream requests in flight derived from the limit (`[upstream] max_in_flight = 0`):
 /// a quarter of what is left after [`RESERVED_FDS`], at most this.
-pub const MAX_DERIVED_IN_FLIGHT: usize = 4096;
+pub(crate) const MAX_DERIVED_IN_FLIGHT: usize = 4096;
 
 /// The descriptor limit assumed when it cannot be read (not Linux): the common soft default.
 const ASSUMED_FD_LIMIT: u64 = 1024;
 
 /// Raises this process's soft `RLIMIT_NOFILE` to its hard limit and returns the soft limit in
 /// effect (what it was, when it cannot be raised; 1024 when it cannot be read).
-pub fn raise_fd_limit() -> u64 {
+pub(crate) fn raise_fd_limit() -> u64 {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let Some(current) = limit.current else {
@@ -44,7 +44,7 @@ pub fn raise_fd_limit() -> u64 {
 
 /// Descriptors this process has open now (the entries of `/proc/self/fd`), `None` where that
 /// cannot be read.
-pub fn open_fds() -> Option<u64> {
+pub(crate) fn open_fds() -> Option<u64> {
     let dir = Path::new("/proc/self/fd");
     // the listing's own descriptor is among the entries
     Some(std::fs::read_dir(dir).ok()?.count().saturating_sub(1) as u64)
@@ -54,7 +54,7 @@ pub fn open_fds() -> Option<u64> {
 /// upstream sockets (busy or idle in the pools), with `client + upstream sockets + reserved`
 /// never above the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct DescriptorBudget {
+pub(crate) struct DescriptorBudget {
     /// The process's descriptor limit.
     pub fd_limit: u64,
     /// Client connections open at most: `[server] max_connections`, lowered when the limit
@@ -74,7 +74,7 @@ impl DescriptorBudget {
     /// 1 and at most [`MAX_DERIVED_IN_FLIGHT`]), each upstream request allowed one more idle
     /// socket in the pools. When the three do not fit, client connections give way first (to
     /// no fewer than 1), then upstream requests.
-    pub fn new(fd_limit: u64, max_connections: usize, max_in_flight: usize) -> Self {
+    pub(crate) fn new(fd_limit: u64, max_connections: usize, max_in_flight: usize) -> Self {
         let room = usize::try_from(fd_limit.saturating_sub(RESERVED_FDS))
             .unwrap_or(usize::MAX)
             .max(4);

@@ -4,13 +4,13 @@
 //! the access log's body ([`access_log`]). The only module, with `error.rs`, that decides client
 //! status codes.
 
-pub mod access_log;
-pub mod admin;
-pub mod admit;
-pub mod client;
-pub mod rate;
+pub(crate) mod access_log;
+pub(crate) mod admin;
+pub(crate) mod admit;
+pub(crate) mod client;
+pub(crate) mod rate;
 pub mod routes;
-pub mod supabase;
+pub(crate) mod supabase;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,12 +26,11 @@ use tracing::Instrument;
 use tracing::field::Empty;
 use url::Url;
 
-pub use access_log::LoggedBody;
-pub use admin::{Admin, PURGE_PATH};
-pub use admit::{Admission, Admitted};
-pub use client::{Asked, Client};
+pub(crate) use access_log::LoggedBody;
+pub(crate) use admin::{Admin, PURGE_PATH};
+pub(crate) use admit::Admission;
+pub(crate) use client::{Asked, Client};
 pub use routes::{Route, Routes};
-pub use supabase::{SUPABASE_PUBLIC_PREFIX, SUPABASE_RENDER_PREFIX};
 
 use crate::body::ProxyBody;
 use crate::config::{CspMode, TargetedOut};
@@ -46,7 +45,7 @@ use access_log::{AccessLog, REQUEST_ID, RequestIds};
 use routes::{Proxied, get_or_head};
 
 /// Everything a request needs, shared by all connections.
-pub struct Router {
+pub(crate) struct Router {
     pub routes: Routes,
     pub admission: Admission,
     pub admin: Admin,
@@ -64,7 +63,7 @@ pub struct Router {
 /// imgedge's own field is addressed to it and dropped; `CDN-Cache-Control` is dropped unless
 /// `[cache] forward_cdn_cache_control` (it may be meant for a CDN in front too).
 #[derive(Debug, Clone, Default)]
-pub struct TargetedIn {
+pub(crate) struct TargetedIn {
     pub own_field: Option<&'static str>,
     pub forward_cdn_cache_control: bool,
 }
@@ -106,7 +105,7 @@ fn targeted_fields(
 impl Router {
     /// Answers one request that came from `peer` on a connection `busy` keeps busy. Never
     /// fails: errors become JSON responses.
-    pub async fn handle<B>(
+    pub(crate) async fn handle<B>(
         &self,
         req: Request<B>,
         peer: SocketAddr,

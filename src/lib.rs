@@ -5,57 +5,85 @@
 //! tier behind it, or streamed from the origin chunk by chunk while small storable bodies are
 //! teed into the tiers.
 //!
-//! Modules, in reading order:
-//! - [`config`]: defaults + file + environment → a validated [`Config`].
-//! - [`app`]: builds the process (tiers, monitor, relief, upstream, proxy, router) and ends it.
-//! - [`http`]: the router: routes, admission, `/health`, `/metrics`, purge, errors as JSON, the
+//! # The library's surface
+//!
+//! imgedge is a server; its library exists for the binary (`src/main.rs`), the tests and the
+//! benches, and exports only what they use. Everything else is crate-private (`pub(crate)`, kept
+//! so by `#![warn(unreachable_pub)]` below), so the compiler finds dead code.
+//! - [`serve`], [`serve_with_rss`], [`ServeError`]: run the server on a listener until a
+//!   shutdown future completes; [`Config`] and the [`config`] module (its sections, `LogFormat`,
+//!   `DEFAULT_TOML`): what it runs with.
+//! - [`rss`]: `RssSource` and `SetRss`, for tests that drive memory pressure.
+//! - [`signing`]: `Signer` and `image_proxy_target` (`imgedge sign`, and tests that sign URLs).
+//! - [`target`]: `parse_image_url`, `is_global`, `HostPolicy`, `TargetError` (the `url=`
+//!   parameter and the address guard; `imgedge sign` checks the URL it signs).
+//! - [`freshness`]: RFC 9111's rules (`storable`, `usability`, the directives), and
+//!   [`http::Routes`] (a route path's purge key), [`proxy::if_none_match_matches`] and
+//!   [`proxy::single_byte_range`]: what tests/integration/properties.rs checks with proptest.
+//! - [`transform`]: the transform and its steps (`transform`, `plan`, `decode_still`,
+//!   `resize_decoded`, `Params`, `Limits`, `SourceReader`): tests/decode_bounds.rs and
+//!   benches/transform.rs.
+//!
+//! # Modules, in reading order
+//!
+//! ARCHITECTURE.md has the code map and the layers each module belongs to.
+//! - `config`: defaults + file + environment → a validated [`Config`].
+//! - `app`: builds the process (tiers, monitor, relief, upstream, proxy, router) and ends it.
+//! - `server`, `connections`: accepting connections, their limits and timeouts, draining.
+//! - `http`: the router: routes, admission, `/health`, `/metrics`, purge, errors as JSON, the
 //!   access log.
-//! - [`proxy`]: one request: cache key → tiers → revalidation or upstream → streamed response.
-//! - [`collapse`]: collapsed forwarding: one fetch per key, shared while it fills.
-//! - [`tee`]: the body of an unshared miss, teed into the tiers once complete.
-//! - [`cache`]: cache key, stored object, the memory tier, the storage seam and the disk tier.
-//! - [`freshness`]: RFC 9111 storability, freshness and age.
-//! - [`upstream`]: hyper-util connection pools, the SSRF guard at connect time, timeouts, body
-//!   limits.
-//! - [`target`]: the `url=` parameter, `allowed_hosts`, non-global addresses.
-//! - [`pressure`]: RSS against the memory budget → a pressure level on a watch channel.
-//! - [`relief`]: what the tiers and fills give up at each level (evict, clear, abort).
-//! - [`signing`]: signed `/image-proxy` URLs (HMAC-SHA256).
-//! - [`server`]: accepting connections, their limits and timeouts, draining.
-//! - [`tasks`]: the one owner of every task imgedge spawns.
-//! - [`error`], [`body`], [`metrics`], [`rss`]: the error→status mapping, the response body, the
+//! - `proxy`: one request: cache key → tiers → revalidation or upstream → streamed response.
+//! - `render`, `transform`: images transformed on request, and the transform pipeline.
+//! - `collapse`: collapsed forwarding: one fetch per key, shared while it fills.
+//! - `tee`: the body of an unshared miss, teed into the tiers once complete.
+//! - `cache`: cache key, stored object, the memory tier, the storage seam, the disk and shared
+//!   tiers.
+//! - `freshness`: RFC 9111 storability, freshness and age.
+//! - `upstream`: hyper-util connection pools, the SSRF guard at connect time, timeouts, body
+//!   limits; `descriptors`: the descriptor budget.
+//! - `target`: the `url=` parameter, `allowed_hosts`, non-global addresses.
+//! - `pressure`: RSS against the memory budget → a pressure level on a watch channel.
+//! - `relief`: what the tiers and fills give up at each level (evict, clear, abort).
+//! - `signing`: signed `/image-proxy` URLs (HMAC-SHA256).
+//! - `tasks`: the one owner of every task imgedge spawns.
+//! - `error`, `body`, `metrics`, `rss`: the error→status mapping, the response body, the
 //!   metrics registry, the process RSS.
 
-pub mod app;
-pub mod body;
-pub mod cache;
-pub mod collapse;
+#![warn(unreachable_pub)]
+// The crate's docs are its developers' (`cargo doc --document-private-items`, as the test command
+// builds them): public items may link to the crate-private ones they are built on.
+#![allow(rustdoc::private_intra_doc_links)]
+
+mod app;
+mod body;
+mod cache;
+mod collapse;
 pub mod config;
-pub mod connections;
-pub mod descriptors;
-pub mod error;
+mod connections;
+mod descriptors;
+mod error;
 pub mod freshness;
 pub mod http;
-pub mod metrics;
-pub mod pressure;
+mod metrics;
+mod pressure;
 pub mod proxy;
-pub mod relief;
-pub mod render;
+mod relief;
+mod render;
 pub mod rss;
-pub mod server;
+mod server;
 pub mod signing;
 pub mod target;
-pub mod tasks;
-pub mod tee;
+mod tasks;
+mod tee;
 pub mod transform;
-pub mod upstream;
+mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-pub use app::App;
+use app::App;
 pub use config::Config;
 
 /// Why the server could not run.

@@ -11,17 +11,17 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// The `Content-Type` of [`Metrics::encode`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+pub(crate) struct RequestLabels {
     /// `image-proxy`, `supabase`, `health`, `metrics` or `other`.
     pub route: &'static str,
     pub status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CacheLabels {
+pub(crate) struct CacheLabels {
     /// `memory`.
     pub tier: &'static str,
     /// `hit` or `miss`.
@@ -29,18 +29,18 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
+pub(crate) struct OutcomeLabels {
     /// `ok` (a response head arrived), `timeout`, `refused` (guard) or `error`.
     pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabels {
+pub(crate) struct SourceLabels {
     pub source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
+pub(crate) struct RouteLabels {
     pub route: &'static str,
 }
 
@@ -50,12 +50,12 @@ fn request_duration_histogram() -> Histogram {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TierLabels {
+pub(crate) struct TierLabels {
     pub tier: &'static str,
 }
 
 /// The process's metrics. Shared behind an `Arc`; every field is internally atomic.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// `imgedge_requests_total{route,status}`: responses sent, by route and status.
     pub requests: Family<RequestLabels, Counter>,
@@ -142,22 +142,22 @@ pub struct Metrics {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ActionLabels {
+pub(crate) struct ActionLabels {
     pub action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LevelLabels {
+pub(crate) struct LevelLabels {
     pub to: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
+pub(crate) struct ReasonLabels {
     pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TierEventLabels {
+pub(crate) struct TierEventLabels {
     pub event: &'static str,
 }
 
@@ -378,21 +378,21 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Adds `n` to `imgedge_memory_relief_total{action}`.
-    pub fn relieved(&self, action: &'static str, n: u64) {
+    pub(crate) fn relieved(&self, action: &'static str, n: u64) {
         self.relief
             .get_or_create(&ActionLabels { action })
             .inc_by(n);
     }
 
     /// Counts one response.
-    pub fn request(&self, route: &'static str, status: u16) {
+    pub(crate) fn request(&self, route: &'static str, status: u16) {
         self.requests
             .get_or_create(&RequestLabels { route, status })
             .inc();
     }
 
     /// Counts one cache lookup.
-    pub fn cache_lookup(&self, tier: &'static str, hit: bool) {
+    pub(crate) fn cache_lookup(&self, tier: &'static str, hit: bool) {
         let result = if hit { "hit" } else { "miss" };
         self.cache_requests
             .get_or_create(&CacheLabels { tier, result })
@@ -400,7 +400,7 @@ impl Metrics {
     }
 
     /// Counts one fetch and, when a head arrived, how long it took.
-    pub fn upstream(&self, outcome: &'static str, head_seconds: Option<f64>) {
+    pub(crate) fn upstream(&self, outcome: &'static str, head_seconds: Option<f64>) {
         self.upstream_requests
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
@@ -410,7 +410,7 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition of every metric.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -130,7 +130,7 @@ impl Thresholds {
 
 /// One reading of the monitor.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct Reading {
+pub(crate) struct Reading {
     pub level: Level,
     pub rss_bytes: u64,
     pub budget_bytes: u64,
@@ -138,7 +138,7 @@ pub struct Reading {
 
 /// Samples RSS every `interval` and publishes the level. Transitions are logged once, with RSS
 /// and budget, and counted through `on_transition`.
-pub struct Monitor {
+pub(crate) struct Monitor {
     rss: Arc<dyn RssSource>,
     budget_bytes: u64,
     thresholds: Thresholds,
@@ -147,7 +147,7 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub fn new(
+    pub(crate) fn new(
         rss: Arc<dyn RssSource>,
         budget_bytes: u64,
         thresholds: Thresholds,
@@ -171,7 +171,7 @@ impl Monitor {
     }
 
     /// Takes one sample and publishes it; returns the new reading.
-    pub fn sample(&self) -> Reading {
+    pub(crate) fn sample(&self) -> Reading {
         let previous = *self.tx.borrow();
         let rss_bytes = self.rss.rss_bytes().unwrap_or(previous.rss_bytes);
         let fraction = rss_bytes as f64 / self.budget_bytes.max(1) as f64;
@@ -195,7 +195,7 @@ impl Monitor {
     }
 
     /// Samples until every receiver is gone.
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.tx.is_closed() {
@@ -213,7 +213,7 @@ impl Monitor {
 /// more may be reserved between two samples than would take RSS from the last reading to that
 /// line. Near the line new fills stream unstored instead of jumping past it together.
 #[derive(Debug)]
-pub struct ReservationPool {
+pub(crate) struct ReservationPool {
     capacity_bytes: u64,
     /// The current bound on `used_bytes`: at most `capacity_bytes`.
     limit_bytes: AtomicU64,
@@ -221,7 +221,7 @@ pub struct ReservationPool {
 }
 
 impl ReservationPool {
-    pub fn new(capacity_bytes: u64) -> Arc<Self> {
+    pub(crate) fn new(capacity_bytes: u64) -> Arc<Self> {
         Arc::new(ReservationPool {
             capacity_bytes,
             limit_bytes: AtomicU64::new(capacity_bytes),
@@ -231,7 +231,7 @@ impl ReservationPool {
 
     /// After an RSS sample of `rss_bytes`: until the next one, reservations may add at most
     /// `line_bytes - rss_bytes` to what is reserved now (and never pass the capacity).
-    pub fn set_headroom(&self, rss_bytes: u64, line_bytes: u64) {
+    pub(crate) fn set_headroom(&self, rss_bytes: u64, line_bytes: u64) {
         let headroom = line_bytes.saturating_sub(rss_bytes);
         let limit = self
             .used_bytes()
@@ -241,12 +241,12 @@ impl ReservationPool {
     }
 
     /// The current bound on reserved bytes (see [`Self::set_headroom`]).
-    pub fn limit_bytes(&self) -> u64 {
+    pub(crate) fn limit_bytes(&self) -> u64 {
         self.limit_bytes.load(Ordering::Relaxed)
     }
 
     /// Reserves `bytes`, or `None` when that would pass the capacity.
-    pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+    pub(crate) fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
         self.take(bytes).then(|| Reservation {
             pool: self.clone(),
             bytes,
@@ -263,25 +263,25 @@ impl ReservationPool {
     }
 
     /// Bytes reserved by fills in flight.
-    pub fn used_bytes(&self) -> u64 {
+    pub(crate) fn used_bytes(&self) -> u64 {
         self.used_bytes.load(Ordering::Relaxed)
     }
 
-    pub fn capacity_bytes(&self) -> u64 {
+    pub(crate) fn capacity_bytes(&self) -> u64 {
         self.capacity_bytes
     }
 }
 
 /// Bytes held by one fill; returned to the pool when dropped.
 #[derive(Debug)]
-pub struct Reservation {
+pub(crate) struct Reservation {
     pool: Arc<ReservationPool>,
     bytes: u64,
 }
 
 impl Reservation {
     /// Grows the reservation by `more` bytes; false (and unchanged) when the pool is full.
-    pub fn grow(&mut self, more: u64) -> bool {
+    pub(crate) fn grow(&mut self, more: u64) -> bool {
         let taken = self.pool.take(more);
         if taken {
             self.bytes += more;
@@ -303,7 +303,7 @@ impl Drop for Reservation {
 /// way up to the mount's root (a parent's limit binds its children): in a container with a
 /// cgroup namespace that is the root itself; in a nested cgroup without one (a systemd unit's
 /// `MemoryMax=`, a cgroup made by hand) the mount's root file would be the whole machine's.
-pub fn detect_budget_bytes() -> Option<u64> {
+pub(crate) fn detect_budget_bytes() -> Option<u64> {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let read = |path: &std::path::Path| std::fs::read_to_string(path).ok();
     let limit_on_the_way_up = |mount: &str, path: &str, file: &str, v2: bool| {
@@ -350,7 +350,7 @@ pub fn detect_budget_bytes() -> Option<u64> {
 
 /// This process's cgroup paths from `/proc/self/cgroup`'s contents: the v2 one (`0::/path`) and
 /// the v1 memory controller's (`N:...memory...:/path`).
-pub fn cgroup_paths(proc_self_cgroup: &str) -> (Option<String>, Option<String>) {
+pub(crate) fn cgroup_paths(proc_self_cgroup: &str) -> (Option<String>, Option<String>) {
     let (mut v2, mut v1) = (None, None);
     for line in proc_self_cgroup.lines() {
         let mut fields = line.splitn(3, ':');
@@ -370,7 +370,7 @@ pub fn cgroup_paths(proc_self_cgroup: &str) -> (Option<String>, Option<String>) 
 
 /// A cgroup memory limit from the v2 `memory.max` or v1 `memory.limit_in_bytes` contents:
 /// `max` (v2) and v1's near-`i64::MAX` page-rounded sentinel mean no limit.
-pub fn cgroup_limit_bytes(v2: Option<&str>, v1: Option<&str>) -> Option<u64> {
+pub(crate) fn cgroup_limit_bytes(v2: Option<&str>, v1: Option<&str>) -> Option<u64> {
     let parse = |s: &str| s.trim().parse::<u64>().ok();
     if let Some(limit) = v2.and_then(parse) {
         return Some(limit);

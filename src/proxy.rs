@@ -10,7 +10,7 @@
 //! errors (`http.rs`), nor judge freshness (`freshness.rs`).
 
 mod cache_status;
-pub mod content;
+pub(crate) mod content;
 mod forward;
 mod forwarding;
 mod hit;
@@ -27,13 +27,11 @@ use tokio::sync::watch;
 use tracing::{Instrument, Span};
 use url::Url;
 
-pub use cache_status::{CACHE_STATUS, CacheStatus, Fwd, Kind};
-pub use forwarding::{
-    APIKEY, CREDENTIALS, ForwardedFor, Forwarding, SURROGATE_CONTROL, end_to_end,
-    route_request_headers,
+pub(crate) use cache_status::{CACHE_STATUS, CacheStatus};
+pub(crate) use forwarding::{
+    CREDENTIALS, ForwardedFor, Forwarding, SURROGATE_CONTROL, end_to_end, route_request_headers,
 };
 pub use hit::{if_none_match_matches, single_byte_range};
-pub use source::{LeadingBytes, SourceObject, SourceStream};
 
 use crate::body::ProxyBody;
 use crate::cache::{CacheKey, CachedObject, TieredCache};
@@ -51,7 +49,7 @@ use hit::hit_response;
 
 /// A GET or HEAD for a cacheable upstream object, as a route resolved it.
 #[derive(Debug, Clone)]
-pub struct ProxyRequest {
+pub(crate) struct ProxyRequest {
     /// The absolute upstream URL to fetch on a miss.
     pub url: Url,
     /// The key of the stored response: `primary`, or the variant of it this request selects
@@ -80,7 +78,7 @@ pub struct ProxyRequest {
 
 /// What the proxy works with; built once by the app (`app.rs`), which hands the same handles
 /// to relief (`relief.rs`) and `/health`.
-pub struct ProxyParts {
+pub(crate) struct ProxyParts {
     pub tier: TieredCache,
     pub collapser: Arc<Collapser>,
     /// What the fills in flight may collect; a fill that cannot reserve is not stored.
@@ -97,7 +95,7 @@ pub struct ProxyParts {
 }
 
 /// The proxy core: the tiers, the in-flight fills and the upstream clients.
-pub struct Proxy {
+pub(crate) struct Proxy {
     tier: TieredCache,
     collapser: Arc<Collapser>,
     pressure: watch::Receiver<Reading>,
@@ -112,7 +110,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(parts: ProxyParts) -> Self {
+    pub(crate) fn new(parts: ProxyParts) -> Self {
         let ProxyParts {
             tier,
             collapser,
@@ -140,7 +138,7 @@ impl Proxy {
 
     /// Where the proxy's background work runs (and the reading of request bodies nothing
     /// upstream wants any more).
-    pub fn tasks(&self) -> &Tasks {
+    pub(crate) fn tasks(&self) -> &Tasks {
         &self.tasks
     }
 
@@ -150,7 +148,7 @@ impl Proxy {
     /// # Errors
     /// A [`ProxyError`] for anything that fails before the response head (for a follower, the
     /// leader's error).
-    pub async fn handle(
+    pub(crate) async fn handle(
         self: &Arc<Self>,
         mut req: ProxyRequest,
     ) -> Result<Response<ProxyBody>, ProxyError> {

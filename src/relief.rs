@@ -28,12 +28,12 @@ use crate::pressure::{Level, Reading, ReservationPool};
 /// How long evicted bytes are expected to take to leave RSS at most; past it, what has not
 /// left is assumed to stay (still held by responses in flight, or fragmentation) and eviction
 /// goes on against the plain reading.
-pub const EVICTION_PENDING: Duration = Duration::from_secs(15);
+pub(crate) const EVICTION_PENDING: Duration = Duration::from_secs(15);
 
 /// An eviction episode: from the first reading at `evicting` or above until RSS is at or below
 /// the target or the tier is empty.
 #[derive(Debug)]
-pub struct Eviction {
+pub(crate) struct Eviction {
     /// RSS at the last eviction.
     rss_at_eviction_bytes: u64,
     /// Bytes evicted and not yet seen leaving RSS, as of the last eviction.
@@ -55,7 +55,12 @@ impl Eviction {
     /// What still needs evicting at a reading of `rss_bytes` towards `target_bytes`: the excess
     /// of RSS over the target, less the evicted bytes that have not shown up as a fall yet.
     /// `None` when RSS is at or below the target: the episode is over.
-    pub fn excess_bytes(&self, rss_bytes: u64, target_bytes: u64, now: Instant) -> Option<u64> {
+    pub(crate) fn excess_bytes(
+        &self,
+        rss_bytes: u64,
+        target_bytes: u64,
+        now: Instant,
+    ) -> Option<u64> {
         (rss_bytes > target_bytes).then(|| {
             rss_bytes
                 .saturating_sub(self.pending_bytes(rss_bytes, now))
@@ -64,7 +69,7 @@ impl Eviction {
     }
 
     /// Records `bytes` evicted at a reading of `rss_bytes`, on top of what is still pending.
-    pub fn evicted(&mut self, bytes: u64, rss_bytes: u64, now: Instant) {
+    pub(crate) fn evicted(&mut self, bytes: u64, rss_bytes: u64, now: Instant) {
         self.pending_bytes = self.pending_bytes(rss_bytes, now) + bytes;
         self.rss_at_eviction_bytes = rss_bytes;
         self.evicted_at = now;
@@ -72,7 +77,7 @@ impl Eviction {
 }
 
 /// What relief acts on: the same handles the proxy and `/health` use.
-pub struct Relief {
+pub(crate) struct Relief {
     pub tier: TieredCache,
     pub fills: Arc<ReservationPool>,
     pub collapser: Arc<Collapser>,
@@ -85,7 +90,7 @@ pub struct Relief {
 }
 
 /// Acts on every reading until the monitor ends (or the app shuts down).
-pub async fn run(mut pressure: watch::Receiver<Reading>, relief: Relief) {
+pub(crate) async fn run(mut pressure: watch::Receiver<Reading>, relief: Relief) {
     let Relief {
         tier,
         fills,

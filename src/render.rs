@@ -6,8 +6,8 @@
 //! stored in the proxy's tiers under keys derived from the source's. Requests arrive resolved:
 //! `http` routes and admits them, and nothing here knows of routes or clients.
 
-pub mod info;
-pub mod record;
+pub(crate) mod info;
+pub(crate) mod record;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,7 +39,7 @@ use http_body_util::BodyExt;
 use record::SourceRecord;
 
 /// The render route's settings, pool, and the memory it answers to.
-pub struct Render {
+pub(crate) struct Render {
     pub config: TransformConfig,
     /// What a transform answers to, from `config`.
     pub limits: Limits,
@@ -74,7 +74,7 @@ enum Caller {
 }
 
 impl Render {
-    pub fn new(
+    pub(crate) fn new(
         config: TransformConfig,
         fills: Arc<ReservationPool>,
         pressure: watch::Receiver<Reading>,
@@ -105,7 +105,7 @@ impl Render {
     /// [`ProxyError::Overloaded`] at bypass memory pressure or above, when the transform's bytes
     /// cannot be reserved from the fill pool, or when no transform turn came within
     /// `queue_timeout`; [`ProxyError::TransformTimeout`] past `[transform] timeout`.
-    pub async fn supabase(
+    pub(crate) async fn supabase(
         &self,
         proxy: &Arc<Proxy>,
         request: ProxyRequest,
@@ -155,7 +155,7 @@ impl Render {
     ///
     /// # Errors
     /// As [`Render::supabase`], but a source that does not decode is 502 `not_an_image`.
-    pub async fn image_proxy(
+    pub(crate) async fn image_proxy(
         &self,
         proxy: &Arc<Proxy>,
         request: ProxyRequest,
@@ -171,7 +171,7 @@ impl Render {
     ///
     /// # Errors
     /// [`ProxyError::BadParameter`] for a width not in the list.
-    pub fn check_width(&self, params: &Params) -> Result<(), ProxyError> {
+    pub(crate) fn check_width(&self, params: &Params) -> Result<(), ProxyError> {
         match params.width {
             Some(width)
                 if !self.config.allowed_widths.is_empty()

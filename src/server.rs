@@ -44,9 +44,9 @@ use crate::upstream::UpstreamError;
 const CLIENT_SEND_BUFFER_BYTES: usize = 64 * 1024;
 
 /// How often an HTTP/2 client is pinged.
-pub const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+pub(crate) const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 /// How long an HTTP/2 client has to answer a ping before its connection is closed.
-pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The client's socket, telling its [`Activity`] when bytes arrive.
 struct WatchedIo {
@@ -101,7 +101,7 @@ impl AsyncWrite for WatchedIo {
 }
 
 /// A response body that keeps its request counted as in flight until it ends.
-pub struct TrackedBody {
+pub(crate) struct TrackedBody {
     inner: LoggedBody,
     _activity: ActivityGuard,
 }
@@ -134,7 +134,7 @@ impl Body for TrackedBody {
 ///
 /// # Errors
 /// Only when the listener's address cannot be read; accept errors are logged and retried.
-pub async fn run(
+pub(crate) async fn run(
     listener: TcpListener,
     router: &Arc<Router>,
     tasks: &Tasks,

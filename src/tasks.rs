@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 /// Spawns and owns background tasks. Cheap to clone: every clone spawns into the same set.
 #[derive(Clone, Debug, Default)]
-pub struct Tasks {
+pub(crate) struct Tasks {
     /// Counts the tasks still running, so that shutdown can wait for the last one.
     tracker: TaskTracker,
     /// Cancelled at shutdown: every task is raced against it.
@@ -21,14 +21,14 @@ pub struct Tasks {
 }
 
 impl Tasks {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Spawns `task` on the current runtime. The handle yields `Some(output)`, or `None` when
     /// the task was cancelled by [`Tasks::shutdown`] (a task spawned after it never runs). A
     /// panic inside `task` is the handle's `JoinError`, as with `tokio::spawn`.
-    pub fn spawn<F>(&self, task: F) -> JoinHandle<Option<F::Output>>
+    pub(crate) fn spawn<F>(&self, task: F) -> JoinHandle<Option<F::Output>>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
@@ -37,24 +37,21 @@ impl Tasks {
             .spawn(self.stop.clone().run_until_cancelled_owned(task))
     }
 
-    /// Whether shutdown has begun.
-    pub fn is_stopping(&self) -> bool {
-        self.stop.is_cancelled()
-    }
-
     /// Cancels every task and waits until all of them have ended.
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         self.stop.cancel();
         self.tracker.close();
         self.tracker.wait().await;
     }
 
     /// Tasks still running.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.tracker.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.tracker.is_empty()
     }
 }

@@ -24,7 +24,7 @@ use crate::tasks::Tasks;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// Where a complete body goes, and what it is stored with.
-pub struct StoreTarget {
+pub(crate) struct StoreTarget {
     /// The response's status, stored with it.
     pub status: http::StatusCode,
     pub tier: TieredCache,
@@ -45,7 +45,7 @@ pub struct StoreTarget {
 
 impl StoreTarget {
     /// Stores `body` as the complete object, logging it: the one place a stored object is made.
-    pub async fn store(self, body: Bytes) {
+    pub(crate) async fn store(self, body: Bytes) {
         tracing::info!(
             key = self.key.as_str(),
             size_bytes = body.len(),
@@ -77,7 +77,7 @@ type PendingInsert = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The body of a miss: the origin's chunks, passed on as they arrive, teed into the memory tier
 /// when a [`StoreTarget`] is given.
-pub struct TeeBody {
+pub(crate) struct TeeBody {
     upstream: UpstreamBody,
     collector: Option<Collector>,
     /// An insert under way, and what to yield once it is done (`None`: the end of the body).
@@ -87,7 +87,7 @@ pub struct TeeBody {
 
 impl TeeBody {
     /// Streams `upstream` unchanged; with a `target`, collects it for the memory tier.
-    pub fn new(upstream: UpstreamBody, target: Option<StoreTarget>) -> Self {
+    pub(crate) fn new(upstream: UpstreamBody, target: Option<StoreTarget>) -> Self {
         let collector = target.map(|target| {
             let capacity = match upstream.expected_bytes() {
                 Some(n) => n,
@@ -107,13 +107,13 @@ impl TeeBody {
     }
 
     /// Bytes still to come when the length is known.
-    pub fn remaining_bytes(&self) -> Option<u64> {
+    pub(crate) fn remaining_bytes(&self) -> Option<u64> {
         self.upstream
             .expected_bytes()
             .map(|e| e.saturating_sub(self.upstream.received_bytes()))
     }
 
-    pub fn is_end_stream(&self) -> bool {
+    pub(crate) fn is_end_stream(&self) -> bool {
         self.finished
             || (self.inserting.is_none()
                 && self.collector.is_none()
@@ -121,7 +121,7 @@ impl TeeBody {
     }
 
     /// Polls the next chunk for the client; see the module docs for the guarantees.
-    pub fn poll_chunk(
+    pub(crate) fn poll_chunk(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, UpstreamError>>> {

@@ -17,7 +17,7 @@ mod ffi;
 mod params;
 mod pipeline;
 mod pool;
-pub mod probe;
+pub(crate) mod probe;
 mod shrink;
 mod source;
 #[cfg(test)]
@@ -27,14 +27,16 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-pub use decode::ICC_PROFILE_MAX_BYTES;
-pub use params::{DEFAULT_QUALITY, Fit, Format, Gravity, Params, target_size};
-pub use pipeline::{HEADER_BYTES, Limits, MAX_HEADER_BYTES, Plan, SLACK_BYTES, plan, run};
-#[doc(hidden)]
-pub use pipeline::{decode_still, output_format, resize_decoded};
-pub use pool::{Pool, PoolStats, Turn};
-pub use probe::{ImageInfo, ImageKind, is_animated, probe};
-pub use source::{ReadLimit, SourceReader, SourceSender};
+// What tests/decode_bounds.rs and benches/transform.rs use: the whole transform, and its steps.
+pub use params::{Fit, Format, Params};
+pub use pipeline::{Limits, Plan, decode_still, plan, resize_decoded};
+pub use source::SourceReader;
+
+pub(crate) use params::{DEFAULT_QUALITY, target_size};
+pub(crate) use pipeline::{HEADER_BYTES, MAX_HEADER_BYTES, run};
+pub(crate) use pool::{Pool, Turn};
+pub(crate) use probe::{ImageInfo, probe};
+pub(crate) use source::SourceSender;
 
 /// Why a transform failed.
 #[derive(Debug, Clone, thiserror::Error)]

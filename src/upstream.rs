@@ -35,15 +35,13 @@ mod resolver;
 mod sockets;
 mod upload;
 
-pub use body::UpstreamBody;
+pub(crate) use body::UpstreamBody;
 
 use inflight::{InflightGuard, InflightRegistry};
 use resolver::GuardedResolver;
 use sockets::{Counted, SocketsExhausted};
 use tokio::sync::Semaphore;
-pub use upload::{
-    Captured, LINGER_TIME, Linger, Upload, UploadError, UploadLimits, UploadProgress,
-};
+pub(crate) use upload::{Linger, Upload, UploadError, UploadLimits, UploadProgress};
 
 use crate::config::UpstreamConfig;
 use crate::descriptors::DescriptorBudget;
@@ -53,7 +51,7 @@ use crate::tasks::Tasks;
 
 /// Size of each HTTP/1.1 connection's read buffer, in bytes: the most an origin connection holds
 /// in user space, and the largest chunk handed to a client.
-pub const READ_BUFFER_BYTES: usize = 64 * 1024;
+pub(crate) const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// HTTP/2 flow-control window per stream: the most an origin may send ahead of a slow client.
 const H2_STREAM_WINDOW_BYTES: u32 = 256 * 1024;
 /// HTTP/2 flow-control window per connection, shared by its streams.
@@ -120,7 +118,7 @@ pub enum UpstreamError {
 
 /// Which rules a fetch follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Guard {
+pub(crate) enum Guard {
     /// `/image-proxy`: client-chosen targets, subject to [`HostPolicy`]; follows redirects.
     Guarded,
     /// Operator-configured route upstreams: not checked, redirects passed to the client.
@@ -131,15 +129,15 @@ type HttpClient = Client<Counted<HttpsConnector<HttpConnector<GuardedResolver>>>
 
 /// A request body sent upstream: empty for cache fills, the client's body streamed for other
 /// methods on routes.
-pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// An empty [`RequestBody`].
-pub fn empty_body() -> RequestBody {
+pub(crate) fn empty_body() -> RequestBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 /// One request to an origin.
-pub struct UpstreamRequest {
+pub(crate) struct UpstreamRequest {
     pub method: Method,
     pub url: Url,
     /// End-to-end headers to send (already filtered of hop-by-hop ones and `Host`). The
@@ -155,7 +153,7 @@ pub struct UpstreamRequest {
 
 impl UpstreamRequest {
     /// A bodiless GET or HEAD without client headers, as `/image-proxy` sends.
-    pub fn bare(method: Method, url: Url, guard: Guard) -> Self {
+    pub(crate) fn bare(method: Method, url: Url, guard: Guard) -> Self {
         UpstreamRequest {
             method,
             url,
@@ -177,7 +175,7 @@ pub enum SetupError {
 }
 
 /// The origin-facing side: connection pools and limits. Shared behind an `Arc`.
-pub struct Upstream {
+pub(crate) struct Upstream {
     guarded: HttpClient,
     trusted: HttpClient,
     policy: Arc<HostPolicy>,
@@ -196,14 +194,14 @@ pub struct Upstream {
 }
 
 /// A response from an origin: its head, and its body still unread.
-pub struct UpstreamResponse {
+pub(crate) struct UpstreamResponse {
     pub head: UpstreamHead,
     pub body: UpstreamBody,
 }
 
 /// The head of an origin's response.
 #[derive(Debug, Clone)]
-pub struct UpstreamHead {
+pub(crate) struct UpstreamHead {
     pub status: StatusCode,
     pub headers: HeaderMap,
     /// `Content-Length` as announced (absent for chunked bodies and HEAD without one).
@@ -219,7 +217,7 @@ impl Upstream {
     /// # Errors
     /// [`SetupError::Tls`] when the TLS configuration cannot be built, [`SetupError::UserAgent`]
     /// when `[upstream] user_agent` is not a valid header value.
-    pub fn new(
+    pub(crate) fn new(
         config: &UpstreamConfig,
         budget: &DescriptorBudget,
         tasks: &Tasks,
@@ -281,7 +279,7 @@ impl Upstream {
     ///
     /// # Errors
     /// [`TargetError::HostNotAllowed`] or [`TargetError::PrivateAddress`].
-    pub fn check_target(&self, url: &Url) -> Result<(), TargetError> {
+    pub(crate) fn check_target(&self, url: &Url) -> Result<(), TargetError> {
         self.policy.check_url(url)
     }
 
@@ -296,7 +294,10 @@ impl Upstream {
     /// target or hop is not allowed or resolves only to non-global addresses;
     /// [`UpstreamError::TooManyRedirects`]; [`UpstreamError::Request`] for anything else before
     /// the head.
-    pub async fn fetch(&self, request: UpstreamRequest) -> Result<UpstreamResponse, UpstreamError> {
+    pub(crate) async fn fetch(
+        &self,
+        request: UpstreamRequest,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let UpstreamRequest {
             method,
             mut url,
@@ -458,17 +459,12 @@ impl Upstream {
     }
 
     /// The fetches in flight: how many, and the `oldest` of them as (URL, age), oldest first.
-    pub fn inflight(&self, oldest: usize) -> (usize, Vec<(Arc<str>, Duration)>) {
+    pub(crate) fn inflight(&self, oldest: usize) -> (usize, Vec<(Arc<str>, Duration)>) {
         self.inflight.snapshot(oldest)
     }
 
-    /// The bounds: requests in flight at most, upstream sockets open at most.
-    pub fn limits(&self) -> (usize, usize) {
-        (self.inflight.max(), self.max_sockets)
-    }
-
     /// Upstream sockets open now, busy or idle in the pools.
-    pub fn open_sockets(&self) -> usize {
+    pub(crate) fn open_sockets(&self) -> usize {
         self.max_sockets - self.sockets.available_permits()
     }
 
@@ -573,7 +569,7 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// A boxed error, as bodies and resolvers report them.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[cfg(test)]
 mod tests {

@@ -8,14 +8,14 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Consecutive failed calls (errors or timeouts) that open the breaker.
-pub const FAILURES_TO_OPEN: u32 = 5;
+pub(crate) const FAILURES_TO_OPEN: u32 = 5;
 /// How long the breaker stays open the first time (a failed probe doubles it: 2 s, 4 s, ...).
-pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest back-off: each failed probe doubles the last one up to this.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The breaker's state, as `/health` shows it (`cache.shared.state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
+pub(crate) enum BreakerState {
     /// Calls go to Redis.
     Closed,
     /// Calls are skipped (a miss) until the back-off ends.
@@ -26,7 +26,7 @@ pub enum BreakerState {
 
 impl BreakerState {
     /// `closed`, `open` or `half_open`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             BreakerState::Closed => "closed",
             BreakerState::Open => "open",
@@ -35,7 +35,7 @@ impl BreakerState {
     }
 
     /// The state [`BreakerState::as_str`] names, if any.
-    pub fn from_name(name: &str) -> Option<BreakerState> {
+    pub(crate) fn from_name(name: &str) -> Option<BreakerState> {
         [
             BreakerState::Closed,
             BreakerState::Open,
@@ -46,7 +46,7 @@ impl BreakerState {
     }
 
     /// 0 closed, 1 half-open, 2 open: the `imgedge_shared_breaker_state` gauge.
-    pub fn as_number(self) -> i64 {
+    pub(crate) fn as_number(self) -> i64 {
         match self {
             BreakerState::Closed => 0,
             BreakerState::HalfOpen => 1,
@@ -57,7 +57,7 @@ impl BreakerState {
 
 /// How [`Breaker::admit`] let a call through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admitted {
+pub(crate) enum Admitted {
     /// An ordinary call, the breaker closed.
     Call,
     /// The one call an open breaker lets through after its back-off (or the first connection):
@@ -68,7 +68,7 @@ pub enum Admitted {
 /// A circuit breaker over the calls to Redis. Time is passed in, so tests drive it without
 /// sleeping.
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     state: BreakerState,
     /// Consecutive failures while closed.
     failures: u32,
@@ -80,7 +80,7 @@ pub struct Breaker {
 
 impl Breaker {
     /// A breaker in `state` (half-open at startup: the first connection is the probe).
-    pub fn new(state: BreakerState, now: Instant) -> Breaker {
+    pub(crate) fn new(state: BreakerState, now: Instant) -> Breaker {
         Breaker {
             state,
             failures: 0,
@@ -89,13 +89,13 @@ impl Breaker {
         }
     }
 
-    pub fn state(&self) -> BreakerState {
+    pub(crate) fn state(&self) -> BreakerState {
         self.state
     }
 
     /// Whether a call may go to Redis at `now`, and as what: an open breaker past its back-off
     /// turns half-open and admits this one call as its [`Admitted::Probe`].
-    pub fn admit(&mut self, now: Instant) -> Option<Admitted> {
+    pub(crate) fn admit(&mut self, now: Instant) -> Option<Admitted> {
         match self.state {
             BreakerState::Closed => Some(Admitted::Call),
             BreakerState::HalfOpen => None,
@@ -108,7 +108,7 @@ impl Breaker {
     }
 
     /// An admitted call succeeded: the breaker closes.
-    pub fn success(&mut self) {
+    pub(crate) fn success(&mut self) {
         self.state = BreakerState::Closed;
         self.failures = 0;
         self.backoff = FIRST_BACKOFF;
@@ -120,7 +120,7 @@ impl Breaker {
     /// late: it says nothing new and neither fails the probe nor lengthens the back-off
     /// (counted so, the calls in flight when Redis stalled doubled it to its cap at once, and a
     /// 5 s stall kept the tier off for minutes).
-    pub fn failure(&mut self, now: Instant, admitted: Admitted) {
+    pub(crate) fn failure(&mut self, now: Instant, admitted: Admitted) {
         match (self.state, admitted) {
             (BreakerState::Closed, _) => {
                 self.failures += 1;

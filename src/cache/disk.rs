@@ -70,7 +70,7 @@ type Store = HybridCache<String, DiskValue>;
 
 /// Why the disk tier could not be opened.
 #[derive(Debug, thiserror::Error)]
-pub enum OpenError {
+pub(crate) enum OpenError {
     #[error("creating {}: {source}", dir.display())]
     Create {
         dir: std::path::PathBuf,
@@ -127,7 +127,7 @@ impl Drop for FoyerRuntime {
 }
 
 /// The foyer store. Its calls are made by the seam, inside tasks of their own.
-pub struct DiskBackend {
+pub(crate) struct DiskBackend {
     store: Store,
     capacity_bytes: u64,
     runtime: Arc<FoyerRuntime>,
@@ -140,7 +140,7 @@ impl DiskBackend {
     /// # Errors
     /// [`OpenError::Create`] when the directory cannot be created, [`OpenError::Open`] when
     /// foyer cannot open it, [`OpenError::Runtime`] when its runtime cannot start.
-    pub async fn open(dir: &Path, capacity_bytes: u64) -> Result<DiskBackend, OpenError> {
+    pub(crate) async fn open(dir: &Path, capacity_bytes: u64) -> Result<DiskBackend, OpenError> {
         let open = |source| OpenError::Open {
             dir: dir.to_owned(),
             source,

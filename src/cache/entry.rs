@@ -20,14 +20,14 @@ use super::CachedObject;
 use crate::freshness::Freshness;
 
 /// `IMGEDGE` plus the entry format version.
-pub const MAGIC: &[u8; 8] = b"IMGEDGE\x01";
+pub(crate) const MAGIC: &[u8; 8] = b"IMGEDGE\x01";
 
 /// Bytes before the header count: magic, status, response time, four durations, a flag.
 const FIXED_BYTES: usize = MAGIC.len() + 2 + 8 + 4 * 8 + 1;
 
 /// Why bytes are not an entry. Every one of them means: a miss, and remove it.
 #[derive(Debug, thiserror::Error)]
-pub enum EntryError {
+pub(crate) enum EntryError {
     #[error("not an entry of this format version")]
     Magic,
     #[error("checksum mismatch")]
@@ -39,7 +39,7 @@ pub enum EntryError {
 }
 
 /// The size of `object`'s entry in bytes, as [`write()`] writes it.
-pub fn encoded_len(object: &CachedObject) -> usize {
+pub(crate) fn encoded_len(object: &CachedObject) -> usize {
     let headers: usize = object
         .headers
         .iter()
@@ -52,7 +52,7 @@ pub fn encoded_len(object: &CachedObject) -> usize {
 ///
 /// # Errors
 /// The writer's.
-pub fn write(object: &CachedObject, w: &mut impl Write) -> io::Result<()> {
+pub(crate) fn write(object: &CachedObject, w: &mut impl Write) -> io::Result<()> {
     let mut w = Crc32Writer {
         inner: w,
         crc: crc32fast::Hasher::new(),
@@ -90,7 +90,7 @@ pub fn write(object: &CachedObject, w: &mut impl Write) -> io::Result<()> {
 }
 
 /// `object`'s entry as bytes.
-pub fn encode(object: &CachedObject) -> Vec<u8> {
+pub(crate) fn encode(object: &CachedObject) -> Vec<u8> {
     let mut out = Vec::with_capacity(encoded_len(object));
     write(object, &mut out).expect("writing to a Vec cannot fail");
     out
@@ -102,7 +102,7 @@ pub fn encode(object: &CachedObject) -> Vec<u8> {
 ///
 /// # Errors
 /// [`EntryError`] for bytes that are not a whole entry of this version.
-pub fn read(r: &mut impl Read, entry_len: usize) -> Result<CachedObject, EntryError> {
+pub(crate) fn read(r: &mut impl Read, entry_len: usize) -> Result<CachedObject, EntryError> {
     let (mut object, body_len) = read_head(r, entry_len)?;
     object.body = read_vec(r, body_len, entry_len)?.into();
     let mut crc = [0u8; 4];
@@ -161,7 +161,7 @@ fn read_head(r: &mut impl Read, entry_len: usize) -> Result<(CachedObject, usize
 /// # Errors
 /// [`EntryError::Checksum`] when any byte differs from what was written; [`EntryError`] for
 /// bytes that are not one whole entry of this version (trailing bytes included).
-pub fn decode(mut entry: Vec<u8>) -> Result<CachedObject, EntryError> {
+pub(crate) fn decode(mut entry: Vec<u8>) -> Result<CachedObject, EntryError> {
     let Some(payload_len) = entry.len().checked_sub(4) else {
         return Err(EntryError::Malformed("length"));
     };

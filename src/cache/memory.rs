@@ -42,7 +42,7 @@ impl Expiry<CacheKey, Arc<Entry>> for FreshnessExpiry {
 
 /// A snapshot of the memory tier's size.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct MemoryUsage {
+pub(crate) struct MemoryUsage {
     pub entries: u64,
     /// Weighted size: body plus header bytes of every entry.
     pub bytes: u64,
@@ -51,7 +51,7 @@ pub struct MemoryUsage {
 
 /// The memory tier. Cheap to clone (handles to shared state).
 #[derive(Clone)]
-pub struct MemoryTier {
+pub(crate) struct MemoryTier {
     objects: Cache<CacheKey, Arc<Entry>>,
     /// Ticks once per lookup hit or insert; stamps [`Entry::last_used`].
     clock: Arc<AtomicU64>,
@@ -61,7 +61,7 @@ pub struct MemoryTier {
 impl MemoryTier {
     /// A tier holding at most `capacity_bytes` of weighted entries; least recently used entries
     /// are evicted first once it is full (moka's TinyLFU admission may also refuse a newcomer).
-    pub fn new(capacity_bytes: u64, stale_retention: Duration) -> Self {
+    pub(crate) fn new(capacity_bytes: u64, stale_retention: Duration) -> Self {
         let objects = Cache::builder()
             .name("imgedge-memory")
             .max_capacity(capacity_bytes)
@@ -79,18 +79,18 @@ impl MemoryTier {
 
     /// The object stored under `key`, fresh or stale (within `stale_retention`): whether it may
     /// serve a request is the caller's decision (`freshness::usability`).
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedObject>> {
+    pub(crate) async fn get(&self, key: &CacheKey) -> Option<Arc<CachedObject>> {
         let entry = self.objects.get(key).await?;
         entry.last_used.store(self.tick(), Ordering::Relaxed);
         Some(entry.object.clone())
     }
 
-    pub fn contains(&self, key: &CacheKey) -> bool {
+    pub(crate) fn contains(&self, key: &CacheKey) -> bool {
         self.objects.contains_key(key)
     }
 
     /// Stores `object` under `key`, replacing any other.
-    pub async fn insert(&self, key: CacheKey, object: Arc<CachedObject>) {
+    pub(crate) async fn insert(&self, key: CacheKey, object: Arc<CachedObject>) {
         let entry = Entry {
             object,
             last_used: AtomicU64::new(self.tick()),
@@ -98,7 +98,7 @@ impl MemoryTier {
         self.objects.insert(key, Arc::new(entry)).await;
     }
 
-    pub async fn invalidate(&self, key: &CacheKey) {
+    pub(crate) async fn invalidate(&self, key: &CacheKey) {
         self.objects.invalidate(key).await;
     }
 
@@ -110,7 +110,7 @@ impl MemoryTier {
     /// weight are gone or the tier is empty. Returns the entries and the weighted bytes evicted.
     /// Used under memory pressure (`evicting`): moka's own eviction only acts on inserts past
     /// its capacity.
-    pub async fn evict_lru(&self, bytes: u64) -> (u64, u64) {
+    pub(crate) async fn evict_lru(&self, bytes: u64) -> (u64, u64) {
         let mut candidates: Vec<(u64, u64, Arc<CacheKey>)> = self
             .objects
             .iter()
@@ -135,13 +135,13 @@ impl MemoryTier {
 
     /// Drops every object (the tiers below keep them), releasing their bodies now (once no
     /// response still holds them) rather than at moka's next maintenance.
-    pub async fn clear(&self) {
+    pub(crate) async fn clear(&self) {
         self.objects.invalidate_all();
         self.objects.run_pending_tasks().await;
     }
 
     /// Entry count and weighted size in bytes, exact (pending maintenance is run first).
-    pub async fn usage(&self) -> MemoryUsage {
+    pub(crate) async fn usage(&self) -> MemoryUsage {
         self.objects.run_pending_tasks().await;
         MemoryUsage {
             entries: self.objects.entry_count(),

@@ -42,13 +42,13 @@ const MAX_KEY_BYTES: usize = 1024;
 
 /// The prefix of every key: `imgedge:v{entry format version}:`. A new entry format writes under
 /// new keys, so instances of two versions never read each other's values.
-pub fn key_prefix() -> String {
+pub(crate) fn key_prefix() -> String {
     format!("imgedge:v{}:", entry::MAGIC[7])
 }
 
 /// The Redis key of `key`: [`key_prefix`] and the cache key, which starts with the route's
 /// namespace; a cache key longer than 1 KiB is replaced by `{namespace} #sha256:{hex}`.
-pub fn redis_key(key: &CacheKey) -> String {
+pub(crate) fn redis_key(key: &CacheKey) -> String {
     let k = key.as_str();
     let mut out = key_prefix();
     if k.len() <= MAX_KEY_BYTES {
@@ -114,11 +114,11 @@ impl ConnectionLike for Handle {
 /// this is rare).
 #[derive(Debug, thiserror::Error)]
 #[error("[cache.shared] url: {0}")]
-pub struct OpenError(String);
+pub(crate) struct OpenError(String);
 
 /// The Redis store. Its calls are made by the seam, inside tasks of their own. Cheap to clone.
 #[derive(Clone)]
-pub struct SharedBackend {
+pub(crate) struct SharedBackend {
     inner: Arc<Inner>,
 }
 
@@ -146,7 +146,7 @@ impl SharedBackend {
     ///
     /// # Errors
     /// [`OpenError`] when a URL is not a Redis URL.
-    pub fn open(
+    pub(crate) fn open(
         config: &SharedConfig,
         stale_retention: Duration,
         fills: Arc<ReservationPool>,
@@ -221,7 +221,7 @@ impl SharedBackend {
     }
 
     /// The breaker's state now.
-    pub fn state(&self) -> BreakerState {
+    pub(crate) fn state(&self) -> BreakerState {
         self.inner.current_state()
     }
 }

@@ -31,17 +31,17 @@ use super::{CacheKey, CachedObject};
 use crate::tasks::Tasks;
 
 /// Writes waiting for the writer task; more are dropped (and counted).
-pub const WRITE_QUEUE: usize = 64;
+pub(crate) const WRITE_QUEUE: usize = 64;
 /// Reads in flight at once. Each holds the store's read buffer and the object it decodes (up to
 /// twice `max_cacheable_bytes`) outside any reservation, and two cores gain nothing from more.
-pub const CONCURRENT_READS: usize = 8;
+pub(crate) const CONCURRENT_READS: usize = 8;
 
 /// A boxed future that owns what it needs: backend calls run in tasks of their own.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// A store below the memory tier. Its futures do their work when polled (inside the task the
 /// seam spawns), not when created.
-pub trait Backend: Send + Sync + 'static {
+pub(crate) trait Backend: Send + Sync + 'static {
     /// The complete object stored under `key`; `Ok(None)` when there is none, or when what was
     /// there failed its integrity checks (the backend removes it).
     fn get(&self, key: &CacheKey) -> BoxFuture<Result<Option<Arc<CachedObject>>, BackendError>>;
@@ -79,12 +79,12 @@ pub trait Backend: Send + Sync + 'static {
 /// A backend's failure: logged and counted, never a request's.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct BackendError(pub String);
+pub(crate) struct BackendError(pub String);
 
 /// A snapshot of one tier for `/health` and `/metrics`; all zero (the default) for a tier that
 /// is not configured.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct TierUsage {
+pub(crate) struct TierUsage {
     /// The tier's name: `disk` or `shared`.
     #[serde(skip)]
     pub name: &'static str,
@@ -114,7 +114,7 @@ type QueuedWrite = (u64, CacheKey, Arc<CachedObject>);
 
 /// A backend behind the seam's protections. Cheap to clone.
 #[derive(Clone)]
-pub struct Tier {
+pub(crate) struct Tier {
     shared: Arc<Shared>,
     /// The writer task's queue. Only `Tier`s hold it: the writer ends once the last is dropped.
     writes: mpsc::Sender<QueuedWrite>,
@@ -149,7 +149,7 @@ struct Shared {
 impl Tier {
     /// Puts `backend` behind the seam as the tier `name` (`disk`, `shared`), its writer and calls spawned
     /// on `tasks`.
-    pub fn new(name: &'static str, backend: impl Backend, tasks: &Tasks) -> Tier {
+    pub(crate) fn new(name: &'static str, backend: impl Backend, tasks: &Tasks) -> Tier {
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         let shared = Arc::new(Shared {
             name,
@@ -172,12 +172,12 @@ impl Tier {
         Tier { shared, writes }
     }
 
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         self.shared.name
     }
 
     /// The object stored under `key`, if present and intact; a miss on any failure.
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedObject>> {
+    pub(crate) async fn get(&self, key: &CacheKey) -> Option<Arc<CachedObject>> {
         let s = &self.shared;
         if !s.enabled() {
             return None;
@@ -231,7 +231,7 @@ impl Tier {
     }
 
     /// Queues a complete object for writing; drops it (counted) when the queue is full.
-    pub fn store(&self, key: CacheKey, object: Arc<CachedObject>) {
+    pub(crate) fn store(&self, key: CacheKey, object: Arc<CachedObject>) {
         let s = &self.shared;
         if !s.enabled() {
             return;
@@ -250,7 +250,7 @@ impl Tier {
     ///
     /// # Errors
     /// The number of those writes still waiting at the deadline.
-    pub async fn flush(&self, deadline: tokio::time::Instant) -> Result<(), u64> {
+    pub(crate) async fn flush(&self, deadline: tokio::time::Instant) -> Result<(), u64> {
         let s = &self.shared;
         let target = s.enqueued.load(Ordering::Acquire);
         let mut completed = s.completed.subscribe();
@@ -266,14 +266,14 @@ impl Tier {
 
     /// Discards every write queued so far (counted as dropped), releasing the objects they hold:
     /// under emergency memory pressure the queue may be the last reference to their bodies.
-    pub fn drop_queued_writes(&self) {
+    pub(crate) fn drop_queued_writes(&self) {
         let s = &self.shared;
         s.discard_below
             .store(s.queued.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// Removes `key` from the store.
-    pub fn remove(&self, key: &CacheKey) {
+    pub(crate) fn remove(&self, key: &CacheKey) {
         let s = &self.shared;
         if s.enabled()
             && let Err(e) = std::panic::catch_unwind(AssertUnwindSafe(|| s.backend.remove(key)))
@@ -284,11 +284,11 @@ impl Tier {
     }
 
     /// Whether this process wrote `key` and has not seen it go ([`Holdings`]). Reads nothing.
-    pub fn holds(&self, key: &CacheKey) -> bool {
+    pub(crate) fn holds(&self, key: &CacheKey) -> bool {
         self.shared.holdings().sizes.contains_key(key)
     }
 
-    pub fn usage(&self) -> TierUsage {
+    pub(crate) fn usage(&self) -> TierUsage {
         let s = &self.shared;
         let (entries, bytes) = {
             let h = s.holdings();
@@ -310,7 +310,7 @@ impl Tier {
     }
 
     /// Closes the backend (after the writer has stopped: see `App::shutdown`).
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         if self.shared.enabled() {
             self.shared.backend.close().await;
         }
@@ -391,7 +391,7 @@ fn panic_message(e: &Box<dyn std::any::Any + Send>) -> String {
 /// once the total passes the capacity (foyer reclaims its oldest blocks first). Entries
 /// recovered at startup are not counted until they are read.
 #[derive(Debug, Default)]
-pub struct Holdings {
+pub(crate) struct Holdings {
     sizes: HashMap<CacheKey, (u64, u64)>,
     /// (sequence, key) in write order; stale when the key was rewritten or removed since.
     order: VecDeque<(u64, CacheKey)>,

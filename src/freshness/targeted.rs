@@ -264,7 +264,7 @@ impl Parser<'_> {
 /// The directives of the first field of the target list — `field` (imgedge's own, when given),
 /// then `CDN-Cache-Control` — with a valid value, and which field it was; `None` when none has
 /// one: `Cache-Control` applies.
-pub fn targeted_directives(
+pub(super) fn targeted_directives(
     headers: &HeaderMap,
     field: Option<&str>,
 ) -> Option<(ResponseDirectives, &'static str)> {

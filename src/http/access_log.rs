@@ -18,17 +18,17 @@ use crate::metrics::{Metrics, RouteLabels, SourceLabels};
 use crate::upstream::UpstreamError;
 
 /// `X-Request-Id`: echoed when the client sent a sane one, generated otherwise.
-pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Request ids for this process.
-pub struct RequestIds {
+pub(crate) struct RequestIds {
     /// Distinguishes this process's generated ids from another's.
     instance: u32,
     next: AtomicU64,
 }
 
 impl RequestIds {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let instance = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.subsec_nanos() ^ std::process::id())
@@ -41,7 +41,7 @@ impl RequestIds {
 
     /// The client's `X-Request-Id` when it is 1–64 characters of `[A-Za-z0-9._-]`, else a new
     /// one: 16 hex digits.
-    pub fn of(&self, headers: &HeaderMap) -> HeaderValue {
+    pub(crate) fn of(&self, headers: &HeaderMap) -> HeaderValue {
         if let Some(v) = headers.get(&REQUEST_ID) {
             let b = v.as_bytes();
             if (1..=64).contains(&b.len())
@@ -145,7 +145,7 @@ impl AccessLog {
 /// A response body that counts what it sends and writes the access line when it ends, fails or
 /// is dropped. Polled inside the request's span, so lines logged while streaming (stored, too
 /// large) carry the request id.
-pub struct LoggedBody {
+pub(crate) struct LoggedBody {
     pub(super) inner: ProxyBody,
     /// The request's span, entered while the body is polled.
     pub(super) span: Span,

@@ -27,14 +27,14 @@ use crate::pressure::{Level, Reading, ReservationPool};
 use crate::upstream::{BoxError, Upstream};
 
 /// The bulk purge endpoint.
-pub const PURGE_PATH: &str = "/_imgedge/purge";
+pub(crate) const PURGE_PATH: &str = "/_imgedge/purge";
 /// Largest accepted bulk purge body, in bytes.
 const PURGE_BODY_BYTES: usize = 1 << 20;
 /// In-flight fetches listed by `/health`, oldest first.
 const HEALTH_INFLIGHT_LISTED: usize = 20;
 
 /// What the admin endpoints read.
-pub struct Admin {
+pub(crate) struct Admin {
     pub tier: TieredCache,
     pub fills: Arc<ReservationPool>,
     pub upstream: Arc<Upstream>,
@@ -55,7 +55,7 @@ pub struct Admin {
 
 impl Admin {
     /// Marks the instance as draining (shutting down): `/health/ready` answers 503 `draining`.
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
@@ -64,7 +64,7 @@ impl Admin {
     /// # Errors
     /// [`ProxyError::NotFound`] when purging is disabled, [`ProxyError::Unauthorized`] when the
     /// token is missing or wrong.
-    pub fn authorize_purge(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
+    pub(crate) fn authorize_purge(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
         if self.token.is_none() {
             return Err(ProxyError::NotFound(
                 "purging is disabled: [admin] token is not set".into(),
@@ -98,7 +98,7 @@ impl Admin {
 
     /// Removes the object and any pass marker under `key` from every tier; returns whether an
     /// object was stored in any.
-    pub async fn purge(&self, key: &CacheKey) -> bool {
+    pub(crate) async fn purge(&self, key: &CacheKey) -> bool {
         let existed = self.tier.contains(key);
         self.tier.invalidate(key).await;
         tracing::info!(key = key.as_str(), existed, "purged");
@@ -106,7 +106,7 @@ impl Admin {
     }
 
     /// `PURGE` of one object: `{"purged": 0|1}`.
-    pub async fn purge_one(&self, key: &CacheKey) -> Response<ProxyBody> {
+    pub(crate) async fn purge_one(&self, key: &CacheKey) -> Response<ProxyBody> {
         let purged = self.purge(key).await;
         json_response(
             StatusCode::OK,
@@ -123,7 +123,7 @@ impl Admin {
     /// [`ProxyError::MethodNotAllowed`], the purge authorization's, and
     /// [`ProxyError::BadRequest`] for a body that is not that JSON, or an entry that names no
     /// stored object (nothing is purged then).
-    pub async fn purge_urls<B>(
+    pub(crate) async fn purge_urls<B>(
         &self,
         req: Request<B>,
         routes: &Routes,
@@ -191,7 +191,7 @@ impl Admin {
     /// (everything: pressure, in-flight fetches and fills, every tier; the in-flight fetches as
     /// a count and the oldest one's age, and their URLs only when `headers` carry the admin
     /// token).
-    pub async fn health(&self, path: &str, headers: &HeaderMap) -> Response<ProxyBody> {
+    pub(crate) async fn health(&self, path: &str, headers: &HeaderMap) -> Response<ProxyBody> {
         let level = self.pressure.borrow().level;
         match path {
             "/health/live" => {
@@ -298,7 +298,7 @@ impl Admin {
 
     /// `/metrics`: the registry, with the gauges read now (tiers, RSS, budget, in-flight
     /// fetches, pressure level).
-    pub async fn metrics_text(&self) -> Response<ProxyBody> {
+    pub(crate) async fn metrics_text(&self) -> Response<ProxyBody> {
         let memory = self.tier.memory().usage().await;
         let lower: Vec<TierUsage> = self.tier.lower().iter().map(Tier::usage).collect();
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);

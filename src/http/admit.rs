@@ -21,13 +21,13 @@ use crate::signing::Signer;
 
 /// A request that may proceed, with what admission learned about it.
 #[derive(Debug, Clone, Copy)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     pub route: Route,
     pub client: Client,
 }
 
 /// What admission decides with.
-pub struct Admission {
+pub(crate) struct Admission {
     /// The memory monitor's readings: requests are shed while the level sheds.
     pub pressure: watch::Receiver<Reading>,
     pub metrics: Arc<Metrics>,
@@ -50,7 +50,7 @@ impl Admission {
     /// [`ProxyError::RateLimited`] (429, `Retry-After`) when the client is over `[limits]`;
     /// [`ProxyError::BadSignature`] (403) for an `/image-proxy` (or `/image-info?url=`)
     /// request whose signature is missing or wrong while keys are set.
-    pub fn admit(
+    pub(crate) fn admit(
         &self,
         route: Route,
         parts: &mut Parts,
@@ -87,7 +87,7 @@ impl Admission {
     }
 
     /// The client of a request with `headers` from `peer` (see [`Client::identify`]).
-    pub fn client(&self, headers: &HeaderMap, peer: SocketAddr) -> Client {
+    pub(crate) fn client(&self, headers: &HeaderMap, peer: SocketAddr) -> Client {
         Client::identify(headers, peer, &self.trusted_proxies)
     }
 }

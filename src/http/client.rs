@@ -16,7 +16,7 @@ use crate::target::HostPattern;
 
 /// Who a request comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Client {
+pub(crate) struct Client {
     /// The peer of the connection the request came on.
     pub peer: SocketAddr,
     /// The client it is for: the peer, unless the peer is a trusted proxy that named another.
@@ -31,7 +31,11 @@ impl Client {
     /// in `trusted_proxies` (`[server] trusted_proxies`); then the rightmost address of `X-Forwarded-For` (else of
     /// `Forwarded`'s `for=`) that is not a trusted proxy, or the leftmost when all are. What an
     /// untrusted peer says about clients is ignored.
-    pub fn identify(headers: &HeaderMap, peer: SocketAddr, trusted_proxies: &[IpNet]) -> Client {
+    pub(crate) fn identify(
+        headers: &HeaderMap,
+        peer: SocketAddr,
+        trusted_proxies: &[IpNet],
+    ) -> Client {
         let ip = peer.ip().to_canonical();
         let trusted = |ip: &IpAddr| trusted_proxies.iter().any(|n| n.contains(ip));
         if !trusted(&ip) {
@@ -66,7 +70,7 @@ impl Client {
 /// `proto=`, `host=`). Holds the header values (cheap handles) and reads them only when asked,
 /// so a request that never needs them (most hits) costs no parsing.
 #[derive(Debug, Clone)]
-pub struct Asked {
+pub(crate) struct Asked {
     behind_proxy: bool,
     /// The URI's authority (HTTP/2), else `Host`.
     host: Option<HeaderValue>,
@@ -78,7 +82,7 @@ pub struct Asked {
 
 impl Asked {
     /// What a request with `headers` and `uri` from `client` says.
-    pub fn of(headers: &HeaderMap, uri: &Uri, client: &Client) -> Self {
+    pub(crate) fn of(headers: &HeaderMap, uri: &Uri, client: &Client) -> Self {
         let host = uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -170,7 +174,7 @@ impl Asked {
     /// `https://img.example` (the port written only when it is not the scheme's default);
     /// `None` without a valid host. For answers to this one request only (see
     /// [`forwarded`] for what may be told an origin).
-    pub fn origin(&self) -> Option<String> {
+    pub(crate) fn origin(&self) -> Option<String> {
         let (proto, host) = self.target(true);
         let host = host?;
         let default_port = if proto == "https" { 443 } else { 80 };
@@ -202,7 +206,7 @@ struct TargetHost {
 /// came from a trusted proxy or the answer will not be stored for others (`shareable` false:
 /// an upload, a request with credentials). Otherwise the origin is told no host and no port, and
 /// builds what it builds from its own (`Location` is rewritten on the way back).
-pub fn forwarded(
+pub(crate) fn forwarded(
     parts: &Parts,
     client: &Client,
     public_hosts: &[HostPattern],

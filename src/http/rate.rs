@@ -13,13 +13,13 @@ use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 /// How often clients with a full bucket are forgotten.
-pub const RETAIN_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const RETAIN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Most clients tracked at once (about 100 bytes each); past it the state starts afresh.
-pub const MAX_CLIENTS: usize = 200_000;
+pub(crate) const MAX_CLIENTS: usize = 200_000;
 
 /// The limiter, replaceable as a whole when it tracks too many clients.
-pub struct RateLimits {
+pub(crate) struct RateLimits {
     quota: Quota,
     limiter: RwLock<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
     /// [`MAX_CLIENTS`], lower in tests.
@@ -29,7 +29,7 @@ pub struct RateLimits {
 impl RateLimits {
     /// `per_second` requests a second per client, in bursts of up to `burst` (at least 1);
     /// `None` when `per_second` is 0 (off).
-    pub fn new(per_second: u32, burst: u32) -> Option<RateLimits> {
+    pub(crate) fn new(per_second: u32, burst: u32) -> Option<RateLimits> {
         let per_second = NonZeroU32::new(per_second)?;
         let burst = NonZeroU32::new(burst).unwrap_or(per_second);
         let quota = Quota::per_second(per_second).allow_burst(burst);
@@ -51,7 +51,7 @@ impl RateLimits {
     ///
     /// # Errors
     /// How long until it would be allowed, when it is over the limit.
-    pub fn check(&self, client: IpAddr) -> Result<(), Duration> {
+    pub(crate) fn check(&self, client: IpAddr) -> Result<(), Duration> {
         let limiter = self.limiter();
         limiter
             .check_key(&key(client))
@@ -59,7 +59,7 @@ impl RateLimits {
     }
 
     /// Forgets the clients whose bucket is full again; past [`MAX_CLIENTS`], all of them.
-    pub fn retain(&self) {
+    pub(crate) fn retain(&self) {
         let limiter = self.limiter();
         limiter.retain_recent();
         limiter.shrink_to_fit();
@@ -75,17 +75,14 @@ impl RateLimits {
     }
 
     /// Clients tracked now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.limiter().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
 /// Runs [`RateLimits::retain`] every [`RETAIN_INTERVAL`] (until the app shuts down).
-pub async fn retain_loop(limits: Arc<RateLimits>) {
+pub(crate) async fn retain_loop(limits: Arc<RateLimits>) {
     let mut tick = tokio::time::interval(RETAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

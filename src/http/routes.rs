@@ -20,11 +20,11 @@ use crate::target::{self, HostPattern};
 use crate::upstream::{Guard, UploadLimits};
 
 /// The path of `/image-info`, and the prefix of its route-path form.
-pub const IMAGE_INFO_PATH: &str = "/image-info";
+pub(crate) const IMAGE_INFO_PATH: &str = "/image-info";
 
 /// The cache namespace of `/image-proxy`'s objects (a route's is its prefix, which starts with
 /// `/`: the two never meet).
-pub const IMAGE_PROXY_NAMESPACE: &str = "image-proxy";
+pub(crate) const IMAGE_PROXY_NAMESPACE: &str = "image-proxy";
 
 /// What a request is for. The built-in paths win over `[[routes]]` prefixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +50,7 @@ pub enum Route {
 
 impl Route {
     /// The route's name in logs and metrics.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Route::ImageProxy => "image-proxy",
             Route::Health => "health",
@@ -61,18 +61,10 @@ impl Route {
             Route::Other => "other",
         }
     }
-
-    /// Whether the route proxies (and so passes admission first).
-    pub fn proxies(self) -> bool {
-        matches!(
-            self,
-            Route::ImageProxy | Route::ImageInfo | Route::Render { .. } | Route::Proxied { .. }
-        )
-    }
 }
 
 /// A request on a proxy route, resolved.
-pub enum Proxied {
+pub(crate) enum Proxied {
     /// GET or HEAD: looked up, fetched, stored.
     Cacheable(ProxyRequest),
     /// Any other method (routes only): forwarded with its body, never stored.
@@ -128,7 +120,7 @@ impl Routes {
 
     /// What responses of `route` carry towards a CDN in front (`CDN-Cache-Control`,
     /// `Surrogate-Control`); `None` for imgedge's own endpoints.
-    pub fn targeted_out(&self, route: Route) -> Option<&TargetedOut> {
+    pub(crate) fn targeted_out(&self, route: Route) -> Option<&TargetedOut> {
         match route {
             Route::Proxied { index, .. } | Route::Render { index, .. } => {
                 self.targeted_out.get(index)
@@ -139,7 +131,7 @@ impl Routes {
     }
 
     /// The configuration of `routes[index]` (of [`Route::Proxied`] and [`Route::Render`]).
-    pub fn config(&self, index: usize) -> &RouteConfig {
+    pub(crate) fn config(&self, index: usize) -> &RouteConfig {
         &self.routes[index]
     }
 
@@ -186,7 +178,7 @@ impl Routes {
     /// path and query over `max_url_bytes`, [`ProxyError::MethodNotAllowed`] for other
     /// than GET or HEAD on `/image-proxy`; [`ProxyError::NotFound`] for a route that does not
     /// proxy.
-    pub fn resolve(
+    pub(crate) fn resolve(
         &self,
         route: Route,
         parts: &Parts,
@@ -282,7 +274,7 @@ impl Routes {
     ///
     /// # Errors
     /// [`ProxyError::NotFound`] for a route path no object route serves; as [`Routes::resolve`].
-    pub fn image_info_source(
+    pub(crate) fn image_info_source(
         &self,
         parts: &Parts,
         client: &Client,
@@ -334,7 +326,7 @@ impl Routes {
     ///
     /// # Errors
     /// As [`Routes::resolve`]; [`ProxyError::MethodNotAllowed`] for other than GET and HEAD.
-    pub fn render_source(
+    pub(crate) fn render_source(
         &self,
         (index, kind): (usize, RenderKind),
         parts: &Parts,
@@ -401,7 +393,7 @@ impl Routes {
 }
 
 /// The `token=...` pair of a signed URL's query, as it was sent.
-pub fn signed_token(query: &str) -> Option<&str> {
+pub(crate) fn signed_token(query: &str) -> Option<&str> {
     query.split('&').find(|p| p.starts_with("token="))
 }
 
@@ -437,7 +429,7 @@ fn object_parts(parts: &Parts, kind: RenderKind) -> Result<Parts, ProxyError> {
 ///
 /// # Errors
 /// [`ProxyError::MethodNotAllowed`] for any other method.
-pub fn get_or_head(method: &Method) -> Result<bool, ProxyError> {
+pub(crate) fn get_or_head(method: &Method) -> Result<bool, ProxyError> {
     match *method {
         Method::GET => Ok(false),
         Method::HEAD => Ok(true),
@@ -497,7 +489,7 @@ fn route_url(upstream: &Url, uri: &Uri) -> Result<Url, ProxyError> {
 ///
 /// # Errors
 /// [`ProxyError::BadPath`], naming the segment.
-pub fn check_path(path: &str) -> Result<(), ProxyError> {
+pub(crate) fn check_path(path: &str) -> Result<(), ProxyError> {
     for segment in path.split('/') {
         let decoded = percent_decode_str(segment).decode_utf8_lossy();
         let name = decoded.split(';').next().unwrap_or_default();

@@ -9,16 +9,18 @@ mod errors;
 mod render;
 mod writes;
 
-pub use errors::ErrorBody;
-pub use render::{RenderKind, TokenClaims, X_TRANSFORMATIONS, render_params, x_transformations};
-pub use writes::{BODY_PREFIX_BYTES, Writes};
+pub(crate) use errors::ErrorBody;
+pub(crate) use render::{
+    RenderKind, TokenClaims, X_TRANSFORMATIONS, render_params, x_transformations,
+};
+pub(crate) use writes::{BODY_PREFIX_BYTES, Writes};
 
 /// Prefix of Supabase Storage's public object route.
-pub const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
+pub(crate) const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
 
 /// Prefix of Supabase Storage's signed object route (`?token=`).
-pub const SUPABASE_SIGNED_PREFIX: &str = "/storage/v1/object/sign/";
+pub(crate) const SUPABASE_SIGNED_PREFIX: &str = "/storage/v1/object/sign/";
 
 /// Prefix of Supabase Storage's public render route (image transforms), served by
 /// [`super::render`] from the public object route's cache.
-pub const SUPABASE_RENDER_PREFIX: &str = "/storage/v1/render/image/public/";
+pub(crate) const SUPABASE_RENDER_PREFIX: &str = "/storage/v1/render/image/public/";

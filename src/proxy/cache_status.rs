@@ -7,12 +7,12 @@ use std::fmt;
 use http::{HeaderName, HeaderValue};
 
 /// `Cache-Status` (RFC 9211).
-pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// One `Cache-Status` entry for the cache named `imgedge` (RFC 9211 §2), rendered as
 /// `imgedge; <hit | fwd=...>[; fwd-status=N][; stored][; collapsed][; detail=...]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheStatus {
+pub(crate) struct CacheStatus {
     pub kind: Kind,
     /// `fwd-status`: the status of the response to the forwarded request, when it is not the
     /// one served (a 304 answering a revalidation).
@@ -29,7 +29,7 @@ pub struct CacheStatus {
 /// Whether the response came from the cache or why the request went forward (RFC 9211 §2.1,
 /// §2.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// `hit`: served from the cache without going forward.
     Hit,
     Forward(Fwd),
@@ -39,7 +39,7 @@ pub enum Kind {
 
 /// The `fwd` parameter: why the request went forward (RFC 9211 §2.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fwd {
+pub(crate) enum Fwd {
     /// `uri-miss`: nothing stored for the URI.
     UriMiss,
     /// `stale`: what was stored had to be validated.
@@ -52,18 +52,18 @@ pub enum Fwd {
 
 impl CacheStatus {
     /// A fresh hit from the tier named `tier` (`memory`, `disk`).
-    pub const fn hit(tier: &'static str) -> Self {
+    pub(crate) const fn hit(tier: &'static str) -> Self {
         Self::of(Kind::Hit).with_detail(tier)
     }
 
     /// A request imgedge answered itself, with an error, without looking it up or going
     /// forward (a refusal: a bad target, a rate limit, shedding); `code` is the error code.
-    pub const fn refused(code: &'static str) -> Self {
+    pub(crate) const fn refused(code: &'static str) -> Self {
         Self::of(Kind::Refused).with_detail(code)
     }
 
     /// A request that went forward for reason `fwd`.
-    pub const fn forward(fwd: Fwd) -> Self {
+    pub(crate) const fn forward(fwd: Fwd) -> Self {
         Self::of(Kind::Forward(fwd))
     }
 
@@ -77,28 +77,28 @@ impl CacheStatus {
         }
     }
 
-    pub const fn with_detail(self, detail: &'static str) -> Self {
+    pub(crate) const fn with_detail(self, detail: &'static str) -> Self {
         CacheStatus {
             detail: Some(detail),
             ..self
         }
     }
 
-    pub const fn with_fwd_status(self, status: u16) -> Self {
+    pub(crate) const fn with_fwd_status(self, status: u16) -> Self {
         CacheStatus {
             fwd_status: Some(status),
             ..self
         }
     }
 
-    pub const fn stored(self) -> Self {
+    pub(crate) const fn stored(self) -> Self {
         CacheStatus {
             stored: true,
             ..self
         }
     }
 
-    pub const fn collapsed(self) -> Self {
+    pub(crate) const fn collapsed(self) -> Self {
         CacheStatus {
             collapsed: true,
             ..self
@@ -106,34 +106,36 @@ impl CacheStatus {
     }
 
     /// A stale response served because the request's `max-stale` accepted it.
-    pub const HIT_STALE: Self = Self::of(Kind::Hit).with_detail("memory-stale");
+    pub(crate) const HIT_STALE: Self = Self::of(Kind::Hit).with_detail("memory-stale");
     /// A stale response served while it is refreshed in the background (RFC 5861 §3).
-    pub const HIT_STALE_WHILE_REVALIDATE: Self =
+    pub(crate) const HIT_STALE_WHILE_REVALIDATE: Self =
         Self::of(Kind::Hit).with_detail("stale-while-revalidate");
     /// A stale response served because the origin failed (RFC 5861 §4).
-    pub const STALE_IF_ERROR: Self = Self::forward(Fwd::Stale).with_detail("stale-if-error");
+    pub(crate) const STALE_IF_ERROR: Self = Self::forward(Fwd::Stale).with_detail("stale-if-error");
     /// Stale, served because the origin could not be reached (RFC 9111 §4.2.4).
-    pub const STALE_IF_UNREACHABLE: Self = Self::forward(Fwd::Stale).with_detail("unreachable");
+    pub(crate) const STALE_IF_UNREACHABLE: Self =
+        Self::forward(Fwd::Stale).with_detail("unreachable");
     /// A stale stored response the origin confirmed with 304 (RFC 9111 §4.3).
-    pub const REVALIDATED: Self = Self::forward(Fwd::Stale).with_fwd_status(304);
+    pub(crate) const REVALIDATED: Self = Self::forward(Fwd::Stale).with_fwd_status(304);
     /// A fresh stored response validated because the request asked (`no-cache`, `max-age`).
-    pub const REVALIDATED_ON_REQUEST: Self = Self::forward(Fwd::Request).with_fwd_status(304);
-    pub const MISS: Self = Self::forward(Fwd::UriMiss);
-    pub const MISS_STORED: Self = Self::MISS.stored();
-    pub const MISS_TOO_LARGE: Self = Self::MISS.with_detail("too-large");
+    pub(crate) const REVALIDATED_ON_REQUEST: Self =
+        Self::forward(Fwd::Request).with_fwd_status(304);
+    pub(crate) const MISS: Self = Self::forward(Fwd::UriMiss);
+    pub(crate) const MISS_STORED: Self = Self::MISS.stored();
+    pub(crate) const MISS_TOO_LARGE: Self = Self::MISS.with_detail("too-large");
     /// HEAD misses go forward as HEAD and are not stored.
-    pub const MISS_HEAD: Self = Self::MISS.with_detail("method");
+    pub(crate) const MISS_HEAD: Self = Self::MISS.with_detail("method");
     /// Not stored because memory pressure is at bypass or above, or the fill reservation pool
     /// is exhausted.
-    pub const MISS_MEMORY_PRESSURE: Self = Self::MISS.with_detail("memory-pressure");
+    pub(crate) const MISS_MEMORY_PRESSURE: Self = Self::MISS.with_detail("memory-pressure");
     /// A follower of another request's fill (collapsed forwarding).
-    pub const MISS_COLLAPSED: Self = Self::MISS.collapsed();
+    pub(crate) const MISS_COLLAPSED: Self = Self::MISS.collapsed();
     /// A method that is never looked up (POST, PUT, DELETE, ...), forwarded on a route.
-    pub const FORWARD_METHOD: Self = Self::forward(Fwd::Method);
+    pub(crate) const FORWARD_METHOD: Self = Self::forward(Fwd::Method);
 
     /// The field value as text: from `RENDERED` for the values on the hot paths (no
     /// allocation), rendered now for any other.
-    pub fn text(&self) -> Cow<'static, str> {
+    pub(crate) fn text(&self) -> Cow<'static, str> {
         match RENDERED.iter().find(|(status, _)| status == self) {
             Some((_, text)) => Cow::Borrowed(text),
             None => Cow::Owned(self.to_string()),
@@ -141,12 +143,12 @@ impl CacheStatus {
     }
 
     /// Records it as the current request span's `cache` field (the access line's), as a string.
-    pub fn record_in_span(self) {
+    pub(crate) fn record_in_span(self) {
         tracing::Span::current().record("cache", &*self.text());
     }
 
     /// The field value.
-    pub fn header_value(&self) -> HeaderValue {
+    pub(crate) fn header_value(&self) -> HeaderValue {
         match self.text() {
             Cow::Borrowed(text) => HeaderValue::from_static(text),
             Cow::Owned(text) => HeaderValue::try_from(text).expect("cache status is ASCII"),

@@ -12,23 +12,23 @@ use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 
 /// `Content-Security-Policy` of every `/image-proxy` response: nothing may load or run.
-pub static IMAGE_CSP: HeaderValue = HeaderValue::from_static("default-src 'none'; sandbox");
+pub(crate) static IMAGE_CSP: HeaderValue = HeaderValue::from_static("default-src 'none'; sandbox");
 
 /// `Content-Security-Policy` of an SVG served with `allow_svg`: its inline styles only.
-pub static SVG_CSP: HeaderValue =
+pub(crate) static SVG_CSP: HeaderValue =
     HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; sandbox");
 
 /// `Content-Security-Policy` of route responses whose type can run script (see
 /// [`may_run_script`]): nothing loads or runs, inline styles aside, and the document is
 /// sandboxed into an opaque origin, so a bucket's HTML or SVG cannot act as imgedge's origin.
-pub static SCRIPT_CSP: HeaderValue =
+pub(crate) static SCRIPT_CSP: HeaderValue =
     HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; sandbox");
 
 /// Whether a response of this `Content-Type` could run script when a browser opens it: true for
 /// HTML, XHTML, XML, SVG and anything not known to be passive (no type at all included); false
 /// for images other than SVG, audio, video, fonts, plain text, CSV, CSS, JavaScript (which runs
 /// only in the page that includes it), JSON, PDF, and archives and octet streams (downloaded).
-pub fn may_run_script(content_type: Option<&HeaderValue>) -> bool {
+pub(crate) fn may_run_script(content_type: Option<&HeaderValue>) -> bool {
     let Some(media_type) = content_type
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
@@ -61,15 +61,15 @@ pub fn may_run_script(content_type: Option<&HeaderValue>) -> bool {
 }
 
 /// The SVG media type, served only with `[upstream] allow_svg`.
-pub const SVG: &str = "image/svg+xml";
+pub(crate) const SVG: &str = "image/svg+xml";
 
 /// Bytes read ahead of a body to check its signature: more than any signature `image` knows
 /// (AVIF's is 12, WebP's 12) and than an SVG's opening tag after a byte-order mark.
-pub const SIGNATURE_BYTES: usize = 64;
+pub(crate) const SIGNATURE_BYTES: usize = 64;
 
 /// What the first bytes of a body must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signature {
+pub(crate) enum Signature {
     /// The signature of this format.
     Format(ImageFormat),
     /// An XML or SVG opening.
@@ -80,13 +80,13 @@ pub enum Signature {
 
 /// `[upstream] allowed_content_types` and `allow_svg`.
 #[derive(Debug, Clone)]
-pub struct ContentPolicy {
+pub(crate) struct ContentPolicy {
     allowed: Vec<String>,
     allow_svg: bool,
 }
 
 impl ContentPolicy {
-    pub fn new(config: &UpstreamConfig) -> Self {
+    pub(crate) fn new(config: &UpstreamConfig) -> Self {
         ContentPolicy {
             allowed: config.allowed_content_types.clone(),
             allow_svg: config.allow_svg,
@@ -98,7 +98,7 @@ impl ContentPolicy {
     ///
     /// # Errors
     /// [`ProxyError::NotAnImage`], saying why.
-    pub fn check_head(&self, headers: &HeaderMap) -> Result<Signature, ProxyError> {
+    pub(crate) fn check_head(&self, headers: &HeaderMap) -> Result<Signature, ProxyError> {
         let refuse = |why: String| Err(ProxyError::NotAnImage(why));
         let coded = headers
             .get_all(CONTENT_ENCODING)
@@ -137,7 +137,7 @@ impl ContentPolicy {
     ///
     /// # Errors
     /// [`ProxyError::NotAnImage`] when they are something else.
-    pub fn check_signature(signature: Signature, first: &[u8]) -> Result<(), ProxyError> {
+    pub(crate) fn check_signature(signature: Signature, first: &[u8]) -> Result<(), ProxyError> {
         let matches = match signature {
             Signature::Format(format) => image::guess_format(first).ok() == Some(format),
             Signature::Svg => looks_like_svg(first),

@@ -21,7 +21,7 @@ impl Proxy {
     ///
     /// # Errors
     /// A [`ProxyError`] for anything that fails before the response head.
-    pub async fn forward(
+    pub(crate) async fn forward(
         &self,
         namespace: &str,
         method: Method,

@@ -18,13 +18,10 @@ use http::{HeaderMap, HeaderValue};
 use crate::config::HeaderPattern;
 use crate::freshness::RequestFacts;
 
-/// Supabase's `apikey` request header: a credential, like `Authorization`.
-pub static APIKEY: HeaderName = HeaderName::from_static("apikey");
-
 /// Request headers that carry credentials: a request with any of them is answered from or
 /// stored into the shared cache only with a response marked shareable (RFC 9111 §3.5, which
 /// names `Authorization`; a cookie or an API key is the same thing).
-pub static CREDENTIALS: [HeaderName; 3] =
+pub(crate) static CREDENTIALS: [HeaderName; 3] =
     [AUTHORIZATION, COOKIE, HeaderName::from_static("apikey")];
 
 /// Request headers every route forwards (lower case; a trailing `-` is a prefix): content
@@ -80,7 +77,7 @@ fn forwarded_header(name: &HeaderName, extra: &[HeaderPattern]) -> bool {
 /// asked. Built from the request itself, or from what a trusted proxy in front says
 /// (`[server] trusted_proxies`); never from what an untrusted client says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForwardedFor {
+pub(crate) struct ForwardedFor {
     /// The client's address.
     pub client: IpAddr,
     /// `http` or `https`.
@@ -96,7 +93,7 @@ pub struct ForwardedFor {
 /// field), less the credentials when `drop_credentials`; then what imgedge says itself:
 /// `X-Forwarded-For`, `-Host`, `-Proto`, `-Port` and `Forwarded: for=...;host=...;proto=...`
 /// (RFC 7239) from `forwarded`, and with `preserve_host` the client's `Host`.
-pub fn route_request_headers(
+pub(crate) fn route_request_headers(
     headers: &HeaderMap,
     extra: &[HeaderPattern],
     drop_credentials: bool,
@@ -146,13 +143,13 @@ pub fn route_request_headers(
     out
 }
 
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+pub(super) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(super) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(super) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(super) static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 
 /// `Surrogate-Control`: caching directives for surrogates such as this one.
-pub static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
+pub(crate) static SURROGATE_CONTROL: HeaderName = HeaderName::from_static("surrogate-control");
 
 /// Origin response headers passed to `/image-proxy` clients; everything else (hop-by-hop,
 /// `Set-Cookie`, `Content-Disposition` (a download or a file name is not an image proxy's to
@@ -188,7 +185,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// `headers` without hop-by-hop fields, those the `Connection` header names, `Host`,
 /// `Content-Length` (framing is the sender's business) and any of `also`.
-pub fn end_to_end(headers: &HeaderMap, also: &[HeaderName]) -> HeaderMap {
+pub(crate) fn end_to_end(headers: &HeaderMap, also: &[HeaderName]) -> HeaderMap {
     let named_by_connection = connection_names(headers);
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
@@ -217,7 +214,7 @@ fn connection_names(headers: &HeaderMap) -> Vec<String> {
 
 /// Which headers cross the proxy, each way.
 #[derive(Debug, Clone)]
-pub enum Forwarding {
+pub(crate) enum Forwarding {
     /// `/image-proxy`: no client header goes upstream, so a stored response is valid for every
     /// client; response headers are allowlisted (`IMAGE_RESPONSE_HEADERS`).
     Bare,

@@ -24,7 +24,7 @@ use crate::tee::TeeBody;
 /// The first bytes of an object, read from the origin without storing anything (see
 /// [`Proxy::leading_bytes`]).
 #[derive(Debug)]
-pub struct LeadingBytes {
+pub(crate) struct LeadingBytes {
     /// The end-to-end headers of the origin's answer (a 206's describe the whole
     /// representation but for `Content-Length` and `Content-Range`).
     pub headers: HeaderMap,
@@ -39,7 +39,7 @@ pub struct LeadingBytes {
 
 /// A whole response: what `GET` of the object would have served.
 #[derive(Debug)]
-pub struct SourceObject {
+pub(crate) struct SourceObject {
     /// 200, or whatever the origin (or the tier) answered: a stored 404 is a `SourceObject` too.
     pub status: StatusCode,
     /// The headers a client would have been served, `Cache-Status` included.
@@ -48,12 +48,13 @@ pub struct SourceObject {
     pub body: Bytes,
     /// The in-flight bytes this body holds when it was collected for this caller alone (not a
     /// hit, not a shared fill that went into the tiers); returned to the pool when dropped, so
-    /// hold it as long as the body.
+    /// hold it as long as the body (held for its drop: read only by tests).
+    #[allow(dead_code)]
     pub reservation: Option<Reservation>,
 }
 
 /// A source as work that reads it as it arrives gets it ([`Proxy::source_stream`]).
-pub struct SourceStream {
+pub(crate) struct SourceStream {
     /// 200, or whatever the origin (or the tier) answered.
     pub status: StatusCode,
     /// The headers a client would have been served, `Cache-Status` included.
@@ -73,7 +74,7 @@ impl Proxy {
     /// # Errors
     /// What [`Proxy::handle`] returns; [`ProxyError::TooLarge`] when the body announces more
     /// than `max_bytes`.
-    pub async fn source_stream(
+    pub(crate) async fn source_stream(
         self: &Arc<Self>,
         mut req: ProxyRequest,
         max_bytes: u64,
@@ -107,7 +108,7 @@ impl Proxy {
     /// What [`Proxy::handle`] returns; [`ProxyError::TooLarge`] when the body is (or announces)
     /// more than `max_bytes`; [`ProxyError::Overloaded`] when the pool cannot hold it;
     /// [`ProxyError::Upstream`] when the body fails before its end.
-    pub async fn source(
+    pub(crate) async fn source(
         self: &Arc<Self>,
         mut req: ProxyRequest,
         max_bytes: u64,
@@ -150,7 +151,7 @@ impl Proxy {
 
     /// Whether `key`'s object is stored in a tier (fresh or stale; see
     /// [`crate::cache::TieredCache::contains`]). Reads nothing.
-    pub fn holds(&self, key: &CacheKey) -> bool {
+    pub(crate) fn holds(&self, key: &CacheKey) -> bool {
         self.tier.contains(key)
     }
 
@@ -162,7 +163,7 @@ impl Proxy {
     /// # Errors
     /// [`ProxyError::NotFound`] for a 404 or 410; [`ProxyError::Upstream`] for any other
     /// status than 200 and 206, or a failed fetch; `/image-proxy`'s content errors.
-    pub async fn leading_bytes(
+    pub(crate) async fn leading_bytes(
         &self,
         req: &ProxyRequest,
         n: usize,
@@ -214,7 +215,7 @@ impl Proxy {
 
     /// The object stored under a derived key (a source record, a rendition), fresh or stale,
     /// from the first tier that has it; counted as a lookup of each tier it was asked of.
-    pub async fn lookup_derived(&self, key: &CacheKey) -> Option<Found> {
+    pub(crate) async fn lookup_derived(&self, key: &CacheKey) -> Option<Found> {
         let found = self.tier.lookup(key).await;
         for (i, name) in self.tier.tier_names().enumerate() {
             match &found {
@@ -229,7 +230,7 @@ impl Proxy {
     /// Stores an object under a derived key in every tier, unless memory pressure is at bypass
     /// or above or its body is larger than `[cache] max_cacheable_bytes` (what is derived obeys
     /// the limits of what is fetched); returns whether it was stored.
-    pub async fn store_derived(&self, key: CacheKey, object: CachedObject) -> bool {
+    pub(crate) async fn store_derived(&self, key: CacheKey, object: CachedObject) -> bool {
         if !self.pressure.borrow().level.stores()
             || object.body.len() as u64 > self.cache.max_cacheable_bytes
         {
@@ -243,7 +244,7 @@ impl Proxy {
     /// [`Proxy::source`] served them, `Age` included) just now, by the rules and the route's
     /// policy an object is stored by (RFC 9111 §3, §4.2); `None` when it may not be stored:
     /// what is derived from it may not be either.
-    pub fn derived_freshness(
+    pub(crate) fn derived_freshness(
         &self,
         req: &ProxyRequest,
         status: StatusCode,
@@ -271,7 +272,7 @@ impl Proxy {
     /// A stored derived object served as a hit is: 304 for a matching `If-None-Match`, one
     /// byte range as 206, HEAD without a body, `Age` and `cache_status` (RFC 9111 §4, RFC 9110
     /// §13, §14), by `req`'s conditionals.
-    pub fn serve_stored(
+    pub(crate) fn serve_stored(
         &self,
         object: &CachedObject,
         req: &ProxyRequest,

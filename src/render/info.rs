@@ -37,7 +37,7 @@ const PROBE_MORE_BYTES: usize = 1024 * 1024;
 /// [`ProxyError::NotFound`] for a missing object; the origin's failures;
 /// [`ProxyError::NotAnImage`] when the object's header is not one of an image this build
 /// reads.
-pub async fn handle(
+pub(crate) async fn handle(
     proxy: &Arc<Proxy>,
     request: ProxyRequest,
     head: bool,

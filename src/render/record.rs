@@ -22,7 +22,7 @@ use crate::freshness::Freshness;
 use crate::transform::ImageInfo;
 
 /// The freshness of what is served but not stored (derived from a source that may not be).
-pub const NOT_STORED: Freshness = Freshness {
+pub(crate) const NOT_STORED: Freshness = Freshness {
     lifetime: Duration::ZERO,
     initial_age: Duration::ZERO,
     must_revalidate: false,
@@ -32,7 +32,7 @@ pub const NOT_STORED: Freshness = Freshness {
 
 /// What is known of one source object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceRecord {
+pub(crate) struct SourceRecord {
     /// Names the version of the source: kept while a rebuilt record finds the same version,
     /// new otherwise.
     pub generation: u64,
@@ -55,7 +55,7 @@ impl SourceRecord {
     /// length is `total_bytes`, else a leading part of it (then no digest). Its image header is
     /// probed. Keeps `previous`'s generation when it describes the same version (same
     /// validators, and the same digest when both have one).
-    pub fn new(
+    pub(crate) fn new(
         headers: &HeaderMap,
         body: &[u8],
         total_bytes: Option<u64>,
@@ -97,14 +97,9 @@ impl SourceRecord {
             }
     }
 
-    /// Whether the source is an animation (GIF, WebP, APNG of more than one frame).
-    pub fn is_animated(&self) -> bool {
-        self.image.as_ref().is_some_and(|i| i.animated)
-    }
-
     /// What names this version in validators: its `ETag`, else `Last-Modified`, else the
     /// digest of its body.
-    pub fn version(&self) -> Option<&str> {
+    pub(crate) fn version(&self) -> Option<&str> {
         self.etag
             .as_deref()
             .or(self.last_modified.as_deref())
@@ -113,7 +108,11 @@ impl SourceRecord {
 
     /// The strong `ETag` of a rendition of this version by `canonical_params`: the source's
     /// cache key, version and the parameters, hashed; `None` when the version is unknown.
-    pub fn rendition_etag(&self, source: &CacheKey, canonical_params: &str) -> Option<HeaderValue> {
+    pub(crate) fn rendition_etag(
+        &self,
+        source: &CacheKey,
+        canonical_params: &str,
+    ) -> Option<HeaderValue> {
         let version = self.version()?;
         let mut hash = Sha256::new();
         for part in [source.as_str(), version, canonical_params] {
@@ -126,7 +125,7 @@ impl SourceRecord {
     /// The record as a stored object: a JSON body, the source's validators (so storing another
     /// version of the source drops it, see [`crate::cache::TieredCache::insert`]) and
     /// freshness headers, `freshness` as received `now`.
-    pub fn to_object(
+    pub(crate) fn to_object(
         &self,
         source_headers: &HeaderMap,
         freshness: Freshness,
@@ -149,7 +148,7 @@ impl SourceRecord {
     }
 
     /// The record stored as `object`; `None` for anything else (a foreign or older entry).
-    pub fn from_object(object: &CachedObject) -> Option<SourceRecord> {
+    pub(crate) fn from_object(object: &CachedObject) -> Option<SourceRecord> {
         serde_json::from_slice(&object.body).ok()
     }
 }

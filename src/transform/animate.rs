@@ -106,7 +106,7 @@ fn resized_frame(
 /// # Errors
 /// [`TransformError::TooManyFrames`], [`TransformError::TooManyPixels`] (one frame over
 /// `max_source_pixels`, or all over `max_animation_pixels`), the decoder's and encoders' errors.
-pub fn gif(
+pub(super) fn gif(
     reader: SourceReader,
     params: &Params,
     limits: &Limits,
@@ -181,8 +181,8 @@ pub fn gif(
 /// into an animated WebP.
 ///
 /// # Errors
-/// As [`gif`].
-pub fn webp(
+/// As [`gif()`].
+pub(super) fn webp(
     mut reader: SourceReader,
     params: &Params,
     limits: &Limits,

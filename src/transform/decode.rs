@@ -4,10 +4,10 @@
 //! (frames composited row by row), `decode/webp.rs` (libwebp, incremental and scaled).
 //! Animations are `animate.rs`'s.
 
-pub mod gif;
-pub mod jpeg;
-pub mod png;
-pub mod webp;
+pub(super) mod gif;
+pub(super) mod jpeg;
+pub(super) mod png;
+pub(super) mod webp;
 
 use std::time::Instant;
 
@@ -19,7 +19,7 @@ use super::source::{ReadLimit, read_limit};
 /// The largest ICC profile carried over to an output, in bytes: real profiles are a few
 /// kilobytes (sRGB, Display P3) to a few hundred (printer profiles); a larger one is dropped,
 /// never copied, so no source can make a small image's output megabytes long.
-pub const ICC_PROFILE_MAX_BYTES: usize = 1 << 20;
+pub(crate) const ICC_PROFILE_MAX_BYTES: usize = 1 << 20;
 
 /// Decoded pixels: `width` × `height`, `channels` 8-bit samples each (1 grey, 2 grey and
 /// alpha, 3 RGB, 4 RGBA), rows top to bottom.
@@ -85,7 +85,7 @@ impl From<ReadLimit> for TransformError {
 /// A JPEG's ICC profile from its header bytes: the `APP2` `ICC_PROFILE` segments before the
 /// first scan, put together in their order; `None` when there is none, a segment is missing,
 /// or it is over [`ICC_PROFILE_MAX_BYTES`].
-pub fn jpeg_icc_profile(header: &[u8]) -> Option<Vec<u8>> {
+pub(super) fn jpeg_icc_profile(header: &[u8]) -> Option<Vec<u8>> {
     let mut chunks: Vec<(u8, &[u8])> = Vec::new();
     let mut count = 0u8;
     let mut at = 2;
@@ -139,7 +139,7 @@ pub fn jpeg_icc_profile(header: &[u8]) -> Option<Vec<u8>> {
 
 /// A WebP's ICC profile from its header bytes: the `ICCP` chunk of an extended file, when it
 /// is within them and at most [`ICC_PROFILE_MAX_BYTES`].
-pub fn webp_icc_profile(header: &[u8]) -> Option<Vec<u8>> {
+pub(super) fn webp_icc_profile(header: &[u8]) -> Option<Vec<u8>> {
     if header.get(12..16)? != b"VP8X" {
         return None;
     }

@@ -19,7 +19,7 @@ use super::{DEFAULT_QUALITY, Output, Params, TransformError};
 ///
 /// # Errors
 /// [`TransformError::Encode`].
-pub fn encode(
+pub(super) fn encode(
     image: DynamicImage,
     format: ImageFormat,
     params: &Params,
@@ -117,7 +117,7 @@ fn png(image: &DynamicImage, icc_profile: Option<Vec<u8>>) -> Result<Vec<u8>, Tr
 /// The bytes encoding a `width` × `height` output as `format` holds besides the image: JPEG's
 /// whole-image coefficients (optimised Huffman tables need them all before writing) and the
 /// file; WebP's YUV picture, its analysis and the file; PNG's filtered rows and the file.
-pub fn working_bytes(width: u32, height: u32, format: ImageFormat) -> u64 {
+pub(super) fn working_bytes(width: u32, height: u32, format: ImageFormat) -> u64 {
     let pixels = u64::from(width) * u64::from(height);
     match format {
         ImageFormat::Jpeg => pixels * 3 + pixels * 3,

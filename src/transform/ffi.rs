@@ -25,7 +25,7 @@ pub struct Features {
 
 /// Why libwebp refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum WebpError {
+pub(super) enum WebpError {
     /// More bytes are needed to say (the header is cut short).
     #[error("webp: not enough data")]
     NotEnoughData,
@@ -53,7 +53,7 @@ fn status(code: sys::VP8StatusCode) -> Result<(), WebpError> {
 ///
 /// # Errors
 /// [`WebpError::NotEnoughData`] when the header is cut short, a status for anything else.
-pub fn features(data: &[u8]) -> Result<Features, WebpError> {
+pub(super) fn features(data: &[u8]) -> Result<Features, WebpError> {
     let mut f = sys::WebPBitstreamFeatures {
         width: 0,
         height: 0,
@@ -77,7 +77,7 @@ pub fn features(data: &[u8]) -> Result<Features, WebpError> {
 /// A still WebP decoded incrementally, as its bytes arrive, straight to a `width` × `height`
 /// output (libwebp's own scaler when that is smaller than the image), RGB or RGBA, into a
 /// buffer this decoder owns.
-pub struct ScaledDecoder {
+pub(super) struct ScaledDecoder {
     idec: *mut sys::WebPIDecoder,
     /// libwebp keeps a pointer to the config's output buffer description: boxed, so it never
     /// moves while `idec` lives.
@@ -96,7 +96,7 @@ impl ScaledDecoder {
     ///
     /// # Errors
     /// [`WebpError::OutOfMemory`] or a status when libwebp refuses the setup.
-    pub fn new(
+    pub(super) fn new(
         (source_width, source_height): (u32, u32),
         (width, height): (u32, u32),
         channels: usize,
@@ -143,7 +143,7 @@ impl ScaledDecoder {
     ///
     /// # Errors
     /// A status when the bitstream is broken.
-    pub fn append(&mut self, data: &[u8]) -> Result<bool, WebpError> {
+    pub(super) fn append(&mut self, data: &[u8]) -> Result<bool, WebpError> {
         // SAFETY: `idec` is live; libwebp copies `data` (valid for its length) before returning.
         match status(unsafe { sys::WebPIAppend(self.idec, data.as_ptr(), data.len()) }) {
             Ok(()) => Ok(true),
@@ -154,7 +154,7 @@ impl ScaledDecoder {
 
     /// The decoded pixels, row after row, `channels` bytes each (rows not yet decoded, of a
     /// file cut short, are zero).
-    pub fn into_pixels(mut self) -> (Vec<u8>, usize) {
+    pub(super) fn into_pixels(mut self) -> (Vec<u8>, usize) {
         (std::mem::take(&mut self.pixels), self.channels)
     }
 }
@@ -172,7 +172,7 @@ impl Drop for ScaledDecoder {
 }
 
 /// The frames of an animated WebP, each composited onto the canvas (RGBA), one at a time.
-pub struct AnimDecoder<'a> {
+pub(super) struct AnimDecoder<'a> {
     dec: *mut sys::WebPAnimDecoder,
     /// libwebp reads from this for the decoder's life.
     _data: PhantomData<&'a [u8]>,
@@ -187,7 +187,7 @@ impl<'a> AnimDecoder<'a> {
     ///
     /// # Errors
     /// A status when libwebp cannot parse it.
-    pub fn new(data: &'a [u8]) -> Result<Self, WebpError> {
+    pub(super) fn new(data: &'a [u8]) -> Result<Self, WebpError> {
         let mut options = sys::WebPAnimDecoderOptions {
             color_mode: sys::WEBP_CSP_MODE::MODE_RGBA,
             use_threads: 0,
@@ -231,7 +231,7 @@ impl<'a> AnimDecoder<'a> {
     ///
     /// # Errors
     /// A status when a frame fails to decode.
-    pub fn next_frame(&mut self) -> Result<Option<(&[u8], i32)>, WebpError> {
+    pub(super) fn next_frame(&mut self) -> Result<Option<(&[u8], i32)>, WebpError> {
         // SAFETY: `dec` is live.
         if unsafe { sys::WebPAnimDecoderHasMoreFrames(self.dec) } == 0 {
             return Ok(None);
@@ -263,7 +263,7 @@ impl Drop for AnimDecoder<'_> {
 
 /// An animated WebP written frame by frame: each frame is encoded (lossy, at a quality) as it
 /// is added, so only the encoder's own canvases are held, not the frames.
-pub struct AnimEncoder {
+pub(super) struct AnimEncoder {
     enc: *mut sys::WebPAnimEncoder,
     config: sys::WebPConfig,
     width: u32,
@@ -280,7 +280,12 @@ impl AnimEncoder {
     ///
     /// # Errors
     /// A status when libwebp refuses the setup.
-    pub fn new(width: u32, height: u32, quality: f32, loop_count: u32) -> Result<Self, WebpError> {
+    pub(super) fn new(
+        width: u32,
+        height: u32,
+        quality: f32,
+        loop_count: u32,
+    ) -> Result<Self, WebpError> {
         let mut options: sys::WebPAnimEncoderOptions =
             // SAFETY: a plain C struct of integers, made valid by the init call below.
             unsafe { std::mem::zeroed() };
@@ -322,7 +327,7 @@ impl AnimEncoder {
     ///
     /// # Errors
     /// A status when libwebp fails to encode it.
-    pub fn add(&mut self, rgba: &[u8], timestamp_ms: i32) -> Result<(), WebpError> {
+    pub(super) fn add(&mut self, rgba: &[u8], timestamp_ms: i32) -> Result<(), WebpError> {
         let (w, h) = (self.width as usize, self.height as usize);
         if rgba.len() != w * h * 4 {
             return Err(WebpError::Status("frame size"));
@@ -354,7 +359,7 @@ impl AnimEncoder {
     ///
     /// # Errors
     /// A status when libwebp fails to assemble it.
-    pub fn finish(self, end_ms: i32) -> Result<Vec<u8>, WebpError> {
+    pub(super) fn finish(self, end_ms: i32) -> Result<Vec<u8>, WebpError> {
         let mut data = sys::WebPData::default();
         // SAFETY: `enc` is live; a null frame marks the end; WebPAnimEncoderAssemble fills
         // `data` with a buffer libwebp allocated, copied out and freed once with WebPDataClear.

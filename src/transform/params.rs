@@ -7,7 +7,7 @@ use percent_encoding::percent_decode_str;
 use super::TransformError;
 
 /// Supabase's default `quality`.
-pub const DEFAULT_QUALITY: u8 = 80;
+pub(crate) const DEFAULT_QUALITY: u8 = 80;
 
 /// How the image is fitted to a `width` × `height` box.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -466,7 +466,7 @@ fn first_time(seen: &mut Vec<String>, name: &str) -> Result<(), TransformError> 
 /// The output size for a `source_w` × `source_h` image: both given → by `fit`; one → the other
 /// from the aspect ratio; none → the source's. A side computed from the aspect ratio is held to
 /// 1–`max_dimension` too (a 1×5000 source at `width=2500` would otherwise be 2500×12 500 000).
-pub fn target_size(
+pub(crate) fn target_size(
     source_w: u32,
     source_h: u32,
     params: &Params,

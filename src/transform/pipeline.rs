@@ -60,16 +60,16 @@ impl Limits {
 
 /// Bytes reserved for a transform beyond what the plan counts: Huffman and colour tables, the
 /// decoders' small buffers, the allocator's rounding.
-pub const SLACK_BYTES: u64 = 4 << 20;
+pub(crate) const SLACK_BYTES: u64 = 4 << 20;
 
 /// Header bytes the plan wants at least, when the source has that many: a JPEG's markers up to
 /// its frame header (EXIF and ICC segments are usually within them), a PNG's up to `IDAT`, a
 /// WebP's extended header with its ICC profile.
-pub const HEADER_BYTES: usize = 64 << 10;
+pub(crate) const HEADER_BYTES: usize = 64 << 10;
 
 /// The most header bytes read before giving up on finding an image's size: a JPEG may carry an
 /// ICC profile of [`decode::ICC_PROFILE_MAX_BYTES`] and EXIF before its frame header.
-pub const MAX_HEADER_BYTES: usize = decode::ICC_PROFILE_MAX_BYTES + (256 << 10);
+pub(crate) const MAX_HEADER_BYTES: usize = decode::ICC_PROFILE_MAX_BYTES + (256 << 10);
 
 /// A transform, planned from the source's header.
 #[derive(Debug, Clone)]
@@ -253,7 +253,7 @@ impl Plan {
 
 /// The format written for a `source` format and `params`: the one asked for, else the
 /// source's; a GIF's first frame as PNG.
-pub fn output_format(source: ImageFormat, params: &Params) -> ImageFormat {
+pub(crate) fn output_format(source: ImageFormat, params: &Params) -> ImageFormat {
     match params.format {
         None if source == ImageFormat::Gif => ImageFormat::Png,
         None => source,
@@ -271,7 +271,7 @@ pub fn output_format(source: ImageFormat, params: &Params) -> ImageFormat {
 /// [`TransformError`]: the decoders' (`Undecodable`, `TooManyPixels` and `TooManyFrames` for
 /// what the header did not show), a read limit (`TimedOut`, `SourceTooLarge`, `SourceFailed`),
 /// `Encode`.
-pub fn run(
+pub(crate) fn run(
     reader: SourceReader,
     plan: &Plan,
     params: &Params,
@@ -411,7 +411,7 @@ fn resize(
 /// The most bytes an encoded `width` × `height` output of `channels` (and `frames` frames) can
 /// need: its pixels uncompressed twice over (a tiny or noisy image compresses badly), and an
 /// ICC profile of [`decode::ICC_PROFILE_MAX_BYTES`], and 64 KiB of container.
-pub fn max_output_bytes(width: u32, height: u32, channels: usize, frames: u32) -> u64 {
+pub(super) fn max_output_bytes(width: u32, height: u32, channels: usize, frames: u32) -> u64 {
     u64::from(width) * u64::from(height) * channels as u64 * 2 * u64::from(frames.max(1))
         + decode::ICC_PROFILE_MAX_BYTES as u64
         + (64 << 10)
@@ -422,7 +422,7 @@ pub fn max_output_bytes(width: u32, height: u32, channels: usize, frames: u32) -
 ///
 /// # Errors
 /// [`TransformError::Encode`].
-pub fn check_output(output: &Output, channels: usize) -> Result<(), TransformError> {
+pub(super) fn check_output(output: &Output, channels: usize) -> Result<(), TransformError> {
     let max = max_output_bytes(output.width, output.height, channels.max(3), output.frames);
     if output.bytes.len() as u64 > max {
         return Err(TransformError::Encode(format!(

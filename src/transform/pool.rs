@@ -13,7 +13,7 @@ use crate::error::ProxyError;
 
 /// The pool: its turns and how they are used.
 #[derive(Clone)]
-pub struct Pool {
+pub(crate) struct Pool {
     turns: Arc<Semaphore>,
     size: usize,
     queue_timeout: Duration,
@@ -28,7 +28,7 @@ struct Counts {
 
 /// The pool's state, for `/health` and `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct PoolStats {
+pub(crate) struct PoolStats {
     /// Transforms that may run at once.
     pub turns: usize,
     /// Transforms waiting for a turn.
@@ -38,7 +38,7 @@ pub struct PoolStats {
 }
 
 /// A turn of the pool, held from before the source is fetched to the end of the transform.
-pub struct Turn {
+pub(crate) struct Turn {
     _permit: OwnedSemaphorePermit,
     stats: Arc<Counts>,
 }
@@ -51,7 +51,7 @@ impl Drop for Turn {
 
 impl Pool {
     /// A pool of `config.max_concurrent` turns (0: the number of cores).
-    pub fn new(config: &TransformConfig) -> Self {
+    pub(crate) fn new(config: &TransformConfig) -> Self {
         let size = if config.max_concurrent == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -69,7 +69,7 @@ impl Pool {
     ///
     /// # Errors
     /// [`ProxyError::Overloaded`] when none came within `queue_timeout`.
-    pub async fn turn(&self) -> Result<Turn, ProxyError> {
+    pub(crate) async fn turn(&self) -> Result<Turn, ProxyError> {
         self.stats.waiting.fetch_add(1, Ordering::AcqRel);
         let permit =
             tokio::time::timeout(self.queue_timeout, self.turns.clone().acquire_owned()).await;
@@ -89,7 +89,7 @@ impl Pool {
     ///
     /// # Errors
     /// [`ProxyError::Upstream`] when the task panicked.
-    pub async fn run<T: Send + 'static>(
+    pub(crate) async fn run<T: Send + 'static>(
         &self,
         turn: Turn,
         work: impl FnOnce() -> T + Send + 'static,
@@ -103,7 +103,7 @@ impl Pool {
     }
 
     /// How the pool is used now.
-    pub fn stats(&self) -> PoolStats {
+    pub(crate) fn stats(&self) -> PoolStats {
         PoolStats {
             turns: self.size,
             waiting: self.stats.waiting.load(Ordering::Acquire),

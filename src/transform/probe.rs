@@ -79,7 +79,7 @@ pub struct ImageInfo {
 /// # Errors
 /// [`TransformError::Undecodable`] when `bytes` is none of these formats, is malformed, or ends
 /// before the image's size.
-pub fn probe(bytes: &[u8]) -> Result<ImageInfo, TransformError> {
+pub(crate) fn probe(bytes: &[u8]) -> Result<ImageInfo, TransformError> {
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
         jpeg(bytes)
     } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
@@ -91,12 +91,6 @@ pub fn probe(bytes: &[u8]) -> Result<ImageInfo, TransformError> {
     } else {
         Err(bad("not a JPEG, PNG, GIF or WebP header"))
     }
-}
-
-/// Whether `bytes` (a whole image or its first bytes) is an animated GIF, APNG or WebP, as far
-/// as those bytes show; false for anything [`probe`] cannot read.
-pub fn is_animated(bytes: &[u8]) -> bool {
-    probe(bytes).is_ok_and(|info| info.animated)
 }
 
 fn bad(why: &str) -> TransformError {

@@ -10,21 +10,21 @@
 /// How much larger than the output a reduced image stays, at least, on each side: with no
 /// headroom left, the resize after a box reduction has nothing to smooth and edges alias.
 /// libvips' thumbnailer leaves 2× (docs/transforms.md measured the same for JPEG).
-pub const HEADROOM: f64 = 2.0;
+pub(super) const HEADROOM: f64 = 2.0;
 
 /// The largest factor per side: sums of 255 × 255 over `MAX_FACTOR²` samples fit in a `u32`.
-pub const MAX_FACTOR: u32 = 256;
+pub(super) const MAX_FACTOR: u32 = 256;
 
 /// The whole factor by which a side of `from` pixels can be reduced and still leave
 /// [`HEADROOM`] × `needed` pixels: 1 when there is no room, at most [`MAX_FACTOR`].
-pub fn shrink_factor(from: u32, needed: f64) -> u32 {
+pub(super) fn shrink_factor(from: u32, needed: f64) -> u32 {
     let room = f64::from(from) / (HEADROOM * needed.max(1.0));
     (room.floor() as u32).clamp(1, MAX_FACTOR)
 }
 
 /// Reduces a `width` × `height` image of `channels` 8-bit samples per pixel (1 grey, 2 grey and
 /// alpha, 3 RGB, 4 RGBA) by `fx` × `fy` as its rows are pushed, top to bottom.
-pub struct Shrinker {
+pub(super) struct Shrinker {
     fx: usize,
     fy: usize,
     channels: usize,
@@ -44,7 +44,7 @@ pub struct Shrinker {
 
 impl Shrinker {
     /// A shrinker for the image described, reducing by `fx` × `fy` (each 1–[`MAX_FACTOR`]).
-    pub fn new(width: u32, height: u32, channels: usize, fx: u32, fy: u32) -> Self {
+    pub(super) fn new(width: u32, height: u32, channels: usize, fx: u32, fy: u32) -> Self {
         let (fx, fy) = (
             fx.clamp(1, MAX_FACTOR) as usize,
             fy.clamp(1, MAX_FACTOR) as usize,
@@ -67,7 +67,7 @@ impl Shrinker {
     }
 
     /// The bytes a shrinker of this shape holds: the reduced image and one row of sums.
-    pub fn bytes(width: u32, height: u32, channels: usize, fx: u32, fy: u32) -> u64 {
+    pub(super) fn bytes(width: u32, height: u32, channels: usize, fx: u32, fy: u32) -> u64 {
         let (ow, oh) = (
             u64::from(width.div_ceil(fx.max(1))),
             u64::from(height.div_ceil(fy.max(1))),
@@ -76,13 +76,13 @@ impl Shrinker {
     }
 
     /// The reduced size.
-    pub fn out_size(&self) -> (u32, u32) {
+    pub(super) fn out_size(&self) -> (u32, u32) {
         (self.out_width as u32, self.out_height as u32)
     }
 
     /// Adds the next row (`width` × `channels` bytes; a longer one is cut, a shorter one is
     /// ignored). Rows past `height` are ignored.
-    pub fn push_row(&mut self, row: &[u8]) {
+    pub(super) fn push_row(&mut self, row: &[u8]) {
         let len = self.width * self.channels;
         if row.len() < len || self.pushed >= self.height {
             return;
@@ -150,7 +150,7 @@ impl Shrinker {
 
     /// The reduced image, `out_size()` pixels of `channels` bytes; rows never pushed (a source
     /// cut short) are zero.
-    pub fn finish(mut self) -> Vec<u8> {
+    pub(super) fn finish(mut self) -> Vec<u8> {
         if self.rows > 0 {
             self.emit();
         }

@@ -18,7 +18,7 @@ const MAX_SLICE_BYTES: usize = 64 * 1024;
 
 /// Chunks held between the origin and the decoder: with 64 KiB chunks, at most 256 KiB of a
 /// streamed source is in memory at once.
-pub const CHANNEL_CHUNKS: usize = 4;
+pub(super) const CHANNEL_CHUNKS: usize = 4;
 
 /// Why a source read failed, as the pipeline reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,14 +35,14 @@ pub enum ReadLimit {
 /// own complaint.
 #[derive(Debug, thiserror::Error)]
 #[error("{0:?}")]
-pub struct LimitError(pub ReadLimit);
+pub(super) struct LimitError(pub ReadLimit);
 
 fn limit(kind: ReadLimit) -> io::Error {
     io::Error::other(LimitError(kind))
 }
 
 /// Which [`ReadLimit`] an error from a decoder came from, if any (searching its sources).
-pub fn read_limit(e: &(dyn std::error::Error + 'static)) -> Option<ReadLimit> {
+pub(super) fn read_limit(e: &(dyn std::error::Error + 'static)) -> Option<ReadLimit> {
     let mut source = Some(e);
     while let Some(err) = source {
         if let Some(LimitError(kind)) = err.downcast_ref::<LimitError>() {
@@ -88,7 +88,7 @@ impl Failure {
 }
 
 /// The sending half of a streamed source: chunks, then the end (dropping it), or a failure.
-pub type SourceSender = mpsc::Sender<Result<Bytes, ()>>;
+pub(crate) type SourceSender = mpsc::Sender<Result<Bytes, ()>>;
 
 /// A source as a decoder reads it, blocking.
 pub struct SourceReader {

@@ -8,6 +8,8 @@ use bytes::Bytes;
 use image::codecs::png::PngEncoder;
 use image::{DynamicImage, ImageDecoder, ImageEncoder, ImageFormat};
 
+use super::decode::ICC_PROFILE_MAX_BYTES;
+use super::params::Gravity;
 use super::*;
 
 fn params(query: &str) -> Result<Params, TransformError> {

@@ -18,7 +18,7 @@ use super::{UploadProgress, UpstreamError, error_chain};
 /// the body is incomplete: a stall longer than `idle_timeout`, more than `max_object_bytes`, a
 /// length other than `Content-Length`, or a connection error. Reading is driven by the consumer,
 /// so a slow client slows the origin read.
-pub struct UpstreamBody {
+pub(crate) struct UpstreamBody {
     pub(super) incoming: Incoming,
     /// Fires `total_timeout` after the request was sent: no fetch lasts longer.
     pub(super) deadline: Pin<Box<Sleep>>,
@@ -54,25 +54,25 @@ impl Drop for UpstreamBody {
 impl UpstreamBody {
     /// Bytes handed out so far: received from the origin, less what [`UpstreamBody::peek`]
     /// holds to hand out again.
-    pub fn received_bytes(&self) -> u64 {
+    pub(crate) fn received_bytes(&self) -> u64 {
         self.received_bytes - self.peeked.as_ref().map_or(0, |p| p.len() as u64)
     }
 
     /// The length this body must have, when announced.
-    pub fn expected_bytes(&self) -> Option<u64> {
+    pub(crate) fn expected_bytes(&self) -> Option<u64> {
         self.expected_bytes
     }
 
     /// Whether nothing more will come: finished, failed, every announced byte received and
     /// handed out (hyper stops polling a body once its `Content-Length` is written), or a
     /// bodyless response.
-    pub fn is_end_stream(&self) -> bool {
+    pub(crate) fn is_end_stream(&self) -> bool {
         self.peeked.is_none() && self.origin_done()
     }
 
     /// Whether every announced byte has arrived and been handed out (always false without a
     /// `Content-Length`).
-    pub fn is_complete(&self) -> bool {
+    pub(crate) fn is_complete(&self) -> bool {
         self.peeked.is_none() && self.expected_bytes == Some(self.received_bytes)
     }
 
@@ -88,7 +88,7 @@ impl UpstreamBody {
     ///
     /// # Errors
     /// What reading the body fails with.
-    pub async fn peek(&mut self, bytes: usize) -> Result<Bytes, UpstreamError> {
+    pub(crate) async fn peek(&mut self, bytes: usize) -> Result<Bytes, UpstreamError> {
         let mut seen = self.peeked.take().unwrap_or_default();
         while seen.len() < bytes {
             match std::future::poll_fn(|cx| self.poll_origin(cx)).await {
@@ -109,7 +109,7 @@ impl UpstreamBody {
 
     /// Polls the next chunk: `Some(Ok)` data, `Some(Err)` a failure (after which it is done),
     /// `None` a complete body.
-    pub fn poll_chunk(
+    pub(crate) fn poll_chunk(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, UpstreamError>>> {

@@ -23,10 +23,6 @@ impl InflightRegistry {
         }
     }
 
-    pub(super) fn max(&self) -> usize {
-        self.max
-    }
-
     /// Registers a fetch of `url`, or `None` when `max` are in flight.
     pub(super) fn register(self: &Arc<Self>, url: &str) -> Option<InflightGuard> {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

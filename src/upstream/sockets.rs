@@ -20,7 +20,7 @@ use super::BoxError;
 /// Every upstream socket allowed is open: the fetch is refused rather than risk `EMFILE`.
 #[derive(Debug, thiserror::Error)]
 #[error("every upstream socket allowed is open")]
-pub struct SocketsExhausted;
+pub(super) struct SocketsExhausted;
 
 /// A connector that counts its connections against `sockets`.
 #[derive(Clone)]

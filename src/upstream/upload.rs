@@ -30,7 +30,7 @@ use crate::tasks::Tasks;
 
 /// The longest a client's body is read and discarded once nothing upstream wants it (nginx's
 /// `lingering_time`).
-pub const LINGER_TIME: Duration = Duration::from_secs(30);
+pub(crate) const LINGER_TIME: Duration = Duration::from_secs(30);
 
 /// Why an upload did not reach the upstream whole.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,7 +56,7 @@ enum State {
 
 /// The limits every upload gets.
 #[derive(Debug, Clone, Copy)]
-pub struct UploadLimits {
+pub(crate) struct UploadLimits {
     /// Longest body, in bytes.
     pub max_bytes: u64,
     /// Longest pause between two chunks.
@@ -64,7 +64,7 @@ pub struct UploadLimits {
 }
 
 /// A client's body ready to be sent upstream, and the handle that follows its progress.
-pub struct Upload {
+pub(crate) struct Upload {
     pub body: RequestBody,
     pub progress: UploadProgress,
     /// The body as it passed, when asked for (see [`Upload::new`]).
@@ -72,7 +72,7 @@ pub struct Upload {
 }
 
 /// What reading the rest of a client's body needs once nothing upstream wants it.
-pub struct Linger {
+pub(crate) struct Linger {
     /// Where the reading runs.
     pub tasks: Tasks,
     /// Held until the client's body has been read to its end or given up (dropped then): what
@@ -90,7 +90,7 @@ impl Upload {
     /// # Errors
     /// [`UploadError::TooLarge`] at once when `Content-Length` announces more than the limit:
     /// nothing is read and the upstream is not contacted.
-    pub fn new<B>(
+    pub(crate) fn new<B>(
         body: B,
         headers: &HeaderMap,
         limits: UploadLimits,
@@ -218,7 +218,7 @@ async fn discard(mut client: ClientBody, limits: UploadLimits) {
 /// An upload's body, kept as it passes when it is small: shared between the body (which fills
 /// it) and whoever reads it once the upload ended.
 #[derive(Debug, Clone)]
-pub struct Captured(Option<Arc<Mutex<Capture>>>);
+pub(crate) struct Captured(Option<Arc<Mutex<Capture>>>);
 
 #[derive(Debug)]
 enum Capture {
@@ -241,7 +241,7 @@ impl Captured {
 
     /// The whole body, when it was sent to its end within the limit; `None` while it is still
     /// being sent, when it was larger, failed, or was never asked for.
-    pub fn body(&self) -> Option<Bytes> {
+    pub(crate) fn body(&self) -> Option<Bytes> {
         match &*self.0.as_ref()?.lock().ok()? {
             Capture::Complete(b) => Some(b.clone()),
             _ => None,
@@ -277,7 +277,7 @@ impl Captured {
 
 /// Follows an [`Upload`] from the fetch that sends it.
 #[derive(Clone)]
-pub struct UploadProgress {
+pub(crate) struct UploadProgress {
     state: watch::Receiver<State>,
     shared: Arc<Shared>,
 }
@@ -295,7 +295,7 @@ impl UploadProgress {
     /// sent (the origin answered before reading it all): nothing more goes upstream (the
     /// upstream connection is closed the next time it asks), and the rest is read and
     /// discarded ([`LINGER_TIME`]). Nothing once it was sent whole or failed.
-    pub fn abandon(&self) {
+    pub(crate) fn abandon(&self) {
         if *self.state.borrow() != State::Sending {
             return;
         }
@@ -309,7 +309,7 @@ impl UploadProgress {
     ///
     /// # Errors
     /// The [`UploadError`] that ended it.
-    pub async fn sent(&mut self) -> Result<(), UploadError> {
+    pub(crate) async fn sent(&mut self) -> Result<(), UploadError> {
         match self.state.wait_for(|s| *s != State::Sending).await {
             Ok(s) => match &*s {
                 State::Failed(e) => Err(e.clone()),
@@ -321,7 +321,7 @@ impl UploadProgress {
     }
 
     /// Why the upload failed, if it did.
-    pub fn failure(&self) -> Option<UploadError> {
+    pub(crate) fn failure(&self) -> Option<UploadError> {
         match &*self.state.borrow() {
             State::Failed(e) => Some(e.clone()),
             _ => None,

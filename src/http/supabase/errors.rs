@@ -8,7 +8,7 @@ use crate::config::SUPABASE_PREFIX;
 /// How imgedge's own errors are written on a Supabase path: as Storage's error handler writes
 /// them, so that supabase-js and the AWS SDKs read them as Storage's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ErrorBody {
+pub(crate) enum ErrorBody {
     /// The REST API (objects, buckets, render, uploads): JSON, `{"statusCode": "413", "code":
     /// "EntityTooLarge", "error": "EntityTooLarge", "message": "...", "imgedgeCode":
     /// "payload_too_large"}`, as Storage's `StorageBackendError.render()` writes it:
@@ -27,7 +27,7 @@ pub enum ErrorBody {
 
 impl ErrorBody {
     /// How errors are written on `path`, a path of the Supabase route.
-    pub fn for_path(path: &str) -> ErrorBody {
+    pub(crate) fn for_path(path: &str) -> ErrorBody {
         match path
             .strip_prefix(SUPABASE_PREFIX)
             .and_then(|p| p.strip_prefix("s3"))
@@ -41,7 +41,12 @@ impl ErrorBody {
 
     /// The body and its `Content-Type` of an error with `status`, imgedge's `code` and
     /// `message`.
-    pub fn render(&self, status: StatusCode, code: &str, message: &str) -> (HeaderValue, String) {
+    pub(crate) fn render(
+        &self,
+        status: StatusCode,
+        code: &str,
+        message: &str,
+    ) -> (HeaderValue, String) {
         let storage = storage_code(code, status);
         match self {
             ErrorBody::Json => {

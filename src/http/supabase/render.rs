@@ -15,7 +15,7 @@ use crate::transform::{Fit, Params};
 /// the token itself when imgedge fetches the original with it, so a token it refuses renders
 /// nothing, and one it accepts carries transformations it signed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TokenClaims {
+pub(crate) struct TokenClaims {
     /// `exp`: seconds since the epoch.
     pub exp: Option<u64>,
     /// `transformations`, as `getSignedURL` writes them (`height:1,width:1,resize:cover,...`).
@@ -25,7 +25,7 @@ pub struct TokenClaims {
 impl TokenClaims {
     /// The claims of the `token=` query parameter of `query`; `None` when there is none or it is
     /// not a JWT whose payload is a JSON object.
-    pub fn of_query(query: Option<&str>) -> Option<TokenClaims> {
+    pub(crate) fn of_query(query: Option<&str>) -> Option<TokenClaims> {
         let token = query?
             .split('&')
             .find_map(|pair| pair.strip_prefix("token="))?;
@@ -46,7 +46,7 @@ impl TokenClaims {
     }
 
     /// When the token stops being valid.
-    pub fn expires_at(&self) -> Option<std::time::SystemTime> {
+    pub(crate) fn expires_at(&self) -> Option<std::time::SystemTime> {
         self.exp
             .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
     }
@@ -94,7 +94,8 @@ impl RenderKind {
 }
 
 /// Storage's header listing the transformations a render applied.
-pub const X_TRANSFORMATIONS: http::HeaderName = http::HeaderName::from_static("x-transformations");
+pub(crate) const X_TRANSFORMATIONS: http::HeaderName =
+    http::HeaderName::from_static("x-transformations");
 
 /// The parameters of a request on Storage's render route of `kind`: its query's, or for a
 /// signed URL the transformations its token carries (with `download` from the query; the
@@ -103,7 +104,7 @@ pub const X_TRANSFORMATIONS: http::HeaderName = http::HeaderName::from_static("x
 /// # Errors
 /// [`ProxyError::BadParameter`] for a bad parameter, or a signed URL without a JWT as its
 /// `token`.
-pub fn render_params(
+pub(crate) fn render_params(
     kind: RenderKind,
     query: Option<&str>,
     max_dimension: u32,
@@ -128,7 +129,7 @@ pub fn render_params(
 /// `ImageRenderer.applyTransformation`): sizes and quality as asked for, `resizing_type` when a
 /// size was, `format` only when one was asked for (a negotiated one is not listed); `None` when
 /// none applies.
-pub fn x_transformations(params: &Params) -> Option<HeaderValue> {
+pub(crate) fn x_transformations(params: &Params) -> Option<HeaderValue> {
     let mut segments = Vec::new();
     if let Some(h) = params.height {
         segments.push(format!("height:{h}"));

@@ -10,7 +10,7 @@ use crate::config::SUPABASE_PREFIX;
 
 /// The most of a request body read to learn what it writes (move, copy, bulk deletes); a
 /// larger body is streamed upstream all the same, and invalidates by its path only.
-pub const BODY_PREFIX_BYTES: usize = 64 * 1024;
+pub(crate) const BODY_PREFIX_BYTES: usize = 64 * 1024;
 
 /// What `encodeURIComponent` leaves as it is: `A-Z a-z 0-9 - _ . ! ~ * ' ( )`.
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -39,7 +39,7 @@ const URI: &AsciiSet = &COMPONENT
 
 /// The objects a write request changes, when it succeeds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Writes {
+pub(crate) struct Writes {
     /// Named by the request's path or headers.
     objects: Vec<Object>,
     /// How its body names more, when it does.
@@ -89,7 +89,7 @@ impl Writes {
     ///   `PATCH /upload/resumable[/sign]/{id}`, the object the upload id names (base64url of
     ///   `{bucket}/{key}/{version}`, as Storage builds it), so the PATCH that completes an
     ///   upload invalidates what it replaced.
-    pub fn of(method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Writes> {
+    pub(crate) fn of(method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<Writes> {
         let rest = uri.path().strip_prefix(SUPABASE_PREFIX)?;
         let (area, rest) = rest.split_once('/').unwrap_or((rest, ""));
         let writes = |objects: Vec<Object>| {
@@ -168,7 +168,7 @@ impl Writes {
 
     /// Whether what it writes is (also) named in its body: then up to [`BODY_PREFIX_BYTES`] of
     /// the body are kept as it streams upstream, for [`Writes::stale_paths`].
-    pub fn needs_body(&self) -> bool {
+    pub(crate) fn needs_body(&self) -> bool {
         self.body.is_some()
     }
 
@@ -178,7 +178,7 @@ impl Writes {
     /// (`encodeURI`, and `encodeURIComponent` per segment). `body`: the whole request body,
     /// when it was read whole within [`BODY_PREFIX_BYTES`]; without it, objects named only in
     /// the body are not known.
-    pub fn stale_paths(&self, body: Option<&[u8]>) -> Vec<String> {
+    pub(crate) fn stale_paths(&self, body: Option<&[u8]>) -> Vec<String> {
         let mut objects = self.objects.clone();
         if let (Some(names), Some(body)) = (&self.body, body) {
             objects.extend(names.objects(body));

@@ -16,10 +16,10 @@ use crate::transform::TransformError;
 use crate::transform::source::SourceReader;
 
 /// What the gif crate may allocate for itself: extension data (ICC, XMP) and one row.
-pub const MEMORY_LIMIT_BYTES: u64 = 2 << 20;
+pub(crate) const MEMORY_LIMIT_BYTES: u64 = 2 << 20;
 
 /// The frames of a GIF, composited.
-pub struct GifFrames {
+pub(crate) struct GifFrames {
     decoder: gif::Decoder<SourceReader>,
     width: usize,
     height: usize,
@@ -43,7 +43,7 @@ struct Rect {
 }
 
 /// One composited frame.
-pub struct Frame<'a> {
+pub(crate) struct Frame<'a> {
     /// The canvas, RGBA, the screen's size.
     pub rgba: &'a [u8],
     pub delay: Duration,
@@ -54,7 +54,7 @@ impl GifFrames {
     ///
     /// # Errors
     /// [`TransformError::Undecodable`] when it is not a GIF the gif crate reads.
-    pub fn new(
+    pub(crate) fn new(
         reader: SourceReader,
         max_frame_pixels: u64,
         deadline: Instant,
@@ -88,13 +88,13 @@ impl GifFrames {
     }
 
     /// The logical screen's size.
-    pub fn size(&self) -> (u32, u32) {
+    pub(crate) fn size(&self) -> (u32, u32) {
         (self.width as u32, self.height as u32)
     }
 
     /// How many times the animation repeats after its first run (0 forever), as its
     /// NETSCAPE2.0 extension says (read with the header).
-    pub fn loop_count(&self) -> u32 {
+    pub(crate) fn loop_count(&self) -> u32 {
         match self.decoder.repeat() {
             gif::Repeat::Infinite => 0,
             gif::Repeat::Finite(n) => u32::from(n),
@@ -106,7 +106,7 @@ impl GifFrames {
     /// # Errors
     /// [`TransformError::TooManyPixels`] for a frame over `max_frame_pixels` (before its pixels
     /// are read), [`TransformError::Undecodable`], [`TransformError::TimedOut`].
-    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, TransformError> {
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame<'_>>, TransformError> {
         check_deadline(self.deadline)?;
         let Some(info) = self
             .decoder
@@ -193,7 +193,7 @@ impl GifFrames {
     ///
     /// # Errors
     /// As [`GifFrames::next_frame`]; [`TransformError::Undecodable`] for a GIF without frames.
-    pub fn first(mut self) -> Result<Pixels, TransformError> {
+    pub(crate) fn first(mut self) -> Result<Pixels, TransformError> {
         self.next_frame()?
             .ok_or_else(|| TransformError::Undecodable("gif: no frame".into()))?;
         Ok(Pixels {
@@ -223,7 +223,7 @@ fn interlaced_row(i: usize, height: usize) -> usize {
 /// The bytes a GIF of a `width` × `height` screen holds while its frames are composited: the
 /// canvas, a copy of it for frames disposed of by restoring, one row of the widest frame the
 /// plan allows, and the decoder's [`MEMORY_LIMIT_BYTES`].
-pub fn working_bytes(width: u32, height: u32, widest_frame: u32) -> u64 {
+pub(crate) fn working_bytes(width: u32, height: u32, widest_frame: u32) -> u64 {
     let canvas = u64::from(width.max(1)) * u64::from(height.max(1)) * 4;
     2 * canvas + u64::from(widest_frame) * 4 * 2 + MEMORY_LIMIT_BYTES
 }

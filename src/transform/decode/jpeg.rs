@@ -25,7 +25,7 @@ const BAND_ROWS: usize = 16;
 /// The n of the n/8 DCT scaling for a `width` × `height` JPEG resized to `needed` (stored
 /// orientation): the smallest n (1–8) that leaves [`shrink::HEADROOM`] × `needed` on both sides.
 /// libjpeg rounds a scaled side up: n/8 of `w` is `ceil(w × n / 8)`.
-pub fn scale_numerator(width: u32, height: u32, needed: (f64, f64)) -> u8 {
+pub(crate) fn scale_numerator(width: u32, height: u32, needed: (f64, f64)) -> u8 {
     (1..=8u8)
         .find(|&n| {
             let (w, h) = scaled_size(width, height, n);
@@ -36,7 +36,7 @@ pub fn scale_numerator(width: u32, height: u32, needed: (f64, f64)) -> u8 {
 }
 
 /// The size of an n/8 decode of a `width` × `height` JPEG.
-pub fn scaled_size(width: u32, height: u32, n: u8) -> (u32, u32) {
+pub(crate) fn scaled_size(width: u32, height: u32, n: u8) -> (u32, u32) {
     let scale = |v: u32| (u64::from(v) * u64::from(n)).div_ceil(8) as u32;
     (scale(width), scale(height))
 }
@@ -49,7 +49,7 @@ pub fn scaled_size(width: u32, height: u32, n: u8) -> (u32, u32) {
 /// [`TransformError::Undecodable`] for what libjpeg cannot decode, [`TransformError::TimedOut`]
 /// past `deadline`; a source read that failed (its limit, the origin) is left to the caller to
 /// tell (the reader records it).
-pub fn decode(
+pub(crate) fn decode(
     reader: SourceReader,
     needed: (f64, f64),
     icc_profile: Option<Vec<u8>>,
@@ -152,7 +152,13 @@ fn cmyk_to_rgb(cmyk: &[u8], rgb: &mut [u8]) {
 /// (`n`): one band of output scanlines, and its own buffers (two iMCU rows of samples per
 /// component at full width, Huffman tables); for a progressive JPEG also the coefficients of the
 /// whole image (64 two-byte coefficients per 8 × 8 block of each component).
-pub fn working_bytes(width: u32, height: u32, components: u8, progressive: bool, n: u8) -> u64 {
+pub(crate) fn working_bytes(
+    width: u32,
+    height: u32,
+    components: u8,
+    progressive: bool,
+    n: u8,
+) -> u64 {
     let (w, h) = (u64::from(width), u64::from(height));
     let components = u64::from(components.max(1));
     let (sw, _) = scaled_size(width, height, n);

@@ -18,7 +18,7 @@ use crate::transform::source::SourceReader;
 /// [`ICC_PROFILE_MAX_BYTES`] inflated, and as much again for everything else. An `iCCP` chunk
 /// that inflates past it is ignored (the image decodes, without a profile); other chunks past it
 /// fail the decode.
-pub const CHUNK_BYTES: usize = 2 * ICC_PROFILE_MAX_BYTES;
+pub(crate) const CHUNK_BYTES: usize = 2 * ICC_PROFILE_MAX_BYTES;
 
 /// Decodes the PNG `reader` holds, reduced for `needed` (stored orientation). Checks `deadline`
 /// between rows.
@@ -26,7 +26,7 @@ pub const CHUNK_BYTES: usize = 2 * ICC_PROFILE_MAX_BYTES;
 /// # Errors
 /// [`TransformError::Undecodable`] for what the png crate cannot decode, or whose ancillary
 /// chunks pass [`CHUNK_BYTES`]; [`TransformError::TimedOut`] past `deadline`.
-pub fn decode(
+pub(crate) fn decode(
     reader: SourceReader,
     needed: (f64, f64),
     deadline: Instant,
@@ -89,7 +89,7 @@ pub fn decode(
 /// pixel (16-bit RGBA) row by row: two rows at full depth and one converted, its inflater's
 /// window and buffers, and [`CHUNK_BYTES`]; for an interlaced one, the whole image (8-bit
 /// output) as well.
-pub fn working_bytes(width: u32, height: u32, interlaced: bool) -> u64 {
+pub(crate) fn working_bytes(width: u32, height: u32, interlaced: bool) -> u64 {
     let row = u64::from(width) * 8 + 1;
     let inflate = 256 << 10;
     let whole = if interlaced {

@@ -15,7 +15,7 @@ use crate::transform::source::SourceReader;
 
 /// The size libwebp scales a `width` × `height` image to for `needed`: [`shrink::HEADROOM`] ×
 /// `needed` on each side, never larger than the image.
-pub fn scaled_size(width: u32, height: u32, needed: (f64, f64)) -> (u32, u32) {
+pub(crate) fn scaled_size(width: u32, height: u32, needed: (f64, f64)) -> (u32, u32) {
     let side =
         |full: u32, need: f64| ((need * shrink::HEADROOM).ceil() as u32).clamp(1, full.max(1));
     (side(width, needed.0), side(height, needed.1))
@@ -26,7 +26,7 @@ pub fn scaled_size(width: u32, height: u32, needed: (f64, f64)) -> (u32, u32) {
 /// # Errors
 /// [`TransformError::Undecodable`] for a broken or truncated bitstream,
 /// [`TransformError::TimedOut`] past `deadline`.
-pub fn decode(
+pub(crate) fn decode(
     mut reader: SourceReader,
     features: Features,
     needed: (f64, f64),
@@ -76,7 +76,7 @@ pub fn decode(
 /// scaled output: the compressed data it keeps (at most all of it), its row caches and scaler,
 /// the alpha plane, and for a lossless bitstream the whole image as 32-bit pixels (libwebp's
 /// VP8L decoder works on all of it), twice for its transforms' scratch.
-pub fn working_bytes(width: u32, height: u32, source_bytes: u64, lossless: bool) -> u64 {
+pub(crate) fn working_bytes(width: u32, height: u32, source_bytes: u64, lossless: bool) -> u64 {
     let (w, h) = (u64::from(width), u64::from(height));
     let rows = w * 4 * 48 + (1 << 20);
     let alpha = w * h;

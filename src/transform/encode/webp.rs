@@ -23,7 +23,7 @@ const VP8X_ALPHA: u8 = 0x10;
 ///
 /// # Errors
 /// [`TransformError::Encode`] when libwebp refuses (a side over 16 383 pixels, WebP's limit).
-pub fn encode_lossy(
+pub(crate) fn encode_lossy(
     image: &DynamicImage,
     quality: u8,
     icc_profile: Option<&[u8]>,

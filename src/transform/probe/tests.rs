@@ -320,3 +320,8 @@ fn other_bytes_are_undecodable() {
         assert!(!is_animated(bytes));
     }
 }
+
+/// Whether `bytes` is an animation, as far as its first bytes show.
+fn is_animated(bytes: &[u8]) -> bool {
+    probe(bytes).is_ok_and(|info| info.animated)
+}
