@@ -20,6 +20,8 @@
 #      CPU of each process tree (loadtest/lib/sample.py every 0.2 s).
 #   c. the same pass again with the same URLs on the same processes (imgedge answers from its
 #      stored renditions; sharp fetches and renders again).
+#      SSIM of every JPEG and WebP output against its source (lib/quality.py; Pillow and
+#      scikit-image pip-installed into a venv in SHARP_CACHE on first use).
 #   d. b on fresh processes (sharp first) each under a 512 MiB memory limit (SHARP_MEM_LIMIT): a cgroup of its
 #      own (v2 memory.max or v1 memory.limit_in_bytes, made under this shell's cgroup, removed
 #      afterwards; root needed) with imgedge's budget set to the limit as well (imgedge reads the
@@ -62,6 +64,16 @@ load_cap=${SHARP_LOAD_SECONDS:-$((quick ? 90 : 240))}
 mem_limit=${SHARP_MEM_LIMIT:-536870912}
 [[ $mem_limit =~ ^[1-9][0-9]{6,12}$ ]] || lt_die "SHARP_MEM_LIMIT=$mem_limit: want bytes"
 cache=${SHARP_CACHE:-/tmp/imgedge-sharp-cache}
+# A python3 with Pillow and scikit-image for loadtest/lib/quality.py: a venv in the cache,
+# installed with pip on first use. Prints its path; fails when it cannot be made.
+quality_python() {
+  local venv=$cache/quality-venv
+  if ! "$venv/bin/python" -c 'import PIL, skimage' 2>/dev/null; then
+    python3 -m venv "$venv" >&2 && "$venv/bin/pip" install --quiet --disable-pip-version-check \
+      'pillow>=10' 'scikit-image>=0.22' >&2 || return 1
+  fi
+  printf '%s\n' "$venv/bin/python"
+}
 peer_dir=$here/peers/sharp
 t_start=$SECONDS
 progress() { printf '%s: [%3ds] %s\n' "$LT_ME" "$((SECONDS - t_start))" "$*" >&2; }
@@ -522,6 +534,14 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
     echo "**Output check failed:** ${check_fail[*]}"
   else
     echo "Output check: every output is 800 wide and one frame (imgedge's GIF in its own format: the original, byte for byte)."
+  fi
+  echo
+  echo "SSIM of each output against its source (loadtest/lib/quality.py: the source decoded by Pillow, oriented, resized to the output's size with Lanczos; luma; scikit-image's structural_similarity with Wang et al.'s parameters; the same reference for both targets). Target: imgedge no worse than sharp by more than 0.005."
+  echo
+  if quality_py=$(quality_python); then
+    "$quality_py" "$here/lib/quality.py" "$serve" "$out_dir" "${images[@]}" || echo "(quality.py failed)"
+  else
+    echo "(not measured: could not install Pillow and scikit-image with pip)"
   fi
   echo
   echo "## b–d. Loads: $conns connections, one pass over $load_n corpus images at w=400"
