@@ -12,7 +12,7 @@
 #      peer's sharp: the corpus has none; cached) to w=800, in the source's format, as JPEG and as
 #      WebP (q=80), ROUNDS rounds, alternating which target goes first; medians per image and
 #      output, totals per source format, output bytes; every output's width is checked (800; the
-#      animated GIF in its own format is served unchanged by imgedge). The JPEG and WebP outputs
+#      animated GIF's GIF and WebP outputs from imgedge have all 6 frames). The JPEG and WebP outputs
 #      of the last round are kept as SHARP_OUT_DIR/<image>.<target>.<jpeg|webp> for quality checks.
 #   b. a cold load: wrk, 16 connections (CONNS), one pass over every corpus image at w=400 in a
 #      fixed shuffled order (loadtest/lib/sharp.lua: one unique URL per request, nothing else sent),
@@ -238,18 +238,17 @@ for name in "${images[@]}"; do
     for fmt in jpeg webp; do cp "$work/a/$name.$target.$fmt" "$out_dir/$name.$target.$fmt"; done
   done
 done
-# widths: 800 everywhere but imgedge's animated GIF in its own format (the original, unchanged)
+# widths: 800 everywhere; frames: imgedge resizes the animated GIF frame by frame (an animated
+# GIF in its own format, an animated WebP as WebP: all 6 frames), everything else is one frame
 check_fail=()
 declare -A chroma
 while IFS=$'\t' read -r f format width height pages sub; do
   base=${f##*/}
   chroma[$base]=$sub
-  if [[ $base == "$gif_name.imgedge.src" ]]; then
-    cmp -s "$f" "$serve/$gif_name" || check_fail+=("$base: not the original GIF")
-  elif [[ $width != 800 ]]; then
-    check_fail+=("$base: $format ${width}x$height")
-  fi
-  [[ $pages == 1 || $base == "$gif_name.imgedge.src" ]] || check_fail+=("$base: $pages frames")
+  [[ $width == 800 ]] || check_fail+=("$base: $format ${width}x$height")
+  want=1
+  [[ $base == "$gif_name.imgedge.src" || $base == "$gif_name.imgedge.webp" ]] && want=6
+  [[ $pages == "$want" ]] || check_fail+=("$base: $pages frames, want $want")
 done < <("$NODE" "$peer_dir/tools.js" probe "$work"/a/*)
 ((${#check_fail[@]} == 0)) || progress "phase a: OUTPUT CHECK FAILED: ${check_fail[*]}"
 
@@ -334,6 +333,11 @@ restart_both() { # [edge launcher] [sharp launcher...]: fresh processes
 restart_both
 progress "phase b: cold load, $conns connections, one pass over $load_n images at w=400 (cap ${load_cap}s each)"
 pass b imgedge "$LT_IMGEDGE_PID" "b$runid"
+# how much of imgedge's RSS is its memory tier (the sources and renditions it stored: a cache
+# holds them, sharp holds nothing between requests)
+edge_tier_b=$(health_json | python3 -c 'import json, sys
+h = json.load(sys.stdin)
+print("%.0f" % (h["cache"]["memory"]["bytes"] / 1048576))' 2>/dev/null || echo '?')
 pass b sharp "$SHARP_PID" "b$runid"
 progress "phase c: the same URLs again on the same processes"
 pass c imgedge "$LT_IMGEDGE_PID" "b$runid"
@@ -478,7 +482,7 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
   echo
   echo "## a. Cold thumbnails, one request at a time (w=800, q=80)"
   echo
-  echo "Wall time per request (curl: request to last byte, origin fetch included), median of $rounds round(s), alternating which target goes first. \"source format\": no \`format\` (imgedge keeps the source's format when \`Accept\` does not list WebP, as here; sharp keeps it too); the animated GIF in its own format is served unchanged by imgedge (no transform) while sharp renders its first frame: that row is not a comparison. Ratio = imgedge ÷ sharp (below 1: imgedge faster)."
+  echo "Wall time per request (curl: request to last byte, origin fetch included), median of $rounds round(s), alternating which target goes first. \"source format\": no \`format\` (imgedge keeps the source's format when \`Accept\` does not list WebP, as here; sharp keeps it too); imgedge resizes all frames of the animated GIF (as an animated GIF, or an animated WebP) while sharp renders its first frame: those rows are not a comparison. Ratio = imgedge ÷ sharp (below 1: imgedge faster)."
   echo
   echo "| image | bytes | output | imgedge s | sharp s | ratio | output bytes imgedge / sharp |"
   echo "|---|---:|---|---:|---:|---:|---|"
@@ -487,7 +491,7 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
     for fmt in src jpeg webp; do
       e=$(median <<<"${t_a[imgedge,$name,$fmt]}") s=$(median <<<"${t_a[sharp,$name,$fmt]}")
       g=${src_type[$name]}
-      if [[ ! ($name == "$gif_name" && $fmt == src) ]]; then
+      if [[ ! ($name == "$gif_name" && $fmt != jpeg) ]]; then
         tot_e[$g,$fmt]=$(awk -v a="${tot_e[$g,$fmt]:-0}" -v b="$e" 'BEGIN {print a + b}')
         tot_s[$g,$fmt]=$(awk -v a="${tot_s[$g,$fmt]:-0}" -v b="$s" 'BEGIN {print a + b}')
         tot_e[all,$fmt]=$(awk -v a="${tot_e[all,$fmt]:-0}" -v b="$e" 'BEGIN {print a + b}')
@@ -495,13 +499,13 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
       fi
       out_label=$(fmt_label "$fmt")
       [[ $fmt == src ]] && out_label+=" ($g)"
-      [[ $name == "$gif_name" && $fmt == src ]] && out_label+=" ¹"
+      [[ $name == "$gif_name" && $fmt != jpeg ]] && out_label+=" ¹"
       printf '| %s | %s | %s | %.3f | %.3f | %s | %s / %s |\n' "$name" "${src_bytes[$name]}" "$out_label" "$e" "$s" "$(ratio "$e" "$s")" \
         "${b_a[imgedge,$name,$fmt]}" "${b_a[sharp,$name,$fmt]}"
     done
   done
   echo
-  echo "¹ imgedge serves an animated GIF as it is unless a format is asked for; sharp reads its first frame only (\`pages: 1\`) and writes a one-frame GIF. Not in the totals."
+  echo "¹ imgedge resizes every frame of an animated GIF (6 here) into an animated GIF or WebP; sharp reads its first frame only (\`pages: 1\`) and writes one. Not a comparison, and not in the totals."
   echo
   echo "Sum of the medians per source format (ratio imgedge ÷ sharp):"
   echo
@@ -533,7 +537,7 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
   if ((${#check_fail[@]})); then
     echo "**Output check failed:** ${check_fail[*]}"
   else
-    echo "Output check: every output is 800 wide and one frame (imgedge's GIF in its own format: the original, byte for byte)."
+    echo "Output check: every output is 800 wide; imgedge's animated GIF outputs (GIF and WebP) have all 6 frames, every other output one."
   fi
   echo
   echo "SSIM of each output against its source (loadtest/lib/quality.py: the source decoded by Pillow, oriented, resized to the output's size with Lanczos; luma; scikit-image's structural_similarity with Wang et al.'s parameters; the same reference for both targets). Target: imgedge no worse than sharp by more than 0.005."
@@ -566,6 +570,10 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
     done
   done
   echo
+  b_peak=$(lt_kv peak_rss_mib "${L[b,imgedge,mem]}") b_sharp=$(lt_kv peak_rss_mib "${L[b,sharp,mem]}")
+  b_rest=$(awk -v p="$b_peak" -v t="$edge_tier_b" -v s="$b_sharp" 'BEGIN {
+    if (t ~ /^[0-9]+$/ && s > 0) printf "%.0f MiB, %.2f× sharp'"'"'s peak of %s MiB,", p - t, (p - t) / s, s; else print "?" }')
+  echo "- imgedge's memory tier at the end of b held $edge_tier_b MiB (the sources of up to 5 MiB it fetched, and the renditions: a cache keeps them, sharp keeps nothing between requests); of its peak RSS of $b_peak MiB ($(awk -v p="$b_peak" -v s="$b_sharp" 'BEGIN { if (s > 0) printf "%.2f", p / s; else print "?" }')× sharp's), $b_rest is not the tier."
   for label in b c d; do
     m=${L[$label,imgedge,metrics]:-}
     [[ -n $m ]] || continue
