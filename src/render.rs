@@ -368,6 +368,15 @@ impl Render {
             }
         };
         let plan = plan.map_err(|e| transform_error(e, caller))?;
+        // more than the whole fill pool could ever hold: refused for good, not "try later"
+        if plan.reserve_bytes > self.fills.capacity_bytes() {
+            return Err(ProxyError::ImageTooLarge(format!(
+                "transforming this image needs {} bytes, more than memory.inflight_fill_bytes \
+                 ({} bytes) could ever reserve",
+                plan.reserve_bytes,
+                self.fills.capacity_bytes()
+            )));
+        }
         let reservation = self
             .fills
             .try_reserve(plan.reserve_bytes)

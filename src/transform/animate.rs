@@ -235,6 +235,40 @@ pub(super) fn webp(
     finish(sink, out_w, out_h, count, start_ms)
 }
 
+/// An animated WebP's first frame, as a still (a still format asked for: JPEG, PNG).
+///
+/// # Errors
+/// [`TransformError::Undecodable`] when libwebp cannot read it or it has no frame;
+/// [`TransformError::TooManyPixels`] for a canvas over `max_source_pixels`; a read limit.
+pub(super) fn webp_first_frame(
+    mut reader: SourceReader,
+    limits: &Limits,
+) -> Result<super::decode::Pixels, TransformError> {
+    let data = reader
+        .read_all()
+        .map_err(|e| super::decode::undecodable("webp", e))?;
+    let mut decoder =
+        AnimDecoder::new(&data).map_err(|e| TransformError::Undecodable(e.to_string()))?;
+    let (width, height) = (decoder.canvas_width, decoder.canvas_height);
+    if u64::from(width) * u64::from(height) > limits.max_source_pixels {
+        return Err(TransformError::TooManyPixels {
+            width,
+            height,
+            max: limits.max_source_pixels,
+        });
+    }
+    let (rgba, _) = decoder
+        .next_frame()
+        .map_err(|e| TransformError::Undecodable(e.to_string()))?
+        .ok_or_else(|| TransformError::Undecodable("webp: no frame".into()))?;
+    Ok(super::decode::Pixels {
+        data: rgba.to_vec(),
+        width,
+        height,
+        channels: 4,
+    })
+}
+
 /// Adds a frame shown from `start_ms` for `delay_ms`.
 fn add(
     sink: &mut Sink,

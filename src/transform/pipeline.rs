@@ -159,6 +159,8 @@ pub fn plan(
         (true, Some(_)) => None,
     };
     let icc_profile = match source_format {
+        // a CMYK profile describes ink, not the RGB the decoder converts to by formula: dropped
+        ImageFormat::Jpeg if info.components == 4 => None,
         ImageFormat::Jpeg => decode::jpeg_icc_profile(header),
         ImageFormat::WebP => decode::webp_icc_profile(header),
         _ => None,
@@ -222,9 +224,9 @@ impl Plan {
                     (w, h, canvas),
                 )
             }
-            _ if self.animation.is_some() => {
-                // the whole file, libwebp's canvases (the frame, the previous one, the one
-                // handed over) and our copy of it
+            _ if self.webp.is_some_and(|f| f.animated) => {
+                // an animation, or its first frame as a still: the whole file, libwebp's
+                // canvases (the frame, the previous one, the one handed over) and our copy of it
                 let canvas = u64::from(w) * u64::from(h) * 4;
                 (source_bytes + 4 * canvas + (1 << 20), (w, h, canvas))
             }
@@ -242,8 +244,9 @@ impl Plan {
         // high), at 4 bytes a pixel; the orientation's copy of the reduced image
         let resize = out_px * 4 + u64::from(ow.max(rw)) * u64::from(rh) * 4 + reduced_bytes;
         let output = match self.animation {
-            // each frame's encoded bytes are reserved as they come (animate.rs); the encoder
-            // holds a few canvases of the output's size
+            // the encoder holds a few canvases of the output's size; the encoded frames it
+            // collects are not counted: they are bounded by the animation limits and
+            // `check_output` (docs/transforms.md, known limits)
             Some(_) => out_px * 4 * 6,
             None => encode::working_bytes(ow, oh, self.output) + max_output_bytes(ow, oh, 4, 1),
         };
@@ -334,6 +337,11 @@ pub fn decode_still(
         ImageFormat::Gif => Ok(Still {
             pixels: GifFrames::new(reader, limits.max_source_pixels, deadline)?.first()?,
             icc_profile: None,
+        }),
+        // libwebp's still decoder reads no animation: the first frame, through its demuxer
+        _ if plan.webp.is_some_and(|f| f.animated) => Ok(Still {
+            pixels: animate::webp_first_frame(reader, limits)?,
+            icc_profile: plan.icc_profile.clone(),
         }),
         _ => webp::decode(
             reader,

@@ -305,32 +305,47 @@ fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     png
 }
 
+/// A progressive JPEG of `width` x `height`, noisy (so that the file is large: a slow origin can
+/// hold it part way) or of one colour (small).
+fn progressive_jpeg(width: usize, height: usize, noisy: bool) -> Vec<u8> {
+    let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+    compress.set_size(width, height);
+    compress.set_progressive_mode();
+    let mut started = compress.start_compress(Vec::new()).unwrap();
+    let mut seed = 0x9e37_79b9_u32;
+    let pixels: Vec<u8> = (0..width * height * 3)
+        .map(|_| {
+            if noisy {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                seed as u8
+            } else {
+                90
+            }
+        })
+        .collect();
+    started.write_scanlines(&pixels).unwrap();
+    started.finish().unwrap()
+}
+
 #[tokio::test]
-async fn a_transform_reserves_its_pixels_from_the_fill_pool_first() {
+async fn a_transform_the_fill_pool_could_never_hold_is_refused_for_good() {
     let origin = TestOrigin::start().await;
     // a progressive JPEG holds every coefficient while it decodes: 3000 x 2000 x 3 x 2 bytes,
-    // which the pool cannot hold, although the file itself (one colour) is small
-    let png = {
-        let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
-        compress.set_size(3000, 2000);
-        compress.set_progressive_mode();
-        let mut started = compress.start_compress(Vec::new()).unwrap();
-        started
-            .write_scanlines(&vec![90u8; 3000 * 2000 * 3])
-            .unwrap();
-        started.finish().unwrap()
-    };
-    assert!(png.len() < 1 << 20, "{}", png.len());
+    // more than the whole pool, although the file itself (one colour) is small
+    let jpeg = progressive_jpeg(3000, 2000, false);
+    assert!(jpeg.len() < 1 << 20, "{}", jpeg.len());
     origin.route(
         OBJECT,
-        Reply::ok(png.clone()).header("content-type", "image/jpeg"),
+        Reply::ok(jpeg.clone()).header("content-type", "image/jpeg"),
     );
     let proxy = TestProxy::for_origin(&origin, "[memory]\ninflight_fill_bytes = 16000000\n").await;
     assert_eq!(proxy.get(OBJECT).await.status, 200);
     let got = proxy.get(&format!("{RENDER}?width=20")).await;
-    assert_eq!(got.status, 503, "{}", got.text());
-    assert_eq!(got.error_code(), "overloaded");
-    assert_eq!(got.header("retry-after"), "1");
+    assert_eq!(got.status, 422, "{}", got.text());
+    assert_eq!(got.error_code(), "image_too_large");
+    assert!(got.text().contains("inflight_fill_bytes"), "{}", got.text());
     // the original is still served, and the pool is whole again: a small source transforms
     origin.route(
         "/storage/v1/object/public/photos/small.png",
@@ -340,7 +355,93 @@ async fn a_transform_reserves_its_pixels_from_the_fill_pool_first() {
         .get("/storage/v1/render/image/public/photos/small.png?width=10")
         .await;
     assert_eq!(got.status, 200, "{}", got.text());
-    assert_eq!(proxy.get(OBJECT).await.body.as_ref(), png.as_slice());
+    assert_eq!(proxy.get(OBJECT).await.body.as_ref(), jpeg.as_slice());
+}
+
+#[tokio::test]
+async fn a_transform_waits_for_room_in_the_fill_pool_no_longer_than_it_takes_to_say_so() {
+    let origin = TestOrigin::start().await;
+    // two large progressive JPEGs: the pool holds one transform's plan, not two
+    let jpeg = progressive_jpeg(1600, 1200, true);
+    assert!(jpeg.len() > 500_000, "{}", jpeg.len());
+    let plan = imgedge::transform::plan(
+        &jpeg,
+        Some(jpeg.len() as u64),
+        &imgedge::transform::Params::from_query(Some("width=20"), 2500).unwrap(),
+        &imgedge::transform::Limits {
+            max_source_pixels: 71_000_000,
+            max_dimension: 2500,
+            max_animation_frames: 500,
+            max_animation_pixels: 500_000_000,
+            timeout: Duration::from_secs(10),
+        },
+    )
+    .unwrap();
+    // one plan and both sources' fills, not two plans
+    let pool = plan.reserve_bytes + 3 * jpeg.len() as u64;
+    assert!(pool < 2 * plan.reserve_bytes, "{pool}");
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let held = "/storage/v1/object/public/photos/held.jpg";
+    let other = "/storage/v1/object/public/photos/other.jpg";
+    // the first source stops after its header, until the gate opens: its transform holds its
+    // reservation meanwhile
+    origin.route(
+        held,
+        Reply::ok(jpeg.clone())
+            .header("content-type", "image/jpeg")
+            .fault(Fault::GateAfter(200_000, gate.clone())),
+    );
+    origin.route(
+        other,
+        Reply::ok(jpeg.clone()).header("content-type", "image/jpeg"),
+    );
+    let proxy = std::sync::Arc::new(
+        TestProxy::for_origin(
+            &origin,
+            &format!("[memory]\ninflight_fill_bytes = {pool}\n"),
+        )
+        .await,
+    );
+    let first = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            proxy
+                .get("/storage/v1/render/image/public/photos/held.jpg?width=20")
+                .await
+        })
+    };
+    // the first has reserved once its source is held at the gate
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = proxy.get("/metrics").await.text();
+        let reserved = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("imgedge_fill_reserved_bytes "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if reserved >= plan.reserve_bytes as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first transform never reserved ({reserved} bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = proxy
+        .get("/storage/v1/render/image/public/photos/other.jpg?width=20")
+        .await;
+    assert_eq!(second.status, 503, "{}", second.text());
+    assert_eq!(second.error_code(), "overloaded");
+    assert_eq!(second.header("retry-after"), "1");
+    gate.notify_one();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.text());
+    // with the pool whole again, the second is made
+    let again = proxy
+        .get("/storage/v1/render/image/public/photos/other.jpg?width=20")
+        .await;
+    assert_eq!(again.status, 200, "{}", again.text());
 }
 
 #[tokio::test]
@@ -1035,6 +1136,28 @@ async fn animations_are_resized_frame_by_frame_with_their_timing() {
     assert_eq!(got.header("content-type"), "image/jpeg");
     let still = decoded(&got);
     assert_eq!((still.width(), still.height()), (40, 20));
+    // and from an animated WebP source (libwebp's still decoder reads no animation)
+    let webp = proxy
+        .get(&format!("{render}?width=40&format=webp"))
+        .await
+        .body;
+    let webp_object = "/storage/v1/object/public/photos/spin.webp";
+    origin.route(
+        webp_object,
+        Reply::ok(webp.to_vec()).content_type(Some("image/webp")),
+    );
+    for (format, content_type) in [("jpeg", "image/jpeg"), ("png", "image/png")] {
+        let got = proxy
+            .get(&format!(
+                "/image-proxy?w=20&format={format}&url={}",
+                origin.url(webp_object)
+            ))
+            .await;
+        assert_eq!(got.status, 200, "{format}: {}", got.text());
+        assert_eq!(got.header("content-type"), content_type);
+        let still = decoded(&got);
+        assert_eq!((still.width(), still.height()), (20, 10), "{format}");
+    }
     // what /image-info says of it
     let info = proxy.get(&format!("/image-info{object}")).await;
     assert_eq!(info.status, 200, "{}", info.text());
