@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::rss::RssSource;
 
@@ -212,12 +212,18 @@ impl Monitor {
 /// the last RSS sample left below a line (the `bypass` threshold; [`Self::set_headroom`]): no
 /// more may be reserved between two samples than would take RSS from the last reading to that
 /// line. Near the line new fills stream unstored instead of jumping past it together.
+///
+/// Fills take what is free or go without ([`Self::try_reserve`]); a transform, which cannot go
+/// without, may wait for room ([`Self::reserve`]), woken when a reservation is returned or the
+/// headroom grows.
 #[derive(Debug)]
 pub(crate) struct ReservationPool {
     capacity_bytes: u64,
     /// The current bound on `used_bytes`: at most `capacity_bytes`.
     limit_bytes: AtomicU64,
     used_bytes: AtomicU64,
+    /// Wakes the callers of [`Self::reserve`] when room may have been made.
+    room: Notify,
 }
 
 impl ReservationPool {
@@ -226,6 +232,7 @@ impl ReservationPool {
             capacity_bytes,
             limit_bytes: AtomicU64::new(capacity_bytes),
             used_bytes: AtomicU64::new(0),
+            room: Notify::new(),
         })
     }
 
@@ -237,7 +244,10 @@ impl ReservationPool {
             .used_bytes()
             .saturating_add(headroom)
             .min(self.capacity_bytes);
-        self.limit_bytes.store(limit, Ordering::Relaxed);
+        let before = self.limit_bytes.swap(limit, Ordering::Relaxed);
+        if limit > before {
+            self.room.notify_waiters();
+        }
     }
 
     /// The current bound on reserved bytes (see [`Self::set_headroom`]).
@@ -251,6 +261,27 @@ impl ReservationPool {
             pool: self.clone(),
             bytes,
         })
+    }
+
+    /// Reserves `bytes`, waiting for room until `deadline`; `None` when none was made by then.
+    /// Waiters are not queued in order: whoever fits when room is made takes it.
+    pub(crate) async fn reserve(
+        self: &Arc<Self>,
+        bytes: u64,
+        deadline: tokio::time::Instant,
+    ) -> Option<Reservation> {
+        loop {
+            // registered before trying, so that room made in between is not missed
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reservation) = self.try_reserve(bytes) {
+                return Some(reservation);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.try_reserve(bytes);
+            }
+        }
     }
 
     fn take(&self, bytes: u64) -> bool {
@@ -293,6 +324,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.pool.used_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.pool.room.notify_waiters();
     }
 }
 
@@ -454,6 +486,41 @@ mod tests {
         pool.set_headroom(10, 1_000_000);
         assert_eq!(pool.limit_bytes(), 1000);
         assert!(pool.try_reserve(1000).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_reservation_waits_for_room_until_its_deadline() {
+        let pool = ReservationPool::new(100);
+        let held = pool.try_reserve(80).unwrap();
+        let start = tokio::time::Instant::now();
+        let wait = Duration::from_millis(100);
+        // no room is made: none, at the deadline and not before
+        assert!(pool.reserve(50, start + wait).await.is_none());
+        assert!(start.elapsed() >= wait);
+        // room made while it waits is taken
+        let waiter = |bytes| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                pool.reserve(bytes, deadline).await
+            })
+        };
+        let first = waiter(50);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!first.is_finished());
+        drop(held);
+        let first = first.await.unwrap().expect("room was made");
+        assert_eq!(pool.used_bytes(), 50);
+        // so is headroom that grows: RSS past the line, then far below it
+        pool.set_headroom(2000, 1000);
+        let second = waiter(50);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished());
+        pool.set_headroom(0, 1000);
+        let second = second.await.unwrap().expect("headroom was made");
+        assert_eq!(pool.used_bytes(), 100);
+        drop((first, second));
+        assert_eq!(pool.used_bytes(), 0);
     }
 
     #[test]

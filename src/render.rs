@@ -377,9 +377,12 @@ impl Render {
                 self.fills.capacity_bytes()
             )));
         }
+        // room made by the transforms and fills before it; past its wait, "try later"
+        let wait_until = deadline.min(Instant::now() + self.pool.queue_timeout());
         let reservation = self
             .fills
-            .try_reserve(plan.reserve_bytes)
+            .reserve(plan.reserve_bytes, wait_until.into())
+            .await
             .ok_or(ProxyError::Overloaded)?;
         let output = self
             .run(turn, plan, params, (prefix, ended, body), deadline, caller)

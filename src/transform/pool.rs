@@ -1,6 +1,7 @@
 //! Where transforms run: the blocking thread pool, at most `[transform] max_concurrent` at once.
 //! A transform takes its turn before its source is fetched (admission before work: a queued
-//! transform holds no source bytes), and waits at most `[transform] queue_timeout` for it.
+//! transform holds no source bytes), and waits at most `[transform] queue_timeout` for it (and,
+//! holding it, as long again for room in the fill pool: `render.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -100,6 +101,11 @@ impl Pool {
         })
         .await;
         done.map_err(|e| ProxyError::Upstream(format!("transform task failed: {e}")))
+    }
+
+    /// How long a transform may wait to start: for its turn, and again for memory.
+    pub(crate) fn queue_timeout(&self) -> Duration {
+        self.queue_timeout
     }
 
     /// How the pool is used now.

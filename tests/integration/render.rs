@@ -359,7 +359,7 @@ async fn a_transform_the_fill_pool_could_never_hold_is_refused_for_good() {
 }
 
 #[tokio::test]
-async fn a_transform_waits_for_room_in_the_fill_pool_no_longer_than_it_takes_to_say_so() {
+async fn a_transform_waits_for_room_in_the_fill_pool_as_long_as_its_queue_timeout() {
     let origin = TestOrigin::start().await;
     // two large progressive JPEGs: the pool holds one transform's plan, not two
     let jpeg = progressive_jpeg(1600, 1200, true);
@@ -381,63 +381,79 @@ async fn a_transform_waits_for_room_in_the_fill_pool_no_longer_than_it_takes_to_
     let pool = plan.reserve_bytes + 3 * jpeg.len() as u64;
     assert!(pool < 2 * plan.reserve_bytes, "{pool}");
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());
-    let held = "/storage/v1/object/public/photos/held.jpg";
-    let other = "/storage/v1/object/public/photos/other.jpg";
-    // the first source stops after its header, until the gate opens: its transform holds its
-    // reservation meanwhile
-    origin.route(
-        held,
-        Reply::ok(jpeg.clone())
-            .header("content-type", "image/jpeg")
-            .fault(Fault::GateAfter(200_000, gate.clone())),
-    );
-    origin.route(
-        other,
-        Reply::ok(jpeg.clone()).header("content-type", "image/jpeg"),
-    );
+    // the first source stops after its header until the gate opens (within the upstream's
+    // idle_timeout): its transform holds its reservation meanwhile
+    for name in ["held", "other", "third"] {
+        origin.route(
+            &format!("/storage/v1/object/public/photos/{name}.jpg"),
+            Reply::ok(jpeg.clone())
+                .header("content-type", "image/jpeg")
+                .fault(if name == "held" {
+                    Fault::GateAfter(200_000, gate.clone())
+                } else {
+                    Fault::None
+                }),
+        );
+    }
     let proxy = std::sync::Arc::new(
         TestProxy::for_origin(
             &origin,
-            &format!("[memory]\ninflight_fill_bytes = {pool}\n"),
+            &format!(
+                "[memory]\ninflight_fill_bytes = {pool}\n[transform]\nqueue_timeout = \"1s\"\n\
+                 [upstream]\nidle_timeout = \"10s\"\n"
+            ),
         )
         .await,
     );
-    let first = {
+    let render = |name: &'static str| {
         let proxy = proxy.clone();
         tokio::spawn(async move {
             proxy
-                .get("/storage/v1/render/image/public/photos/held.jpg?width=20")
+                .get(&format!(
+                    "/storage/v1/render/image/public/photos/{name}.jpg?width=20"
+                ))
                 .await
         })
     };
+    let first = render("held");
     // the first has reserved once its source is held at the gate
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let reserved = || async {
         let metrics = proxy.get("/metrics").await.text();
-        let reserved = metrics
+        metrics
             .lines()
             .find_map(|l| l.strip_prefix("imgedge_fill_reserved_bytes "))
             .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if reserved >= plan.reserve_bytes as f64 {
-            break;
-        }
+            .unwrap_or(0.0)
+    };
+    while reserved().await < plan.reserve_bytes as f64 {
         assert!(
             Instant::now() < deadline,
-            "the first transform never reserved ({reserved} bytes)"
+            "the first transform never reserved"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let second = proxy
-        .get("/storage/v1/render/image/public/photos/other.jpg?width=20")
-        .await;
+    // no room comes: the second waits its queue_timeout, then "try later"
+    let waited = Instant::now();
+    let second = render("other").await.unwrap();
     assert_eq!(second.status, 503, "{}", second.text());
     assert_eq!(second.error_code(), "overloaded");
     assert_eq!(second.header("retry-after"), "1");
+    assert!(
+        waited.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        waited.elapsed()
+    );
+    // room comes while the third waits: it is made, not refused
+    let third = render("third");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!third.is_finished());
     gate.notify_one();
     let first = first.await.unwrap();
     assert_eq!(first.status, 200, "{}", first.text());
-    // with the pool whole again, the second is made
+    let third = third.await.unwrap();
+    assert_eq!(third.status, 200, "{}", third.text());
+    // and the one refused is made now that the pool is whole again
     let again = proxy
         .get("/storage/v1/render/image/public/photos/other.jpg?width=20")
         .await;
