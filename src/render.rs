@@ -660,9 +660,9 @@ impl From<TransformError> for ProxyError {
     fn from(e: TransformError) -> Self {
         match e {
             TransformError::BadParameter(why) => ProxyError::BadParameter(why),
-            e @ (TransformError::TooManyPixels { .. } | TransformError::TooManyFrames { .. }) => {
-                ProxyError::ImageTooLarge(e.to_string())
-            }
+            e @ (TransformError::TooManyPixels { .. }
+            | TransformError::TooManyFrames { .. }
+            | TransformError::TooManyScans { .. }) => ProxyError::ImageTooLarge(e.to_string()),
             e @ (TransformError::NotAnImage(_) | TransformError::Undecodable(_)) => {
                 ProxyError::NotAnImage(e.to_string())
             }

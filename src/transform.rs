@@ -53,6 +53,10 @@ pub enum TransformError {
     /// An animation with more frames than `[transform] max_animation_frames`.
     #[error("the animation has more than {max} frames (transform.max_animation_frames)")]
     TooManyFrames { max: u32 },
+    /// A JPEG with more scans than a decoder should walk (each one passes over every
+    /// coefficient: a CPU bomb), `decode/jpeg_scans.rs`'s limit.
+    #[error("the JPEG has more than {max} scans")]
+    TooManyScans { max: u32 },
     /// Not an image this build decodes, or a corrupt one.
     #[error("the source cannot be decoded: {0}")]
     Undecodable(String),

@@ -416,7 +416,13 @@ fn mutate(source: &[u8], rng: &mut Rng) -> Vec<u8> {
 /// was made.
 fn check(name: &str, source: Vec<u8>, query: &str) -> Option<(u64, i64)> {
     let limits = limits();
-    let params = Params::from_query(Some(query), 2500).unwrap();
+    let params = if query.starts_with("w=") {
+        Params::from_image_proxy_query(Some(query), 2500)
+            .unwrap()
+            .unwrap()
+    } else {
+        Params::from_query(Some(query), 2500).unwrap()
+    };
     let source = Bytes::from(source);
     let mut reserved = 0u64;
     let (result, peak) = counted(|| {
@@ -439,11 +445,13 @@ fn check(name: &str, source: Vec<u8>, query: &str) -> Option<(u64, i64)> {
     Some((reserved, peak))
 }
 
-const QUERIES: [&str; 4] = [
+const QUERIES: [&str; 5] = [
     "width=100",
     "width=300&height=300&format=webp",
     "width=50&format=origin",
     "quality=60",
+    // /image-proxy's: a still asked of an animation is its first frame
+    "w=120&format=jpeg",
 ];
 
 #[test]

@@ -1,11 +1,13 @@
 //! The pipeline's first step: a source decoded, reduced while it decodes where the format
 //! allows (`shrink.rs`), into 8-bit pixels with its ICC profile. One file per format:
 //! `decode/jpeg.rs` (MozJPEG, scanlines, DCT scaling), `decode/png.rs` (rows), `decode/gif.rs`
-//! (frames composited row by row), `decode/webp.rs` (libwebp, incremental and scaled).
+//! (frames composited row by row), `decode/webp.rs` (libwebp, incremental and scaled);
+//! `decode/jpeg_scans.rs` counts a JPEG's scans as libjpeg reads them.
 //! Animations are `animate.rs`'s.
 
 pub(super) mod gif;
 pub(super) mod jpeg;
+mod jpeg_scans;
 pub(super) mod png;
 pub(super) mod webp;
 

@@ -271,7 +271,7 @@ pub(crate) fn output_format(source: ImageFormat, params: &Params) -> ImageFormat
 /// Runs the planned transform on the source `reader` streams, by `params`.
 ///
 /// # Errors
-/// [`TransformError`]: the decoders' (`Undecodable`, `TooManyPixels` and `TooManyFrames` for
+/// [`TransformError`]: the decoders' (`Undecodable`, `TooManyScans`, `TooManyPixels` and `TooManyFrames` for
 /// what the header did not show), a read limit (`TimedOut`, `SourceTooLarge`, `SourceFailed`),
 /// `Encode`.
 pub(crate) fn run(

@@ -460,6 +460,76 @@ async fn a_transform_waits_for_room_in_the_fill_pool_as_long_as_its_queue_timeou
     assert_eq!(again.status, 200, "{}", again.text());
 }
 
+/// A progressive JPEG of `width` x `height` grey pixels that is all scans: a DC scan, then
+/// `ac_scans` AC scans of one 15-bit code each (an end-of-band run over every block), as in the
+/// CPU bomb of libjpeg-turbo's "Two Issues with the JPEG Standard": each scan costs the decoder a
+/// pass over every block, and a few bytes of file.
+fn many_scans_jpeg(width: u16, height: u16, ac_scans: usize) -> Vec<u8> {
+    fn segment(out: &mut Vec<u8>, marker: u8, payload: &[u8]) {
+        out.extend([0xFF, marker]);
+        out.extend((payload.len() as u16 + 2).to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+    let mut out = vec![0xFF, 0xD8];
+    segment(&mut out, 0xDB, &[[0u8].as_slice(), &[1; 64]].concat());
+    let [h1, h0] = height.to_be_bytes();
+    let [w1, w0] = width.to_be_bytes();
+    segment(&mut out, 0xC2, &[8, h1, h0, w1, w0, 1, 1, 0x11, 0]);
+    // DC table 0 and AC table 0: a single one-bit code each (DC: no difference; AC: a run of
+    // 2^14 end-of-bands plus 14 bits)
+    let one_code = |class: u8, symbol: u8| {
+        let mut t = vec![class, 1];
+        t.extend([0; 15]);
+        t.push(symbol);
+        t
+    };
+    segment(&mut out, 0xC4, &one_code(0x00, 0x00));
+    segment(&mut out, 0xC4, &one_code(0x10, 0xE0));
+    segment(&mut out, 0xDA, &[1, 1, 0x00, 0, 0, 0x00]);
+    let blocks = usize::from(width.div_ceil(8)) * usize::from(height.div_ceil(8));
+    assert!(blocks <= 32_767, "one run covers at most 32 767 blocks");
+    out.extend(vec![0u8; blocks / 8]);
+    if blocks % 8 != 0 {
+        out.push(0xFF >> (blocks % 8));
+        if out.last() == Some(&0xFF) {
+            out.push(0);
+        }
+    }
+    for _ in 0..ac_scans {
+        segment(&mut out, 0xDA, &[1, 1, 0x00, 1, 63, 0x00]);
+        // 0, then fourteen 1s, then a padding 1: 0x7F 0xFF, the 0xFF stuffed
+        out.extend([0x7F, 0xFF, 0x00]);
+    }
+    out.extend([0xFF, 0xD9]);
+    out
+}
+
+#[tokio::test]
+async fn a_jpeg_with_more_scans_than_the_limit_is_refused_before_decoding_them() {
+    let origin = TestOrigin::start().await;
+    // within the limit the crafted file is a JPEG that decodes (grey, as it says)
+    let fine = "/storage/v1/object/public/photos/scans-400.jpg";
+    let bomb = "/storage/v1/object/public/photos/scans-5000.jpg";
+    origin.route(fine, Reply::ok(many_scans_jpeg(1024, 1024, 400)));
+    origin.route(bomb, Reply::ok(many_scans_jpeg(1024, 1024, 5_000)));
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    let got = proxy
+        .get("/storage/v1/render/image/public/photos/scans-400.jpg?width=100")
+        .await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let decoded = image::load_from_memory(&got.body).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (100, 100));
+    // past it: refused for good, as an image too large to render, not as a broken one
+    let got = proxy
+        .get("/storage/v1/render/image/public/photos/scans-5000.jpg?width=100")
+        .await;
+    assert_eq!(got.status, 422, "{}", got.text());
+    assert_eq!(got.error_code(), "image_too_large");
+    assert!(got.text().contains("more than 500 scans"), "{}", got.text());
+    // the original itself is served as it is
+    assert_eq!(proxy.get(bomb).await.status, 200);
+}
+
 #[tokio::test]
 async fn exif_orientations_1_to_8_are_applied() {
     // 40 x 20, the top-left 20 x 10 quadrant red, the rest blue

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use mozjpeg::{ColorSpace, Decompress};
 
+use super::jpeg_scans::{MAX_SCANS, Scans};
 use super::{Pixels, Still, check_deadline, undecodable};
 use crate::transform::TransformError;
 use crate::transform::shrink::{self, Shrinker};
@@ -43,21 +44,27 @@ pub(crate) fn scaled_size(width: u32, height: u32, n: u8) -> (u32, u32) {
 
 /// Decodes the JPEG `reader` holds, reduced for `needed` (stored orientation), into 8-bit grey
 /// or RGB (CMYK and YCCK converted, as Adobe writes them: inverted); `icc_profile` is the one
-/// read from its header. Checks `deadline` between bands.
+/// read from its header. Checks `deadline` between bands, and (through the reader) before each
+/// scan of a progressive JPEG.
 ///
 /// # Errors
 /// [`TransformError::Undecodable`] for what libjpeg cannot decode, [`TransformError::TimedOut`]
-/// past `deadline`; a source read that failed (its limit, the origin) is left to the caller to
-/// tell (the reader records it).
+/// past `deadline`, [`TransformError::TooManyScans`] for more than [`MAX_SCANS`] scans; a
+/// source read that failed (its limit, the origin) is left to the caller to tell (the reader
+/// records it).
 pub(crate) fn decode(
     reader: SourceReader,
     needed: (f64, f64),
     icc_profile: Option<Vec<u8>>,
     deadline: Instant,
 ) -> Result<Still, TransformError> {
+    let (reader, too_many_scans) = Scans::new(reader);
     let decoded = catch_unwind(AssertUnwindSafe(move || {
         decode_rows(reader, needed, deadline)
     }));
+    if too_many_scans.get() {
+        return Err(TransformError::TooManyScans { max: MAX_SCANS });
+    }
     match decoded {
         Ok(Ok(pixels)) => Ok(Still {
             pixels,
@@ -76,7 +83,7 @@ pub(crate) fn decode(
 }
 
 fn decode_rows(
-    reader: SourceReader,
+    reader: Scans<SourceReader>,
     needed: (f64, f64),
     deadline: Instant,
 ) -> Result<Pixels, TransformError> {
