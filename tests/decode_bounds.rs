@@ -302,6 +302,8 @@ fn inputs() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("jpeg", jpeg(640, 480, false)),
         ("progressive jpeg", jpeg(640, 480, true)),
+        // 4:2:0: its coefficients, which dominate, are planned at that sampling
+        ("large progressive jpeg", jpeg(1600, 1200, true)),
         (
             "grey png",
             encoded(

@@ -198,7 +198,13 @@ impl Plan {
                 let (sw, sh) = jpeg::scaled_size(w, h, n);
                 let (fx, fy) = (shrink::shrink_factor(sw, nw), shrink::shrink_factor(sh, nh));
                 (
-                    jpeg::working_bytes(w, h, self.info.components, self.info.progressive, n),
+                    jpeg::working_bytes(
+                        w,
+                        h,
+                        self.info.components,
+                        (self.info.progressive, self.info.coefficient_blocks),
+                        n,
+                    ),
                     (
                         sw.div_ceil(fx),
                         sh.div_ceil(fy),

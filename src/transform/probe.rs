@@ -65,6 +65,12 @@ pub struct ImageInfo {
     /// A JPEG's colour components (1 grey, 3 YCbCr or RGB, 4 CMYK or YCCK).
     #[serde(skip)]
     pub components: u8,
+    /// A JPEG's 8 × 8 blocks of coefficients over all its components, as libjpeg allocates them
+    /// to decode a progressive image whole: each component's blocks at its own sampling (ITU
+    /// T.81 §A.1.1; a 4:2:0 JPEG has half the blocks of a 4:4:4 one), rounded up to whole
+    /// MCUs. 0 when unknown (not a JPEG, or sampling factors libjpeg refuses).
+    #[serde(skip)]
+    pub coefficient_blocks: u64,
     /// The largest frame seen (GIF image descriptors, APNG `fcTL`), which may be larger than
     /// the logical screen; the image's size otherwise.
     #[serde(skip)]
@@ -154,6 +160,8 @@ fn jpeg(b: &[u8]) -> Result<ImageInfo, TransformError> {
                 let height = be16(segment, 1).ok_or_else(truncated)?;
                 let width = be16(segment, 3).ok_or_else(truncated)?;
                 let components = *segment.get(5).ok_or_else(truncated)?;
+                let coefficient_blocks =
+                    coefficient_blocks(segment, width, height, components).unwrap_or(0);
                 return Ok(ImageInfo {
                     format: ImageKind::Jpeg,
                     width: u32::from(width),
@@ -166,6 +174,7 @@ fn jpeg(b: &[u8]) -> Result<ImageInfo, TransformError> {
                     // SOF2, 6, 10, 14: progressive
                     progressive: matches!(code, 0xC2 | 0xC6 | 0xCA | 0xCE),
                     components,
+                    coefficient_blocks,
                     largest_frame: (u32::from(width), u32::from(height)),
                     lossless: false,
                 });
@@ -181,6 +190,39 @@ fn jpeg(b: &[u8]) -> Result<ImageInfo, TransformError> {
 
 /// The orientation (tag 0x0112) in IFD0 of a TIFF structure (an EXIF payload), if it is there
 /// and 1–8.
+/// The coefficient blocks libjpeg holds for a whole-image decode of the frame whose SOF
+/// `segment` (after the length) gives `width` × `height` and `components`: per component
+/// `ceil(width × h / (h_max × 8))` blocks across, rounded up to a multiple of `h`, times the same
+/// down (libjpeg's `jdinput.c` and `jdcoefct.c`). `None` for a truncated segment or sampling
+/// factors outside 1–4, which libjpeg refuses.
+fn coefficient_blocks(segment: &[u8], width: u16, height: u16, components: u8) -> Option<u64> {
+    let specs = segment.get(6..6 + 3 * usize::from(components))?;
+    let factors: Vec<(u64, u64)> = specs
+        .chunks_exact(3)
+        .map(|c| (u64::from(c[1] >> 4), u64::from(c[1] & 0x0F)))
+        .collect();
+    if factors.is_empty()
+        || factors
+            .iter()
+            .any(|&(h, v)| !(1..=4).contains(&h) || !(1..=4).contains(&v))
+    {
+        return None;
+    }
+    let h_max = factors.iter().map(|f| f.0).max()?;
+    let v_max = factors.iter().map(|f| f.1).max()?;
+    let (w, ht) = (u64::from(width), u64::from(height));
+    Some(
+        factors
+            .iter()
+            .map(|&(h, v)| {
+                let across = (w * h).div_ceil(h_max * 8).next_multiple_of(h);
+                let down = (ht * v).div_ceil(v_max * 8).next_multiple_of(v);
+                across * down
+            })
+            .sum(),
+    )
+}
+
 fn exif_orientation(tiff: &[u8]) -> Option<u8> {
     let little = match tiff.get(0..4)? {
         b"II*\0" => true,
@@ -238,6 +280,7 @@ fn png(b: &[u8]) -> Result<ImageInfo, TransformError> {
         duration_ms: None,
         progressive: interlaced,
         components: 0,
+        coefficient_blocks: 0,
         largest_frame: (width, height),
         lossless: true,
     };
@@ -309,6 +352,7 @@ fn gif(b: &[u8]) -> Result<ImageInfo, TransformError> {
         duration_ms: None,
         progressive: false,
         components: 0,
+        coefficient_blocks: 0,
         largest_frame: (u32::from(width), u32::from(height)),
         lossless: true,
     };
@@ -401,6 +445,7 @@ fn webp(b: &[u8]) -> Result<ImageInfo, TransformError> {
         duration_ms: None,
         progressive: false,
         components: 0,
+        coefficient_blocks: 0,
         largest_frame: (0, 0),
         lossless: false,
     };

@@ -158,12 +158,13 @@ fn cmyk_to_rgb(cmyk: &[u8], rgb: &mut [u8]) {
 /// The bytes libjpeg holds while decoding a `width` × `height` JPEG of `components` at n/8
 /// (`n`): one band of output scanlines, and its own buffers (two iMCU rows of samples per
 /// component at full width, Huffman tables); for a progressive JPEG also the coefficients of the
-/// whole image (64 two-byte coefficients per 8 × 8 block of each component).
+/// whole image, 64 two-byte coefficients per block: `blocks` of them (the probe's
+/// `coefficient_blocks`), or when 0 a block per 8 × 8 pixels of every component.
 pub(crate) fn working_bytes(
     width: u32,
     height: u32,
     components: u8,
-    progressive: bool,
+    (progressive, blocks): (bool, u64),
     n: u8,
 ) -> u64 {
     let (w, h) = (u64::from(width), u64::from(height));
@@ -171,10 +172,10 @@ pub(crate) fn working_bytes(
     let (sw, _) = scaled_size(width, height, n);
     let band = u64::from(sw) * 4 * BAND_ROWS as u64;
     let own = w * components * 2 * 16 + (64 << 10);
-    let coefficients = if progressive {
-        w.div_ceil(8) * 8 * h.div_ceil(8) * 8 * components * 2
-    } else {
-        0
+    let coefficients = match (progressive, blocks) {
+        (false, _) => 0,
+        (true, 0) => w.div_ceil(8) * 8 * h.div_ceil(8) * 8 * components * 2,
+        (true, blocks) => blocks * 64 * 2,
     };
     band + own + coefficients
 }

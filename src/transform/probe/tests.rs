@@ -28,6 +28,7 @@ fn base(info: ImageInfo) -> ImageInfo {
         duration_ms: None,
         progressive: false,
         components: 0,
+        coefficient_blocks: 0,
         largest_frame: (0, 0),
         lossless: false,
         ..info
@@ -58,6 +59,7 @@ fn info(
         duration_ms: None,
         progressive: false,
         components: 0,
+        coefficient_blocks: 0,
         largest_frame: (0, 0),
         lossless: false,
     }
@@ -324,4 +326,43 @@ fn other_bytes_are_undecodable() {
 /// Whether `bytes` is an animation, as far as its first bytes show.
 fn is_animated(bytes: &[u8]) -> bool {
     probe(bytes).is_ok_and(|info| info.animated)
+}
+
+/// A JPEG that stops after its frame header: `width` × `height`, one (id, sampling) per component.
+fn frame_header(width: u16, height: u16, components: &[u8]) -> Vec<u8> {
+    let mut sof = vec![8];
+    sof.extend(height.to_be_bytes());
+    sof.extend(width.to_be_bytes());
+    sof.push(components.len() as u8);
+    for (i, sampling) in components.iter().enumerate() {
+        sof.extend([i as u8 + 1, *sampling, 0]);
+    }
+    let mut out = vec![0xFF, 0xD8, 0xFF, 0xC2];
+    out.extend((sof.len() as u16 + 2).to_be_bytes());
+    out.extend(sof);
+    out
+}
+
+#[test]
+fn a_jpeg_s_coefficient_blocks_follow_its_sampling() {
+    let blocks = |width, height, components: &[u8]| {
+        probe(&frame_header(width, height, components))
+            .unwrap()
+            .coefficient_blocks
+    };
+    // 4:2:0: Y 13 -> 14 blocks across (whole MCUs of 2), 10 down; Cb and Cr 7 x 5 each
+    assert_eq!(blocks(100, 75, &[0x22, 0x11, 0x11]), 14 * 10 + 2 * 35);
+    // 4:4:4 and grey: a block per 8 x 8 pixels of each component
+    assert_eq!(blocks(100, 75, &[0x11, 0x11, 0x11]), 3 * 13 * 10);
+    assert_eq!(blocks(100, 75, &[0x11]), 13 * 10);
+    // 4:2:2 (Y 2 x 1): Y 14 x 10, chroma 7 x 10
+    assert_eq!(blocks(100, 75, &[0x21, 0x11, 0x11]), 14 * 10 + 2 * 70);
+    // sampling libjpeg refuses, or a frame header cut short: unknown
+    assert_eq!(blocks(100, 75, &[0x05, 0x11, 0x11]), 0);
+    assert_eq!(blocks(100, 75, &[0x51, 0x11, 0x11]), 0);
+    let mut cut = frame_header(100, 75, &[0x22, 0x11, 0x11]);
+    cut.truncate(cut.len() - 3);
+    let len = (cut.len() - 4) as u16;
+    cut[4..6].copy_from_slice(&len.to_be_bytes());
+    assert_eq!(probe(&cut).unwrap().coefficient_blocks, 0);
 }
