@@ -188,24 +188,9 @@ pub(super) fn webp(
     limits: &Limits,
     deadline: Instant,
 ) -> Result<Output, TransformError> {
-    let data = reader
-        .read_all()
-        .map_err(|e| super::decode::undecodable("webp", e))?;
-    let mut decoder =
-        AnimDecoder::new(&data).map_err(|e| TransformError::Undecodable(e.to_string()))?;
+    let data = read_webp(&mut reader)?;
+    let mut decoder = webp_decoder(&data, limits, Some(limits.max_animation_frames))?;
     let size = (decoder.canvas_width, decoder.canvas_height);
-    if decoder.frame_count > limits.max_animation_frames {
-        return Err(TransformError::TooManyFrames {
-            max: limits.max_animation_frames,
-        });
-    }
-    if u64::from(size.0) * u64::from(size.1) > limits.max_source_pixels {
-        return Err(TransformError::TooManyPixels {
-            width: size.0,
-            height: size.1,
-            max: limits.max_source_pixels,
-        });
-    }
     let (out_w, out_h) = target_size(size.0, size.1, params, limits.max_dimension);
     let quality = params.quality.unwrap_or(DEFAULT_QUALITY);
     let mut sink = Sink::Webp(
@@ -244,19 +229,9 @@ pub(super) fn webp_first_frame(
     mut reader: SourceReader,
     limits: &Limits,
 ) -> Result<super::decode::Pixels, TransformError> {
-    let data = reader
-        .read_all()
-        .map_err(|e| super::decode::undecodable("webp", e))?;
-    let mut decoder =
-        AnimDecoder::new(&data).map_err(|e| TransformError::Undecodable(e.to_string()))?;
+    let data = read_webp(&mut reader)?;
+    let mut decoder = webp_decoder(&data, limits, None)?;
     let (width, height) = (decoder.canvas_width, decoder.canvas_height);
-    if u64::from(width) * u64::from(height) > limits.max_source_pixels {
-        return Err(TransformError::TooManyPixels {
-            width,
-            height,
-            max: limits.max_source_pixels,
-        });
-    }
     let (rgba, _) = decoder
         .next_frame()
         .map_err(|e| TransformError::Undecodable(e.to_string()))?
@@ -267,6 +242,37 @@ pub(super) fn webp_first_frame(
         height,
         channels: 4,
     })
+}
+
+/// An animated WebP whole (libwebp's demuxer reads nothing less).
+fn read_webp(reader: &mut SourceReader) -> Result<Vec<u8>, TransformError> {
+    reader
+        .read_all()
+        .map_err(|e| super::decode::undecodable("webp", e))
+}
+
+/// libwebp's animation decoder over `data`, refused when it has more than `max_frames` frames
+/// (when given) or a canvas over `max_source_pixels`, in that order.
+fn webp_decoder<'a>(
+    data: &'a [u8],
+    limits: &Limits,
+    max_frames: Option<u32>,
+) -> Result<AnimDecoder<'a>, TransformError> {
+    let decoder = AnimDecoder::new(data).map_err(|e| TransformError::Undecodable(e.to_string()))?;
+    if let Some(max) = max_frames
+        && decoder.frame_count > max
+    {
+        return Err(TransformError::TooManyFrames { max });
+    }
+    let (width, height) = (decoder.canvas_width, decoder.canvas_height);
+    if u64::from(width) * u64::from(height) > limits.max_source_pixels {
+        return Err(TransformError::TooManyPixels {
+            width,
+            height,
+            max: limits.max_source_pixels,
+        });
+    }
+    Ok(decoder)
 }
 
 /// Adds a frame shown from `start_ms` for `delay_ms`.

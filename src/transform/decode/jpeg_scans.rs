@@ -16,6 +16,8 @@ use std::cell::Cell;
 use std::io::{self, BufRead, Read};
 use std::rc::Rc;
 
+use crate::transform::source::read_buffered;
+
 /// The most scans a JPEG may have: far above what encoders write (libjpeg's and MozJPEG's
 /// progressive scripts write about ten; a scan per coefficient band and refinement bit of each
 /// component stays under 500 too).
@@ -83,6 +85,14 @@ impl Walk {
             }
         }
         i
+    }
+
+    /// Walks all of `bytes`, past any number of scan headers.
+    fn advance_all(&mut self, bytes: &[u8]) {
+        let mut done = 0;
+        while done < bytes.len() {
+            done += self.advance(&bytes[done..]);
+        }
     }
 
     /// One byte outside the two skipping states; true when a scan header ended with it.
@@ -185,11 +195,7 @@ impl<R: BufRead> BufRead for Scans<R> {
             // less than was offered (libjpeg takes all it is given): walk what was taken
             _ => {
                 if let Ok(buf) = self.inner.fill_buf() {
-                    let taken = &buf[..amount.min(buf.len())];
-                    let mut done = 0;
-                    while done < taken.len() {
-                        done += self.walk.advance(&taken[done..]);
-                    }
+                    self.walk.advance_all(&buf[..amount.min(buf.len())]);
                 }
             }
         }
@@ -199,11 +205,7 @@ impl<R: BufRead> BufRead for Scans<R> {
 
 impl<R: BufRead> Read for Scans<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let buf = self.fill_buf()?;
-        let n = buf.len().min(out.len());
-        out[..n].copy_from_slice(&buf[..n]);
-        self.consume(n);
-        Ok(n)
+        read_buffered(self, out)
     }
 }
 
@@ -240,10 +242,7 @@ mod tests {
     fn walked(bytes: &[u8], piece: usize) -> u32 {
         let mut walk = Walk::new();
         for chunk in bytes.chunks(piece) {
-            let mut done = 0;
-            while done < chunk.len() {
-                done += walk.advance(&chunk[done..]);
-            }
+            walk.advance_all(chunk);
         }
         walk.scans
     }
