@@ -418,15 +418,7 @@ async fn a_transform_waits_for_room_in_the_fill_pool_as_long_as_its_queue_timeou
     let first = render("held");
     // the first has reserved once its source is held at the gate
     let deadline = Instant::now() + Duration::from_secs(20);
-    let reserved = || async {
-        let metrics = proxy.get("/metrics").await.text();
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("imgedge_fill_reserved_bytes "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    while reserved().await < plan.reserve_bytes as f64 {
+    while metric(&proxy, "imgedge_fill_reserved_bytes").await < plan.reserve_bytes as f64 {
         assert!(
             Instant::now() < deadline,
             "the first transform never reserved"
@@ -881,13 +873,18 @@ async fn the_format_follows_accept_and_only_negotiated_responses_vary() {
     assert_eq!(origin.hits("/plain.png"), 1);
 }
 
-/// The transforms counter's `ok` value.
-async fn transforms(proxy: &TestProxy) -> u64 {
+/// The value of one `/metrics` sample (`name{labels}`), 0 when it is not there yet.
+async fn metric(proxy: &TestProxy, sample: &str) -> f64 {
     let metrics = proxy.get("/metrics").await.text();
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("imgedge_transforms_total{outcome=\"ok\"} "))
-        .map_or(0, |v| v.trim().parse().unwrap())
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// The transforms counter's `ok` value.
+async fn transforms(proxy: &TestProxy) -> u64 {
+    metric(proxy, "imgedge_transforms_total{outcome=\"ok\"}").await as u64
 }
 
 #[tokio::test]
