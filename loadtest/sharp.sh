@@ -573,7 +573,7 @@ fmt_label() { case $1 in src) echo "source format" ;; *) echo "$1" ;; esac; }
   b_peak=$(lt_kv peak_rss_mib "${L[b,imgedge,mem]}") b_sharp=$(lt_kv peak_rss_mib "${L[b,sharp,mem]}")
   b_rest=$(awk -v p="$b_peak" -v t="$edge_tier_b" -v s="$b_sharp" 'BEGIN {
     if (t ~ /^[0-9]+$/ && s > 0) printf "%.0f MiB, %.2f× sharp'"'"'s peak of %s MiB,", p - t, (p - t) / s, s; else print "?" }')
-  echo "- imgedge's memory tier at the end of b held $edge_tier_b MiB (the sources of up to 5 MiB it fetched, and the renditions: a cache keeps them, sharp keeps nothing between requests); of its peak RSS of $b_peak MiB ($(awk -v p="$b_peak" -v s="$b_sharp" 'BEGIN { if (s > 0) printf "%.2f", p / s; else print "?" }')× sharp's), $b_rest is not the tier."
+  echo "- imgedge's memory tier at the end of b held $edge_tier_b MiB (the renditions it made, and the source records they are keyed by; the sources go to the tiers below memory, none here, unless transform.sources_in_memory is set: a cache keeps renditions, sharp keeps nothing between requests); of its peak RSS of $b_peak MiB ($(awk -v p="$b_peak" -v s="$b_sharp" 'BEGIN { if (s > 0) printf "%.2f", p / s; else print "?" }')× sharp's), $b_rest is not the tier."
   for label in b c d; do
     m=${L[$label,imgedge,metrics]:-}
     [[ -n $m ]] || continue

@@ -207,6 +207,20 @@ fn index_weight(key: &CacheKey) -> u32 {
         .saturating_add(INDEX_ENTRY_OVERHEAD_BYTES)
 }
 
+/// Which tiers an object is stored in (and a lower tier's hit promoted to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Placement {
+    /// Memory and every tier below it: what clients are served.
+    #[default]
+    Everywhere,
+    /// Only the tiers below memory, unless memory holds the key already (then it is replaced
+    /// there too, never left stale); nowhere when there are none. For the sources transforms
+    /// read: several MiB each, read once per new rendition, while memory keeps the renditions
+    /// clients are served (a 5 MiB source there displaces a hundred thumbnails). See
+    /// `[transform] sources_in_memory`.
+    BelowMemory,
+}
+
 /// Where a lookup found an object: the memory tier (0) or a tier below it (1, 2, ...: the order
 /// of [`TieredCache::tier_names`]).
 #[derive(Debug, Clone)]
@@ -282,6 +296,13 @@ impl TieredCache {
     /// object found below memory is promoted into memory and into the lower tiers above the one
     /// that had it.
     pub(crate) async fn lookup(&self, key: &CacheKey) -> Option<Found> {
+        self.lookup_for(key, Placement::Everywhere).await
+    }
+
+    /// As [`TieredCache::lookup`], promoting an object found below memory only as far as
+    /// `placement` stores it (with [`Placement::BelowMemory`], into the lower tiers above the
+    /// one that had it).
+    pub(crate) async fn lookup_for(&self, key: &CacheKey, placement: Placement) -> Option<Found> {
         if let Some(object) = self.memory.get(key).await {
             return Some(Found {
                 object,
@@ -294,7 +315,9 @@ impl TieredCache {
                 for above in &self.lower[..i] {
                     above.store(key.clone(), object.clone());
                 }
-                self.memory.insert(key.clone(), object.clone()).await;
+                if placement == Placement::Everywhere {
+                    self.memory.insert(key.clone(), object.clone()).await;
+                }
                 return Some(Found {
                     object,
                     tier: i + 1,
@@ -310,6 +333,22 @@ impl TieredCache {
     /// source record for `key` made from another version of the object (another `ETag` or
     /// `Last-Modified`), the record is dropped, and with it the renditions of that version.
     pub(crate) async fn insert(&self, key: CacheKey, object: CachedObject) {
+        self.insert_at(key, object, Placement::Everywhere).await;
+    }
+
+    /// Whether an object stored with `placement` is stored anywhere: not when it belongs below
+    /// memory and there is no tier below memory (nor is it in memory already).
+    pub(crate) fn stores(&self, key: &CacheKey, placement: Placement) -> bool {
+        placement == Placement::Everywhere || !self.lower.is_empty() || self.memory.contains(key)
+    }
+
+    /// As [`TieredCache::insert`], in the tiers `placement` names.
+    pub(crate) async fn insert_at(
+        &self,
+        key: CacheKey,
+        object: CachedObject,
+        placement: Placement,
+    ) {
         self.passes.invalidate(&key).await;
         let record = key.source_record();
         if let Some(old) = self.memory.get(&record).await
@@ -321,7 +360,9 @@ impl TieredCache {
         for tier in self.lower.iter() {
             tier.store(key.clone(), object.clone());
         }
-        self.memory.insert(key, object).await;
+        if placement == Placement::Everywhere || self.memory.contains(&key) {
+            self.memory.insert(key, object).await;
+        }
     }
 
     /// Drops every object from the memory tier (the lower tiers keep them) and every pass marker
@@ -455,6 +496,25 @@ mod tests {
 
     fn memory_only(capacity_bytes: u64, stale_retention: Duration) -> TieredCache {
         TieredCache::new(MemoryTier::new(capacity_bytes, stale_retention), Vec::new())
+    }
+
+    #[tokio::test]
+    async fn below_memory_objects_skip_memory_unless_it_holds_them_already() {
+        let tier = memory_only(1 << 20, Duration::ZERO);
+        let (a, b) = (key("http://h/a"), key("http://h/b"));
+        // no tier below memory: stored nowhere
+        assert!(!tier.stores(&a, Placement::BelowMemory));
+        assert!(tier.stores(&a, Placement::Everywhere));
+        tier.insert_at(a.clone(), object(10, 60), Placement::BelowMemory)
+            .await;
+        assert!(tier.lookup(&a).await.is_none());
+        // one memory holds (a client fetched it) is replaced, never left stale
+        tier.insert(b.clone(), object(10, 60)).await;
+        assert!(tier.stores(&b, Placement::BelowMemory));
+        tier.insert_at(b.clone(), object(20, 60), Placement::BelowMemory)
+            .await;
+        let found = tier.lookup_for(&b, Placement::BelowMemory).await.unwrap();
+        assert_eq!((found.tier, found.object.body.len()), (0, 20));
     }
 
     #[tokio::test]

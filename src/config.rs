@@ -423,6 +423,11 @@ pub struct TransformConfig {
     pub max_animation_frames: u32,
     /// Pixels decoded over all of an animation's frames; more are 422 `image_too_large`.
     pub max_animation_pixels: u64,
+    /// Whether a source fetched for a transform (or `/image-info`) is stored in the memory tier
+    /// too. Off (the default): only in the tiers below it, or nowhere when there are none; the
+    /// memory tier holds the renditions clients are served, not the sources they were made from
+    /// (see [`crate::cache::Placement::BelowMemory`]).
+    pub sources_in_memory: bool,
 }
 
 /// `[log]`: tracing output.

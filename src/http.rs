@@ -230,7 +230,8 @@ impl Router {
                 let (mut parts, _) = req.into_parts();
                 let admitted = self.admission.admit(route, &mut parts, client)?;
                 let head = get_or_head(&parts.method)?;
-                let request = self.routes.image_info_source(&parts, &admitted.client)?;
+                let mut request = self.routes.image_info_source(&parts, &admitted.client)?;
+                request.placement = self.render.source_placement();
                 Box::pin(render::info::handle(
                     &self.proxy,
                     request,

@@ -55,7 +55,30 @@ enum Command {
     },
 }
 
+/// glibc's malloc still serves the C codecs (MozJPEG, libwebp: jemalloc's symbols are prefixed,
+/// so it serves Rust alone). glibc maps a block above its mmap threshold and unmaps it when
+/// freed, but raises the threshold to the size of every mapped block freed (up to 32 MiB):
+/// after the first large image, a codec's multi-MiB buffers come from its heap arenas, and what
+/// they free stays in RSS. A fixed threshold (the initial 128 KiB) keeps returning them; measured
+/// with `loadtest/sharp.sh` (docs/memory.md): RSS after a cold load 80 MiB instead of 131, no
+/// slower. Set before any thread starts; `MALLOC_MMAP_THRESHOLD_` in the environment wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)] // FFI, the one call; the library's other unsafe code is transform/ffi.rs
+fn fixed_mmap_threshold() {
+    const THRESHOLD_BYTES: libc::c_int = 128 * 1024;
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets a malloc parameter; called before other threads exist.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD_BYTES);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fixed_mmap_threshold() {}
+
 fn main() -> ExitCode {
+    fixed_mmap_threshold();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,

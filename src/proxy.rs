@@ -34,7 +34,7 @@ pub(crate) use forwarding::{
 pub use hit::{if_none_match_matches, single_byte_range};
 
 use crate::body::ProxyBody;
-use crate::cache::{CacheKey, CachedObject, TieredCache};
+use crate::cache::{CacheKey, CachedObject, Placement, TieredCache};
 use crate::collapse::{Collapser, Leader, Outcome, Role, SharedHead, SharedReader};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
@@ -74,6 +74,9 @@ pub(crate) struct ProxyRequest {
     /// When the request's authority ends (a signed URL's token expires): what it fetches is
     /// kept fresh until then at most, and never served stale after.
     pub expires_at: Option<SystemTime>,
+    /// Which tiers a miss is stored in: everywhere for what clients fetch, below memory for a
+    /// transform's source (`[transform] sources_in_memory`).
+    pub placement: Placement,
 }
 
 /// What the proxy works with; built once by the app (`app.rs`), which hands the same handles
@@ -162,11 +165,15 @@ impl Proxy {
         // shareable (RFC 9111 §3.5): one stored for anonymous requests may differ from what the
         // origin would tell this client.
         let credentialed = req.forwarding.facts().authorized;
-        let found = self.tier.lookup(&req.key).await.filter(|f| {
-            !credentialed
-                || freshness::effective_directives(&f.object.headers, self.cache.targeted_field)
-                    .shareable()
-        });
+        let found = self
+            .tier
+            .lookup_for(&req.key, req.placement)
+            .await
+            .filter(|f| {
+                !credentialed
+                    || freshness::effective_directives(&f.object.headers, self.cache.targeted_field)
+                        .shareable()
+            });
         let found_in = found.as_ref().map(|f| f.tier);
         let found_name = found.as_ref().map(|f| f.tier_name);
         let cached = found.map(|f| f.object);

@@ -25,7 +25,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use tokio::sync::{OnceCell, watch};
 
 use crate::body::ProxyBody;
-use crate::cache::{CacheKey, CachedObject};
+use crate::cache::{CacheKey, CachedObject, Placement};
 use crate::config::TransformConfig;
 use crate::error::ProxyError;
 use crate::freshness::{self, Freshness, Usability};
@@ -165,6 +165,15 @@ impl Render {
         self.check_width(&params)?;
         self.respond(proxy, request, params, parts, Caller::ImageProxy)
             .await
+    }
+
+    /// Where the sources this renderer reads are stored (`[transform] sources_in_memory`).
+    pub(crate) fn source_placement(&self) -> Placement {
+        if self.config.sources_in_memory {
+            Placement::Everywhere
+        } else {
+            Placement::BelowMemory
+        }
     }
 
     /// `[transform] allowed_widths`, when set.
@@ -314,8 +323,10 @@ impl Render {
         let turn = self.pool.turn().await?;
         let deadline = Instant::now() + self.limits.timeout;
         let now = SystemTime::now();
+        let mut source_request = request.clone();
+        source_request.placement = self.source_placement();
         let source = proxy
-            .source_stream(request.clone(), self.config.max_source_bytes)
+            .source_stream(source_request, self.config.max_source_bytes)
             .await
             .map_err(|e| match e {
                 ProxyError::TooLarge(why) => ProxyError::SourceTooLarge(why),

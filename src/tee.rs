@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::HeaderMap;
 
-use crate::cache::{CacheKey, CachedObject, PassMarker, TieredCache};
+use crate::cache::{CacheKey, CachedObject, PassMarker, Placement, TieredCache};
 use crate::freshness::Freshness;
 use crate::pressure::Reservation;
 use crate::tasks::Tasks;
@@ -41,6 +41,8 @@ pub(crate) struct StoreTarget {
     pub reservation: Reservation,
     /// Where a too-large body's pass marker is recorded from.
     pub tasks: Tasks,
+    /// Which tiers it goes to.
+    pub placement: Placement,
 }
 
 impl StoreTarget {
@@ -61,7 +63,7 @@ impl StoreTarget {
             response_time: self.response_time,
             freshness: self.freshness,
         };
-        self.tier.insert(self.key, object).await;
+        self.tier.insert_at(self.key, object, self.placement).await;
     }
 }
 

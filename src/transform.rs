@@ -2,7 +2,7 @@
 //! (`params.rs`), the pipeline that plans, decodes, orients, resizes and encodes
 //! (`pipeline.rs`, its steps listed in order there; `decode/`, `shrink.rs`, `encode/`,
 //! `animate.rs` for animations), the source as a decoder reads it (`source.rs`), libwebp's C API
-//! (`ffi.rs`, the only `unsafe` code) and the bounded pool transforms run on (`pool.rs`).
+//! (`ffi.rs`, the library's only `unsafe` code) and the bounded pool transforms run on (`pool.rs`).
 //!
 //! A transform is bounded before it starts and while it runs: the plan refuses a source over
 //! `[transform] max_source_pixels` from its header alone, and says every byte the transform

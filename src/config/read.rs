@@ -168,6 +168,7 @@ impl Config {
                 timeout: f.duration("transform.timeout"),
                 max_animation_frames: f.range("transform.max_animation_frames", 1, 100_000),
                 max_animation_pixels: f.range("transform.max_animation_pixels", 1, u64::MAX),
+                sources_in_memory: f.get("transform.sources_in_memory"),
             },
             memory: MemoryConfig {
                 budget_bytes: f.get("memory.budget_bytes"),

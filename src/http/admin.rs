@@ -96,10 +96,11 @@ impl Admin {
                 == 0
     }
 
-    /// Removes the object and any pass marker under `key` from every tier; returns whether an
-    /// object was stored in any.
+    /// Removes the object, any pass marker and its renditions under `key` from every tier;
+    /// returns whether the object or a record of its renditions was stored in any (a source
+    /// read only by transforms is not kept in memory: see `[transform] sources_in_memory`).
     pub(crate) async fn purge(&self, key: &CacheKey) -> bool {
-        let existed = self.tier.contains(key);
+        let existed = self.tier.contains(key) || self.tier.contains(&key.source_record());
         self.tier.invalidate(key).await;
         tracing::info!(key = key.as_str(), existed, "purged");
         existed

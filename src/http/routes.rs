@@ -11,7 +11,7 @@ use url::Url;
 
 use super::client::Client;
 use super::supabase::{RenderKind, SUPABASE_PUBLIC_PREFIX, SUPABASE_SIGNED_PREFIX, Writes};
-use crate::cache::CacheKey;
+use crate::cache::{CacheKey, Placement};
 use crate::config::{Config, RouteConfig, TargetedOut};
 use crate::error::ProxyError;
 use crate::freshness::RequestDirectives;
@@ -460,6 +460,7 @@ fn proxy_request(
         directives: RequestDirectives::parse(&parts.headers),
         default_ttl,
         forwarding,
+        placement: Placement::Everywhere,
     }
 }
 

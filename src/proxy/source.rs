@@ -418,6 +418,7 @@ mod tests {
             directives: RequestDirectives::default(),
             default_ttl: None,
             forwarding: Forwarding::Bare,
+            placement: crate::cache::Placement::Everywhere,
         }
     }
 

@@ -84,7 +84,9 @@ impl Proxy {
         };
         let response = hit_response(&refreshed, &req, SystemTime::now(), cache_status);
         if decided.is_ok() && !req.directives.no_store {
-            self.tier.insert(req.key.clone(), refreshed).await;
+            self.tier
+                .insert_at(req.key.clone(), refreshed, req.placement)
+                .await;
         } else {
             self.tier.invalidate(&req.key).await;
         }
@@ -175,6 +177,9 @@ impl Proxy {
         if req.directives.no_store {
             return (CacheStatus::MISS.with_detail("request-no-store"), None);
         }
+        if !self.tier.stores(&req.key, req.placement) {
+            return (CacheStatus::MISS.with_detail("source-not-stored"), None);
+        }
         // A response that varies is stored under the variant this request selects (§4.1).
         let mut key = req.key.clone();
         if let Forwarding::Headers { headers, .. } = &req.forwarding {
@@ -205,6 +210,7 @@ impl Proxy {
             max_cacheable_bytes: max,
             too_large: marker(PassMarker::TOO_LARGE, None),
             tasks: self.tasks.clone(),
+            placement: req.placement,
         };
         (CacheStatus::MISS_STORED, Some(fill))
     }

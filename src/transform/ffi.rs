@@ -1,5 +1,5 @@
 //! libwebp's C API (through `libwebp-sys`), wrapped in safe types: the only `unsafe` code in
-//! imgedge. The `webp` crate covers simple encoding only; decoding scaled on decode and fed
+//! the library (the binary has one more: `mallopt` in `main.rs`). The `webp` crate covers simple encoding only; decoding scaled on decode and fed
 //! incrementally, and animations in and out, need libwebp's own decoder, demux and mux API.
 //!
 //! Every pointer handed to libwebp points into memory this module owns for at least as long as

@@ -84,8 +84,9 @@ async fn each_fit_gives_the_size_it_promises_in_the_source_format() {
         assert_eq!(got.header("x-content-type-options"), "nosniff");
         assert_eq!(got.cache_status(), cache_status, "{query}");
     }
-    // every render read the one original the object route stored
-    assert_eq!(origin.hits(OBJECT), 1);
+    // each of the 6 new renditions read the source from the origin: the memory tier keeps
+    // renditions, not their sources (transform.sources_in_memory), and there is no tier below
+    assert_eq!(origin.hits(OBJECT), 6);
 
     let got = proxy
         .get(&format!("{JPEG_RENDER}?width=150&quality=60"))
@@ -869,8 +870,10 @@ async fn the_format_follows_accept_and_only_negotiated_responses_vary() {
         assert_eq!(got.header("vary"), vary, "{query}");
         assert_eq!(decoded(&got).width(), 30, "{query}");
     }
-    assert_eq!(origin.hits(OBJECT), 1);
-    assert_eq!(origin.hits("/plain.png"), 1);
+    // each source once for each of its 2 renditions (WebP, PNG: sources are not kept in
+    // memory, transform.sources_in_memory), and the original once
+    assert_eq!(origin.hits(OBJECT), 3);
+    assert_eq!(origin.hits("/plain.png"), 2);
 }
 
 /// The value of one `/metrics` sample (`name{labels}`), 0 when it is not there yet.
@@ -1095,8 +1098,16 @@ async fn a_signed_render_takes_its_transformations_from_the_token_and_is_kept_no
 
 #[tokio::test]
 async fn renditions_made_at_once_from_a_cold_source_are_all_kept() {
-    let (origin, proxy) = render_proxy().await;
-    let proxy = std::sync::Arc::new(proxy);
+    // each reads the source itself when it is not kept (memory only, the default); they share
+    // it when it is kept in memory
+    for (config, source_fetches) in [("", 10), ("[transform]\nsources_in_memory = true", 1)] {
+        renditions_made_at_once_from_a_cold_source(config, source_fetches).await;
+    }
+}
+
+async fn renditions_made_at_once_from_a_cold_source(config: &str, source_fetches: usize) {
+    let (origin, _) = render_proxy().await;
+    let proxy = std::sync::Arc::new(TestProxy::for_origin(&origin, config).await);
     let widths: Vec<u32> = (0..10).map(|i| 20 + i * 7).collect();
     let cold: Vec<_> = widths
         .iter()
@@ -1120,7 +1131,96 @@ async fn renditions_made_at_once_from_a_cold_source_are_all_kept() {
         assert_eq!(decoded(&got).width(), *w);
     }
     assert_eq!(transforms(&proxy).await, 10);
+    assert_eq!(origin.hits(OBJECT), source_fetches, "{config}");
+}
+
+#[tokio::test]
+async fn the_memory_tier_keeps_renditions_and_a_lower_tier_their_sources() {
+    // memory only (the default): a source read for a transform is stored nowhere, its record
+    // and rendition are; one a client fetched itself serves the next rendition from memory
+    let (origin, proxy) = render_proxy().await;
+    let first = proxy.get(&format!("{RENDER}?width=40")).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(
+        proxy
+            .get(&format!("{RENDER}?width=40"))
+            .await
+            .cache_status(),
+        "imgedge; hit; detail=memory"
+    );
+    let object = proxy.get(OBJECT).await;
+    assert_eq!(object.cache_status(), "imgedge; fwd=uri-miss; stored");
+    assert_eq!(origin.hits(OBJECT), 2);
+    let second = proxy.get(&format!("{RENDER}?width=50")).await;
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert_eq!(decoded(&second).width(), 50);
+    assert_eq!(
+        origin.hits(OBJECT),
+        2,
+        "the stored original made the rendition"
+    );
+
+    // with a disk tier: the source goes there only, and makes the next rendition from there
+    let origin = TestOrigin::start().await;
+    origin.route(
+        OBJECT,
+        Reply::ok(picture(200, 100, ImageFormat::Png))
+            .header("etag", "\"v1\"")
+            .header("cache-control", "public, max-age=60"),
+    );
+    let dir = std::env::temp_dir().join(format!("imgedge-sources-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let disk = format!(
+        "[cache]\ndisk_dir = \"{}\"\ndisk_capacity_bytes = 67108864",
+        dir.display()
+    );
+    let proxy = TestProxy::for_origin(&origin, &disk).await;
+    assert_eq!(proxy.get(&format!("{RENDER}?width=40")).await.status, 200);
+    // the disk tier's write lands in the background: the next rendition reads it from there
+    let on_disk = "imgedge_cache_requests_total{tier=\"disk\",result=\"hit\"}";
+    let mut widths = 41..80;
+    loop {
+        let w = widths
+            .next()
+            .expect("the source reached the disk tier within 40 renditions");
+        let got = proxy.get(&format!("{RENDER}?width={w}")).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        if metric(&proxy, on_disk).await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let renditions = origin.hits(OBJECT);
+    // memory never held it: a client's GET finds it on disk (and now keeps it in memory)
+    assert_eq!(
+        proxy.get(OBJECT).await.cache_status(),
+        "imgedge; hit; detail=disk"
+    );
+    assert_eq!(
+        proxy.get(OBJECT).await.cache_status(),
+        "imgedge; hit; detail=memory"
+    );
+    assert_eq!(origin.hits(OBJECT), renditions);
+    assert!(renditions < 40, "{renditions} origin requests");
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // transform.sources_in_memory: the source is stored in memory too
+    let origin = TestOrigin::start().await;
+    origin.route(
+        OBJECT,
+        Reply::ok(picture(200, 100, ImageFormat::Png))
+            .header("cache-control", "public, max-age=60"),
+    );
+    let proxy = TestProxy::for_origin(&origin, "[transform]\nsources_in_memory = true").await;
+    for w in [40, 50, 60] {
+        assert_eq!(proxy.get(&format!("{RENDER}?width={w}")).await.status, 200);
+    }
     assert_eq!(origin.hits(OBJECT), 1);
+    assert_eq!(
+        proxy.get(OBJECT).await.cache_status(),
+        "imgedge; hit; detail=memory"
+    );
 }
 
 /// A two-frame animated GIF, `width` × `height`.
@@ -1249,8 +1349,10 @@ async fn animations_are_resized_frame_by_frame_with_their_timing() {
     assert_eq!(json["frames"], 2);
     assert_eq!(json["animated"], true);
     assert_eq!(json["duration_ms"], 350);
-    // once for the route, once for /image-proxy (another namespace)
-    assert_eq!(origin.hits(object), 2);
+    // once for each of the route's 3 renditions (WebP, WebP at q=50, GIF) and once for
+    // /image-proxy's (another namespace): sources are not kept in memory
+    // (transform.sources_in_memory); /image-info answered from the source record
+    assert_eq!(origin.hits(object), 4);
 }
 
 #[tokio::test]
@@ -1315,7 +1417,8 @@ async fn purging_a_render_path_purges_its_source_and_every_rendition() {
             "width={w}"
         );
     }
-    assert_eq!(origin.hits(OBJECT), 2);
+    // twice for each width: the source is not kept in memory (transform.sources_in_memory)
+    assert_eq!(origin.hits(OBJECT), 4);
     // the bulk endpoint takes render paths too
     let purged = proxy.purge_path(token, &format!("{RENDER}?width=50")).await;
     assert_eq!(purged.json()["purged"], 1, "{}", purged.text());
