@@ -208,10 +208,9 @@ fn index_weight(key: &CacheKey) -> u32 {
 }
 
 /// Which tiers an object is stored in (and a lower tier's hit promoted to).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Placement {
     /// Memory and every tier below it: what clients are served.
-    #[default]
     Everywhere,
     /// Only the tiers below memory, unless memory holds the key already (then it is replaced
     /// there too, never left stale); nowhere when there are none. For the sources transforms

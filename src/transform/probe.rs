@@ -188,8 +188,6 @@ fn jpeg(b: &[u8]) -> Result<ImageInfo, TransformError> {
     }
 }
 
-/// The orientation (tag 0x0112) in IFD0 of a TIFF structure (an EXIF payload), if it is there
-/// and 1–8.
 /// The coefficient blocks libjpeg holds for a whole-image decode of the frame whose SOF
 /// `segment` (after the length) gives `width` × `height` and `components`: per component
 /// `ceil(width × h / (h_max × 8))` blocks across, rounded up to a multiple of `h`, times the same
@@ -223,6 +221,8 @@ fn coefficient_blocks(segment: &[u8], width: u16, height: u16, components: u8) -
     )
 }
 
+/// The orientation (tag 0x0112) in IFD0 of a TIFF structure (an EXIF payload), if it is there
+/// and 1–8.
 fn exif_orientation(tiff: &[u8]) -> Option<u8> {
     let little = match tiff.get(0..4)? {
         b"II*\0" => true,

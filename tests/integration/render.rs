@@ -35,6 +35,13 @@ fn decoded(got: &Got) -> DynamicImage {
 }
 
 async fn render_proxy() -> (TestOrigin, TestProxy) {
+    let origin = render_origin().await;
+    let proxy = TestProxy::for_origin(&origin, "").await;
+    (origin, proxy)
+}
+
+/// An origin serving `OBJECT` (a 200 × 100 PNG) and `JPEG_OBJECT` (300 × 200), cacheable.
+async fn render_origin() -> TestOrigin {
     let origin = TestOrigin::start().await;
     origin.route(
         OBJECT,
@@ -50,8 +57,7 @@ async fn render_proxy() -> (TestOrigin, TestProxy) {
             .header("cache-control", "public, max-age=60")
             .header("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
     );
-    let proxy = TestProxy::for_origin(&origin, "").await;
-    (origin, proxy)
+    origin
 }
 
 #[tokio::test]
@@ -1106,7 +1112,7 @@ async fn renditions_made_at_once_from_a_cold_source_are_all_kept() {
 }
 
 async fn renditions_made_at_once_from_a_cold_source(config: &str, source_fetches: usize) {
-    let (origin, _) = render_proxy().await;
+    let origin = render_origin().await;
     let proxy = std::sync::Arc::new(TestProxy::for_origin(&origin, config).await);
     let widths: Vec<u32> = (0..10).map(|i| 20 + i * 7).collect();
     let cold: Vec<_> = widths
@@ -1161,13 +1167,7 @@ async fn the_memory_tier_keeps_renditions_and_a_lower_tier_their_sources() {
     );
 
     // with a disk tier: the source goes there only, and makes the next rendition from there
-    let origin = TestOrigin::start().await;
-    origin.route(
-        OBJECT,
-        Reply::ok(picture(200, 100, ImageFormat::Png))
-            .header("etag", "\"v1\"")
-            .header("cache-control", "public, max-age=60"),
-    );
+    let origin = render_origin().await;
     let dir = std::env::temp_dir().join(format!("imgedge-sources-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let disk = format!(
@@ -1206,12 +1206,7 @@ async fn the_memory_tier_keeps_renditions_and_a_lower_tier_their_sources() {
     let _ = std::fs::remove_dir_all(&dir);
 
     // transform.sources_in_memory: the source is stored in memory too
-    let origin = TestOrigin::start().await;
-    origin.route(
-        OBJECT,
-        Reply::ok(picture(200, 100, ImageFormat::Png))
-            .header("cache-control", "public, max-age=60"),
-    );
+    let origin = render_origin().await;
     let proxy = TestProxy::for_origin(&origin, "[transform]\nsources_in_memory = true").await;
     for w in [40, 50, 60] {
         assert_eq!(proxy.get(&format!("{RENDER}?width={w}")).await.status, 200);
@@ -1308,18 +1303,8 @@ async fn animations_are_resized_frame_by_frame_with_their_timing() {
             "{query}: every frame resized, each with its delay"
         );
     }
-    // /image-proxy asking for a still format: the first frame
-    let got = proxy
-        .get(&format!(
-            "/image-proxy?w=40&format=jpeg&url={}",
-            origin.url(object)
-        ))
-        .await;
-    assert_eq!(got.status, 200, "{}", got.text());
-    assert_eq!(got.header("content-type"), "image/jpeg");
-    let still = decoded(&got);
-    assert_eq!((still.width(), still.height()), (40, 20));
-    // and from an animated WebP source (libwebp's still decoder reads no animation)
+    // /image-proxy asking for a still format: the first frame, of the GIF and of an animated
+    // WebP (libwebp's still decoder reads no animation)
     let webp = proxy
         .get(&format!("{render}?width=40&format=webp"))
         .await
@@ -1329,17 +1314,18 @@ async fn animations_are_resized_frame_by_frame_with_their_timing() {
         webp_object,
         Reply::ok(webp.to_vec()).content_type(Some("image/webp")),
     );
-    for (format, content_type) in [("jpeg", "image/jpeg"), ("png", "image/png")] {
+    for (source, query, content_type, size) in [
+        (object, "w=40&format=jpeg", "image/jpeg", (40, 20)),
+        (webp_object, "w=20&format=jpeg", "image/jpeg", (20, 10)),
+        (webp_object, "w=20&format=png", "image/png", (20, 10)),
+    ] {
         let got = proxy
-            .get(&format!(
-                "/image-proxy?w=20&format={format}&url={}",
-                origin.url(webp_object)
-            ))
+            .get(&format!("/image-proxy?{query}&url={}", origin.url(source)))
             .await;
-        assert_eq!(got.status, 200, "{format}: {}", got.text());
-        assert_eq!(got.header("content-type"), content_type);
+        assert_eq!(got.status, 200, "{source} {query}: {}", got.text());
+        assert_eq!(got.header("content-type"), content_type, "{source} {query}");
         let still = decoded(&got);
-        assert_eq!((still.width(), still.height()), (20, 10), "{format}");
+        assert_eq!((still.width(), still.height()), size, "{source} {query}");
     }
     // what /image-info says of it
     let info = proxy.get(&format!("/image-info{object}")).await;
