@@ -79,6 +79,7 @@ pub mod transform;
 mod upstream;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -95,43 +96,64 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// The future [`serve`] returns: boxed, so that the server is compiled once, in this crate. An
+/// `async fn` here would have every crate that awaits it (the binary, each test crate) compile
+/// its whole state machine, and everything it calls, again.
+pub type Serving<'a> = Pin<Box<dyn Future<Output = Result<(), ServeError>> + Send + 'a>>;
+
 /// Serves HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until `shutdown` completes. Then it
 /// drains: `/health/ready` answers 503 while it keeps serving for `[server] drain_delay`; then it
 /// stops accepting and gives open connections `[server] shutdown_grace` to finish; what is left of
-/// it goes to writing out the disk writes still queued. When it returns, every task it started
-/// has ended.
+/// it goes to writing out the disk writes still queued. When the returned future completes,
+/// every task it started has ended.
 ///
 /// # Errors
 /// [`ServeError::Setup`] when the process cannot be set up (see [`app::SetupError`]); accept
 /// errors are logged and retried, never returned.
-pub async fn serve(
+pub fn serve<'a>(
     listener: TcpListener,
     config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
-    let rss = rss::ProcessRss::new().ok_or(app::SetupError::NoRss)?;
-    serve_with_rss(listener, config, Arc::new(rss), shutdown).await
+    shutdown: impl Future<Output = ()> + Send + 'a,
+) -> Serving<'a> {
+    serving(listener, config, None, Box::pin(shutdown))
 }
 
 /// [`serve`] with the RSS reading taken from `rss` (tests drive memory pressure with it).
 ///
 /// # Errors
 /// As [`serve`].
-pub async fn serve_with_rss(
+pub fn serve_with_rss<'a>(
     listener: TcpListener,
     config: Config,
     rss: Arc<dyn rss::RssSource>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
-    let server = config.server.clone();
-    let app = App::build(config, rss).await?;
-    let served = server::run(listener, app.router(), app.tasks(), &server, shutdown).await;
-    // The grace period covers the connections and the disk writes they left queued; after an
-    // error, writes get the whole period.
-    let deadline = match served {
-        Ok(deadline) => deadline,
-        Err(_) => tokio::time::Instant::now() + server.shutdown_grace,
-    };
-    app.shutdown(deadline).await;
-    served.map(drop).map_err(Into::into)
+    shutdown: impl Future<Output = ()> + Send + 'a,
+) -> Serving<'a> {
+    serving(listener, config, Some(rss), Box::pin(shutdown))
+}
+
+/// What [`serve`] and [`serve_with_rss`] return; not generic over the shutdown future. `rss`:
+/// `None` reads this process's.
+fn serving(
+    listener: TcpListener,
+    config: Config,
+    rss: Option<Arc<dyn rss::RssSource>>,
+    shutdown: server::Shutdown<'_>,
+) -> Serving<'_> {
+    Box::pin(async move {
+        let rss = match rss {
+            Some(rss) => rss,
+            None => Arc::new(rss::ProcessRss::new().ok_or(app::SetupError::NoRss)?),
+        };
+        let server = config.server.clone();
+        let app = App::build(config, rss).await?;
+        let served = server::run(listener, app.router(), app.tasks(), &server, shutdown).await;
+        // The grace period covers the connections and the disk writes they left queued; after
+        // an error, writes get the whole period.
+        let deadline = match served {
+            Ok(deadline) => deadline,
+            Err(_) => tokio::time::Instant::now() + server.shutdown_grace,
+        };
+        app.shutdown(deadline).await;
+        served.map(drop).map_err(Into::into)
+    })
 }

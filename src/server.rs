@@ -126,11 +126,17 @@ impl Body for TrackedBody {
     }
 }
 
+/// The future whose completion starts the shutdown (SIGTERM, a test's signal), boxed.
+pub(crate) type Shutdown<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// Accepts on `listener` until `shutdown` completes; then drains: `/health/ready` answers 503
 /// while serving goes on for `drain_delay`, then the listener closes and open connections get
 /// `shutdown_grace` to finish (what remains is cancelled with the app).
 ///
 /// Returns when the grace period ends: what is left of it is the disk writes'.
+///
+/// Not generic over the shutdown future: the connection code it holds is compiled once, here,
+/// rather than in every crate that starts a server (the binary, the tests).
 ///
 /// # Errors
 /// Only when the listener's address cannot be read; accept errors are logged and retried.
@@ -139,7 +145,7 @@ pub(crate) async fn run(
     router: &Arc<Router>,
     tasks: &Tasks,
     config: &ServerConfig,
-    shutdown: impl Future<Output = ()>,
+    mut shutdown: Shutdown<'_>,
 ) -> std::io::Result<Instant> {
     let mut builder = auto::Builder::new(tasks.clone());
     builder
@@ -164,7 +170,6 @@ pub(crate) async fn run(
         idle_timeout: config.idle_timeout,
     };
     tracing::info!(addr = %listener.local_addr()?, max_connections = connections.max(), "listening");
-    tokio::pin!(shutdown);
     // Set once shutdown is signalled: serving goes on until then, not ready.
     let mut draining_until: Option<Instant> = None;
     loop {
