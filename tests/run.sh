@@ -37,7 +37,7 @@ supabase_log=$(mktemp "${TMPDIR:-/tmp}/imgedge-test-supabase.XXXXXX")
 step "tests/supabase/run.sh (beside the next four steps; its output follows them)"
 setsid bash tests/supabase/run.sh >"$supabase_log" 2>&1 &
 supabase=$!
-trap 'kill -TERM -- -"$supabase" 2>/dev/null; rm -f "$supabase_log"' EXIT
+trap 'kill -TERM -- -"$supabase" 2>/dev/null || true; rm -f "$supabase_log"' EXIT
 step "loadtest/run.sh smoke"
 bash loadtest/run.sh smoke
 step "loadtest/conformance.sh"
