@@ -70,20 +70,8 @@ done
 
 # ---- haproxy and redis-server from Debian, never started as services ----
 install_pkgs() { # package...
-  ((EUID == 0)) || die "$* missing: apt-get install $* (as root), or run this as root"
-  local made_policy=0
-  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-    made_policy=1
-  fi
   log "installing $* with apt-get (not started as services)"
-  local ok=1
-  DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 ||
-    { timeout 300 apt-get update -qq >/dev/null 2>&1 &&
-      DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null; } || ok=0
-  ((made_policy)) && rm -f /usr/sbin/policy-rc.d
-  ((ok)) || die "apt-get install $* failed"
+  bash "$here/lib/apt-install.sh" "$@" || die "apt-get install $* failed"
 }
 command -v haproxy >/dev/null || install_pkgs haproxy
 if ((shared)) && ! command -v redis-server >/dev/null; then install_pkgs redis-server; fi

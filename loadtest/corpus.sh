@@ -93,7 +93,7 @@ sizes=$(apt-cache show --no-all-versions "${pkgs[@]}" 2>/dev/null | awk -v want=
 if [[ -z $sizes ]]; then
   ((EUID == 0)) || die "apt does not know ${pkgs[*]} (no package lists yet?): run 'apt-get update' as root, then this script again (it needs no root itself); or set CORPUS to any folder with a MANIFEST.tsv"
   say "apt-get update (apt's package lists are missing)"
-  # the lock tests/supabase/run.sh and tests/operator/run.sh take for apt (they may run beside this)
+  # the lock lib/apt-install.sh takes: apt runs one at a time (tests/run.sh runs installers side by side)
   flock -w 900 /tmp/imgedge-apt.lock apt-get update -qq >/dev/null || die "apt-get update failed"
   sizes=$(apt-cache show --no-all-versions "${pkgs[@]}" 2>/dev/null | awk -v want=${#pkgs[@]} '/^Size:/ {n++; s += $2} END {if (n == want) print s}') || true
   [[ -n $sizes ]] || die "apt does not know ${pkgs[*]}, even after apt-get update: is Debian's main archive in the sources?"

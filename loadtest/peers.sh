@@ -95,18 +95,8 @@ corpus=$(cd "$corpus" && pwd)
 if ! command -v nginx >/dev/null || ! command -v varnishd >/dev/null; then
   ((EUID == 0)) || die "nginx and varnishd are needed: install Debian's nginx-light and varnish as root (apt-get install nginx-light varnish), or run this script as root and it will"
   command -v apt-get >/dev/null || die "nginx and varnishd are needed, and there is no apt-get to install them with"
-  echo "$me: installing nginx-light and varnish" >&2
-  # keep the packages' own services (nginx on :80, varnish on :6081) from starting: a policy-rc.d
-  # that refuses, removed again afterwards if it was not there before
-  policy=/usr/sbin/policy-rc.d made_policy=0
-  if [[ ! -e $policy ]]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
-  fi
-  rc=0
-  { apt-get update -qq >/dev/null &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light varnish >/dev/null; } || rc=$?
-  ((made_policy)) && rm -f "$policy"
-  ((rc == 0)) || die "apt-get install nginx-light varnish failed"
+  echo "$me: installing nginx-light and varnish (their services, nginx on :80 and varnish on :6081, not started)" >&2
+  bash "$here/lib/apt-install.sh" nginx-light varnish || die "apt-get install nginx-light varnish failed"
 fi
 
 stop

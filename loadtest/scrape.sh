@@ -35,9 +35,7 @@ die() { log "$*"; exit 1; }
 if ! command -v wrk >/dev/null; then
   ((EUID == 0)) || die "wrk is required: apt-get install wrk (as root)"
   log "installing wrk with apt-get"
-  DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 ||
-    { timeout 300 apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends wrk >/dev/null; } ||
-    die "apt-get install wrk failed"
+  bash "$here/lib/apt-install.sh" wrk || die "apt-get install wrk failed"
 fi
 bin=${EDGE_BIN:-${IMGEDGE_BIN:-}}
 if [[ -z $bin ]]; then

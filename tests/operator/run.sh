@@ -42,25 +42,8 @@ die() { log "$*"; exit 1; }
 # ---- tools ------------------------------------------------------------------------------------
 
 apt_install() { # packages...: Debian packages, their services kept from starting
-  ((EUID == 0)) || die "missing: apt-get install $* (as root), or run this as root"
-  command -v apt-get >/dev/null || die "missing $*, and there is no apt-get to install them with"
   log "installing $* with apt-get (services not started)"
-  # One apt at a time: tests/run.sh runs tests/supabase/run.sh beside this script, and it installs
-  # with apt too (the same lock file).
-  (
-    flock -w 900 9 || { log "another apt-get held /tmp/imgedge-apt.lock for 15 minutes"; exit 1; }
-    made_policy=0 ok=1
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-      chmod +x /usr/sbin/policy-rc.d
-      made_policy=1
-    fi
-    DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 ||
-      { timeout 300 apt-get update -qq >/dev/null 2>&1 &&
-        DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null; } || ok=0
-    ((made_policy)) && rm -f /usr/sbin/policy-rc.d
-    ((ok))
-  ) 9>/tmp/imgedge-apt.lock || die "apt-get install $* failed"
+  bash "$root/loadtest/lib/apt-install.sh" "$@" || die "apt-get install $* failed"
 }
 
 for tool in python3 curl; do

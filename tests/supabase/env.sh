@@ -162,22 +162,7 @@ sb_install_debs() {
   ((${#need[@]})) || return 0
   [[ $(id -u) == 0 ]] || { sb_log "missing ${need[*]}: install them (as root) or run as root"; return 1; }
   sb_log "installing ${need[*]} with apt-get (services not started)"
-  # One apt at a time: tests/run.sh runs this script beside tests/operator/run.sh, which installs
-  # with apt too (the same lock file).
-  (
-    flock -w 900 9 || { sb_log "another apt-get held /tmp/imgedge-apt.lock for 15 minutes"; exit 1; }
-    added_policy=
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-      chmod +x /usr/sbin/policy-rc.d
-      added_policy=1
-    fi
-    apt-get update -qq >/dev/null &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    rc=$?
-    [[ -n $added_policy ]] && rm -f /usr/sbin/policy-rc.d
-    exit $rc
-  ) 9>/tmp/imgedge-apt.lock
+  bash "$SB_ROOT/loadtest/lib/apt-install.sh" "${need[@]}"
 }
 
 # Node 24 and npm 11 in SB_CACHE/node-VERSION (installed with whatever npm is on PATH, once).
