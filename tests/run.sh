@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# tests/run.sh: the test command (README.md "Test", what .ci/run runs): every check, one after
-# another, the first failure stopping the run (its exit status is the run's).
+# tests/run.sh: the test command (README.md "Test", what .ci/run runs): every check, the first
+# failure stopping the run (its exit status is the run's).
 #
 #   bash tests/run.sh
 #
