@@ -53,6 +53,9 @@ pub(crate) struct Render {
     /// Renditions being made, by source cache key and parameters: concurrent requests for one
     /// rendition wait for the first one's instead of making it again.
     inflight: Mutex<HashMap<String, Arc<Shared>>>,
+    /// The generations of the source records being made: renditions of one source made at
+    /// once agree on theirs.
+    making: record::Making,
 }
 
 /// One rendition being made, shared by every request that waited for it.
@@ -88,6 +91,7 @@ impl Render {
             pressure,
             metrics,
             inflight: Mutex::default(),
+            making: record::Making::default(),
         }
     }
 
@@ -238,13 +242,10 @@ impl Render {
                 ));
             }
         }
-        let previous = stored_record
-            .as_ref()
-            .and_then(|f| SourceRecord::from_object(&f.object));
         let key = format!("{}\n{canonical}", primary.as_str());
         let (made, ran) = self
             .collapsed(&key, || {
-                self.make(proxy, &request, &params, previous, fresh_record, caller)
+                self.make(proxy, &request, &params, fresh_record, caller)
             })
             .await;
         let made = made?;
@@ -306,7 +307,8 @@ impl Render {
 
     /// The rendition, made by this request: a turn of the pool first (a transform waiting for
     /// one holds nothing), then the source (streamed, or whole when it is in memory), its record
-    /// (rebuilt: the same generation when it is the same version), the stored rendition when
+    /// (rebuilt: the same generation when it is the same version as the record stored now, or
+    /// as one another request is making at the same time), the stored rendition when
     /// there is one; else the plan from the source's header, the reservation of what it says,
     /// and the transform on the pool, the source fed to it as it arrives.
     async fn make(
@@ -314,7 +316,6 @@ impl Render {
         proxy: &Arc<Proxy>,
         request: &ProxyRequest,
         params: &Params,
-        previous: Option<SourceRecord>,
         fresh_record: Option<SourceRecord>,
         caller: Caller,
     ) -> Result<Arc<Made>, ProxyError> {
@@ -346,7 +347,16 @@ impl Render {
         } else {
             source.length
         };
-        let record = SourceRecord::new(&source.headers, &prefix, total, previous.as_ref());
+        // The record stored now, not the one this request found when it came: another request
+        // for a rendition of this source may have stored one since (while this one waited for
+        // a turn, or fetched). Built on it, and on those being made at the same time (each
+        // from its own fetch, whose Date may differ), they agree on the generation.
+        let previous = proxy
+            .lookup_derived(&primary.source_record())
+            .await
+            .and_then(|f| SourceRecord::from_object(&f.object));
+        let mut record = SourceRecord::new(&source.headers, &prefix, total, previous.as_ref());
+        let _making = self.making.join(primary, &mut record);
         let freshness = proxy.derived_freshness(request, source.status, &source.headers, now);
         // stored again when it is new, changed, or was stale (its freshness is the source's)
         if let Some(freshness) = freshness

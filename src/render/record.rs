@@ -7,7 +7,9 @@
 //! rendition keys carry it ([`CacheKey::rendition`]), so a record rebuilt from another version
 //! (or after a purge) leaves the old renditions unreachable.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -181,6 +183,63 @@ fn new_generation() -> u64 {
     hasher.finish()
 }
 
+/// The generations of the source records being made now, by source and version, so that
+/// requests making renditions of one source at once agree on it even when each fetched the
+/// source itself and the fetches' `Date`s differ (a fetch either side of a second's turn; in a
+/// memory-only deployment the source is not stored, so each new rendition fetches it). A
+/// record made after them finds theirs stored (`previous`). Entries last while a make that
+/// holds one runs, so a purge followed by a fetch still starts a new generation.
+#[derive(Debug, Default)]
+pub(crate) struct Making(Mutex<HashMap<(CacheKey, String), (u64, usize)>>);
+
+/// A make's hold on its entry in [`Making`]; the entry goes with the last hold.
+#[must_use = "the generation is shared only while its hold lives"]
+pub(crate) struct Hold<'a> {
+    making: &'a Making,
+    entry: Option<(CacheKey, String)>,
+}
+
+impl Making {
+    /// Gives `record` (of the source stored under `source`) the generation of a record of the
+    /// same version being made now, if there is one, else makes its own the one shared; held
+    /// until the returned [`Hold`] drops. A record without a version (a source without
+    /// validators read in part) shares nothing.
+    pub(crate) fn join(&self, source: &CacheKey, record: &mut SourceRecord) -> Hold<'_> {
+        let Some(version) = record.version() else {
+            return Hold {
+                making: self,
+                entry: None,
+            };
+        };
+        let entry = (source.clone(), version.to_owned());
+        let mut making = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (generation, holds) = making
+            .entry(entry.clone())
+            .or_insert((record.generation, 0));
+        *holds += 1;
+        record.generation = *generation;
+        Hold {
+            making: self,
+            entry: Some(entry),
+        }
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let Some(entry) = self.entry.take() else {
+            return;
+        };
+        let mut making = self.making.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, holds)) = making.get_mut(&entry) {
+            *holds -= 1;
+            if *holds == 0 {
+                making.remove(&entry);
+            }
+        }
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -242,6 +301,44 @@ mod tests {
             SourceRecord::new(&refetched, b"one", Some(3), None).generation,
             a.generation
         );
+    }
+
+    #[test]
+    fn records_made_at_once_share_a_generation_while_one_of_them_is_held() {
+        let key = CacheKey::new("image-proxy", &url::Url::parse("http://a.test/x").unwrap());
+        let other = CacheKey::new("image-proxy", &url::Url::parse("http://a.test/y").unwrap());
+        let at = |date| headers(&[("etag", "\"1\""), ("date", date)]);
+        let (one, two) = (
+            at("Mon, 30 Nov 2026 05:00:00 GMT"),
+            at("Mon, 30 Nov 2026 05:00:01 GMT"),
+        );
+        let making = Making::default();
+        let mut a = SourceRecord::new(&one, b"one", Some(3), None);
+        let first = a.generation;
+        let hold_a = making.join(&key, &mut a);
+        assert_eq!(a.generation, first);
+        // the same version, fetched a second later, while the first is held
+        let mut b = SourceRecord::new(&two, b"one", Some(3), None);
+        assert_ne!(b.generation, first);
+        let hold_b = making.join(&key, &mut b);
+        assert_eq!(b.generation, first);
+        // another version, or another source, keeps its own
+        let mut v2 = SourceRecord::new(&headers(&[("etag", "\"2\"")]), b"two", Some(3), None);
+        let own = v2.generation;
+        drop(making.join(&key, &mut v2));
+        assert_eq!(v2.generation, own);
+        let mut elsewhere = SourceRecord::new(&two, b"one", Some(3), None);
+        let own = elsewhere.generation;
+        drop(making.join(&other, &mut elsewhere));
+        assert_eq!(elsewhere.generation, own);
+        // with every hold gone, a fetch starts anew (as after a purge)
+        drop((hold_a, hold_b));
+        let mut c = SourceRecord::new(&two, b"one", Some(3), None);
+        let own = c.generation;
+        drop(making.join(&key, &mut c));
+        assert_eq!(c.generation, own);
+        assert_ne!(own, first);
+        assert!(making.0.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -1143,6 +1143,53 @@ async fn renditions_made_at_once_from_a_cold_source(config: &str, source_fetches
 }
 
 #[tokio::test]
+async fn renditions_made_from_fetches_a_second_apart_are_all_kept() {
+    // In a memory-only deployment each new rendition fetches the source. Two made at once whose
+    // fetches carry different Dates (a second's turn between them) must still agree on the
+    // source record's generation, or the first one made is never found again: with one
+    // transform at a time the second waits for its turn and builds on the record the first
+    // stored; with two, they are made side by side.
+    for max_concurrent in [1, 2] {
+        let origin = TestOrigin::start().await;
+        let dated = |at: std::time::SystemTime, delay_ms| {
+            Reply::ok(picture(200, 100, ImageFormat::Png))
+                .header("content-type", "image/png")
+                .header("etag", "\"v1\"")
+                .header("cache-control", "public, max-age=60")
+                // ahead of the clock, so that the age it gives stays 0
+                .header("date", &httpdate::fmt_http_date(at))
+                .head_delay(Duration::from_millis(delay_ms))
+        };
+        let now = std::time::SystemTime::now();
+        origin.route(OBJECT, dated(now + Duration::from_secs(5), 400));
+        let config = format!("[transform]\nmax_concurrent = {max_concurrent}");
+        let proxy = std::sync::Arc::new(TestProxy::for_origin(&origin, &config).await);
+        let render = |w: u32| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move { proxy.get(&format!("{RENDER}?width={w}")).await })
+        };
+        let first = render(40);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        origin.route(OBJECT, dated(now + Duration::from_secs(6), 400));
+        let second = render(50);
+        for made in [first.await.unwrap(), second.await.unwrap()] {
+            assert_eq!(made.status, 200, "{}", made.text());
+        }
+        assert_eq!(origin.hits(OBJECT), 2, "max_concurrent = {max_concurrent}");
+        for w in [40, 50] {
+            let got = proxy.get(&format!("{RENDER}?width={w}")).await;
+            assert_eq!(
+                got.cache_status(),
+                "imgedge; hit; detail=memory",
+                "width={w}, max_concurrent = {max_concurrent}"
+            );
+            assert_eq!(decoded(&got).width(), w);
+        }
+        assert_eq!(transforms(&proxy).await, 2);
+    }
+}
+
+#[tokio::test]
 async fn the_memory_tier_keeps_renditions_and_a_lower_tier_their_sources() {
     // memory only (the default): a source read for a transform is stored nowhere, its record
     // and rendition are; one a client fetched itself serves the next rendition from memory
