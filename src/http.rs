@@ -38,7 +38,7 @@ use crate::connections::Busy;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::proxy::{CACHE_STATUS, CacheStatus, Proxy, content};
-use crate::render::{self, Render};
+use crate::render::Render;
 use crate::transform::Params;
 use crate::upstream::{BoxError, Linger, Upload};
 use access_log::{AccessLog, REQUEST_ID, RequestIds};
@@ -230,15 +230,8 @@ impl Router {
                 let (mut parts, _) = req.into_parts();
                 let admitted = self.admission.admit(route, &mut parts, client)?;
                 let head = get_or_head(&parts.method)?;
-                let mut request = self.routes.image_info_source(&parts, &admitted.client)?;
-                request.placement = self.render.source_placement();
-                Box::pin(render::info::handle(
-                    &self.proxy,
-                    request,
-                    head,
-                    self.render.config.max_source_bytes,
-                ))
-                .await
+                let request = self.routes.image_info_source(&parts, &admitted.client)?;
+                Box::pin(self.render.image_info(&self.proxy, request, head)).await
             }
             Route::Render { index, kind } => {
                 let (mut parts, _) = req.into_parts();

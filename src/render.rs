@@ -172,7 +172,7 @@ impl Render {
     }
 
     /// Where the sources this renderer reads are stored (`[transform] sources_in_memory`).
-    pub(crate) fn source_placement(&self) -> Placement {
+    fn source_placement(&self) -> Placement {
         if self.config.sources_in_memory {
             Placement::Everywhere
         } else {
@@ -197,6 +197,26 @@ impl Render {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Answers an `/image-info` request for the object `request` fetches (see
+    /// [`info::handle`]); its source is placed as a render's is
+    /// ([`Render::source_placement`]).
+    pub(crate) async fn image_info(
+        &self,
+        proxy: &Arc<Proxy>,
+        mut request: ProxyRequest,
+        head: bool,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        request.placement = self.source_placement();
+        info::handle(
+            proxy,
+            request,
+            head,
+            self.config.max_source_bytes,
+            &self.making,
+        )
+        .await
     }
 
     /// `request`'s object transformed by `params`: a stored rendition, or 304 for a client that

@@ -22,5 +22,5 @@ pub(crate) const SUPABASE_PUBLIC_PREFIX: &str = "/storage/v1/object/public/";
 pub(crate) const SUPABASE_SIGNED_PREFIX: &str = "/storage/v1/object/sign/";
 
 /// Prefix of Supabase Storage's public render route (image transforms), served by
-/// [`super::render`] from the public object route's cache.
+/// [`crate::render`] from the public object route's cache.
 pub(crate) const SUPABASE_RENDER_PREFIX: &str = "/storage/v1/render/image/public/";

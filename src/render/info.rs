@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use http::header::{AGE, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
 use http::{HeaderValue, Response, StatusCode};
 
-use super::record::{NOT_STORED, SourceRecord};
+use super::record::{Making, NOT_STORED, SourceRecord};
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::freshness::{self, Usability};
@@ -31,7 +31,8 @@ const PROBE_MORE_BYTES: usize = 1024 * 1024;
 
 /// Answers an `/image-info` request for the object `request` fetches (a GET of it, without
 /// conditionals or ranges: see `http::routes::Routes::image_info_source`); `head`: HEAD, no
-/// body.
+/// body; `making`: the records being made ([`super::Render`]'s), whose generation a record
+/// made now shares.
 ///
 /// # Errors
 /// [`ProxyError::NotFound`] for a missing object; the origin's failures;
@@ -42,6 +43,7 @@ pub(crate) async fn handle(
     request: ProxyRequest,
     head: bool,
     max_source_bytes: u64,
+    making: &Making,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let now = SystemTime::now();
     let record_key = request.primary.source_record();
@@ -59,17 +61,12 @@ pub(crate) async fn handle(
         let cache_control = found.object.headers.get(CACHE_CONTROL).cloned();
         return respond(&record, cache_control, found.object.age(now), head, status);
     }
-    let previous = stored
-        .as_ref()
-        .and_then(|f| SourceRecord::from_object(&f.object));
     // the stored object when a tier holds one (revalidated if stale), else its first bytes
     let whole = if proxy.holds(&request.key) {
         match proxy.source(request.clone(), max_source_bytes).await {
             Ok(source) if source.status == StatusCode::OK => {
                 let len = source.body.len() as u64;
-                let record =
-                    SourceRecord::new(&source.headers, &source.body, Some(len), previous.as_ref());
-                Some((record, source.headers))
+                Some((source.headers, source.body, Some(len)))
             }
             Ok(source) if source.status == StatusCode::NOT_FOUND => {
                 return Err(ProxyError::NotFound("no such object".into()));
@@ -87,22 +84,24 @@ pub(crate) async fn handle(
     } else {
         None
     };
-    let (record, headers) = match whole {
+    let (headers, bytes, total_bytes) = match whole {
         Some(read) => read,
         None => {
             let mut lead = proxy.leading_bytes(&request, PROBE_BYTES).await?;
             if !lead.whole && crate::transform::probe(&lead.bytes).is_err() {
                 lead = proxy.leading_bytes(&request, PROBE_MORE_BYTES).await?;
             }
-            let record = SourceRecord::new(
-                &lead.headers,
-                &lead.bytes,
-                lead.total_bytes,
-                previous.as_ref(),
-            );
-            (record, lead.headers)
+            (lead.headers, lead.bytes, lead.total_bytes)
         }
     };
+    // built on the record stored now (a render may have stored one since this request looked)
+    // and on those being made at the same time, as a render's are: they agree on the generation
+    let previous = proxy
+        .lookup_derived(&record_key)
+        .await
+        .and_then(|f| SourceRecord::from_object(&f.object));
+    let mut record = SourceRecord::new(&headers, &bytes, total_bytes, previous.as_ref());
+    let _making = making.join(&request.primary, &mut record);
     if record.image.is_none() {
         return Err(ProxyError::NotAnImage(
             "the object's header is not that of an image this server reads (JPEG, PNG, GIF, WebP)"
