@@ -367,16 +367,12 @@ impl Render {
         } else {
             source.length
         };
-        // The record stored now, not the one this request found when it came: another request
-        // for a rendition of this source may have stored one since (while this one waited for
-        // a turn, or fetched). Built on it, and on those being made at the same time (each
-        // from its own fetch, whose Date may differ), they agree on the generation.
-        let previous = proxy
-            .lookup_derived(&primary.source_record())
-            .await
-            .and_then(|f| SourceRecord::from_object(&f.object));
-        let mut record = SourceRecord::new(&source.headers, &prefix, total, previous.as_ref());
-        let _making = self.making.join(primary, &mut record);
+        // built on the record stored now and those being made (each from its own fetch, whose
+        // Date may differ): renditions made at once agree on the generation
+        let (record, _making) = self
+            .making
+            .record(proxy, primary, &source.headers, &prefix, total)
+            .await;
         let freshness = proxy.derived_freshness(request, source.status, &source.headers, now);
         // stored again when it is new, changed, or was stale (its freshness is the source's)
         if let Some(freshness) = freshness

@@ -94,14 +94,10 @@ pub(crate) async fn handle(
             (lead.headers, lead.bytes, lead.total_bytes)
         }
     };
-    // built on the record stored now (a render may have stored one since this request looked)
-    // and on those being made at the same time, as a render's are: they agree on the generation
-    let previous = proxy
-        .lookup_derived(&record_key)
-        .await
-        .and_then(|f| SourceRecord::from_object(&f.object));
-    let mut record = SourceRecord::new(&headers, &bytes, total_bytes, previous.as_ref());
-    let _making = making.join(&request.primary, &mut record);
+    // as a render's: built on the record stored now and those being made, sharing the generation
+    let (record, _making) = making
+        .record(proxy, &request.primary, &headers, &bytes, total_bytes)
+        .await;
     if record.image.is_none() {
         return Err(ProxyError::NotAnImage(
             "the object's header is not that of an image this server reads (JPEG, PNG, GIF, WebP)"

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cache::{CacheKey, CachedObject};
 use crate::freshness::Freshness;
+use crate::proxy::Proxy;
 use crate::transform::ImageInfo;
 
 /// The freshness of what is served but not stored (derived from a source that may not be).
@@ -200,11 +201,32 @@ pub(crate) struct Hold<'a> {
 }
 
 impl Making {
+    /// The record of the source stored under `source`, served with `headers`, from `body` (see
+    /// [`SourceRecord::new`]), with the hold that shares its generation. Built on the record
+    /// stored now, not one read when the request came (another request may have stored one
+    /// since, while this one waited or fetched), and on those being made at the same time.
+    pub(crate) async fn record(
+        &self,
+        proxy: &Proxy,
+        source: &CacheKey,
+        headers: &HeaderMap,
+        body: &[u8],
+        total_bytes: Option<u64>,
+    ) -> (SourceRecord, Hold<'_>) {
+        let previous = proxy
+            .lookup_derived(&source.source_record())
+            .await
+            .and_then(|f| SourceRecord::from_object(&f.object));
+        let mut record = SourceRecord::new(headers, body, total_bytes, previous.as_ref());
+        let hold = self.join(source, &mut record);
+        (record, hold)
+    }
+
     /// Gives `record` (of the source stored under `source`) the generation of a record of the
     /// same version being made now, if there is one, else makes its own the one shared; held
     /// until the returned [`Hold`] drops. A record without a version (a source without
     /// validators read in part) shares nothing.
-    pub(crate) fn join(&self, source: &CacheKey, record: &mut SourceRecord) -> Hold<'_> {
+    fn join(&self, source: &CacheKey, record: &mut SourceRecord) -> Hold<'_> {
         let Some(version) = record.version() else {
             return Hold {
                 making: self,
