@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# loadtest/lib/apt-install.sh PACKAGE...: installs Debian packages with apt-get, quietly, as the
-# test and load scripts need them (as root). Their services are kept from starting: a
+# loadtest/lib/apt-install.sh PACKAGE...: installs Debian packages with apt-get, quietly, as
+# .ci/run and the test and load scripts need them (as root). Their services are kept from starting: a
 # policy-rc.d that exits 101 is in place while apt runs, and removed after if it was not there
 # before. One apt at a time across the scripts: each takes /tmp/imgedge-apt.lock (tests/run.sh
 # runs the Supabase and operator steps side by side). `apt-get update` runs only when the
